@@ -1,0 +1,1 @@
+"""Pydantic schemas that are contracts between services (records, events, API bodies)."""
