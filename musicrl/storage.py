@@ -17,6 +17,10 @@ class ObjectNotFound(KeyError):
     """The bucket or key does not exist."""
 
 
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the object exists (if-absent) or changed (if-match)."""
+
+
 class ObjectStore:
     def __init__(self, config: ObjectStoreConfig):
         self.config = config
@@ -81,3 +85,34 @@ class ObjectStore:
 
     def presigned_get(self, bucket: str, key: str, expires_s: int = 3600) -> str:
         return self.client.presigned_get_object(bucket, key, expires=timedelta(seconds=expires_s))
+
+    def put_bytes_conditional(
+        self, bucket: str, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None
+    ) -> str:
+        """PUT that succeeds only if the key is absent or still has ETag ``if_match``; returns the new ETag.
+
+        S3 conditional writes (SeaweedFS and MinIO honour ``If-None-Match``/``If-Match``) make
+        compare-and-swap possible: version reservation in the registry, leases for single-flight
+        workers. minio-py's public ``put_object`` cannot send these headers, hence ``_execute``.
+        """
+        headers = {"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"}
+        if if_absent:
+            headers["If-None-Match"] = "*"
+        if if_match is not None:
+            headers["If-Match"] = f'"{if_match.strip(chr(34))}"'
+        try:
+            response = self.client._execute("PUT", bucket, key, body=data, headers=headers)
+        except S3Error as err:
+            if err.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PreconditionFailed(f"{bucket}/{key}") from err
+            raise
+        return (response.headers.get("ETag") or "").strip('"')
+
+    def etag(self, bucket: str, key: str) -> str | None:
+        """The object's ETag, or None when it does not exist."""
+        try:
+            return self.client.stat_object(bucket, key).etag.strip('"')
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return None
+            raise

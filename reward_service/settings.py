@@ -1,0 +1,48 @@
+"""Configuration of the reward service: environment variables ``MUSICRL_REWARD_*``
+plus the shared object-store variables. Defaults suit one 2-core machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+
+from musicrl.config import ObjectStoreConfig
+
+
+class RewardSettings(ObjectStoreConfig):
+    reward_host: str = "127.0.0.1"
+    reward_port: int = 8090
+
+    # Where reward models come from: "registry" (the model registry in the
+    # object store, following each kind's `current` pointer) or a local
+    # directory laid out as the registry (`{kind}/{version}/...`, `{kind}/current`).
+    reward_models_source: str = "registry"
+    reward_impl: str = Field("onnx", description="Reward model implementation: onnx, torch or tiny.")
+    reward_text_encoder: str = Field("minilm", description="Prompt encoder name for musicrl.text.load_text_encoder.")
+    reward_model_cache_dir: Path = Path("~/.cache/musicrl/reward_models").expanduser()
+    reward_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session.")
+    reward_device: str = Field("cpu", description="cpu or cuda (cuda needs the `gpu` extra).")
+
+    # Micro-batching
+    reward_max_batch_size: int = Field(32, ge=1, description="Most clips scored in one model call.")
+    reward_max_wait_ms: float = Field(5.0, ge=0, description="Longest a clip waits for others to join its batch.")
+    reward_queue_max_items: int = Field(512, ge=1, description="Clips waiting to be scored before 429.")
+    reward_retry_after_s: int = Field(1, ge=1, description="Retry-After header sent with 429.")
+
+    # Payload limits
+    reward_max_items: int = Field(64, ge=1, description="Items per request (413 above).")
+    reward_max_audio_s: float = Field(60.0, gt=0, description="Longest clip accepted, in seconds (413 above).")
+    reward_min_audio_s: float = Field(0.25, ge=0, description="Shortest clip accepted, in seconds (422 below).")
+    reward_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body size (413 above).")
+
+    # Combination of rewards when the request gives no weights.
+    reward_default_weights: dict[str, float] = {"text_adherence": 1.0, "quality": 1.0, "preference": 1.0}
+
+    # Hot reload
+    reward_admin_token: SecretStr | None = Field(
+        None, description="Bearer token of POST /v1/admin/reload; the route answers 403 when unset."
+    )
+    reward_poll_interval_s: float = Field(
+        30.0, ge=0, description="How often the registry's current pointers are polled (0 disables)."
+    )
