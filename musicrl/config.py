@@ -9,6 +9,9 @@ service's name (``gateway_port`` -> ``MUSICRL_GATEWAY_PORT``).
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MUSICRL_"
@@ -40,6 +43,24 @@ class KafkaConfig(BaseServiceSettings):
     topic_preferences: str = "preferences.v1"
     topic_dead_letter: str = "preferences.v1.dlq"
     topic_partitions: int = 3
+    # Production brokers (Strimzi) authenticate clients with SCRAM over TLS;
+    # the local broker needs none of this.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+
+    def kafka_client_options(self) -> dict:
+        """Connection keyword arguments shared by every kafka-python client."""
+        options: dict = {"bootstrap_servers": self.kafka_bootstrap, "security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+        if self.kafka_ssl_cafile:
+            options["ssl_cafile"] = self.kafka_ssl_cafile
+        return options
 
 
 class TritonConfig(BaseServiceSettings):

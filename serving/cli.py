@@ -1,3 +1,81 @@
+"""``musicrl gateway ...``: serve the gateway, install generator versions into Triton, benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Bind address (default MUSICRL_GATEWAY_HOST)."),
+    port: int = typer.Option(None, help="Port (default MUSICRL_GATEWAY_PORT)."),
+) -> None:
+    """Run the generation gateway (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from musicrl.logging import configure_logging
+    from serving.app import create_app
+    from serving.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    configure_logging(settings, service="gateway")
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.gateway_host,
+        port=port or settings.gateway_port,
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command("install-model")
+def install_model(
+    checkpoint: Path = typer.Option(Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint directory."),
+    version: int = typer.Option(None, help="Policy version (default: one above the highest installed)."),
+    repo: Path = typer.Option(None, help="Triton model repository (default: the local stack's)."),
+    model_name: str = typer.Option(None, help="Triton model name (default MUSICRL_TRITON_MODEL_NAME)."),
+    load: bool = typer.Option(True, help="Ask Triton to load the model after installing."),
+) -> None:
+    """Install a generator checkpoint as a Triton model version, with batching from the settings, and load it."""
+    from serving.model_repository import BatchingConfig, install_version, installed_versions
+    from serving.model_repository import load as load_model
+    from serving.settings import GatewaySettings
+
+    settings = GatewaySettings()
+    model_name = model_name or settings.triton_model_name
+    if repo is None:
+        from musicrl.stack.settings import StackSettings
+
+        repo = StackSettings().triton_repo
+    if version is None:
+        version = max(installed_versions(repo, model_name), default=0) + 1
+    target = install_version(repo, version, checkpoint, model_name, BatchingConfig.from_settings(settings))
+    typer.echo(f"installed {checkpoint} as {target}")
+    if load:
+        load_model(settings.triton_http_url, model_name)
+        typer.echo(f"Triton at {settings.triton_http_url} serves {model_name} version {version}")
+
+
+@app.command()
+def bench(
+    checkpoint: Path = typer.Option(Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint."),
+    concurrency: list[int] = typer.Option([1, 4, 16], help="Concurrent clients to measure."),
+    requests_per_level: int = typer.Option(32, help="Requests per concurrency level."),
+    duration_s: float = typer.Option(10.0, help="Seconds of audio per clip."),
+    candidates: int = typer.Option(2, help="Clips per request."),
+    output: Path = typer.Option(Path("results/serving.json"), help="Where to write the results."),
+) -> None:
+    """Gateway throughput and latency at several concurrencies against in-process unbatched generation.
+
+    Starts its own stack (SeaweedFS, Tansu, Triton) in a temporary directory,
+    installs the checkpoint and runs the gateway in this process on a free port.
+    """
+    from serving.bench import BenchConfig, run_bench
+
+    config = BenchConfig(checkpoint, concurrency, requests_per_level, duration_s, candidates, output)
+    results = run_bench(config)
+    typer.echo(f"wrote {output}: ratio at {max(concurrency)} clients = {results['ratio_at_max_concurrency']:.2f}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from musicrl.config import KafkaConfig, ObjectStoreConfig, TritonConfig
 
@@ -43,6 +43,12 @@ class GatewaySettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
     gateway_experiment_name: str | None = None
     gateway_challenger_model_name: str = "generator_challenger"
     gateway_experiment_share: float = Field(1.0, ge=0.0, le=1.0)
+
+    # Feedback (``POST /v1/feedback``): the user id is replaced by HMAC-SHA256(key, user id).
+    # The default key is for development only; production sets MUSICRL_GATEWAY_USER_HASH_KEY from a secret.
+    gateway_user_hash_key: SecretStr = SecretStr("musicrl-dev-only-user-hash-key")
+    # Longest wait for the broker's ack (and for the first connection); then 503 with Retry-After.
+    gateway_kafka_timeout_s: float = Field(5.0, gt=0)
 
     # Triton model configuration written by ``musicrl gateway install-model``.
     gateway_triton_max_batch_size: int = Field(16, ge=1)

@@ -12,35 +12,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
+
 from musicrl.config import KafkaConfig, ObjectStoreConfig, TritonConfig
 
 
 class StackSettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
-    stack_host: str = "127.0.0.1"
-    stack_data_dir: Path = Path(".stack")
-    stack_startup_timeout_s: float = 60.0
+    stack_host: str = Field("127.0.0.1", description="Address every server of the stack binds to.")
+    stack_data_dir: Path = Field(Path(".stack"), description="Data, logs (`logs/`) and PID files (`run/`) of the stack.")
+    stack_startup_timeout_s: float = Field(60.0, description="How long `up` waits for each server to become healthy.")
 
-    # SeaweedFS `weed mini`: every port is explicit so that nothing collides.
-    # gRPC ports are the HTTP port + 10000, as SeaweedFS expects by default.
-    stack_s3_port: int = 8333
-    stack_weed_master_port: int = 9333
-    stack_weed_volume_port: int = 8380
-    stack_weed_filer_port: int = 8888
-    stack_weed_admin_port: int = 23646
+    stack_s3_port: int = Field(8333, description="SeaweedFS S3 API port.")
+    stack_weed_master_port: int = Field(9333, description="SeaweedFS master port (its gRPC port is this + 10000, as for all SeaweedFS ports).")
+    stack_weed_volume_port: int = Field(8380, description="SeaweedFS volume server port.")
+    stack_weed_filer_port: int = Field(8888, description="SeaweedFS filer port.")
+    stack_weed_admin_port: int = Field(23646, description="SeaweedFS admin port (UI disabled).")
 
-    # Tansu (Kafka protocol). "s3" keeps topics and committed offsets in the
-    # local object store (bucket `stack_kafka_bucket`) so they survive
-    # `stack down`/`stack up`; "memory" loses them and is what the tests use.
-    stack_kafka_port: int = 9092
-    stack_kafka_storage: Literal["s3", "memory"] = "s3"
-    stack_kafka_bucket: str = "musicrl-kafka"
+    stack_kafka_port: int = Field(9092, description="Tansu (Kafka protocol) port.")
+    stack_kafka_storage: Literal["s3", "memory"] = Field(
+        "s3",
+        description="Where Tansu keeps topics and committed offsets: `s3` (bucket `stack_kafka_bucket` in the local "
+        "SeaweedFS, survives `down`/`up`) or `memory` (lost on stop; what the tests use).",
+    )
+    stack_kafka_bucket: str = Field("musicrl-kafka", description="Bucket of Tansu's data when `stack_kafka_storage=s3`.")
 
-    # Triton: explicit model control, model repository under the data dir
-    # unless given.
-    stack_triton_http_port: int = 8000
-    stack_triton_grpc_port: int = 8001
-    stack_triton_metrics_port: int = 8002
-    stack_triton_repo: Path | None = None
+    stack_triton_http_port: int = Field(8000, description="Triton HTTP port.")
+    stack_triton_grpc_port: int = Field(8001, description="Triton gRPC port.")
+    stack_triton_metrics_port: int = Field(8002, description="Triton Prometheus metrics port.")
+    stack_triton_repo: Path | None = Field(
+        None, description="Triton model repository (explicit model control); default `<stack_data_dir>/triton/models`."
+    )
 
     @property
     def data_dir(self) -> Path:

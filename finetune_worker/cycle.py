@@ -1,0 +1,395 @@
+"""One finetuning cycle, resumable at every stage.
+
+    prepare  -> buffer window, reward model (U, RU), prompts, training job      status "training"
+    train    -> job in-process or under torchrun, checkpoints every few steps   status "trained"
+    gate     -> candidate vs parent on held-out prompts                         status "published" | "rejected"
+    publish  -> registry version with metrics and lineage
+    deploy   -> verify, install into Triton, load, move the pointer             status "deployed"  | "deploy_failed"
+
+The state of the run in progress is ``<work_dir>/run/run.json``, rewritten
+atomically after every stage. A worker killed at any point restarts the same
+run at the stage it was in: training resumes from its last checkpoint, a
+publish that landed before the kill is found again by its ``run_id`` (so
+nothing is published twice), and a model is published only from the directory
+the training job renames into place when it has finished every step.
+Finished runs are moved to ``<work_dir>/runs/<run_id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from finetune_worker.deploy import CheckpointRejected, Deployer, DeployError
+from finetune_worker.evaluation import evaluate_policy
+from finetune_worker.gate import GateConfig, evaluate_gate, weights_finite
+from finetune_worker.plots import plot_training
+from finetune_worker.prompts import split_prompts
+from finetune_worker.reward_model import pairs_from_rows, train_reward_model
+from finetune_worker.rewards import make_reward_fn
+from finetune_worker.settings import FinetuneSettings
+from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
+from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
+from musicrl.audio import codec
+from musicrl.buffer import PreferenceBuffer, split_of
+from musicrl.logging import get_logger
+from musicrl.models.generator import load_generator
+from musicrl.models.preference import PreferenceTrainingConfig
+from musicrl.registry import Registry
+from musicrl.storage import ObjectStore
+
+log = get_logger(__name__)
+
+GENERATOR = "generator"
+PREFERENCE = "reward/preference"
+TERMINAL = ("deployed", "rejected", "deploy_failed", "failed")
+
+
+class RunState(BaseModel):
+    run_id: str
+    status: str = "training"
+    created_at: str
+    stage: str
+    trainer: str
+    parent_version: str
+    reference_version: str
+    reward_versions: dict[str, str] = Field(default_factory=dict)
+    reward_model: dict[str, Any] = Field(default_factory=dict)
+    buffer_segments: list[str] = Field(default_factory=list)
+    n_preferences: int = 0
+    eval_prompts: list[str] = Field(default_factory=list)
+    train_history_last: dict[str, float] = Field(default_factory=dict)
+    resumed_from_step: int | None = None
+    gate: dict[str, Any] = Field(default_factory=dict)
+    candidate_version: str | None = None
+    deploy: dict[str, Any] = Field(default_factory=dict)
+    reason: str | None = None
+    timings_s: dict[str, float] = Field(default_factory=dict)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def code_commit() -> str:
+    if os.environ.get("MUSICRL_CODE_COMMIT"):
+        return os.environ["MUSICRL_CODE_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class FinetuneCycle:
+    def __init__(self, settings: FinetuneSettings, store: ObjectStore | None = None, reward_fn=None):
+        self.settings = settings
+        self.store = store or ObjectStore(settings)
+        self.registry = Registry(self.store)
+        self.buffer = PreferenceBuffer(self.store)
+        self.work_dir = Path(settings.finetune_work_dir).resolve()
+        self.run_dir = self.work_dir / "run"
+        token = settings.finetune_reward_admin_token
+        self._reward_spec = settings.reward_url
+        self.reward_fn = reward_fn or make_reward_fn(settings.reward_url, token.get_secret_value() if token else None)
+        self._embed = None
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "run.json"
+
+    def load_state(self) -> RunState | None:
+        if not self.state_path.is_file():
+            return None
+        return RunState.model_validate_json(self.state_path.read_text())
+
+    def save_state(self, state: RunState) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(state.model_dump_json(indent=2))
+        os.replace(tmp, self.state_path)
+
+    @property
+    def embed(self):
+        if self._embed is None:
+            self._embed = make_embed(self.settings.finetune_text_encoder)
+        return self._embed
+
+    # ------------------------------------------------------------------ the cycle
+
+    def run_once(self) -> dict[str, Any]:
+        """Run (or resume) one cycle to a terminal status; returns the run's record."""
+        state = self.load_state()
+        if state is None or state.status in TERMINAL:
+            state = self.prepare()
+        else:
+            log.info("cycle.resume", run_id=state.run_id, status=state.status)
+        try:
+            if state.status == "training":
+                self._timed(state, "train", self.train, state)
+            if state.status == "trained":
+                self._timed(state, "gate", self.gate_and_publish, state)
+            if state.status == "published":
+                self._timed(state, "deploy", self.deploy, state)
+        finally:
+            self.save_state(state)
+        return self.finish(state)
+
+    def _timed(self, state: RunState, name: str, fn, *args) -> None:
+        started = time.perf_counter()
+        fn(*args)
+        state.timings_s[name] = round(time.perf_counter() - started, 3)
+        self.save_state(state)
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self) -> RunState:
+        s = self.settings
+        started = time.perf_counter()
+        parent = self.registry.current(GENERATOR)
+        if parent is None:
+            raise RuntimeError("no current generator in the registry: publish one first (musicrl models publish-defaults)")
+        reference = self.reference_version(parent)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        self.registry.download(GENERATOR, parent, self.run_dir / "parent")
+        self.registry.download(GENERATOR, reference, self.run_dir / "reference")
+
+        window = self.buffer.policy_versions()[-s.finetune_recent_policies :]
+        segments = self.buffer.segments(window)
+        rows = self.buffer.read(last_policies=s.finetune_recent_policies).to_pylist() if segments else []
+        state = RunState(
+            run_id=uuid.uuid4().hex[:12], created_at=_now(), stage=s.finetune_stage, trainer=s.finetune_trainer,
+            parent_version=parent, reference_version=reference, n_preferences=len(rows),
+            buffer_segments=[r.key for r in segments],
+        )
+        if s.finetune_stage in ("U", "RU") and s.finetune_train_reward_model:
+            state.reward_model = self.update_reward_model(rows, state)
+        state.reward_versions = dict(getattr(self.reward_fn, "versions", {}) or {})
+
+        user_train, user_heldout = split_prompts([r["prompt"] for r in rows], s.finetune_heldout_fraction)
+        captions = self.corpus_captions("train", s.finetune_corpus_captions)
+        eval_prompts = (user_heldout + self.corpus_captions("valid", s.finetune_eval_prompts))[: s.finetune_eval_prompts]
+        state.eval_prompts = eval_prompts
+        job = TrainJob(
+            trainer=s.finetune_trainer,
+            policy_dir=self.run_dir / "parent",
+            reference_dir=self.run_dir / "reference",
+            output_dir=self.run_dir / "candidate",
+            checkpoint_dir=self.run_dir / "checkpoints",
+            config=self.trainer_config(),
+            user_prompts=user_train,
+            captions=captions,
+            user_fraction=s.finetune_user_prompt_fraction,
+            pairs_file=self.write_dpo_pairs(rows, parent) if s.finetune_trainer == "dpo" else None,
+            reward=self._reward_spec,
+            text_encoder=s.finetune_text_encoder,
+            meta={"run_id": state.run_id, "parent_version": parent, "stage": s.finetune_stage},
+        )
+        job.write(self.run_dir / "job.json")
+        state.timings_s["prepare"] = round(time.perf_counter() - started, 3)
+        self.save_state(state)
+        log.info("cycle.prepared", run_id=state.run_id, parent=parent, reference=reference, preferences=len(rows))
+        return state
+
+    def reference_version(self, parent: str) -> str:
+        """The policy the KL is taken against: configured; else the R policy for RU; else the base (first) version."""
+        s = self.settings
+        if s.finetune_reference_version:
+            return s.finetune_reference_version
+        versions = self.registry.versions(GENERATOR)
+        if s.finetune_stage == "RU":
+            r_policies = [v for v in versions if self.registry.manifest(GENERATOR, v).get("lineage", {}).get("stage") == "R"]
+            if not r_policies:
+                raise RuntimeError("stage RU takes the KL against an R policy, and none is published: run stage R first")
+            return r_policies[-1]
+        return versions[0] if versions else parent
+
+    def corpus_captions(self, split: str, n: int) -> list[str]:
+        from musicrl.corpus.dataset import make_corpus  # noqa: PLC0415 - composes music we do not need; captions only
+
+        return [r.caption for r in make_corpus(n, seed=self.settings.finetune_seed, split=split, duration_s=1.0)]
+
+    def trainer_config(self) -> dict[str, Any]:
+        s = self.settings
+        common = {
+            "steps": s.finetune_steps, "batch_size": s.finetune_batch_size, "seed": s.finetune_seed, "device": s.finetune_device,
+            "mixed_precision": s.finetune_mixed_precision, "checkpoint_every": s.finetune_checkpoint_every,
+            "optimizer": s.finetune_optimizer,
+        }
+        if s.finetune_trainer == "dpo":
+            return {**common, "beta": s.finetune_dpo_beta, "learning_rate": s.finetune_policy_lr}
+        return {
+            **common, "stage": s.finetune_stage, "alpha": s.finetune_alpha, "policy_lr": s.finetune_policy_lr,
+            "value_lr": s.finetune_value_lr, "temperature": s.finetune_temperature,
+            "n_frames": codec.frames_for(s.finetune_duration_s),
+        }
+
+    def write_dpo_pairs(self, rows: list[dict], parent: str) -> Path:
+        from finetune_worker.trainers.dpo import pairs_from_buffer  # noqa: PLC0415
+        import pyarrow as pa  # noqa: PLC0415
+
+        on_policy = [r for r in rows if r["policy_version"] == parent and not r.get("mixed_policy")]
+        pairs = pairs_from_buffer(pa.Table.from_pylist(on_policy)) if on_policy else []
+        if not pairs:
+            raise RuntimeError(f"DPO needs non-tie preference pairs sampled by the current policy {parent}; the buffer has none")
+        path = self.run_dir / "dpo_pairs.pt"
+        torch.save([{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(p).items()} for p in pairs], path)
+        return path
+
+    def update_reward_model(self, rows: list[dict], state: RunState) -> dict[str, Any]:
+        """Train, publish and hot-load the preference reward model when the buffer holds enough pairs."""
+        s = self.settings
+        splits = [split_of(r["generation_id"], s.finetune_heldout_fraction) for r in rows]
+        train_rows = [r for r, split in zip(rows, splits) if split == "train"]
+        heldout_rows = [r for r, split in zip(rows, splits) if split == "eval"]
+        train, heldout = pairs_from_rows(train_rows, self.embed), pairs_from_rows(heldout_rows, self.embed)
+        if len(train.pairs) < s.finetune_rm_min_pairs:
+            log.info("reward_model.skipped", pairs=len(train.pairs), needed=s.finetune_rm_min_pairs)
+            return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}"}
+        generator, _ = load_generator(self.run_dir / "parent")
+        config = PreferenceTrainingConfig(
+            learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
+            seed=s.finetune_seed, optimizer=s.finetune_optimizer,
+        )
+        out_dir = self.run_dir / "reward_model"
+        metrics = train_reward_model(generator, train, heldout, self.reward_fn, config, out_dir)
+        lineage = {"generator_version": state.parent_version, "buffer_segments": state.buffer_segments, "run_id": state.run_id,
+                   "code_commit": code_commit(), "training_config": asdict(config)}
+        if not metrics["heldout_accuracy"] > 0.5:
+            self.registry.record_rejection(PREFERENCE, {"reason": "held-out accuracy not above chance", "metrics": metrics, "lineage": lineage})
+            return {**metrics, "published": None}
+        version = self.registry.publish(PREFERENCE, out_dir, metrics=metrics, lineage=lineage)
+        self.registry.set_current(PREFERENCE, version)
+        self.wait_for_reward_version(version)
+        return {**metrics, "published": version}
+
+    def wait_for_reward_version(self, version: str, timeout_s: float = 120.0) -> None:
+        """Make the reward service serve the new preference model before rollouts are scored with it."""
+        reload = getattr(self.reward_fn, "reload", None)
+        if reload is None:
+            return  # an in-process reward function: nothing to reload
+        if self.settings.finetune_reward_admin_token is not None:
+            reload()
+        deadline = time.monotonic() + timeout_s
+        probe = np.full((1, codec.frames_for(1.0)), codec.REST, dtype=np.int64)
+        while True:
+            self.reward_fn(["probe"], probe)
+            if self.reward_fn.versions.get("preference") == version:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the reward service did not load preference model {version} within {timeout_s} s")
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------ train
+
+    def train(self, state: RunState) -> None:
+        job = TrainJob.model_validate_json((self.run_dir / "job.json").read_text())
+        if not job.output_dir.is_dir():
+            checkpoint = job.checkpoint_dir / "trainer_state.pt"
+            if checkpoint.is_file():
+                state.resumed_from_step = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+                self.save_state(state)
+            if self.settings.finetune_nproc > 1:
+                self.run_torchrun(self.run_dir / "job.json")
+            else:
+                run_job(job)
+        history = json.loads((job.output_dir / HISTORY_FILE).read_text())
+        state.train_history_last = history[-1] if history else {}
+        plot_training(history, self.run_dir / "plots", title=f"{state.trainer} stage {state.stage}, run {state.run_id}")
+        state.status = "trained"
+
+    def run_torchrun(self, job_path: Path) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.settings.finetune_nproc}",
+                   "-m", "finetune_worker.train", str(job_path)]
+        result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode != 0:
+            raise RuntimeError(f"torchrun training exited with {result.returncode}")
+
+    # ------------------------------------------------------------------ gate and publish
+
+    def gate_and_publish(self, state: RunState) -> None:
+        s = self.settings
+        candidate, _ = load_generator(self.run_dir / "candidate")
+        parent, _ = load_generator(self.run_dir / "parent")
+        reference, _ = load_generator(self.run_dir / "reference")
+        weights = STAGE_WEIGHTS[state.stage]
+        common = dict(prompts=state.eval_prompts, embed=self.embed, reward_fn=self.reward_fn, weights=weights,
+                      n_frames=codec.frames_for(s.finetune_duration_s), temperature=s.finetune_temperature,
+                      samples_per_prompt=s.finetune_eval_samples_per_prompt, seed=s.finetune_seed + 10_000)
+        baseline = evaluate_policy(parent, reference, **common)
+        scored = evaluate_policy(candidate, reference, **common)
+        report = evaluate_gate(scored, baseline, list(weights), GateConfig(s.finetune_gate_min_reward_gain, s.finetune_gate_max_kl, s.finetune_gate_max_other_drop),
+                               candidate_weights_finite=weights_finite(candidate))
+        state.gate = report.to_dict()
+        lineage = {
+            "run_id": state.run_id, "parent_version": state.parent_version, "reference_version": state.reference_version,
+            "stage": state.stage, "trainer": state.trainer, "reward_model_versions": state.reward_versions,
+            "buffer_segments": state.buffer_segments, "n_preferences": state.n_preferences,
+            "training_config": json.loads((self.run_dir / "job.json").read_text())["config"], "code_commit": code_commit(),
+        }
+        if not report.passed:
+            state.reason = report.reason
+            self.registry.record_rejection(GENERATOR, {"reason": report.reason, "gate": state.gate, "lineage": lineage})
+            state.status = "rejected"
+            log.warning("cycle.rejected", run_id=state.run_id, reason=report.reason)
+            return
+        state.candidate_version = self.find_published(state.run_id) or self.registry.publish(
+            GENERATOR, self.run_dir / "candidate",
+            metrics={"gate": {"candidate": scored, "baseline": baseline}, "train": state.train_history_last, "reward_model": state.reward_model},
+            lineage=lineage,
+        )
+        state.status = "published"
+        log.info("cycle.published", run_id=state.run_id, version=state.candidate_version)
+
+    def find_published(self, run_id: str) -> str | None:
+        for version in reversed(self.registry.versions(GENERATOR)):
+            if self.registry.manifest(GENERATOR, version).get("lineage", {}).get("run_id") == run_id:
+                return version
+        return None
+
+    # ------------------------------------------------------------------ deploy
+
+    def deployer(self) -> Deployer:
+        s = self.settings
+        return Deployer(self.registry, s.finetune_triton_repo, s.triton_http_url, self.work_dir, s.triton_model_name,
+                        timeout_s=s.finetune_deploy_timeout_s)
+
+    def deploy(self, state: RunState) -> None:
+        try:
+            state.deploy = self.deployer().deploy(state.candidate_version)
+            state.status = "deployed"
+        except CheckpointRejected as exc:
+            state.status, state.reason = "rejected", f"checkpoint rejected before deploy: {exc}"
+            self.registry.record_rejection(GENERATOR, {"reason": state.reason, "version": state.candidate_version, "run_id": state.run_id})
+        except DeployError as exc:
+            state.status, state.reason = "deploy_failed", str(exc)
+            self.registry.record_rejection(GENERATOR, {"reason": state.reason, "version": state.candidate_version, "run_id": state.run_id})
+
+    # ------------------------------------------------------------------ archive
+
+    def finish(self, state: RunState) -> dict[str, Any]:
+        record = state.model_dump()
+        if state.status in TERMINAL:
+            archive = self.work_dir / "runs" / state.run_id
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(archive, ignore_errors=True)
+            for heavy in ("checkpoints", "parent", "reference"):
+                shutil.rmtree(self.run_dir / heavy, ignore_errors=True)
+            shutil.move(str(self.run_dir), archive)
+            record["archive"] = str(archive)
+        return record
+

@@ -1,0 +1,76 @@
+"""Configuration of the finetune worker: ``MUSICRL_FINETUNE_*`` plus the shared mixins.
+
+Every field is documented in ``docs/finetune.md``. Learning rates default to the
+paper's values scaled to the small default generator (see the doc for why).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
+from musicrl.config import ObjectStoreConfig, TritonConfig
+
+
+class FinetuneSettings(ObjectStoreConfig, TritonConfig):
+    reward_url: str = "http://127.0.0.1:8090"
+    finetune_reward_admin_token: SecretStr | None = Field(None, description="Bearer token of the reward service's reload API.")
+
+    # Where the worker keeps its state: the run in progress, checkpoints, downloads.
+    finetune_work_dir: Path = Path(".data/finetune")
+    finetune_results_dir: Path = Path("results")
+    finetune_triton_repo: Path = Path(".stack/triton/models")
+    finetune_deploy_timeout_s: float = Field(300.0, gt=0)
+    finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
+
+    # Devices and parallelism
+    finetune_device: str = Field("cpu", description="cpu, cuda, cuda:N, xla or auto (musicrl.device).")
+    finetune_mixed_precision: bool = Field(True, description="bf16 autocast; only ever used on CUDA.")
+    finetune_nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun) for RL training.")
+    finetune_text_encoder: str = "minilm"
+
+    # RL: which trainer, which reward, how long
+    finetune_trainer: Literal["reinforce", "dpo"] = "reinforce"
+    finetune_stage: Literal["R", "U", "RU"] = "U"
+    finetune_reference_version: str | None = Field(
+        None, description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU)."
+    )
+    finetune_steps: int = Field(40, ge=1)
+    finetune_batch_size: int = Field(16, ge=1, description="Rollouts (or DPO pairs) per process per step.")
+    finetune_alpha: float = Field(0.001, ge=0, lt=1, description="KL regularisation strength (the paper's).")
+    finetune_policy_lr: float = Field(1e-4, gt=0, description="Paper: 1e-5 for MusicLM; x10 for the small default model.")
+    finetune_value_lr: float = Field(1e-3, gt=0, description="Paper: 1e-4; x10 like the policy.")
+    finetune_dpo_beta: float = Field(0.1, gt=0)
+    finetune_optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    finetune_temperature: float = Field(0.99, gt=0)
+    finetune_duration_s: float = Field(10.0, gt=0, description="Length of a rollout.")
+    finetune_checkpoint_every: int = Field(5, ge=0)
+    finetune_seed: int = 0
+
+    # Prompts
+    finetune_user_prompt_fraction: float = Field(0.5, ge=0, le=1)
+    finetune_recent_policies: int = Field(2, ge=1, description="Buffer window: the newest policy versions read.")
+    finetune_corpus_captions: int = Field(512, ge=0)
+    finetune_heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    finetune_eval_prompts: int = Field(24, ge=1)
+    finetune_eval_samples_per_prompt: int = Field(2, ge=1)
+
+    # Preference reward model
+    finetune_train_reward_model: bool = True
+    finetune_rm_min_pairs: int = Field(40, ge=2)
+    finetune_rm_lr: float = Field(1e-4, gt=0)
+    finetune_rm_epochs: int = Field(4, ge=1)
+    finetune_rm_batch_size: int = Field(32, ge=1)
+
+    # Evaluation gate
+    finetune_gate_min_reward_gain: float = 0.0
+    finetune_gate_max_kl: float = Field(50.0, gt=0, description="Nats per clip, against the reference policy.")
+    finetune_gate_max_other_drop: float = Field(0.05, ge=0)
+
+    # Loop triggers and single flight
+    finetune_trigger_min_preferences: int = Field(200, ge=1, description="New preferences on the current policy that start a cycle.")
+    finetune_trigger_interval_s: float = Field(0.0, ge=0, description="Also start a cycle this long after the last one (0: data only).")
+    finetune_poll_interval_s: float = Field(30.0, gt=0)
+    finetune_lease_ttl_s: float = Field(120.0, gt=0, description="Lease expiry; renewed every step and every poll.")

@@ -1,0 +1,126 @@
+"""One training job: a JSON spec in, a finished generator checkpoint out.
+
+The cycle (``finetune_worker.cycle``) writes ``job.json`` and runs it in-process
+(one process) or as ``torchrun --nproc_per_node=N -m finetune_worker.train job.json``
+(data parallel; gloo on CPU, NCCL on GPU). Rank 0 writes the trained policy to
+``output_dir`` through a temporary sibling and a rename, so ``output_dir`` exists
+only when training finished: the publisher never sees a half-trained model.
+Checkpoints in ``checkpoint_dir`` let a killed job resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from finetune_worker.prompts import PromptMixer
+from finetune_worker.rewards import load_object, make_reward_fn
+from finetune_worker.trainers.base import DistributedContext
+from finetune_worker.trainers.dpo import DPOConfig, OnlineDPOTrainer
+from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+from musicrl.logging import get_logger
+from musicrl.models.generator import load_generator, save_generator
+
+log = get_logger(__name__)
+
+HISTORY_FILE = "train_history.json"
+
+
+class TrainJob(BaseModel):
+    trainer: Literal["reinforce", "dpo"] = "reinforce"
+    policy_dir: Path
+    reference_dir: Path
+    output_dir: Path
+    checkpoint_dir: Path
+    config: dict[str, Any] = Field(default_factory=dict)
+    user_prompts: list[str] = Field(default_factory=list)
+    captions: list[str] = Field(default_factory=list)
+    user_fraction: float = 0.5
+    pairs_file: Path | None = None  # DPO: torch.save'd list of DPOPair fields
+    reward: str = "http://127.0.0.1:8090"  # reward service URL, or "python:module:attr" (a RewardFunction factory)
+    text_encoder: str = "minilm"  # musicrl.text name, or "python:module:attr"
+    meta: dict[str, Any] = Field(default_factory=dict)  # written to the checkpoint's meta.json
+
+    def write(self, path: Path) -> Path:
+        path.write_text(self.model_dump_json(indent=2))
+        return path
+
+
+def make_embed(spec: str):
+    if spec.startswith("python:"):
+        obj = load_object(spec)
+        return obj.embed if hasattr(obj, "embed") else obj
+    from musicrl.text import load_text_encoder  # noqa: PLC0415 - loads sentence-transformers
+
+    return load_text_encoder(spec).embed
+
+
+def _write_output(model, job: TrainJob, history: list[dict]) -> None:
+    staging = job.output_dir.with_name(f".{job.output_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_generator(model, staging, {**job.meta, "trainer": job.trainer, "steps": len(history)})
+    (staging / HISTORY_FILE).write_text(json.dumps(history))
+    shutil.rmtree(job.output_dir, ignore_errors=True)
+    staging.rename(job.output_dir)
+
+
+def _check_replicas_in_sync(model: torch.nn.Module, dist_ctx: DistributedContext) -> None:
+    """DDP keeps replicas identical by construction; verify it before rank 0 saves its copy."""
+    if not dist_ctx.enabled:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
+    gathered = [torch.zeros_like(checksum) for _ in range(dist_ctx.world_size)]
+    torch.distributed.all_gather(gathered, checksum)
+    if any(not torch.allclose(g, checksum) for g in gathered):
+        raise RuntimeError(f"data-parallel replicas diverged: parameter checksums {[float(g) for g in gathered]}")
+
+
+def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[dict]:
+    """Train; returns the per-step metrics. Rank 0 writes ``output_dir`` at the end."""
+    dist_ctx = dist_ctx or DistributedContext()
+    policy, _ = load_generator(job.policy_dir)
+    reference, _ = load_generator(job.reference_dir)
+    embed = make_embed(job.text_encoder)
+    if job.trainer == "reinforce":
+        config = ReinforceConfig(**job.config)
+        prompts = PromptMixer(job.user_prompts, job.captions, job.user_fraction, seed=config.seed)
+        trainer = ReinforceTrainer(config, policy, reference, make_reward_fn(job.reward), prompts, embed, job.checkpoint_dir, dist_ctx)
+    else:
+        from finetune_worker.trainers.dpo import DPOPair  # noqa: PLC0415
+
+        config = DPOConfig(**job.config)
+        rows = torch.load(job.pairs_file, weights_only=False)
+        pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]
+        trainer = OnlineDPOTrainer(config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx)
+    out = trainer.train()
+    _check_replicas_in_sync(trainer.model, dist_ctx)
+    job.meta["world_size"] = dist_ctx.world_size
+    if dist_ctx.is_main:
+        _write_output(trainer.model.cpu(), job, out.history)
+    dist_ctx.barrier()
+    return out.history
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m finetune_worker.train JOB.json  (under torchrun for data parallel)")
+    torch.set_num_threads(1)
+    job = TrainJob.model_validate_json(Path(argv[0]).read_text())
+    dist_ctx = DistributedContext.from_env()
+    try:
+        run_job(job, dist_ctx)
+    finally:
+        if dist_ctx.enabled:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The on-policy buffer: pairwise preferences joined with the generations they judge.
+
+The feedback consumer appends Parquet segments under
+``preferences/policy={policy_version}/partition={p}/{first:020d}-{last:020d}.parquet``
+in the buffer bucket; the finetune worker reads them with :class:`PreferenceBuffer`.
+
+One row is one preference on one pair of clips, with everything a trainer needs:
+the verdict (``choice`` in ``a|b|tie``, ``is_tie``), the prompt, and for both
+clips the policy version, the tokens and their log-probabilities at sampling
+time. ``policy_version`` of a row is the newer of its two clips' versions (both
+are the same except for pairs sampled during a hot swap, see ``mixed_policy``).
+
+Segments are immutable and keyed by their Kafka offset range, so rewriting one
+after a crash replaces it. The reader still drops repeated ``event_id`` values
+(keeping the lowest partition/offset), a second line of defence against a
+zombie consumer that wrote a different offset range for the same events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from musicrl.storage import ObjectStore
+
+SEGMENT_PREFIX = "preferences/"
+_SEGMENT_RE = re.compile(
+    r"^preferences/policy=(?P<policy>[^/]+)/partition=(?P<partition>\d+)/(?P<first>\d{20})-(?P<last>\d{20})\.parquet$"
+)
+
+_TS = pa.timestamp("us", tz="UTC")
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("generation_id", pa.string()),
+        ("clip_a_id", pa.string()),
+        ("clip_b_id", pa.string()),
+        ("choice", pa.string()),
+        ("is_tie", pa.bool_()),
+        ("listen_a_s", pa.float64()),
+        ("listen_b_s", pa.float64()),
+        ("listen_a_frac", pa.float64()),
+        ("listen_b_frac", pa.float64()),
+        ("user_pseudonym", pa.string()),
+        ("app_id", pa.string()),
+        ("client_ts", _TS),
+        ("received_at", _TS),
+        ("prompt", pa.string()),
+        ("experiment", pa.string()),
+        ("temperature", pa.float64()),
+        ("top_k", pa.int32()),
+        ("policy_version", pa.string()),
+        ("mixed_policy", pa.bool_()),
+        ("policy_version_a", pa.string()),
+        ("policy_version_b", pa.string()),
+        ("seed_a", pa.int64()),
+        ("seed_b", pa.int64()),
+        ("duration_a_s", pa.float64()),
+        ("duration_b_s", pa.float64()),
+        ("tokens_a", pa.list_(pa.int32())),
+        ("tokens_b", pa.list_(pa.int32())),
+        ("logprobs_a", pa.list_(pa.float32())),
+        ("logprobs_b", pa.list_(pa.float32())),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ],
+    metadata={"schema": "buffer.preference.v1"},
+)
+
+
+@dataclass(frozen=True, order=True)
+class SegmentRef:
+    """Where one segment lives and which Kafka offsets it covers (inclusive)."""
+
+    partition: int
+    first_offset: int
+    last_offset: int
+    policy_version: str
+
+    @property
+    def key(self) -> str:
+        return segment_key(self.policy_version, self.partition, self.first_offset, self.last_offset)
+
+
+def segment_key(policy_version: str, partition: int, first_offset: int, last_offset: int) -> str:
+    if "/" in policy_version or not policy_version:
+        raise ValueError(f"policy version {policy_version!r} cannot be part of an object key")
+    return f"{SEGMENT_PREFIX}policy={policy_version}/partition={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
+
+
+def parse_segment_key(key: str) -> SegmentRef | None:
+    match = _SEGMENT_RE.match(key)
+    if match is None:
+        return None
+    return SegmentRef(
+        partition=int(match["partition"]),
+        first_offset=int(match["first"]),
+        last_offset=int(match["last"]),
+        policy_version=match["policy"],
+    )
+
+
+def rows_to_parquet(rows: Sequence[dict]) -> bytes:
+    """Serialise buffer rows (dicts with the ``ROW_SCHEMA`` columns) to Parquet bytes."""
+    table = pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def parquet_to_table(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))
+
+
+def _policy_sort_key(version: str) -> tuple[int, int | str]:
+    # Generator versions are integers as strings; anything else sorts after them, by name.
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+def newest_policy(*versions: str) -> str:
+    return max(versions, key=_policy_sort_key)
+
+
+def split_of(generation_id: str, eval_fraction: float, salt: str = "musicrl-buffer-split") -> str:
+    """'train' or 'eval' for a generation, stable across runs, machines and buffer growth.
+
+    Splitting by generation (not by event) keeps every vote on the same pair of
+    clips on the same side, so eval pairs are never seen in training.
+    """
+    digest = hashlib.sha256(f"{salt}:{generation_id}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    return "eval" if position < eval_fraction else "train"
+
+
+class PreferenceBuffer:
+    """Reads the on-policy buffer from the object store."""
+
+    def __init__(self, store: ObjectStore, bucket: str | None = None, read_workers: int = 8):
+        self.store = store
+        self.bucket = bucket or store.config.bucket_buffer
+        self.read_workers = read_workers
+
+    def policy_versions(self) -> list[str]:
+        versions = {ref.policy_version for ref in self.segments()}
+        return sorted(versions, key=_policy_sort_key)
+
+    def segments(self, policy_versions: Iterable[str] | None = None) -> list[SegmentRef]:
+        prefixes = (
+            [SEGMENT_PREFIX]
+            if policy_versions is None
+            else [f"{SEGMENT_PREFIX}policy={v}/" for v in policy_versions]
+        )
+        refs = []
+        for prefix in prefixes:
+            for key in self.store.list_keys(self.bucket, prefix=prefix):
+                ref = parse_segment_key(key)
+                if ref is not None:
+                    refs.append(ref)
+        return sorted(refs)
+
+    def _segments_in_window(self, min_policy: str | None, max_policy: str | None, last_policies: int | None) -> list[SegmentRef]:
+        refs = self.segments()
+        versions = sorted({r.policy_version for r in refs}, key=_policy_sort_key)
+        if min_policy is not None:
+            versions = [v for v in versions if _policy_sort_key(v) >= _policy_sort_key(min_policy)]
+        if max_policy is not None:
+            versions = [v for v in versions if _policy_sort_key(v) <= _policy_sort_key(max_policy)]
+        if last_policies is not None:
+            versions = versions[-last_policies:] if last_policies > 0 else []
+        keep = set(versions)
+        return [r for r in refs if r.policy_version in keep]
+
+    def _read_segments(self, refs: Sequence[SegmentRef], columns: list[str] | None = None) -> pa.Table:
+        if not refs:
+            return ROW_SCHEMA.empty_table() if columns is None else ROW_SCHEMA.empty_table().select(columns)
+
+        def read(ref: SegmentRef) -> pa.Table:
+            table = parquet_to_table(self.store.get_bytes(self.bucket, ref.key))
+            return table.select(columns) if columns is not None else table
+
+        with ThreadPoolExecutor(max_workers=self.read_workers) as pool:
+            tables = list(pool.map(read, refs))
+        return pa.concat_tables(tables)
+
+    def read(
+        self,
+        *,
+        min_policy: str | None = None,
+        max_policy: str | None = None,
+        last_policies: int | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        include_ties: bool = True,
+        columns: list[str] | None = None,
+    ) -> pa.Table:
+        """Preferences in a policy-version window and/or a ``received_at`` range [since, until).
+
+        ``min_policy``/``max_policy`` are inclusive; ``last_policies=k`` keeps the
+        k newest policy versions present in the buffer (the on-policy window).
+        Repeated event ids are dropped, keeping the lowest (partition, offset).
+        """
+        needed = None
+        if columns is not None:
+            needed = list(dict.fromkeys([*columns, "event_id", "kafka_partition", "kafka_offset", "received_at", "is_tie"]))
+        table = self._read_segments(self._segments_in_window(min_policy, max_policy, last_policies), needed)
+        if since is not None:
+            table = table.filter(pc.greater_equal(table["received_at"], pa.scalar(since, type=_TS)))
+        if until is not None:
+            table = table.filter(pc.less(table["received_at"], pa.scalar(until, type=_TS)))
+        if not include_ties:
+            table = table.filter(pc.invert(table["is_tie"]))
+        table = deduplicate(table)
+        return table.select(columns) if columns is not None else table
+
+    def split(self, table: pa.Table, eval_fraction: float = 0.1, salt: str = "musicrl-buffer-split") -> tuple[pa.Table, pa.Table]:
+        """Deterministic (train, eval) split of ``table`` by generation id."""
+        is_eval = pa.array([split_of(g, eval_fraction, salt) == "eval" for g in table["generation_id"].to_pylist()], pa.bool_())
+        return table.filter(pc.invert(is_eval)), table.filter(is_eval)
+
+    def counts_by_policy(self) -> dict[str, int]:
+        """Unique preferences per policy version (ties included)."""
+        table = self.read(columns=["policy_version"])
+        counts = Counter(table["policy_version"].to_pylist())
+        return {v: counts[v] for v in sorted(counts, key=_policy_sort_key)}
+
+    def event_ids(self) -> set[str]:
+        return set(self.read(columns=["event_id"])["event_id"].to_pylist())
+
+
+def deduplicate(table: pa.Table) -> pa.Table:
+    """Keep one row per event id: the one with the lowest (kafka_partition, kafka_offset)."""
+    if table.num_rows == 0:
+        return table
+    table = table.sort_by([("event_id", "ascending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")])
+    ids = table["event_id"]
+    if table.num_rows == 1:
+        return table
+    previous = pa.concat_arrays([pa.array([None], pa.string()), ids.combine_chunks().slice(0, table.num_rows - 1)])
+    first_of_group = pc.fill_null(pc.not_equal(ids.combine_chunks(), previous), True)
+    return table.filter(first_of_group).sort_by(
+        [("received_at", "ascending"), ("kafka_partition", "ascending"), ("kafka_offset", "ascending")]
+    )

@@ -1,0 +1,319 @@
+"""The text-conditioned music generator: a small decoder-only transformer over audio tokens.
+
+nanoGPT-style (pre-LayerNorm blocks, fused QKV, GELU MLP, tied input/output
+embeddings), conditioned on a frozen sentence embedding of the caption:
+
+    position 0 input  = bos + cond_proj(cond)                  (the BOS is internal)
+    position t input  = tok_emb(tokens[t-1]) + cond_proj(cond)
+    every position    += pos_emb[t]
+
+so ``logits[:, t]`` is the distribution of ``tokens[:, t]`` given the caption
+and ``tokens[:, :t]``. Adding the condition at every position (and not only as
+a prefix) keeps a tiny model from forgetting the prompt over a long clip.
+
+Sampling runs one position at a time with a preallocated KV cache. Each row
+draws its uniforms from its own ``numpy.random.default_rng(seed)``, so a row's
+tokens depend only on its own (cond, seed, temperature, top_k, n_frames) and a
+shorter clip is exactly the prefix of a longer one with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from musicrl.audio import codec
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class GeneratorConfig:
+    vocab_size: int = codec.VOCAB_SIZE
+    text_dim: int = 384
+    text_encoder: str = "minilm"  # the frozen encoder the condition must come from (musicrl.text.load_text_encoder)
+    max_frames: int = 512  # longest clip the position table covers
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 192
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for incremental decoding."""
+
+    def __init__(self, config: GeneratorConfig, batch_size: int, max_len: int, device, dtype) -> None:
+        head_dim = config.d_model // config.n_heads
+        shape = (batch_size, config.n_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (z.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            # Incremental decoding, one position at a time: it attends to everything cached plus itself.
+            end = cache.length + 1
+            cache.keys[layer][:, :, cache.length : end] = k
+            cache.values[layer][:, :, cache.length : end] = v
+            y = F.scaled_dot_product_attention(q, cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end])
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, 4 * config.d_model)
+        self.proj = nn.Linear(4 * config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Generator(nn.Module):
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_frames, config.d_model)
+        self.bos = nn.Parameter(torch.zeros(config.d_model))
+        self.cond_proj = nn.Linear(config.text_dim, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by the depth so the residual stream does not grow with it.
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight") and "cond_proj" not in name:
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ teacher forcing
+
+    def _inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Input embeddings for positions 0..T-1: BOS, then the tokens shifted right by one."""
+        B, T = tokens.shape
+        if T > self.config.max_frames:
+            raise ValueError(f"{T} frames exceed max_frames={self.config.max_frames}")
+        cond_emb = self.cond_proj(cond).unsqueeze(1)
+        bos = self.bos.expand(B, 1, -1)
+        x = torch.cat([bos, self.tok_emb(tokens[:, : T - 1])], dim=1) if T > 0 else bos[:, :0]
+        positions = torch.arange(T, device=tokens.device)
+        return self.drop(x + cond_emb + self.pos_emb(positions))
+
+    def hidden(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Last-layer states [B, T, d_model]; state t has seen the caption and tokens[:, :t]."""
+        self._check_inputs(cond, tokens)
+        x = self._inputs(cond, tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]``."""
+        return self.lm_head(self.hidden(cond, tokens))
+
+    def _check_inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> None:
+        if cond.ndim != 2 or cond.shape[1] != self.config.text_dim:
+            raise ValueError(f"cond must be [B, {self.config.text_dim}], got {tuple(cond.shape)}")
+        if tokens.ndim != 2 or tokens.shape[0] != cond.shape[0]:
+            raise ValueError(f"tokens must be [B, T] with B={cond.shape[0]}, got {tuple(tokens.shape)}")
+
+    # ------------------------------------------------------------------ sampling
+
+    def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] for the next token after feeding one position ``x`` [B, 1, d_model]."""
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        cache.length += 1
+        return self.lm_head(self.ln_f(x[:, -1]))
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        n_frames: int,
+        temperature: float | Sequence[float] = 0.99,
+        top_k: int | Sequence[int] = 0,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``n_frames`` tokens per row with a KV cache.
+
+        ``temperature`` and ``top_k`` are one value for the batch or one per row
+        (``top_k=0`` keeps the whole vocabulary). Returns tokens [B, T] and the
+        log-probabilities [B, T] of the sampled tokens under the
+        temperature-scaled, top-k-filtered distribution they were drawn from.
+        """
+        cond = torch.as_tensor(cond, dtype=torch.float32, device=self.bos.device)
+        B = cond.shape[0]
+        if cond.ndim != 2 or cond.shape[1] != self.config.text_dim:
+            raise ValueError(f"cond must be [B, {self.config.text_dim}], got {tuple(cond.shape)}")
+        if not 1 <= n_frames <= self.config.max_frames:
+            raise ValueError(f"n_frames must be in 1..{self.config.max_frames}, got {n_frames}")
+        seeds = list(range(B)) if seeds is None else list(seeds)
+        if len(seeds) != B:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {B}")
+        temperatures = self._per_row(temperature, B, "temperature", float)
+        top_ks = self._per_row(top_k, B, "top_k", int)
+        if (temperatures <= 0).any():
+            raise ValueError("temperature must be > 0")
+        if (top_ks < 0).any():
+            raise ValueError("top_k must be >= 0 (0 keeps the whole vocabulary)")
+
+        device = self.bos.device
+        uniforms = torch.from_numpy(np.stack([np.random.default_rng(int(s)).random(n_frames) for s in seeds])).to(device)
+        temperatures, top_ks = temperatures.to(device), top_ks.clamp(max=self.config.vocab_size).to(device)
+        tokens = torch.empty(B, n_frames, dtype=torch.long, device=device)
+        logprobs = torch.empty(B, n_frames, dtype=torch.float32, device=device)
+        cache = KVCache(self.config, B, n_frames, device, self.bos.dtype)
+        cond_emb = self.cond_proj(cond).unsqueeze(1)
+        x = self.bos.expand(B, 1, -1) + cond_emb + self.pos_emb.weight[0]
+        for t in range(n_frames):
+            logits = self._step(x, cache)
+            tokens[:, t], logprobs[:, t] = _draw(logits, temperatures, top_ks, uniforms[:, t])
+            if t + 1 < n_frames:
+                x = self.tok_emb(tokens[:, t : t + 1]) + cond_emb + self.pos_emb.weight[t + 1]
+        return tokens, logprobs
+
+    @staticmethod
+    def _per_row(value, batch_size: int, name: str, kind) -> torch.Tensor:
+        values = [kind(value)] * batch_size if np.isscalar(value) else [kind(v) for v in value]
+        if len(values) != batch_size:
+            raise ValueError(f"got {len(values)} values of {name} for a batch of {batch_size}")
+        return torch.tensor(values, dtype=torch.float32 if kind is float else torch.long)
+
+
+def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor) -> torch.Tensor:
+    """Temperature-scale logits [B, V] and mask all but each row's top-k (k=0: no mask) to -inf."""
+    scaled = logits.float() / temperatures.unsqueeze(-1)
+    k_max = int(top_ks.max())
+    if k_max == 0:
+        return scaled
+    kth = torch.topk(scaled, k_max, dim=-1).values.gather(-1, (top_ks - 1).clamp(min=0).unsqueeze(-1))
+    kth = torch.where(top_ks.unsqueeze(-1) > 0, kth, torch.full_like(kth, -math.inf))
+    return scaled.masked_fill(scaled < kth, -math.inf)
+
+
+def _draw(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse-CDF sampling with the caller's uniforms, so each row's randomness is its own."""
+    logp = F.log_softmax(filter_logits(logits, temperatures, top_ks), dim=-1)
+    cdf = logp.double().exp().cumsum(dim=-1)
+    # right=True picks the first index whose CDF exceeds u: never a token of probability 0.
+    index = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=logits.shape[-1] - 1)
+    return index.squeeze(-1), logp.gather(-1, index).squeeze(-1)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def save_generator(model: Generator, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``config.json``, ``weights.pt`` (state dict) and ``meta.json`` into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+    """Load a checkpoint written by :func:`save_generator`; the model comes back in eval mode."""
+    directory = Path(directory)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a generator checkpoint: missing {', '.join(missing)}")
+    config = GeneratorConfig(**json.loads((directory / CONFIG_FILE).read_text()))
+    model = Generator(config)
+    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+    meta_path = directory / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return model.to(device).eval(), meta
+
+
+# ---------------------------------------------------------------------- prompts to audio
+
+
+@dataclass
+class Generation:
+    prompts: list[str]
+    seeds: list[int]
+    tokens: np.ndarray  # [B, T] int64
+    logprobs: np.ndarray  # [B, T] float32
+    audio: np.ndarray  # [B, samples] float32 in [-1, 1]
+    sample_rate: int
+
+
+def generate(
+    model: Generator,
+    text_encoder,
+    prompts: Sequence[str],
+    duration_s: float = 10.0,
+    temperature: float = 0.99,
+    top_k: int = 0,
+    seeds: Sequence[int] | None = None,
+) -> Generation:
+    """Embed the prompts with the frozen text encoder, sample tokens and decode them to audio."""
+    prompts = list(prompts)
+    seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    cond = torch.from_numpy(np.asarray(text_encoder.embed(prompts), dtype=np.float32))
+    tokens, logprobs = model.sample(cond, codec.frames_for(duration_s), temperature, top_k, seeds)
+    tokens_np = tokens.cpu().numpy()
+    audio = np.stack([codec.decode(row) for row in tokens_np])
+    return Generation(prompts, seeds, tokens_np, logprobs.cpu().numpy(), audio, codec.SAMPLE_RATE)

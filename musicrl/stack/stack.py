@@ -1,0 +1,255 @@
+"""The local stack: the real servers (and later the project's services) as one unit.
+
+``Stack(settings).up()`` starts every component in ``COMPONENTS`` order, waits
+until each is healthy, runs its provisioning step (buckets, topics) and
+returns a :class:`StackInfo`. ``down()`` stops them in reverse order. Both are
+idempotent: a component whose PID file points at a live process is reused.
+
+To add a service (gateway, reward service, consumer, ...), append a
+``Component(name, build)`` where ``build(settings) -> ManagedProcess``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic_settings import BaseSettings
+
+from musicrl.config import ENV_PREFIX
+from musicrl.stack.binaries import StackError
+from musicrl.stack.processes import ManagedProcess, RunDir, Supervisor, free_port, port_in_use
+from musicrl.stack.servers import seaweedfs_process, tansu_process, triton_process
+from musicrl.stack.settings import StackSettings
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """Endpoints of a running stack, and the environment a service needs to reach it."""
+
+    settings: StackSettings
+
+    @property
+    def host(self) -> str:
+        return self.settings.stack_host
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"{self.host}:{self.settings.stack_s3_port}"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"{self.host}:{self.settings.stack_kafka_port}"
+
+    @property
+    def triton_grpc_url(self) -> str:
+        return f"{self.host}:{self.settings.stack_triton_grpc_port}"
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.host}:{self.settings.stack_triton_http_port}"
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return f"http://{self.host}:{self.settings.stack_triton_metrics_port}/metrics"
+
+    @property
+    def triton_repo(self) -> Path:
+        return self.settings.triton_repo
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.data_dir
+
+    def env(self) -> dict[str, str]:
+        """The ``MUSICRL_*`` variables that point a service at this stack."""
+        s = self.settings
+        values = {
+            "s3_endpoint": self.s3_endpoint,
+            "s3_access_key": s.s3_access_key,
+            "s3_secret_key": s.s3_secret_key,
+            "s3_secure": "false",
+            "s3_region": s.s3_region,
+            "bucket_clips": s.bucket_clips,
+            "bucket_generations": s.bucket_generations,
+            "bucket_buffer": s.bucket_buffer,
+            "bucket_models": s.bucket_models,
+            "kafka_bootstrap": self.kafka_bootstrap,
+            "topic_preferences": s.topic_preferences,
+            "topic_dead_letter": s.topic_dead_letter,
+            "topic_partitions": str(s.topic_partitions),
+            "triton_grpc_url": self.triton_grpc_url,
+            "triton_http_url": self.triton_http_url,
+            "triton_model_name": s.triton_model_name,
+        }
+        return {ENV_PREFIX + key.upper(): value for key, value in values.items()}
+
+    def settings_for(self, cls: type[SettingsT], **overrides) -> SettingsT:
+        """Build any service's settings class pointed at this stack (``info.settings_for(GatewaySettings)``)."""
+        fields = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in self.env().items()}
+        known = {k: v for k, v in fields.items() if k in cls.model_fields}
+        return cls(**(known | overrides))
+
+    def endpoints(self) -> dict[str, str]:
+        return {
+            "s3": f"http://{self.s3_endpoint}",
+            "kafka": self.kafka_bootstrap,
+            "triton-http": f"http://{self.triton_http_url}",
+            "triton-grpc": self.triton_grpc_url,
+            "triton-metrics": self.triton_metrics_url,
+            "triton-repo": str(self.triton_repo),
+        }
+
+
+def provision_buckets(s: StackSettings) -> None:
+    from musicrl.config import ObjectStoreConfig
+    from musicrl.storage import ObjectStore
+
+    store = ObjectStore(StackInfo(s).settings_for(ObjectStoreConfig))
+    buckets = store.buckets() + ([s.stack_kafka_bucket] if s.stack_kafka_storage == "s3" else [])
+    # The S3 gateway answers before the volume server has registered: retry the first writes.
+    deadline = time.monotonic() + s.stack_startup_timeout_s
+    while True:
+        try:
+            for bucket in buckets:
+                if not store.client.bucket_exists(bucket):
+                    store.client.make_bucket(bucket)
+            store.put_bytes(s.bucket_models, ".stack-probe", b"ok")
+            store.delete(s.bucket_models, ".stack-probe")
+            return
+        except Exception as err:
+            if time.monotonic() > deadline:
+                raise StackError(f"seaweedfs: cannot create buckets: {err}") from err
+            time.sleep(0.2)
+
+
+def provision_topics(s: StackSettings) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=StackInfo(s).kafka_bootstrap, request_timeout_ms=10000)
+    try:
+        existing = set(admin.list_topics())
+        wanted = [
+            NewTopic(name, num_partitions=s.topic_partitions, replication_factor=1)
+            for name in (s.topic_preferences, s.topic_dead_letter)
+            if name not in existing
+        ]
+        if wanted:
+            admin.create_topics(wanted)
+    finally:
+        admin.close()
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    build: Callable[[StackSettings], ManagedProcess]
+    provision: Callable[[StackSettings], None] | None = None
+    enabled: Callable[[StackSettings], bool] = field(default=lambda s: True)
+
+
+COMPONENTS: list[Component] = [
+    Component("seaweedfs", seaweedfs_process, provision_buckets),
+    Component("tansu", tansu_process, provision_topics),
+    Component("triton", triton_process),
+]
+
+
+@dataclass
+class ComponentStatus:
+    name: str
+    pid: int | None
+    healthy: bool
+
+
+class Stack:
+    def __init__(self, settings: StackSettings, components: list[Component] | None = None):
+        self.settings = settings
+        self.components = [c for c in (components or COMPONENTS) if c.enabled(settings)]
+        self.supervisor = Supervisor(RunDir(settings.data_dir))
+        self.info = StackInfo(settings)
+
+    def up(self, on_started: Callable[[str, bool, float], None] | None = None) -> StackInfo:
+        """Start what is not running yet; on failure stop what this call started and raise StackError."""
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        started: list[str] = []
+        try:
+            for component in self.components:
+                t0 = time.monotonic()
+                _, started_now = self.supervisor.start(component.build(self.settings), self.settings.stack_startup_timeout_s)
+                if started_now:
+                    started.append(component.name)
+                if component.provision is not None:
+                    component.provision(self.settings)
+                if on_started is not None:
+                    on_started(component.name, started_now, time.monotonic() - t0)
+        except BaseException:
+            for name in reversed(started):
+                self.supervisor.stop(name)
+            raise
+        self.write_env_file()
+        return self.info
+
+    def down(self) -> list[str]:
+        """Stop every component this data dir's PID files name; returns those that were running."""
+        stopped = [c.name for c in reversed(self.components) if self.supervisor.stop(c.name)]
+        self.env_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[ComponentStatus]:
+        result = []
+        for component in self.components:
+            proc = self.supervisor.running(component.name)
+            healthy = proc is not None and self.supervisor.healthy(component.build(self.settings))
+            result.append(ComponentStatus(component.name, proc.pid if proc else None, healthy))
+        return result
+
+    @property
+    def env_file(self) -> Path:
+        return self.settings.data_dir / "stack.env"
+
+    def write_env_file(self) -> None:
+        self.env_file.write_text("".join(f"{k}={v}\n" for k, v in self.info.env().items()))
+
+    def log_file(self, name: str) -> Path:
+        return self.supervisor.run_dir.log_file(name)
+
+
+def _free_port_with_grpc_twin(host: str, taken: set[int]) -> int:
+    # SeaweedFS puts each gRPC listener at its HTTP port + 10000.
+    while True:
+        port = free_port(host)
+        if port not in taken and port + 10000 <= 65535 and not port_in_use(host, port + 10000):
+            return port
+
+
+def free_port_settings(data_dir: Path, **overrides) -> StackSettings:
+    """Settings for a private stack on free ports under ``data_dir`` (tests, experiments)."""
+    host = "127.0.0.1"
+    taken: set[int] = set()
+
+    def pick(with_grpc: bool = False) -> int:
+        port = _free_port_with_grpc_twin(host, taken) if with_grpc else free_port(host)
+        while port in taken:
+            port = free_port(host)
+        taken.update({port, port + 10000} if with_grpc else {port})
+        return port
+
+    ports = {
+        "stack_s3_port": pick(True),
+        "stack_weed_master_port": pick(True),
+        "stack_weed_volume_port": pick(True),
+        "stack_weed_filer_port": pick(True),
+        "stack_weed_admin_port": pick(True),
+        "stack_kafka_port": pick(),
+        "stack_triton_http_port": pick(),
+        "stack_triton_grpc_port": pick(),
+        "stack_triton_metrics_port": pick(),
+    }
+    return StackSettings(stack_host=host, stack_data_dir=data_dir, stack_kafka_storage="memory", **(ports | overrides))

@@ -1,0 +1,152 @@
+"""Turn request items into clips the models can score: a 16 kHz mono waveform
+and, for the preference model, the clip's audio tokens.
+
+Every way an item can be wrong ends in an ``InputError`` carrying the HTTP
+status and a message that names the item, never in an unhandled exception.
+
+Where the preference model's tokens come from:
+- ``tokens`` items: the tokens themselves;
+- ``clip_id`` items with a ``generation_id``: the tokens stored in that
+  generation record for the clip (exactly what the generator sampled);
+- other audio items: ``musicrl.audio.codec.encode`` of the waveform.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from dataclasses import dataclass
+from math import gcd
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import soundfile
+from scipy.signal import resample_poly
+
+from musicrl.schemas.scores import ScoreItem
+from musicrl.storage import ObjectNotFound, ObjectStore
+
+
+@dataclass(frozen=True, eq=False)
+class Clip:
+    prompt: str
+    wave: np.ndarray  # float32, mono, at the codec's sample rate
+    tokens: np.ndarray | None  # int64; None when the preference model is not asked for
+
+
+class InputError(Exception):
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_audio_s: float
+    min_audio_s: float
+
+
+_WAV_MAGIC = (b"RIFF", b"RIFX", b"RF64")
+_FLAC_MAGIC = b"fLaC"
+
+
+class InputResolver:
+    def __init__(self, store: ObjectStore | None, limits: Limits, codec: ModuleType, formats: ModuleType):
+        self.store = store
+        self.limits = limits
+        self.codec = codec
+        self.formats = formats
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.codec.SAMPLE_RATE)
+
+    def resolve(self, item: ScoreItem, index: int, need_tokens: bool) -> Clip:
+        where = f"items[{index}]"
+        if item.tokens is not None:
+            tokens = self._check_tokens(item.tokens, where)
+            return Clip(item.prompt, np.asarray(self.codec.decode(tokens), dtype=np.float32), tokens)
+        if item.audio_b64 is not None:
+            try:
+                data = base64.b64decode(item.audio_b64, validate=True)
+            except (binascii.Error, ValueError):
+                raise InputError(422, f"{where}.audio_b64 is not valid base64") from None
+            wave = self._decode_audio(data, where + ".audio_b64")
+            return Clip(item.prompt, wave, self._encode(wave) if need_tokens else None)
+        wave = self._decode_audio(self._fetch_clip(item.clip_id, where), f"{where} (clip {item.clip_id})")
+        tokens = None
+        if need_tokens:
+            tokens = self._recorded_tokens(item, where) if item.generation_id else self._encode(wave)
+        return Clip(item.prompt, wave, tokens)
+
+    # -- sources -----------------------------------------------------------------
+    def _fetch_clip(self, clip_id: str, where: str) -> bytes:
+        if self.store is None:
+            raise InputError(422, f"{where}: this service has no object store configured; send audio_b64 or tokens")
+        bucket = self.store.config.bucket_clips
+        try:
+            return self.store.get_bytes(bucket, f"clips/{clip_id}.wav")
+        except ObjectNotFound:
+            raise InputError(404, f"{where}: clip {clip_id} not found (no {bucket}/clips/{clip_id}.wav)") from None
+
+    def _recorded_tokens(self, item: ScoreItem, where: str) -> np.ndarray:
+        bucket = self.store.config.bucket_generations
+        try:
+            record: dict[str, Any] = self.store.get_json(bucket, f"generations/{item.generation_id}.json")
+        except ObjectNotFound:
+            raise InputError(404, f"{where}: generation {item.generation_id} not found") from None
+        except ValueError:
+            raise InputError(422, f"{where}: generation {item.generation_id} is not a readable record") from None
+        for clip in record.get("clips", []):
+            if clip.get("clip_id") == item.clip_id:
+                return self._check_tokens(clip.get("tokens") or [], f"{where} (tokens of generation {item.generation_id})")
+        raise InputError(422, f"{where}: clip {item.clip_id} is not part of generation {item.generation_id}")
+
+    # -- checks and conversions --------------------------------------------------
+    def _check_tokens(self, tokens: list[int], where: str) -> np.ndarray:
+        array = np.asarray(tokens, dtype=np.int64)
+        vocab = int(self.codec.VOCAB_SIZE)
+        if array.size and (array.min() < 0 or array.max() >= vocab):
+            raise InputError(422, f"{where}: tokens must lie in [0, {vocab})")
+        self._check_duration(array.size / float(self.codec.FRAME_RATE), where)
+        return array
+
+    def _check_duration(self, seconds: float, where: str) -> None:
+        if seconds > self.limits.max_audio_s:
+            raise InputError(413, f"{where}: {seconds:.1f} s of audio, the limit is {self.limits.max_audio_s:g} s")
+        if seconds < self.limits.min_audio_s:
+            raise InputError(422, f"{where}: {seconds:.2f} s of audio, at least {self.limits.min_audio_s:g} s needed")
+
+    def _decode_audio(self, data: bytes, where: str) -> np.ndarray:
+        if not (data[:4] in _WAV_MAGIC or data[:4] == _FLAC_MAGIC):
+            raise InputError(422, f"{where}: audio must be a WAV or FLAC file")
+        # Read the header first so that a small file claiming hours of audio is
+        # refused before it is decompressed.
+        try:
+            info = soundfile.info(io.BytesIO(data))
+        except (soundfile.LibsndfileError, RuntimeError, ValueError):
+            raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
+        if info.samplerate <= 0 or info.frames <= 0:
+            raise InputError(422, f"{where}: the file holds no audio")
+        self._check_duration(info.frames / info.samplerate, where)
+        try:
+            wave, sample_rate = self.formats.decode_audio(data)
+        except Exception:  # noqa: BLE001 - any decoder failure is the file's fault
+            raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
+        wave = np.asarray(wave, dtype=np.float32)
+        if wave.ndim == 2:  # (frames, channels) or (channels, frames): average the channels
+            wave = wave.mean(axis=1 if wave.shape[0] > wave.shape[1] else 0)
+        if wave.ndim != 1 or wave.size == 0:
+            raise InputError(422, f"{where}: expected mono or multi-channel audio, got shape {wave.shape}")
+        if not np.isfinite(wave).all():
+            raise InputError(422, f"{where}: the audio holds NaN or infinite samples")
+        if sample_rate != self.sample_rate:
+            g = gcd(int(sample_rate), self.sample_rate)
+            wave = resample_poly(wave, self.sample_rate // g, int(sample_rate) // g).astype(np.float32)
+        return wave
+
+    def _encode(self, wave: np.ndarray) -> np.ndarray:
+        return np.asarray(self.codec.encode(wave, self.sample_rate), dtype=np.int64)

@@ -1,0 +1,117 @@
+"""The generation gateway: ``create_app`` wires settings, clients, services and routers.
+
+Dependencies (Triton client, object store, text encoder) are built from the
+settings at startup unless given, so tests inject fakes or real clients.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from musicrl.logging import RequestIdMiddleware, get_logger
+from musicrl.metrics import instrument_app
+from serving import routes
+from serving.deps import close_singletons
+from serving.errors import NotFound, RequestRejected, UpstreamFailed, UpstreamUnavailable
+from serving.routes.page import STATIC_DIR
+from serving.services.generations import GenerationService
+from serving.services.triton import GeneratorClient, TritonGeneratorClient
+from serving.settings import GatewaySettings
+
+log = get_logger(__name__)
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    triton: GeneratorClient | None = None,
+    store=None,
+    text_encoder=None,
+) -> FastAPI:
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import torch
+
+        torch.set_num_threads(settings.gateway_torch_threads)
+        state = app.state
+        state.triton = triton or TritonGeneratorClient(settings.triton_grpc_url, settings.gateway_triton_timeout_s)
+        state.store = store or _object_store(settings)
+        state.text_encoder = text_encoder or _text_encoder(settings)
+        state.generations = GenerationService(settings, state.triton, state.store, state.text_encoder)
+        log.info("gateway.started", triton=settings.triton_grpc_url, s3=settings.s3_endpoint, model=settings.triton_model_name)
+        try:
+            yield
+        finally:
+            await close_singletons(app)
+            if triton is None:
+                await state.triton.close()
+
+    app = FastAPI(
+        title="MusicRL generation gateway",
+        version="1",
+        description="Text-to-music generation with pairwise candidates, served by Triton; feedback feeds online RLHF.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.singletons = {}
+    app.state.closers = []
+    _add_error_handlers(app, settings)
+    for module in sorted(m.name for m in pkgutil.iter_modules(routes.__path__)):
+        app.include_router(importlib.import_module(f"{routes.__name__}.{module}").router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    instrument_app(app, service="gateway")
+    app.add_middleware(RequestIdMiddleware)  # outermost: every log line of the request carries its id
+    return app
+
+
+def _object_store(settings: GatewaySettings):
+    from musicrl.storage import ObjectStore
+
+    return ObjectStore(settings)
+
+
+def _text_encoder(settings: GatewaySettings):
+    from musicrl.text import load_text_encoder
+
+    return load_text_encoder(settings.gateway_text_encoder)
+
+
+def _add_error_handlers(app: FastAPI, settings: GatewaySettings) -> None:
+    def error(request: Request, status: int, detail, headers: dict | None = None) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        body = {"detail": jsonable_encoder(detail), "request_id": request_id}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return error(request, 422, errors)
+
+    @app.exception_handler(RequestRejected)
+    async def rejected(request: Request, exc: RequestRejected):
+        return error(request, 422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}])
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):
+        return error(request, 404, f"not found: {exc}")
+
+    @app.exception_handler(UpstreamUnavailable)
+    async def unavailable(request: Request, exc: UpstreamUnavailable):
+        log.warning("upstream.unavailable", upstream=exc.upstream, reason=exc.reason)
+        headers = {"Retry-After": str(settings.gateway_retry_after_s)}
+        return error(request, 503, f"{exc.upstream} is unavailable, retry later", headers)
+
+    @app.exception_handler(UpstreamFailed)
+    async def failed(request: Request, exc: UpstreamFailed):
+        log.error("upstream.failed", reason=str(exc))
+        return error(request, 502, str(exc))

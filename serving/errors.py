@@ -1,0 +1,29 @@
+"""Errors the services raise, and the HTTP answers they map to (in ``serving.app``)."""
+
+from __future__ import annotations
+
+
+class UpstreamUnavailable(Exception):
+    """Triton or the object store is unreachable, not ready or too slow: 503 with Retry-After."""
+
+    def __init__(self, upstream: str, reason: str):
+        super().__init__(f"{upstream} unavailable: {reason}")
+        self.upstream = upstream
+        self.reason = reason
+
+
+class UpstreamFailed(Exception):
+    """The upstream answered but with an error that retrying will not fix: 502."""
+
+
+class NotFound(Exception):
+    """The generation or clip does not exist: 404."""
+
+
+class RequestRejected(Exception):
+    """The request is outside the configured limits: 422 with the field and the reason."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message

@@ -1,0 +1,142 @@
+"""Triton Python backend for the music generator.
+
+One ``execute`` call receives every request of a dynamic batch and samples
+all their rows in one ``Generator.sample`` call (per-row seed, temperature and
+top-k) at the longest requested length, then cuts each row to its own length.
+This is exact: a row's tokens depend only on its own condition, seed and
+sampling parameters, and a shorter clip is the prefix of a longer one with the
+same seed. Audio is decoded here so the gateway never needs the codec.
+
+The version directory holds this file and the generator checkpoint
+(``config.json``, ``weights.pt``, ``meta.json``); the Triton model version is
+reported as the policy version of every clip.
+"""
+
+from __future__ import annotations
+
+import os
+import site
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+
+def _apply_launcher_python_path() -> None:
+    """Put the launcher's PYTHONPATH (the project and its virtualenv) first on sys.path.
+
+    The stub embeds Python with an isolated configuration, which ignores
+    PYTHONPATH; ``site.addsitedir`` also runs the ``.pth`` files of an editable install.
+    """
+    before = list(sys.path)
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if entry and entry not in before:
+            site.addsitedir(entry)
+    sys.path[:] = [p for p in sys.path if p not in before] + before
+
+
+_apply_launcher_python_path()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from musicrl.audio import codec  # noqa: E402
+from musicrl.models.generator import load_generator  # noqa: E402
+
+
+class Row(NamedTuple):
+    request: int  # index of the request in this execute call
+    index: int  # row inside that request
+    cond: np.ndarray
+    seed: int
+    n_frames: int
+    temperature: float
+    top_k: int
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        # One intra-op thread per instance: instances, not threads, use the cores.
+        torch.set_num_threads(1)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.generator, _ = load_generator(version_dir)
+        self.generator.eval()
+        self.policy_version = str(args["model_version"]).encode()
+        self.max_frames = int(self.generator.config.max_frames)
+
+    def execute(self, requests):
+        rows: list[Row] = []
+        errors: dict[int, str] = {}
+        for r, request in enumerate(requests):
+            cond = pb_utils.get_input_tensor_by_name(request, "PROMPT_EMBEDDING").as_numpy()
+            seeds = pb_utils.get_input_tensor_by_name(request, "SEED").as_numpy()[:, 0]
+            n_frames = pb_utils.get_input_tensor_by_name(request, "N_FRAMES").as_numpy()[:, 0]
+            temperatures = pb_utils.get_input_tensor_by_name(request, "TEMPERATURE").as_numpy()[:, 0]
+            top_ks = pb_utils.get_input_tensor_by_name(request, "TOP_K").as_numpy()[:, 0]
+            error = self._validate(n_frames, temperatures, top_ks)
+            if error:
+                errors[r] = error
+                continue
+            for i in range(len(seeds)):
+                rows.append(Row(r, i, cond[i], int(seeds[i]), int(n_frames[i]), float(temperatures[i]), int(top_ks[i])))
+
+        try:
+            results = self._sample(rows)
+        except Exception as err:  # noqa: BLE001 - every request of the batch gets the reason
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"sampling failed: {err}")) for _ in requests]
+        responses = []
+        for r in range(len(requests)):
+            if r in errors:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[r])))
+                continue
+            responses.append(self._response([results[r][i] for i in sorted(results[r])]))
+        return responses
+
+    def _validate(self, n_frames, temperatures, top_ks) -> str | None:
+        if len(set(n_frames.tolist())) != 1:
+            return "all rows of one request must ask for the same N_FRAMES"
+        if n_frames.min() < 1 or n_frames.max() > self.max_frames:
+            return f"N_FRAMES must be in [1, {self.max_frames}]"
+        if not np.all(temperatures > 0):
+            return "TEMPERATURE must be > 0"
+        if np.any(top_ks < 0):
+            return "TOP_K must be >= 0 (0 disables top-k filtering)"
+        return None
+
+    def _sample(self, rows: list[Row]) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        if not rows:
+            return results
+        cond = torch.from_numpy(np.stack([row.cond for row in rows]).astype(np.float32))
+        tokens, logprobs = self.generator.sample(
+            cond,
+            max(row.n_frames for row in rows),
+            temperature=[row.temperature for row in rows],
+            top_k=[row.top_k for row in rows],
+            seeds=[row.seed for row in rows],
+        )
+        for j, row in enumerate(rows):
+            results[row.request][row.index] = (
+                tokens[j, : row.n_frames].numpy().astype(np.int64),
+                logprobs[j, : row.n_frames].numpy().astype(np.float32),
+            )
+        return results
+
+    def _response(self, rows):
+        tokens = np.stack([t for t, _ in rows])
+        logprobs = np.stack([lp for _, lp in rows])
+        audio = np.stack([codec.decode(t).astype(np.float32) for t in tokens])
+        n = len(rows)
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("TOKENS", tokens),
+                pb_utils.Tensor("LOGPROBS", logprobs),
+                pb_utils.Tensor("AUDIO", audio),
+                pb_utils.Tensor("SAMPLE_RATE", np.full((n, 1), codec.SAMPLE_RATE, dtype=np.int32)),
+                pb_utils.Tensor("POLICY_VERSION", np.full((n, 1), self.policy_version, dtype=object)),
+            ]
+        )
+
+    def finalize(self):
+        self.generator = None

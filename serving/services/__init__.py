@@ -1,0 +1,1 @@
+"""The gateway's use cases; routers stay thin and call these."""

@@ -1,0 +1,303 @@
+"""Generation use cases: create candidates, read records and clips, transcode audio.
+
+Candidates of one request are sent to Triton concurrently (one inference
+request each) so Triton's dynamic batcher batches them with other requests'.
+Audio is stored before the record, so a stored record never points at missing
+audio; the record is the single source of truth the feedback consumer joins on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import secrets
+import time
+import uuid
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from musicrl.logging import get_logger
+from musicrl.schemas.generation import (
+    ClipRecord,
+    GenerationRecord,
+    SamplingParams,
+    Timings,
+    clip_audio_key,
+    generation_key,
+)
+from serving.errors import NotFound, RequestRejected, UpstreamUnavailable
+from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM_ERRORS
+from serving.schemas import MEDIA_TYPES, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
+from serving.services.triton import Candidate, GeneratorClient
+from serving.settings import GatewaySettings
+
+log = get_logger(__name__)
+T = TypeVar("T")
+GENERATION_ID_META = "generation-id"
+
+
+def candidate_seeds(request_seed: int, n: int) -> list[int]:
+    """Independent, reproducible per-candidate seeds (SeedSequence spawning) in [0, 2**31)."""
+    children = np.random.SeedSequence(request_seed).spawn(n)
+    return [int(child.generate_state(1, dtype=np.uint32)[0] >> 1) for child in children]
+
+
+def candidate_models(settings: GatewaySettings, request_seed: int, n: int) -> tuple[str | None, list[str]]:
+    """The Triton model of each candidate: in an experiment, half current and half challenger.
+
+    Whether a request takes part and which positions the challenger gets are
+    drawn from the request seed, so replays assign the same arms and neither
+    arm always sits in the first player.
+    """
+    current = settings.triton_model_name
+    rng = random.Random(request_seed)
+    if not settings.gateway_experiment_name or n < 2 or rng.random() >= settings.gateway_experiment_share:
+        return None, [current] * n
+    models = [current, settings.gateway_challenger_model_name] * (n // 2) + [current] * (n % 2)
+    rng.shuffle(models)
+    return settings.gateway_experiment_name, models
+
+
+class GenerationService:
+    def __init__(self, settings: GatewaySettings, triton: GeneratorClient, store, text_encoder):
+        self.settings = settings
+        self.triton = triton
+        self.store = store
+        self.text_encoder = text_encoder
+        from musicrl.audio import codec
+
+        self.frame_rate = codec.FRAME_RATE
+        self.frames_for = codec.frames_for
+
+    # ---- create -------------------------------------------------------------------------------
+
+    async def create(self, request: GenerationRequest) -> GenerationResponse:
+        s = self.settings
+        start = time.perf_counter()
+        n = request.n or s.gateway_default_candidates
+        duration_s = request.duration_s if request.duration_s is not None else s.gateway_default_duration_s
+        temperature = request.temperature if request.temperature is not None else s.gateway_default_temperature
+        self._check_limits(request.prompt, n, duration_s, temperature)
+        request_seed = request.seed if request.seed is not None else secrets.randbits(62)
+        n_frames = self.frames_for(duration_s)
+        seeds = candidate_seeds(request_seed, n)
+        experiment, models = candidate_models(s, request_seed, n)
+
+        embedding = (await asyncio.to_thread(self.text_encoder.embed, [request.prompt]))[0]
+        embedded = time.perf_counter()
+        candidates = await asyncio.gather(
+            *(self._generate(model, embedding, seed, n_frames, temperature, request.top_k) for model, seed in zip(models, seeds))
+        )
+        generated = time.perf_counter()
+        if experiment and all(c.model_name == s.triton_model_name for c in candidates):
+            experiment = None  # the challenger served nothing: this is not an experiment sample
+
+        generation_id = uuid.uuid4().hex
+        clip_ids = [uuid.uuid4().hex for _ in candidates]
+        clips = [
+            ClipRecord(
+                clip_id=clip_id,
+                index=i,
+                seed=seed,
+                policy_version=c.policy_version,
+                model_name=c.model_name,
+                tokens=c.tokens.tolist(),
+                logprobs=c.logprobs.tolist(),
+                duration_s=len(c.audio) / c.sample_rate,
+                sample_rate=c.sample_rate,
+                audio_key=clip_audio_key(clip_id),
+            )
+            for i, (clip_id, seed, c) in enumerate(zip(clip_ids, seeds, candidates))
+        ]
+        await asyncio.gather(*(self._store_clip(generation_id, clip, c) for clip, c in zip(clips, candidates)))
+        record = GenerationRecord(
+            generation_id=generation_id,
+            prompt=request.prompt,
+            app_id=request.app_id,
+            experiment=experiment,
+            params=SamplingParams(duration_s=duration_s, temperature=temperature, top_k=request.top_k, seed=request_seed),
+            clips=clips,
+        )
+        stored = time.perf_counter()
+        record.timings = Timings(
+            embed_ms=(embedded - start) * 1e3,
+            triton_ms=(generated - embedded) * 1e3,
+            store_ms=(stored - generated) * 1e3,
+            total_ms=(stored - start) * 1e3,
+        )
+        await self._store_call("put_record", self.store.put_json, s.bucket_generations, generation_key(generation_id), record.to_json())
+        record.timings.total_ms = (time.perf_counter() - start) * 1e3
+        for clip in clips:
+            CLIPS.labels(clip.model_name, clip.policy_version).inc()
+        log.info(
+            "generation.created",
+            generation_id=generation_id,
+            n=n,
+            duration_s=duration_s,
+            experiment=experiment,
+            policy_versions=[c.policy_version for c in clips],
+            **record.timings.model_dump(),
+        )
+        return GenerationResponse(
+            generation_id=generation_id,
+            created_at=record.created_at,
+            prompt=record.prompt,
+            experiment=experiment,
+            clips=[self._clip_out(clip) for clip in clips],
+            timings=record.timings,
+        )
+
+    def _check_limits(self, prompt: str, n: int, duration_s: float, temperature: float) -> None:
+        s = self.settings
+        if len(prompt) > s.gateway_max_prompt_chars:
+            raise RequestRejected("prompt", f"prompt has {len(prompt)} characters; at most {s.gateway_max_prompt_chars} allowed")
+        if not 1 <= n <= s.gateway_max_candidates:
+            raise RequestRejected("n", f"n must be between 1 and {s.gateway_max_candidates}, got {n}")
+        if not s.gateway_min_duration_s <= duration_s <= s.gateway_max_duration_s:
+            raise RequestRejected(
+                "duration_s",
+                f"duration_s must be between {s.gateway_min_duration_s} and {s.gateway_max_duration_s} s, got {duration_s}",
+            )
+        if not 0 < temperature <= s.gateway_max_temperature:
+            raise RequestRejected("temperature", f"temperature must be in (0, {s.gateway_max_temperature}], got {temperature}")
+
+    async def _generate(self, model: str, embedding, seed: int, n_frames: int, temperature: float, top_k: int) -> Candidate:
+        try:
+            return await self.triton.generate(model, embedding, seed, n_frames, temperature, top_k)
+        except UpstreamUnavailable:
+            if model == self.settings.triton_model_name:
+                raise
+            # An experiment must never cost the user their clip: fall back to the current policy.
+            CHALLENGER_FALLBACKS.inc()
+            log.warning("experiment.challenger_unavailable", model=model)
+            return await self.triton.generate(self.settings.triton_model_name, embedding, seed, n_frames, temperature, top_k)
+
+    async def _store_clip(self, generation_id: str, clip: ClipRecord, candidate: Candidate) -> None:
+        wav = await asyncio.to_thread(_wav_bytes, candidate.audio, candidate.sample_rate)
+        await self._store_call(
+            "put_clip",
+            self._put_with_metadata,
+            self.settings.bucket_clips,
+            clip.audio_key,
+            wav,
+            MEDIA_TYPES["wav"],
+            {GENERATION_ID_META: generation_id},
+        )
+
+    def _put_with_metadata(self, bucket: str, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
+        self.store.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata)
+
+    def _clip_out(self, clip: ClipRecord) -> ClipOut:
+        return ClipOut(
+            clip_id=clip.clip_id,
+            index=clip.index,
+            audio_url=self._presign(clip.audio_key),
+            download_url=f"/v1/clips/{clip.clip_id}/audio",
+            duration_s=clip.duration_s,
+            sample_rate=clip.sample_rate,
+            policy_version=clip.policy_version,
+            model_name=clip.model_name,
+            seed=clip.seed,
+        )
+
+    def _presign(self, key: str) -> str:
+        # Presigning is a local HMAC computation (the region is configured), no network call.
+        return self.store.presigned_get(self.settings.bucket_clips, key, expires_s=self.settings.gateway_presign_expiry_s)
+
+    # ---- read ---------------------------------------------------------------------------------
+
+    async def get(self, generation_id: str) -> GenerationRecord:
+        raw = await self._store_call("get_record", self.store.get_json, self.settings.bucket_generations, generation_key(generation_id))
+        return GenerationRecord.model_validate(raw)
+
+    async def get_clip(self, clip_id: str) -> tuple[GenerationRecord, ClipRecord]:
+        stat = await self._store_call("stat_clip", self._stat, self.settings.bucket_clips, clip_audio_key(clip_id))
+        generation_id = _meta(stat.metadata, GENERATION_ID_META)
+        if generation_id is None:
+            raise NotFound(f"clip {clip_id} has no generation")
+        record = await self.get(generation_id)
+        clip = record.clip(clip_id)
+        if clip is None:
+            raise NotFound(f"clip {clip_id} is not in generation {generation_id}")
+        return record, clip
+
+    async def clip_info(self, clip_id: str) -> ClipInfo:
+        record, clip = await self.get_clip(clip_id)
+        return ClipInfo(
+            clip_id=clip.clip_id,
+            generation_id=record.generation_id,
+            index=clip.index,
+            prompt=record.prompt,
+            policy_version=clip.policy_version,
+            model_name=clip.model_name,
+            seed=clip.seed,
+            duration_s=clip.duration_s,
+            sample_rate=clip.sample_rate,
+            audio_url=self._presign(clip.audio_key),
+            download_url=f"/v1/clips/{clip.clip_id}/audio",
+            created_at=record.created_at,
+        )
+
+    async def clip_audio(self, clip_id: str, fmt: str) -> bytes:
+        wav = await self._store_call("get_clip", self.store.get_bytes, self.settings.bucket_clips, clip_audio_key(clip_id))
+        if fmt == "wav":
+            return wav
+        return await asyncio.to_thread(_transcode, wav, fmt)
+
+    def _stat(self, bucket: str, key: str):
+        from minio.error import S3Error
+
+        from musicrl.storage import ObjectNotFound
+
+        try:
+            return self.store.client.stat_object(bucket, key)
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"):
+                raise ObjectNotFound(f"{bucket}/{key}") from err
+            raise
+
+    # ---- object store calls -------------------------------------------------------------------
+
+    async def _store_call(self, operation: str, fn: Callable[..., T], *args) -> T:
+        """Run a blocking object-store call with the configured timeout; map failures to HTTP meaning."""
+        from minio.error import MinioException
+        from urllib3.exceptions import HTTPError
+
+        from musicrl.storage import ObjectNotFound
+
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout=self.settings.gateway_store_timeout_s)
+        except ObjectNotFound as err:
+            outcome = "not_found"
+            raise NotFound(str(err)) from err
+        except (MinioException, HTTPError, OSError, TimeoutError) as err:
+            outcome = "unavailable"
+            UPSTREAM_ERRORS.labels("object_store").inc()
+            raise UpstreamUnavailable("object_store", f"{operation}: {type(err).__name__}: {err}") from err
+        finally:
+            STORE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - start)
+
+
+def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
+    from musicrl.audio.formats import encode_audio
+
+    return encode_audio(audio, sample_rate, "wav")
+
+
+def _transcode(wav: bytes, fmt: str) -> bytes:
+    from musicrl.audio.formats import decode_audio, encode_audio
+
+    wave, sample_rate = decode_audio(wav)
+    return encode_audio(wave, sample_rate, fmt)
+
+
+def _meta(metadata, name: str) -> str | None:
+    """User metadata from a stat: minio returns the raw headers (``x-amz-meta-...``)."""
+    for key, value in (metadata or {}).items():
+        if key.lower() in (name, f"x-amz-meta-{name}"):
+            return value
+    return None

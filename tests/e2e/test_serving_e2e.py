@@ -1,0 +1,254 @@
+"""The gateway on the real stack: Triton serving a generator, SeaweedFS storing clips, real HTTP.
+
+A small randomly initialised generator is installed under its own Triton model
+name so other tests deploying ``generator`` cannot change what this module sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from musicrl.audio import codec
+from musicrl.audio.formats import decode_audio
+from musicrl.models.generator import Generator, GeneratorConfig, save_generator
+from musicrl.schemas.generation import GenerationRecord, generation_key
+from serving.app import create_app
+from serving.model_repository import BatchingConfig, install_version, load
+from serving.settings import GatewaySettings
+
+pytestmark = pytest.mark.e2e
+
+MODEL_NAME = "serving_e2e_generator"
+DURATION_S = 2.0
+PROMPTS = [
+    "calm lo-fi piano with soft drums",
+    "UPBEAT JAZZ TRIO, WALKING BASS!!!",
+    'a "quoted" ballad with \'single quotes\' and a backslash \\',
+    "música tranquila con guitarra española y cajón",
+    "日本の伝統的な琴の音楽、ゆっくり",
+    "موسيقى عربية هادئة مع عود",
+    "🎹🥁 emoji groove 🎸🎺",
+    "Ambient\nwith\nnewlines\tand\ttabs",
+    "x",
+    "techno 128 bpm, four on the floor; dark & driving <synth>",
+    "Ünïcödé çhàrs: naïve café déjà vu",
+    "string quartet in D minor, sad, slow (adagio)",
+    "{\"json\": \"like\", \"prompt\": [1, 2]}",
+    "heavy metal guitar riffs -- distorted -- fast",
+    "lullaby for a baby, music box, very soft",
+    "Ελληνική μουσική με μπουζούκι",
+    "reggae with offbeat skank guitar and dub delay",
+    "chiptune 8-bit video game theme",
+    "orchestral film score, epic brass, timpani rolls, choir " * 1,
+    ("a long prompt about an evolving cinematic soundscape with strings, " * 8)[:500],
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def generator_checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = GeneratorConfig(n_layers=2, n_heads=2, d_model=64, max_frames=256)
+    return str(save_generator(Generator(config), tmp_path_factory.mktemp("generator"), {"note": "random init, tests"}))
+
+
+@pytest.fixture(scope="module")
+def served_model(stack, generator_checkpoint) -> str:
+    batching = BatchingConfig(max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=20_000, instance_count=2)
+    install_version(stack.triton_repo, 1, generator_checkpoint, MODEL_NAME, batching)
+    load(stack.triton_http_url, MODEL_NAME)
+    return MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def gateway_settings(stack, served_model, object_store) -> GatewaySettings:
+    return stack.settings_for(GatewaySettings, triton_model_name=served_model, gateway_store_timeout_s=5)
+
+
+@pytest.fixture(scope="module")
+def gateway_url(gateway_settings):
+    """The gateway on uvicorn in a thread, on a free port: real HTTP for httpx and for Chromium."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway_settings), host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture()
+def http(gateway_url):
+    with httpx.Client(base_url=gateway_url, timeout=120, follow_redirects=True) as client:
+        yield client
+
+
+def test_ready_and_metrics(http):
+    assert http.get("/readyz").json() == {"status": "ready", "triton": True, "object_store": True}
+    assert "musicrl_http_request_duration_seconds" in http.get("/metrics").text
+
+
+def test_pairs_for_varied_prompts_decode_in_every_format(http, object_store, gateway_settings):
+    assert len(PROMPTS) == 20 and max(len(p) for p in PROMPTS) == 500
+    for prompt in PROMPTS:
+        response = http.post("/v1/generations", json={"prompt": prompt, "duration_s": DURATION_S})
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["prompt"] == prompt and len(body["clips"]) == 2
+        assert response.headers["x-request-id"]
+
+        record = GenerationRecord.model_validate(
+            object_store.get_json(gateway_settings.bucket_generations, generation_key(body["generation_id"]))
+        )
+        assert record.prompt == prompt and record.params.temperature == 0.99
+        for clip, stored in zip(body["clips"], record.clips):
+            assert clip["policy_version"] == stored.policy_version == "1"
+            assert clip["sample_rate"] == codec.SAMPLE_RATE and clip["duration_s"] == pytest.approx(DURATION_S)
+            assert len(stored.tokens) == len(stored.logprobs) == codec.frames_for(DURATION_S)
+            assert all(lp <= 0 for lp in stored.logprobs)
+            for fmt in ("wav", "flac", "ogg", "mp3"):
+                audio = http.get(clip["download_url"], params={"format": fmt})
+                assert audio.status_code == 200, (fmt, audio.text)
+                wave, sample_rate = decode_audio(audio.content)
+                assert sample_rate == codec.SAMPLE_RATE
+                # Lossy codecs add a few ms of encoder delay and padding.
+                assert abs(len(wave) / sample_rate - DURATION_S) < (1e-9 if fmt in ("wav", "flac") else 0.1), fmt
+        assert {c.seed for c in record.clips} == {c["seed"] for c in body["clips"]} and len(record.clips) == 2
+
+    # The presigned URL and the metadata routes point at the same audio.
+    clip = body["clips"][0]
+    presigned = httpx.get(clip["audio_url"], timeout=30)
+    assert presigned.status_code == 200 and decode_audio(presigned.content)[1] == codec.SAMPLE_RATE
+    info = http.get(f"/v1/clips/{clip['clip_id']}").json()
+    assert info["generation_id"] == body["generation_id"] and info["prompt"] == PROMPTS[-1]
+    assert http.get(f"/v1/generations/{body['generation_id']}").json()["schema"] == "generation.v1"
+
+
+def test_triton_batches_concurrent_requests_and_rows_stay_independent(gateway_url, stack, served_model):
+    import tritonclient.http as triton_http
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
+            solo = await client.post("/v1/generations", json={"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
+            bodies = [{"prompt": f"prompt {i}", "duration_s": DURATION_S, "seed": 100 + i} for i in range(15)]
+            bodies.append({"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
+            return solo, await asyncio.gather(*(client.post("/v1/generations", json=b) for b in bodies))
+
+    triton = triton_http.InferenceServerClient(stack.triton_http_url)
+    before = _batch_counts(triton, served_model)
+    solo, responses = asyncio.run(burst())
+    after = _batch_counts(triton, served_model)
+    triton.close()
+    assert all(r.status_code == 201 for r in responses)
+    formed = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert any(size > 1 and count > 0 for size, count in formed.items()), formed
+
+    # A clip depends only on its own seed and prompt, not on the batch it was sampled in.
+    def tokens(response):
+        return [c["tokens"] for c in httpx.get(f"{gateway_url}/v1/generations/{response.json()['generation_id']}").json()["clips"]]
+
+    assert tokens(solo) == tokens(responses[-1])
+
+
+def _batch_counts(client, model_name: str) -> dict[int, int]:
+    stats = client.get_inference_statistics(model_name)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def test_unreachable_triton_and_store_answer_503(gateway_settings):
+    from fastapi.testclient import TestClient
+
+    dead = f"127.0.0.1:{_free_port()}"
+    no_triton = gateway_settings.model_copy(update={"triton_grpc_url": dead, "gateway_triton_timeout_s": 5})
+    no_store = gateway_settings.model_copy(update={"s3_endpoint": dead, "gateway_store_timeout_s": 2})
+    for settings in (no_triton, no_store):
+        with TestClient(create_app(settings)) as client:
+            start = time.monotonic()
+            response = client.post("/v1/generations", json={"prompt": "x", "duration_s": 1})
+            assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, response.text
+            assert time.monotonic() - start < 15
+            assert client.get("/readyz").status_code == 503
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+
+def test_listening_page_in_chromium(gateway_url, gateway_settings):
+    """Type a prompt, get two playable clips, give the trophy to B: the vote reaches Kafka."""
+    import json
+    import os
+
+    from kafka import KafkaConsumer
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(gateway_url)
+            page.fill("#prompt", "gentle harp arpeggios «à la française»")
+            page.fill("#duration", "2")
+            with page.expect_response(lambda r: r.url.endswith("/v1/generations")) as generated:
+                page.click("#generate")
+            generation = generated.value.json()
+            assert generated.value.status == 201, generation
+            page.wait_for_selector("#pair:not([hidden])")
+            for player in ("#audio-a", "#audio-b"):
+                page.wait_for_function(f"document.querySelector('{player}').readyState >= 1")
+                assert page.eval_on_selector(player, "a => a.duration") == pytest.approx(DURATION_S, abs=0.01)
+            page.eval_on_selector("#audio-a", "a => a.play()")
+            page.wait_for_function("document.querySelector('#audio-a').currentTime > 0.2")
+
+            with page.expect_request(lambda r: r.url.endswith("/v1/feedback")) as voted:
+                page.click("#trophy-b")
+            page.wait_for_function("document.querySelector('#feedback-status').textContent.startsWith('Thanks')")
+            vote = json.loads(voted.value.post_data)
+            assert page.is_disabled("#trophy-a") and page.is_disabled("#tie")
+        finally:
+            browser.close()
+
+    assert vote["generation_id"] == generation["generation_id"] and vote["choice"] == "b"
+    assert [vote["clip_a_id"], vote["clip_b_id"]] == [c["clip_id"] for c in generation["clips"]]
+    assert vote["listen_a_s"] > 0
+
+    consumer = KafkaConsumer(
+        gateway_settings.topic_preferences,
+        bootstrap_servers=gateway_settings.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+        enable_auto_commit=False,
+    )
+    try:
+        produced = any(json.loads(message.value)["event_id"] == vote["event_id"] for message in consumer)
+    finally:
+        consumer.close()
+    assert produced, "the vote never reached the preferences topic"

@@ -1,0 +1,74 @@
+"""The preference.v1 event: validation rules and the published JSON Schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from musicrl.schemas.preference import FeedbackRequest, PreferenceEvent, json_schema, json_schema_text
+
+from feedback_helpers import hex_id, make_event, make_record
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_published_json_schema_is_up_to_date():
+    published = ROOT / "docs" / "schemas" / "preference.v1.json"
+    assert published.read_text() == json_schema_text(), "run `musicrl consumer schema` and commit the file"
+
+
+def test_event_round_trips_through_bytes_and_matches_the_json_schema():
+    event = make_event(make_record(), choice="tie")
+    data = event.to_bytes()
+    assert json.loads(data)["schema"] == "preference.v1"
+    assert PreferenceEvent.from_bytes(data) == event
+    jsonschema.validate(json.loads(data), json_schema())
+
+
+def request_fields(**overrides):
+    fields = dict(event_id=hex_id(), generation_id=hex_id(), clip_a_id=hex_id(), clip_b_id=hex_id(),
+                  choice="b", listen_a_s=3.0, listen_b_s=4.5, user_id="user-1")
+    fields.update(overrides)
+    return fields
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"event_id": "short"},
+        {"event_id": "has spaces in it"},
+        {"generation_id": "G" * 32},
+        {"clip_a_id": "abc"},
+        {"choice": "both"},
+        {"listen_a_s": -1.0},
+        {"listen_b_s": 7200.0},
+        {"user_id": ""},
+        {"client_ts": "2026-01-01T00:00:00"},  # no time zone
+        {"app_id": "bad/app"},
+        {"unexpected": 1},
+    ],
+)
+def test_request_rejects_bad_fields(overrides):
+    with pytest.raises(ValidationError):
+        FeedbackRequest(**request_fields(**overrides))
+
+
+def test_request_rejects_the_same_clip_twice():
+    clip = hex_id()
+    with pytest.raises(ValidationError, match="two different clips"):
+        FeedbackRequest(**request_fields(clip_a_id=clip, clip_b_id=clip))
+
+
+def test_json_schema_rejects_what_the_model_rejects():
+    document = json.loads(make_event(make_record()).to_bytes())
+    for field, value in [("choice", "both"), ("user_pseudonym", "not-a-hash"), ("schema", "preference.v2")]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**document, field: value}, json_schema())
+        with pytest.raises(ValidationError):
+            PreferenceEvent.model_validate({**document, field: value})

@@ -1,0 +1,477 @@
+"""Kubernetes manifests, checked offline: every overlay renders with kustomize, every
+object validates against the Kubernetes (kubernetes-validate) or vendored CRD
+(k8s/schemas/) JSON schema, and the production invariants hold."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import typer.main
+import yaml
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+OVERLAYS = ("dev", "gpu", "tpu")
+KUBERNETES_VERSION = "1.30"
+SETTINGS_ANNOTATION = "musicrl.io/settings"
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
+LONG_RUNNING = ("Deployment", "StatefulSet", "DaemonSet")
+MUSICRL_IMAGES = ("gateway", "reward", "consumer", "finetune")
+# Secrets the operator creates before applying (docs/deploy.md) or Strimzi writes
+# (one per KafkaUser, and the cluster CA).
+OPERATOR_SECRETS = {
+    "musicrl-s3-credentials",
+    "musicrl-minio-root",
+    "musicrl-reward-admin",
+    "musicrl-triton-admin",
+    "musicrl-gateway-user-hash",
+}
+STRIMZI_CA_SECRET = "musicrl-cluster-ca-cert"
+
+
+@cache
+def render(overlay: str) -> tuple[dict, ...]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (with its built-in kustomize) is needed to render k8s/; see docs/deploy.md"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def by_kind(docs, kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def named(docs, kind: str, name: str) -> dict:
+    matches = [doc for doc in by_kind(docs, kind) if doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_template(workload: dict) -> dict:
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
+def workloads(docs):
+    return [doc for doc in docs if doc["kind"] in WORKLOADS]
+
+
+def containers(workload: dict) -> list[dict]:
+    spec = pod_template(workload)["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Does a label selector (matchLabels / matchExpressions) select these labels?"""
+    if not selector:
+        return True
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+        if operator == "DoesNotExist" and value is not None:
+            return False
+    return True
+
+
+@pytest.fixture(params=OVERLAYS)
+def overlay(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def docs(overlay) -> tuple[dict, ...]:
+    return render(overlay)
+
+
+# ----------------------------------------------------------------- rendering, schemas
+
+
+def test_overlay_renders_every_component(docs):
+    kinds = {doc["kind"] for doc in docs}
+    assert {
+        "Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "CronJob",
+        "StatefulSet", "Job", "ConfigMap", "NetworkPolicy", "ServiceMonitor", "Kafka", "KafkaNodePool",
+        "KafkaTopic", "KafkaUser",
+    } <= kinds
+    for name in ("gateway", "reward", "triton", "feedback-consumer"):
+        named(docs, "Deployment", name)
+    assert all(doc["metadata"].get("namespace") == "musicrl" for doc in docs if doc["kind"] != "Namespace")
+    assert all(doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "musicrl" for doc in docs)
+
+
+@cache
+def crd_schema(api_version: str, kind: str) -> dict | None:
+    path = K8S / "schemas" / f"{api_version.replace('/', '-')}-{kind.lower()}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_every_object_validates_against_its_schema(docs):
+    errors = []
+    for doc in docs:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        schema = crd_schema(doc["apiVersion"], doc["kind"])
+        try:
+            if schema is not None:
+                jsonschema.Draft202012Validator(schema).validate(doc)
+            else:
+                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except (jsonschema.ValidationError, kubernetes_validate.ValidationError) as err:
+            errors.append(f"{where}: {'.'.join(map(str, err.path))}: {err.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            errors.append(f"{where}: no schema for {doc['apiVersion']} (vendor one under k8s/schemas/)")
+    assert errors == []
+
+
+def test_schema_validation_catches_mistakes():
+    """The validators are strict enough to fail on typos and wrong types."""
+    deployment = json.loads(json.dumps(named(render("dev"), "Deployment", "gateway")))
+    deployment["spec"]["replica"] = 2  # typo
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    topic = json.loads(json.dumps(named(render("dev"), "KafkaTopic", "preferences.v1")))
+    topic["spec"]["partitions"] = "three"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(crd_schema(topic["apiVersion"], "KafkaTopic")).validate(topic)
+    user = json.loads(json.dumps(named(render("dev"), "KafkaUser", "musicrl-gateway")))
+    user["spec"]["authorization"]["acls"][0]["operations"] = ["Wrtie"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(crd_schema(user["apiVersion"], "KafkaUser")).validate(user)
+
+
+# ----------------------------------------------------------------- container invariants
+
+
+def test_every_container_has_limits_non_root_and_read_only_root(docs):
+    problems = []
+    for workload in workloads(docs):
+        pod = pod_template(workload)["spec"]
+        pod_security = pod.get("securityContext", {})
+        for container in containers(workload):
+            where = f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
+            security = {**pod_security, **container.get("securityContext", {})}
+            resources = container.get("resources", {})
+            for bound in ("requests", "limits"):
+                if not {"cpu", "memory"} <= set(resources.get(bound, {})):
+                    problems.append(f"{where}: no cpu/memory {bound}")
+            if security.get("runAsNonRoot") is not True or security.get("runAsUser", 0) == 0:
+                problems.append(f"{where}: may run as root")
+            if security.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: privilege escalation allowed")
+            if "ALL" not in security.get("capabilities", {}).get("drop", []):
+                problems.append(f"{where}: capabilities not dropped")
+            if security.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: writable root filesystem")
+            if pod_security.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problems.append(f"{where}: no RuntimeDefault seccomp profile")
+    assert problems == []
+
+
+def test_every_container_has_probes_or_a_deadline(docs):
+    """Servers have readiness and liveness probes; run-to-completion pods have a deadline and retry bound."""
+    problems = []
+    for workload in workloads(docs):
+        where = f"{workload['kind']}/{workload['metadata']['name']}"
+        if workload["kind"] in LONG_RUNNING:
+            for container in pod_template(workload)["spec"]["containers"]:
+                if not {"readinessProbe", "livenessProbe"} <= set(container):
+                    problems.append(f"{where}/{container['name']}: missing probes")
+        else:
+            job = workload["spec"]["jobTemplate"]["spec"] if workload["kind"] == "CronJob" else workload["spec"]
+            if "activeDeadlineSeconds" not in job or "backoffLimit" not in job:
+                problems.append(f"{where}: no activeDeadlineSeconds/backoffLimit")
+    assert problems == []
+
+
+def test_triton_ready_probe_metrics_and_object_store_repository(docs):
+    triton = named(docs, "Deployment", "triton")
+    (container,) = pod_template(triton)["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {port["containerPort"] for port in container["ports"]} == {8000, 8001, 8002}
+    assert any(arg.startswith("--model-repository=s3://") for arg in container["args"])
+    assert "--model-control-mode=explicit" in container["args"]
+    endpoints = named(docs, "ServiceMonitor", "triton")["spec"]["endpoints"]
+    assert [endpoint["port"] for endpoint in endpoints] == ["metrics"]
+
+
+IMAGE = re.compile(r"^(?P<repo>[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+):(?P<tag>[A-Za-z0-9._-]+)$")
+
+
+def test_images_are_pinned(docs):
+    for workload in workloads(docs):
+        for container in containers(workload):
+            match = IMAGE.match(container["image"])
+            assert match, f"{container['image']}: not registry/repository:tag"
+            assert match["tag"] not in {"latest", "main", "master", "stable", "dev"}, container["image"]
+            assert container.get("imagePullPolicy") in (None, "IfNotPresent"), container["image"]
+    kafka = named(docs, "Kafka", "musicrl")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", kafka["spec"]["kafka"]["version"])
+
+
+# ----------------------------------------------------------------- selectors and references
+
+
+def test_selectors_match_their_pods(docs):
+    pods = {(w["kind"], w["metadata"]["name"]): pod_template(w)["metadata"].get("labels", {}) for w in workloads(docs)}
+    for workload in workloads(docs):
+        if workload["kind"] in LONG_RUNNING:
+            assert selects(workload["spec"]["selector"], pods[(workload["kind"], workload["metadata"]["name"])])
+    for service in by_kind(docs, "Service"):
+        selector = {"matchLabels": service["spec"]["selector"]}
+        targets = [w for w in workloads(docs) if selects(selector, pods[(w["kind"], w["metadata"]["name"])])]
+        assert targets, f"Service/{service['metadata']['name']} selects no pod"
+        port_names = {p.get("name") for w in targets for c in containers(w) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert isinstance(port["targetPort"], int) or port["targetPort"] in port_names, port
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        assert any(selects(pdb["spec"]["selector"], labels) for labels in pods.values()), pdb["metadata"]["name"]
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        named(docs, target["kind"], target["name"])
+    for policy in by_kind(docs, "NetworkPolicy"):
+        assert any(selects(policy["spec"]["podSelector"], labels) for labels in pods.values())
+        for rule in policy["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert any(selects(peer["podSelector"], labels) for labels in pods.values()), peer
+    for monitor in by_kind(docs, "ServiceMonitor"):
+        services = [s for s in by_kind(docs, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+        assert len(services) == 1, f"ServiceMonitor/{monitor['metadata']['name']} selects {len(services)} Services"
+        port_names = {port["name"] for port in services[0]["spec"]["ports"]}
+        assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= port_names
+
+
+def test_config_maps_and_secrets_are_referenced_never_written(docs):
+    assert by_kind(docs, "Secret") == []
+    config_maps = {doc["metadata"]["name"] for doc in by_kind(docs, "ConfigMap")}
+    strimzi_secrets = {user["metadata"]["name"] for user in by_kind(docs, "KafkaUser")} | {STRIMZI_CA_SECRET}
+    for workload in workloads(docs):
+        pod = pod_template(workload)["spec"]
+        for container in containers(workload):
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in config_maps
+                assert "secretRef" not in source, "reference secret keys one by one"
+            for variable in container.get("env", []):
+                reference = variable.get("valueFrom", {})
+                if "configMapKeyRef" in reference:
+                    assert reference["configMapKeyRef"]["name"] in config_maps
+                if "secretKeyRef" in reference:
+                    assert reference["secretKeyRef"]["name"] in OPERATOR_SECRETS | strimzi_secrets, variable
+                name = variable["name"]
+                if re.search(r"(PASSWORD|SECRET|TOKEN|_KEY$)", name) and "value" in variable:
+                    pytest.fail(f"{name} is written in the manifest instead of referenced from a Secret")
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in OPERATOR_SECRETS | strimzi_secrets
+
+
+# ----------------------------------------------------------------- settings
+
+
+def settings_class(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        pytest.fail(f"settings class {dotted} named by the manifests does not exist: {err}")
+
+
+def container_environment(docs, container: dict) -> dict[str, str | None]:
+    """Every variable a container gets: ConfigMap values, literal values, None for Secret references."""
+    environment: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        environment.update(named(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    for variable in container.get("env", []):
+        environment[variable["name"]] = variable.get("value")
+    return environment
+
+
+def test_musicrl_services_declare_their_settings_class(docs):
+    for workload in workloads(docs):
+        annotations = pod_template(workload)["metadata"].get("annotations", {})
+        for container in containers(workload):
+            image_repo = container["image"].rsplit(":", 1)[0]
+            if image_repo.split("/")[-1] in MUSICRL_IMAGES and image_repo.startswith("ghcr.io/musicrl/"):
+                assert SETTINGS_ANNOTATION in annotations, workload["metadata"]["name"]
+            if SETTINGS_ANNOTATION not in annotations:
+                environment = container_environment(docs, container)
+                assert not [name for name in environment if name.startswith("MUSICRL_")], workload["metadata"]["name"]
+
+
+def test_every_environment_variable_is_a_settings_field(docs, monkeypatch):
+    """Each MUSICRL_* variable names a field of the service's settings class, and its value parses."""
+    import os
+
+    checked = 0
+    for workload in workloads(docs):
+        dotted = pod_template(workload)["metadata"].get("annotations", {}).get(SETTINGS_ANNOTATION)
+        if not dotted:
+            continue
+        settings = settings_class(dotted)
+        fields = {f"MUSICRL_{name.upper()}" for name in settings.model_fields}
+        for container in containers(workload):
+            environment = container_environment(docs, container)
+            musicrl = {name: value for name, value in environment.items() if name.startswith("MUSICRL_")}
+            unknown = sorted(set(musicrl) - fields)
+            assert unknown == [], f"{workload['metadata']['name']}: {unknown} are not fields of {dotted}"
+            for name in [name for name in os.environ if name.startswith("MUSICRL_")]:
+                monkeypatch.delenv(name)
+            for name, value in musicrl.items():
+                monkeypatch.setenv(name, value if value is not None else "from-a-secret")
+            settings()  # raises if a value does not parse
+            checked += 1
+    assert checked >= 4
+
+
+def test_container_commands_exist_in_the_cli(docs):
+    from musicrl.cli import app
+
+    root = typer.main.get_command(app)
+    for workload in workloads(docs):
+        if SETTINGS_ANNOTATION not in pod_template(workload)["metadata"].get("annotations", {}):
+            continue
+        for container in pod_template(workload)["spec"]["containers"]:
+            if "command" in container:  # not the image's `musicrl` entry point
+                continue
+            group, command = container["args"][:2]
+            commands = getattr(root.commands.get(group), "commands", {})
+            assert command in commands, f"`musicrl {group} {command}` ({workload['metadata']['name']}) does not exist"
+
+
+# ----------------------------------------------------------------- component rules
+
+
+def test_feedback_consumers_never_outnumber_partitions(docs):
+    consumer = named(docs, "Deployment", "feedback-consumer")
+    topic = named(docs, "KafkaTopic", "preferences.v1")
+    partitions = topic["spec"]["partitions"]
+    assert int(named(docs, "ConfigMap", "musicrl-kafka")["data"]["MUSICRL_TOPIC_PARTITIONS"]) == partitions
+    assert named(docs, "KafkaTopic", "preferences.v1.dlq")["spec"]["partitions"] == partitions
+    assert consumer["spec"]["replicas"] <= partitions
+    assert consumer["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
+        if hpa["spec"]["scaleTargetRef"]["name"] == "feedback-consumer":
+            assert hpa["spec"]["maxReplicas"] <= partitions
+
+
+def test_finetune_worker_is_single_flight(docs):
+    cronjob = named(docs, "CronJob", "finetune")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert not [w for w in workloads(docs) if w["kind"] != "CronJob" and w["metadata"]["name"] == "finetune"]
+
+
+def ingress_peers(docs, pod_labels: dict, port: int) -> list[dict]:
+    """Every peer that some NetworkPolicy lets reach ``port`` of a pod with these labels."""
+    peers = []
+    for policy in by_kind(docs, "NetworkPolicy"):
+        if not selects(policy["spec"]["podSelector"], pod_labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if ports and port not in ports:
+                continue
+            peers.extend(rule.get("from", [{"everyone": True}]))
+    return peers
+
+
+def test_only_the_finetune_worker_reaches_triton_model_control(docs):
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] for p in by_kind(docs, "NetworkPolicy"))
+    labels = {w["metadata"]["name"]: pod_template(w)["metadata"]["labels"] for w in workloads(docs)}
+    triton = labels["triton"]
+    control = ingress_peers(docs, triton, 8000)
+    assert control, "nobody may load models"
+    for peer in control:
+        assert set(peer) == {"podSelector"}, peer
+        allowed = [name for name, pod in labels.items() if selects(peer["podSelector"], pod)]
+        assert allowed == ["finetune"], allowed
+    inference = ingress_peers(docs, triton, 8001)
+    inference_clients = {name for peer in inference for name, pod in labels.items() if selects(peer["podSelector"], pod)}
+    assert inference_clients == {"gateway", "finetune"}
+    args = pod_template(named(docs, "Deployment", "triton"))["spec"]["containers"][0]["args"]
+    assert any(arg.startswith("--grpc-restricted-protocol=model-repository") for arg in args)
+
+
+def test_gateway_and_reward_scale_and_survive_disruptions(docs):
+    for name in ("gateway", "reward"):
+        hpa = named(docs, "HorizontalPodAutoscaler", name)
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+        named(docs, "PodDisruptionBudget", name)
+        named(docs, "ServiceMonitor", name)
+
+
+def test_kafka_topics_users_and_object_store_buckets(docs):
+    topics = {t["metadata"]["name"] for t in by_kind(docs, "KafkaTopic")}
+    kafka = named(docs, "ConfigMap", "musicrl-kafka")["data"]
+    assert topics == {kafka["MUSICRL_TOPIC_PREFERENCES"], kafka["MUSICRL_TOPIC_DEAD_LETTER"]}
+    users = {u["metadata"]["name"]: u for u in by_kind(docs, "KafkaUser")}
+    for deployment, user in (("gateway", "musicrl-gateway"), ("feedback-consumer", "musicrl-consumer")):
+        (container,) = pod_template(named(docs, "Deployment", deployment))["spec"]["containers"]
+        environment = container_environment(docs, container)
+        assert environment["MUSICRL_KAFKA_SASL_USERNAME"] == user
+        assert user in users
+    job = named(docs, "Job", "minio-create-buckets")
+    script = " ".join(pod_template(job)["spec"]["containers"][0]["args"])
+    for key in ("MUSICRL_BUCKET_CLIPS", "MUSICRL_BUCKET_GENERATIONS", "MUSICRL_BUCKET_BUFFER", "MUSICRL_BUCKET_MODELS"):
+        assert f"${key}" in script
+
+
+def test_overlays_place_accelerators(overlay, docs):
+    def resources(workload):
+        return pod_template(workload)["spec"]["containers"][0]["resources"]["limits"]
+
+    triton, finetune = named(docs, "Deployment", "triton"), named(docs, "CronJob", "finetune")
+    device = named(docs, "ConfigMap", "finetune")["data"]["MUSICRL_FINETUNE_DEVICE"]
+    if overlay == "gpu":
+        assert resources(triton)["nvidia.com/gpu"] == 1 and resources(finetune)["nvidia.com/gpu"] == 1
+        assert device == "cuda"
+    elif overlay == "tpu":
+        assert resources(finetune)["google.com/tpu"] == 4
+        assert pod_template(finetune)["spec"]["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"]
+        assert device == "xla"
+    else:
+        assert not any("nvidia.com/gpu" in resources(w) or "google.com/tpu" in resources(w) for w in workloads(docs))
+        assert device == "cpu"
+        assert all(named(docs, "Deployment", n)["spec"]["replicas"] == 1 for n in ("gateway", "reward", "triton"))
+
+
+# ----------------------------------------------------------------- Dockerfiles
+
+
+@pytest.mark.parametrize("service", MUSICRL_IMAGES + ("triton",))
+def test_dockerfiles_are_multi_stage_pinned_and_non_root(service):
+    dockerfile = (K8S / "docker" / f"{service}.Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert len(stages) >= 2, "multi-stage: build, then a slim runtime"
+    arguments = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", dockerfile, flags=re.MULTILINE))
+    for image in stages:
+        image = re.sub(r"\$\{?(\w+)\}?", lambda m: arguments.get(m[1], m[0]), image)
+        if image in {"build", "builder", "runtime"} or ":" not in image:
+            assert image in re.findall(r"\bAS\s+(\w+)", dockerfile, flags=re.IGNORECASE), image
+            continue
+        assert not image.endswith((":latest", ":stable")), image
+    user = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in {"root", "0"}
