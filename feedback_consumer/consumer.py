@@ -124,12 +124,14 @@ class FeedbackConsumer:
             self.store, settings.bucket_generations, settings.consumer_generation_cache_size, settings.consumer_store_workers
         )
         self.partitions: dict[int, PartitionState] = {}
+        self._to_restore: set[TopicPartition] = set()
         self.totals: Counter[str] = Counter()
         self._stop = threading.Event()
         self._kafka: KafkaConsumer | None = None
         self._dead_letters: DeadLetterWriter | None = None
         self._last_poll = time.monotonic()
         self._running = False
+        self.first_record_at: float | None = None  # perf_counter() of the first record fetched (benchmarks)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -163,7 +165,8 @@ class FeedbackConsumer:
             while not self._stop.is_set():
                 batch = self._kafka.poll(timeout_ms=s.consumer_poll_timeout_ms)
                 self._last_poll = time.monotonic()
-                self._accept(batch)
+                self._accept(batch)  # before restoring: a new partition's records predate its seek
+                self._restore_assigned()
                 self._flush_ready(force=False)
                 self._update_lag()
             self._flush_ready(force=True)
@@ -203,6 +206,7 @@ class FeedbackConsumer:
     def _on_revoked(self, revoked) -> None:
         # Pending events are not durable yet and not committed: the next owner reads them again.
         for tp in revoked:
+            self._to_restore.discard(tp)
             self.partitions.pop(tp.partition, None)
             try:
                 self.metrics.lag.remove(str(tp.partition))
@@ -213,13 +217,21 @@ class FeedbackConsumer:
         log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     def _on_assigned(self, assigned) -> None:
-        for tp in assigned:
+        # kafka-python forbids blocking calls in the listener: pause the partitions
+        # here and restore them (ledger, committed offset, seek) right after poll().
+        self._to_restore.update(assigned)
+        self._kafka.pause(*assigned)
+
+    def _restore_assigned(self) -> None:
+        while self._to_restore:
+            tp = self._to_restore.pop()
             state = self._restore_partition(tp)
             self.partitions[tp.partition] = state
             if state.next_offset is None:
                 self._kafka.seek_to_beginning(tp)
             else:
                 self._kafka.seek(tp, state.next_offset)
+            self._kafka.resume(tp)
             log.info(
                 "partition_assigned", partition=tp.partition, position=state.next_offset,
                 redo=None if state.redo is None else [state.redo.first_offset, state.redo.last_offset],
@@ -259,6 +271,8 @@ class FeedbackConsumer:
 
     def _accept(self, batch) -> None:
         now = time.monotonic()
+        if batch and self.first_record_at is None:
+            self.first_record_at = time.perf_counter()
         for tp, records in batch.items():
             state = self.partitions.get(tp.partition)
             if state is None:

@@ -85,22 +85,27 @@ def parse_event(message: Message) -> PreferenceEvent | str:
     if message.value is None:
         return "empty message (tombstone)"
     try:
-        document = json.loads(message.value)
-    except (UnicodeDecodeError, ValueError) as err:
-        return f"not JSON: {err}"
+        event = PreferenceEvent.model_validate_json(message.value)
+    except ValidationError as err:
+        return _rejection_reason(message.value, err)
+    if message.key is not None and message.key != event.generation_id.encode():
+        return f"message key {payload_text(message.key)!r} is not the event's generation_id"
+    return event
+
+
+def _rejection_reason(value: bytes, err: ValidationError) -> str:
+    # The fast path parsed and validated in one go; this one tells apart why it failed.
+    try:
+        document = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as json_err:
+        return f"not JSON: {json_err}"
     if not isinstance(document, dict):
         return f"not a JSON object: {type(document).__name__}"
     schema_id = document.get("schema")
     if schema_id != SCHEMA_ID:
         return f"unsupported schema {schema_id!r} (expected {SCHEMA_ID!r})"
-    try:
-        event = PreferenceEvent.model_validate(document)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<event>'}: {e['msg']}" for e in err.errors()[:5])
-        return f"schema violation: {problems}"
-    if message.key is not None and message.key != event.generation_id.encode():
-        return f"message key {payload_text(message.key)!r} is not the event's generation_id"
-    return event
+    problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<event>'}: {e['msg']}" for e in err.errors()[:5])
+    return f"schema violation: {problems}"
 
 
 def _listen_fraction(listen_s: float, duration_s: float) -> float:

@@ -102,9 +102,11 @@ class FinetuneCycle:
         self.work_dir = Path(settings.finetune_work_dir).resolve()
         self.run_dir = self.work_dir / "run"
         token = settings.finetune_reward_admin_token
-        self._reward_spec = settings.reward_url
-        self.reward_fn = reward_fn or make_reward_fn(settings.reward_url, token.get_secret_value() if token else None)
+        self._reward_spec = settings.finetune_reward or settings.reward_url
+        self.reward_fn = reward_fn or make_reward_fn(self._reward_spec, token.get_secret_value() if token else None)
         self._embed = None
+        if settings.finetune_torch_threads:
+            torch.set_num_threads(settings.finetune_torch_threads)
 
     # ------------------------------------------------------------------ state
 
@@ -364,9 +366,7 @@ class FinetuneCycle:
     # ------------------------------------------------------------------ deploy
 
     def deployer(self) -> Deployer:
-        s = self.settings
-        return Deployer(self.registry, s.finetune_triton_repo, s.triton_http_url, self.work_dir, s.triton_model_name,
-                        timeout_s=s.finetune_deploy_timeout_s)
+        return Deployer.from_settings(self.settings, self.registry)
 
     def deploy(self, state: RunState) -> None:
         try:

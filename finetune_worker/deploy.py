@@ -90,6 +90,12 @@ class Deployer:
         self.text_dim = text_dim
         self.timeout_s = timeout_s
 
+    @classmethod
+    def from_settings(cls, settings, registry: Registry) -> "Deployer":
+        """From ``FinetuneSettings``: repository path, Triton HTTP URL, work dir, model name, timeout."""
+        return cls(registry, settings.finetune_triton_repo, settings.triton_http_url, Path(settings.finetune_work_dir).resolve(),
+                   settings.triton_model_name, timeout_s=settings.finetune_deploy_timeout_s)
+
     def fetch_and_verify(self, version: str) -> Path:
         target = self.work_dir / "downloads" / f"{GENERATOR}-{version}"
         try:

@@ -17,6 +17,9 @@ from musicrl.config import ObjectStoreConfig, TritonConfig
 class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     reward_url: str = "http://127.0.0.1:8090"
     finetune_reward_admin_token: SecretStr | None = Field(None, description="Bearer token of the reward service's reload API.")
+    finetune_reward: str | None = Field(
+        None, description="Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr."
+    )
 
     # Where the worker keeps its state: the run in progress, checkpoints, downloads.
     finetune_work_dir: Path = Path(".data/finetune")
@@ -24,12 +27,14 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_triton_repo: Path = Path(".stack/triton/models")
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
+    finetune_metrics_host: str = Field("127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus).")
 
     # Devices and parallelism
     finetune_device: str = Field("cpu", description="cpu, cuda, cuda:N, xla or auto (musicrl.device).")
     finetune_mixed_precision: bool = Field(True, description="bf16 autocast; only ever used on CUDA.")
     finetune_nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun) for RL training.")
     finetune_text_encoder: str = "minilm"
+    finetune_torch_threads: int = Field(0, ge=0, description="Intra-op threads for training and evaluation (0: torch's default).")
 
     # RL: which trainer, which reward, how long
     finetune_trainer: Literal["reinforce", "dpo"] = "reinforce"

@@ -115,7 +115,7 @@ def rows_to_parquet(rows: Sequence[dict]) -> bytes:
     """Serialise buffer rows (dicts with the ``ROW_SCHEMA`` columns) to Parquet bytes."""
     table = pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA)
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", compression_level=1)
     return sink.getvalue()
 
 
@@ -203,12 +203,14 @@ class PreferenceBuffer:
         until: datetime | None = None,
         include_ties: bool = True,
         columns: list[str] | None = None,
+        deduplicate: bool = True,
     ) -> pa.Table:
         """Preferences in a policy-version window and/or a ``received_at`` range [since, until).
 
         ``min_policy``/``max_policy`` are inclusive; ``last_policies=k`` keeps the
         k newest policy versions present in the buffer (the on-policy window).
-        Repeated event ids are dropped, keeping the lowest (partition, offset).
+        Repeated event ids are dropped, keeping the lowest (partition, offset),
+        unless ``deduplicate=False`` (for checking that the buffer holds none).
         """
         needed = None
         if columns is not None:
@@ -220,7 +222,8 @@ class PreferenceBuffer:
             table = table.filter(pc.less(table["received_at"], pa.scalar(until, type=_TS)))
         if not include_ties:
             table = table.filter(pc.invert(table["is_tie"]))
-        table = deduplicate(table)
+        if deduplicate:
+            table = deduplicate_events(table)
         return table.select(columns) if columns is not None else table
 
     def split(self, table: pa.Table, eval_fraction: float = 0.1, salt: str = "musicrl-buffer-split") -> tuple[pa.Table, pa.Table]:
@@ -238,7 +241,7 @@ class PreferenceBuffer:
         return set(self.read(columns=["event_id"])["event_id"].to_pylist())
 
 
-def deduplicate(table: pa.Table) -> pa.Table:
+def deduplicate_events(table: pa.Table) -> pa.Table:
     """Keep one row per event id: the one with the lowest (kafka_partition, kafka_offset)."""
     if table.num_rows == 0:
         return table

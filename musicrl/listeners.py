@@ -242,19 +242,20 @@ class Population:
     who never fed the training.
     """
 
-    def __init__(self, config: ListenerConfig | None = None, seed: int = 0, *, name: str = "listener"):
+    def __init__(self, config: ListenerConfig | None = None, seed: int = 0, *, held_out: bool = False):
         self.config = config or ListenerConfig()
         self.seed = seed
-        self.name = name
-        stream = 1 if name == "heldout" else 0
-        rng = np.random.default_rng(np.random.SeedSequence([seed, stream]))
+        self.is_held_out = held_out
+        self.name = "heldout" if held_out else "listener"
+        # Separate random streams: no held-out individual is a training individual.
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(held_out)]))
         self.listeners = [
-            Listener(f"{name}-{seed}-{index:05d}", self._draw_taste(rng), self.config)
+            Listener(f"{self.name}-{seed}-{index:05d}", self._draw_taste(rng), self.config)
             for index in range(self.config.size)
         ]
 
     def held_out(self) -> Population:
-        return Population(self.config, self.seed, name="heldout")
+        return Population(self.config, self.seed, held_out=True)
 
     def _draw_taste(self, rng: np.random.Generator) -> dict[str, FeatureTaste]:
         spread = self.config.taste_spread

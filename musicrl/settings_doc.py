@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import typing
 from pathlib import Path
@@ -39,8 +40,8 @@ def _type_name(annotation: typing.Any) -> str:
     if typing.get_origin(annotation) is typing.Literal:
         return " or ".join(repr(arg).strip("'") for arg in typing.get_args(annotation))
     text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
-    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
-    return text.replace("NoneType", "None")
+    # "pydantic.types.SecretStr | None" -> "SecretStr | None"
+    return re.sub(r"\b(?:\w+\.)+(\w+)", r"\1", text or str(annotation)).replace("NoneType", "None")
 
 
 def _default(field: FieldInfo) -> str:
@@ -129,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = replace_between_markers(current, render())
     if args.check:
         if current != wanted:
-            print(f"{args.readme}: settings table is out of date; run `python -m musicrl.settings_doc`", file=sys.stderr)
+            print(
+                f"{args.readme}: settings table is out of date; run `python -m musicrl.settings_doc`", file=sys.stderr
+            )
             return 1
         return 0
     if current != wanted:

@@ -23,7 +23,7 @@ from reward_service.services.batcher import BatcherStopped, QueueFull
 from reward_service.services.inputs import InputError, InputResolver
 from reward_service.services.metrics import RewardMetrics
 from reward_service.services.models import ModelHolder, ModelsNotReady
-from reward_service.services.service import RewardService, ScoreBatch, ServiceLimits
+from reward_service.services.service import ComponentUnavailable, RewardService, ScoreBatch, ServiceLimits
 from reward_service.settings import RewardSettings
 
 log = get_logger("reward_service")
@@ -137,6 +137,11 @@ def create_app(settings: RewardSettings | None = None, dependencies: Dependencie
     async def not_ready(_: Request, err: ModelsNotReady) -> JSONResponse:
         metrics.rejected.labels("not_ready").inc()
         return _error(503, str(err), {"Retry-After": str(settings.reward_retry_after_s)})
+
+    @app.exception_handler(ComponentUnavailable)
+    async def unavailable(_: Request, err: ComponentUnavailable) -> JSONResponse:
+        metrics.rejected.labels("component_unavailable").inc()
+        return _error(503, str(err))
 
     @app.exception_handler(BatcherStopped)
     async def stopped(_: Request, err: BatcherStopped) -> JSONResponse:

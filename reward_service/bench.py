@@ -35,7 +35,6 @@ from musicrl.stack.processes import free_port
 from reward_service.settings import RewardSettings
 
 console = Console(stderr=True)
-MODES = {"one_by_one": 1}  # the batched mode's size comes from the config
 
 
 @dataclass
@@ -50,6 +49,7 @@ class BenchConfig:
     source: str = "tokens"
     out: Path = Path("results/rewards.json")
     private_store: bool = False
+    checkpoints: Path = Path("checkpoints")
 
 
 @dataclass
@@ -63,6 +63,8 @@ class Point:
     latency_p50_ms: float
     latency_p95_ms: float
     mean_batch_size: float
+    model_ms_per_clip: float  # time in the batch thread (features + models) per clip
+    input_ms_per_clip: float  # time fetching and decoding inputs per clip
 
 
 def _items(config: BenchConfig, settings: RewardSettings) -> list[dict]:
@@ -128,15 +130,23 @@ def _server(settings: RewardSettings, max_batch_size: int, max_wait_ms: float) -
             process.wait()
 
 
-def _batch_counts(url: str) -> tuple[float, float]:
-    """(sum, count) of the service's batch size histogram."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for line in text.splitlines():
-        for name in ("musicrl_reward_batch_size_sum", "musicrl_reward_batch_size_count"):
-            if line.startswith(name + " "):
-                values[name] = float(line.split()[1])
-    return values.get("musicrl_reward_batch_size_sum", 0.0), values.get("musicrl_reward_batch_size_count", 0.0)
+_COUNTERS = (
+    "musicrl_reward_batch_size_sum",  # clips scored
+    "musicrl_reward_batch_size_count",  # batches
+    "musicrl_reward_batch_seconds_sum",  # time in the models
+    "musicrl_reward_input_seconds_sum",  # time fetching and decoding inputs
+)
+
+
+def _counters(url: str) -> dict[str, float]:
+    """The service's cumulative counters that the benchmark turns into per-clip costs."""
+    values = dict.fromkeys(_COUNTERS, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        name = name.split("{", 1)[0]
+        if name in values:
+            values[name] += float(value)
+    return values
 
 
 async def _load(url: str, items: list[dict], clients: int, warmup_s: float, seconds: float) -> tuple[int, int, list[float], float]:
@@ -172,10 +182,11 @@ async def _load(url: str, items: list[dict], clients: int, warmup_s: float, seco
 
 
 def _measure(url: str, mode: str, items: list[dict], clients: int, config: BenchConfig) -> Point:
-    before = _batch_counts(url)
+    before = _counters(url)
     done, errors, latencies, elapsed = asyncio.run(_load(url, items, clients, config.warmup_s, config.seconds))
-    after = _batch_counts(url)
-    batches = after[1] - before[1]
+    after = _counters(url)
+    delta = {name: after[name] - before[name] for name in _COUNTERS}
+    scored = delta["musicrl_reward_batch_size_sum"]
     latencies_ms = sorted(x * 1000 for x in latencies) or [float("nan")]
     return Point(
         mode=mode,
@@ -186,14 +197,30 @@ def _measure(url: str, mode: str, items: list[dict], clients: int, config: Bench
         clips_per_s=round(done / elapsed, 2),
         latency_p50_ms=round(statistics.median(latencies_ms), 1),
         latency_p95_ms=round(latencies_ms[int(0.95 * (len(latencies_ms) - 1))], 1),
-        mean_batch_size=round((after[0] - before[0]) / batches, 2) if batches else 0.0,
+        mean_batch_size=round(scored / delta["musicrl_reward_batch_size_count"], 2) if scored else 0.0,
+        model_ms_per_clip=round(1000 * delta["musicrl_reward_batch_seconds_sum"] / scored, 2) if scored else 0.0,
+        input_ms_per_clip=round(1000 * delta["musicrl_reward_input_seconds_sum"] / scored, 2) if scored else 0.0,
     )
 
 
+def publish_checkpoints(registry, checkpoints: Path) -> dict[str, str]:
+    """Publish ``checkpoints/{text_adherence,quality,preference}`` and make them current."""
+    versions = {}
+    for component in ("text_adherence", "quality", "preference"):
+        directory = checkpoints / component
+        if not directory.is_dir():
+            if component == "preference":
+                continue
+            raise FileNotFoundError(f"no {component} checkpoint in {checkpoints}: train the default suite first")
+        kind = f"reward/{component}"
+        versions[component] = registry.publish(kind, directory, lineage={"source": str(directory)})
+        registry.set_current(kind, versions[component])
+    return versions
+
+
 @contextmanager
-def _private_store() -> Iterator[RewardSettings]:
-    """A throw-away SeaweedFS with the default reward models published into it."""
-    from musicrl.models.defaults import publish_default_rewards
+def _private_store(checkpoints: Path) -> Iterator[RewardSettings]:
+    """A throw-away SeaweedFS holding the default reward models."""
     from musicrl.registry import Registry
     from musicrl.stack import Stack, free_port_settings
     from musicrl.stack.stack import COMPONENTS
@@ -206,26 +233,64 @@ def _private_store() -> Iterator[RewardSettings]:
             settings = info.settings_for(RewardSettings)
             store = ObjectStore(settings)
             store.ensure_buckets()
-            publish_default_rewards(Registry(store))
+            console.print(f"published {publish_checkpoints(Registry(store), checkpoints)} into a private object store")
             yield settings
         finally:
             stack.down()
 
 
+def _model_stage(settings: RewardSettings, items: list[dict], batch_sizes: list[int], seconds: float) -> dict[str, float]:
+    """Clips/s of the batch thread's work alone (features + models, no HTTP), by batch size.
+
+    This isolates what micro-batching can change: everything outside the models
+    costs the same per clip whatever the batch size.
+    """
+    from musicrl.schemas.scores import COMPONENTS, ScoreItem
+    from reward_service.services.runtime import default_dependencies
+    from reward_service.services.scorer import Task
+
+    deps = default_dependencies(settings)
+    deps.holder.reload()
+    snapshot = deps.holder.snapshot()
+    components = tuple(c for c in COMPONENTS if c in snapshot.versions)
+    tasks = [
+        Task(deps.resolver.resolve(ScoreItem(**item), i, "preference" in components), components)
+        for i, item in enumerate(items)
+    ]
+    deps.score_batch(snapshot, tasks)  # warm: prompt cache, first session runs
+    rates = {}
+    for size in batch_sizes:
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            start = done % len(tasks)
+            batch = (tasks[start:] + tasks[:start])[:size]
+            deps.score_batch(snapshot, batch)
+            done += size
+        rates[str(size)] = round(done / (time.perf_counter() - started), 2)
+        console.print(f"  model stage, batch {size:>3}: {rates[str(size)]:8.2f} clips/s")
+    return rates
+
+
 def run_bench(config: BenchConfig) -> dict:
-    with _private_store() if config.private_store else _nullcontext(RewardSettings()) as settings:
+    with _private_store(config.checkpoints) if config.private_store else _nullcontext(RewardSettings()) as settings:
         items = _items(config, settings)
         modes = {"one_by_one": 1, "batched": config.max_batch_size}
+        console.print("[bold]model stage alone[/] (in this process)")
+        model_stage = _model_stage(settings, items, sorted({1, 8, config.max_batch_size}), config.seconds / 2)
         points: list[Point] = []
         for mode, size in modes.items():
             console.print(f"[bold]{mode}[/] (max batch size {size}): starting the service")
             with _server(settings, size, config.max_wait_ms) as url:
+                # Every prompt embedded and every session run once before anything is timed.
+                for start in range(0, len(items), 16):
+                    httpx.post(f"{url}/v1/scores", json={"items": items[start : start + 16]}, timeout=300).raise_for_status()
                 for clients in config.clients:
                     point = _measure(url, mode, items, clients, config)
                     points.append(point)
                     console.print(
                         f"  {clients:>3} clients: {point.clips_per_s:8.2f} clips/s, p50 {point.latency_p50_ms} ms, "
-                        f"mean batch {point.mean_batch_size}, errors {point.errors}"
+                        f"mean batch {point.mean_batch_size}, models {point.model_ms_per_clip} ms/clip, "
+                        f"inputs {point.input_ms_per_clip} ms/clip, errors {point.errors}"
                     )
     by = {(p.mode, p.clients): p for p in points}
     speedup = {
@@ -240,6 +305,7 @@ def run_bench(config: BenchConfig) -> dict:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "points": [asdict(p) for p in points],
         "speedup_batched_over_one_by_one": speedup,
+        "model_stage_clips_per_s_by_batch_size": model_stage,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -256,14 +322,15 @@ def _nullcontext(value):
 
 def _table(points: list[Point], speedup: dict[str, float]) -> None:
     table = Table(title="reward service: clips/s")
-    for column in ("clients", "one-by-one", "batched", "speedup", "mean batch", "p50 ms (batched)"):
+    for column in ("clients", "one-by-one", "batched", "speedup", "mean batch", "model ms/clip (1 / batched)", "p50 ms (batched)"):
         table.add_column(column, justify="right")
     by = {(p.mode, p.clients): p for p in points}
     for clients in sorted({p.clients for p in points}):
         one, batched = by["one_by_one", clients], by["batched", clients]
         table.add_row(
             str(clients), f"{one.clips_per_s:.1f}", f"{batched.clips_per_s:.1f}", f"{speedup.get(str(clients), 0):.2f}x",
-            f"{batched.mean_batch_size:.1f}", f"{batched.latency_p50_ms:.0f}",
+            f"{batched.mean_batch_size:.1f}", f"{one.model_ms_per_clip:.1f} / {batched.model_ms_per_clip:.1f}",
+            f"{batched.latency_p50_ms:.0f}",
         )
     Console().print(table)
 

@@ -43,12 +43,15 @@ def bench(
     source: str = typer.Option("tokens", help="How clips are sent: tokens, audio_b64 or clip_id."),
     out: Path = typer.Option(Path("results/rewards.json"), help="Where the results are written."),
     private_store: bool = typer.Option(
-        False, help="Start a private object store and publish the default reward models into it."
+        False, help="Start a private object store and publish the checkpoints into it (else: the configured registry)."
     ),
+    checkpoints: Path = typer.Option(Path("checkpoints"), help="Reward checkpoints published with --private-store."),
 ) -> None:
     """Clips per second with micro-batching versus one-by-one scoring, at several client counts."""
+    from musicrl.device import set_inference_threads
     from reward_service.bench import BenchConfig, run_bench
 
+    set_inference_threads(1)
     config = BenchConfig(
         clients=[int(c) for c in clients.split(",") if c.strip()],
         seconds=seconds,
@@ -57,5 +60,6 @@ def bench(
         source=source,
         out=out,
         private_store=private_store,
+        checkpoints=checkpoints,
     )
     run_bench(config)

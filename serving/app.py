@@ -6,8 +6,10 @@ settings at startup unless given, so tests inject fakes or real clients.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import pkgutil
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -43,18 +45,27 @@ def create_app(
         import torch
 
         torch.set_num_threads(settings.gateway_torch_threads)
+        executor = ThreadPoolExecutor(settings.gateway_io_threads, "gateway-io")
+        asyncio.get_running_loop().set_default_executor(executor)
         state = app.state
         state.triton = triton or TritonGeneratorClient(settings.triton_grpc_url, settings.gateway_triton_timeout_s)
         state.store = store or _object_store(settings)
         state.text_encoder = text_encoder or _text_encoder(settings)
         state.generations = GenerationService(settings, state.triton, state.store, state.text_encoder)
-        log.info("gateway.started", triton=settings.triton_grpc_url, s3=settings.s3_endpoint, model=settings.triton_model_name)
+        await asyncio.to_thread(state.text_encoder.embed, ["warm-up"])  # loads lazy weights before the first request
+        log.info(
+            "gateway.started",
+            triton=settings.triton_grpc_url,
+            s3=settings.s3_endpoint,
+            model=settings.triton_model_name,
+        )
         try:
             yield
         finally:
             await close_singletons(app)
             if triton is None:
                 await state.triton.close()
+            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="MusicRL generation gateway",

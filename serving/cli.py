@@ -34,7 +34,9 @@ def serve(
 
 @app.command("install-model")
 def install_model(
-    checkpoint: Path = typer.Option(Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint directory."),
+    checkpoint: Path = typer.Option(
+        Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint directory."
+    ),
     version: int = typer.Option(None, help="Policy version (default: one above the highest installed)."),
     repo: Path = typer.Option(None, help="Triton model repository (default: the local stack's)."),
     model_name: str = typer.Option(None, help="Triton model name (default MUSICRL_TRITON_MODEL_NAME)."),
@@ -62,9 +64,11 @@ def install_model(
 
 @app.command()
 def bench(
-    checkpoint: Path = typer.Option(Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint."),
+    checkpoint: Path = typer.Option(
+        Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint."
+    ),
     concurrency: list[int] = typer.Option([1, 4, 16], help="Concurrent clients to measure."),
-    requests_per_level: int = typer.Option(32, help="Requests per concurrency level."),
+    requests_per_level: int = typer.Option(48, help="Requests per concurrency level."),
     duration_s: float = typer.Option(10.0, help="Seconds of audio per clip."),
     candidates: int = typer.Option(2, help="Clips per request."),
     output: Path = typer.Option(Path("results/serving.json"), help="Where to write the results."),

@@ -24,7 +24,9 @@ def get_generation_service(request: Request) -> GenerationService:
     return request.app.state.generations
 
 
-def app_singleton(request: Request, name: str, factory: Callable[[], Any], close: Callable[[Any], Any] | None = None) -> Any:
+def app_singleton(
+    request: Request, name: str, factory: Callable[[], Any], close: Callable[[Any], Any] | None = None
+) -> Any:
     """The app-wide object ``name``, created by ``factory`` on first use and closed (sync or async) at shutdown.
 
     Tests inject their own object by setting ``app.state.singletons[name]`` before the first request.

@@ -105,7 +105,9 @@ def load(triton_url: str, model_name: str = "generator", timeout_s: float = 300.
     """Ask Triton (HTTP endpoint ``host:port``) to (re)load ``model_name`` and wait until it is ready."""
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(triton_url.removeprefix("http://"), network_timeout=timeout_s, connection_timeout=timeout_s)
+    client = httpclient.InferenceServerClient(
+        triton_url.removeprefix("http://"), network_timeout=timeout_s, connection_timeout=timeout_s
+    )
     try:
         client.load_model(model_name)
         deadline = time.monotonic() + timeout_s

@@ -19,7 +19,7 @@ from musicrl.storage import ObjectStore
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
-    local = Stack(free_port_settings(tmp_path_factory.mktemp("stack")))
+    local = Stack(free_port_settings(tmp_path_factory.mktemp("stack")), tied_to_parent=True)
     try:
         info = local.up()
     except StackError as err:

@@ -51,7 +51,14 @@ def _impls(impl: str | dict[str, str]) -> dict[str, str]:
     return chosen
 
 
-def _load_one(component: str, impl: str, directory: Path | None, version: str | None, threads: int):
+def load_component(component: str, directory: Path | None, impl: str = "onnx", version: str | None = None,
+                   threads: int = 1):
+    """One reward model from its checkpoint directory (None for a missing preference checkpoint)."""
+    if component not in COMPONENT_KINDS:
+        raise ValueError(f"unknown reward component {component!r}; choose from {tuple(COMPONENT_KINDS)}")
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown reward implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+    directory = Path(directory) if directory is not None else None
     if impl == "tiny":
         from musicrl.rewards import tiny
 
@@ -95,7 +102,7 @@ def load_reward_models(source: Any = DEFAULT_DIR, impl: str | dict[str, str] = "
     models, directories = {}, {}
     for component, chosen in impls.items():
         directory, version = (None, None) if chosen == "tiny" else _resolve(source, component, Path(fallback_dir), cache_dir)
-        models[component], directories[component] = _load_one(component, chosen, directory, version, threads), directory
+        models[component], directories[component] = load_component(component, directory, chosen, version, threads), directory
     if text_encoder is None:
         text_encoder = "hashing" if set(impls.values()) == {"tiny"} else _trained_text_encoder(directories["text_adherence"])
     return RewardModels(text_encoder=load_text_encoder(text_encoder), **models)

@@ -40,7 +40,9 @@ class ClipRecord(BaseModel):
     index: int
     seed: int
     policy_version: str
-    model_name: str = Field("generator", description="Triton model that served the clip (the challenger in experiments).")
+    model_name: str = Field(
+        "generator", description="Triton model that served the clip (the challenger in experiments)."
+    )
     tokens: list[int]
     logprobs: list[float]
     duration_s: float

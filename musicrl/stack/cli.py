@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,7 +25,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 DataDir = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Directory for data, logs and PID files [env: MUSICRL_STACK_DATA_DIR].")
+    Path | None,
+    typer.Option("--data-dir", help="Directory for data, logs and PID files [env: MUSICRL_STACK_DATA_DIR]."),
 ]
 
 
@@ -58,7 +59,7 @@ def up(data_dir: DataDir = None) -> None:
     for name, address in info.endpoints().items():
         table.add_row(name, address)
     console.print(table)
-    console.print(f"service environment: {stack.env_file}  (or: eval \"$(musicrl stack env)\")")
+    console.print(f'service environment: {stack.env_file}  (or: eval "$(musicrl stack env)")')
 
 
 @app.command()
@@ -76,7 +77,9 @@ def status(data_dir: DataDir = None) -> None:
     all_healthy = True
     for component in stack.status():
         all_healthy &= component.healthy
-        health = "[green]healthy[/]" if component.healthy else ("[red]unhealthy[/]" if component.pid else "[red]stopped[/]")
+        health = (
+            "[green]healthy[/]" if component.healthy else ("[red]unhealthy[/]" if component.pid else "[red]stopped[/]")
+        )
         table.add_row(component.name, str(component.pid or "-"), health)
     console.print(table)
     if all_healthy:
@@ -88,7 +91,7 @@ def status(data_dir: DataDir = None) -> None:
 
 @app.command()
 def logs(
-    name: Annotated[Optional[str], typer.Argument(help="Component (seaweedfs, tansu, triton); all if omitted.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Component (seaweedfs, tansu, triton); all if omitted.")] = None,
     lines: Annotated[int, typer.Option("-n", "--lines", help="Lines from the end of each log.")] = 40,
     data_dir: DataDir = None,
 ) -> None:

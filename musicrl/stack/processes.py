@@ -9,6 +9,7 @@ that pid is still the one we started (never by process name).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -34,6 +35,7 @@ class ManagedProcess:
     ports: dict[str, int] = field(default_factory=dict)  # role -> port, all must be free before start
     env: dict[str, str] = field(default_factory=dict)  # added to the parent's environment
     cwd: Path | None = None
+    host: str = "127.0.0.1"  # where `ports` are bound
     stop_timeout_s: float = 20.0
 
 
@@ -126,11 +128,21 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-class Supervisor:
-    """Starts and stops managed processes and records them in PID files under ``run_dir``."""
+def _die_with_parent() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGTERM): the child is signalled when its parent dies.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
-    def __init__(self, run_dir: RunDir):
+
+class Supervisor:
+    """Starts and stops managed processes and records them in PID files under ``run_dir``.
+
+    With ``tied_to_parent`` (test sessions) the processes also get SIGTERM when
+    the process that started them dies, so a killed test run leaves no server behind.
+    """
+
+    def __init__(self, run_dir: RunDir, tied_to_parent: bool = False):
         self.run_dir = run_dir
+        self.tied_to_parent = tied_to_parent
 
     def running(self, name: str) -> RunningProcess | None:
         pid_file = self.run_dir.pid_file(name)
@@ -149,7 +161,7 @@ class Supervisor:
             return existing, False
         self.run_dir.pid_file(spec.name).unlink(missing_ok=True)
         for role, port in spec.ports.items():
-            if port_in_use("127.0.0.1", port):
+            if port_in_use(spec.host, port):
                 raise StackError(f"{spec.name}: port {port} ({role}) is already in use by another process")
 
         log_path = self.run_dir.log_file(spec.name)
@@ -164,6 +176,7 @@ class Supervisor:
                 env={**os.environ, **spec.env},
                 cwd=spec.cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.tied_to_parent else None,
             )
         proc = RunningProcess(spec.name, popen.pid, psutil.Process(popen.pid).create_time())
         self.run_dir.pid_file(spec.name).write_text(

@@ -47,8 +47,10 @@ def seaweedfs_process(s: StackSettings) -> ManagedProcess:
         f"-dir={data}",
         f"-ip={s.stack_host}",
         f"-ip.bind={s.stack_host}",
-        *(f"-{role}.port={port}" if not role.endswith(".grpc") else f"-{role[:-5]}.port.grpc={port}"
-          for role, port in ports.items()),
+        *(
+            f"-{role}.port={port}" if not role.endswith(".grpc") else f"-{role[:-5]}.port.grpc={port}"
+            for role, port in ports.items()
+        ),
         # Unused listeners are switched off rather than left on default ports.
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
@@ -64,6 +66,7 @@ def seaweedfs_process(s: StackSettings) -> ManagedProcess:
         ports=ports,
         env=env,
         cwd=data,
+        host=s.stack_host,
     )
 
 
@@ -108,6 +111,7 @@ def tansu_process(s: StackSettings) -> ManagedProcess:
         ports={"kafka": s.stack_kafka_port},
         env=env,
         cwd=s.data_dir,
+        host=s.stack_host,
     )
 
 
@@ -172,4 +176,5 @@ def triton_process(s: StackSettings) -> ManagedProcess:
         },
         env=triton_env(),
         cwd=s.data_dir,
+        host=s.stack_host,
     )

@@ -19,11 +19,15 @@ from musicrl.config import KafkaConfig, ObjectStoreConfig, TritonConfig
 
 class StackSettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
     stack_host: str = Field("127.0.0.1", description="Address every server of the stack binds to.")
-    stack_data_dir: Path = Field(Path(".stack"), description="Data, logs (`logs/`) and PID files (`run/`) of the stack.")
+    stack_data_dir: Path = Field(
+        Path(".stack"), description="Data, logs (`logs/`) and PID files (`run/`) of the stack."
+    )
     stack_startup_timeout_s: float = Field(60.0, description="How long `up` waits for each server to become healthy.")
 
     stack_s3_port: int = Field(8333, description="SeaweedFS S3 API port.")
-    stack_weed_master_port: int = Field(9333, description="SeaweedFS master port (its gRPC port is this + 10000, as for all SeaweedFS ports).")
+    stack_weed_master_port: int = Field(
+        9333, description="SeaweedFS master port (its gRPC port is this + 10000, as for all SeaweedFS ports)."
+    )
     stack_weed_volume_port: int = Field(8380, description="SeaweedFS volume server port.")
     stack_weed_filer_port: int = Field(8888, description="SeaweedFS filer port.")
     stack_weed_admin_port: int = Field(23646, description="SeaweedFS admin port (UI disabled).")
@@ -34,7 +38,9 @@ class StackSettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
         description="Where Tansu keeps topics and committed offsets: `s3` (bucket `stack_kafka_bucket` in the local "
         "SeaweedFS, survives `down`/`up`) or `memory` (lost on stop; what the tests use).",
     )
-    stack_kafka_bucket: str = Field("musicrl-kafka", description="Bucket of Tansu's data when `stack_kafka_storage=s3`.")
+    stack_kafka_bucket: str = Field(
+        "musicrl-kafka", description="Bucket of Tansu's data when `stack_kafka_storage=s3`."
+    )
 
     stack_triton_http_port: int = Field(8000, description="Triton HTTP port.")
     stack_triton_grpc_port: int = Field(8001, description="Triton gRPC port.")

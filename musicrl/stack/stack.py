@@ -6,14 +6,17 @@ returns a :class:`StackInfo`. ``down()`` stops them in reverse order. Both are
 idempotent: a component whose PID file points at a live process is reused.
 
 To add a service (gateway, reward service, consumer, ...), append a
-``Component(name, build)`` where ``build(settings) -> ManagedProcess``.
+``Component(name, "package.module:function")`` to ``COMPONENTS``, where the
+function takes the ``StackSettings`` and returns a ``ManagedProcess`` (its
+command line, ``StackInfo(settings).env()`` as environment, ports, health).
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -146,12 +149,24 @@ def provision_topics(s: StackSettings) -> None:
         admin.close()
 
 
+BuildFn = Callable[[StackSettings], ManagedProcess]
+
+
 @dataclass(frozen=True)
 class Component:
+    """One process of the stack. ``build`` is a function or a ``"module:function"`` path,
+    imported only when used, so that services can join without the shared library importing them."""
+
     name: str
-    build: Callable[[StackSettings], ManagedProcess]
+    build: BuildFn | str
     provision: Callable[[StackSettings], None] | None = None
-    enabled: Callable[[StackSettings], bool] = field(default=lambda s: True)
+
+    def process(self, settings: StackSettings) -> ManagedProcess:
+        build = self.build
+        if isinstance(build, str):
+            module, _, function = build.partition(":")
+            build = getattr(importlib.import_module(module), function)
+        return build(settings)
 
 
 COMPONENTS: list[Component] = [
@@ -169,10 +184,12 @@ class ComponentStatus:
 
 
 class Stack:
-    def __init__(self, settings: StackSettings, components: list[Component] | None = None):
+    def __init__(
+        self, settings: StackSettings, components: list[Component] | None = None, tied_to_parent: bool = False
+    ):
         self.settings = settings
-        self.components = [c for c in (components or COMPONENTS) if c.enabled(settings)]
-        self.supervisor = Supervisor(RunDir(settings.data_dir))
+        self.components = components or COMPONENTS
+        self.supervisor = Supervisor(RunDir(settings.data_dir), tied_to_parent)
         self.info = StackInfo(settings)
 
     def up(self, on_started: Callable[[str, bool, float], None] | None = None) -> StackInfo:
@@ -182,7 +199,9 @@ class Stack:
         try:
             for component in self.components:
                 t0 = time.monotonic()
-                _, started_now = self.supervisor.start(component.build(self.settings), self.settings.stack_startup_timeout_s)
+                _, started_now = self.supervisor.start(
+                    component.process(self.settings), self.settings.stack_startup_timeout_s
+                )
                 if started_now:
                     started.append(component.name)
                 if component.provision is not None:
@@ -206,7 +225,7 @@ class Stack:
         result = []
         for component in self.components:
             proc = self.supervisor.running(component.name)
-            healthy = proc is not None and self.supervisor.healthy(component.build(self.settings))
+            healthy = proc is not None and self.supervisor.healthy(component.process(self.settings))
             result.append(ComponentStatus(component.name, proc.pid if proc else None, healthy))
         return result
 

@@ -6,9 +6,12 @@ status and a message that names the item, never in an unhandled exception.
 
 Where the preference model's tokens come from:
 - ``tokens`` items: the tokens themselves;
-- ``clip_id`` items with a ``generation_id``: the tokens stored in that
-  generation record for the clip (exactly what the generator sampled);
-- other audio items: ``musicrl.audio.codec.encode`` of the waveform.
+- ``clip_id`` items: the tokens stored for the clip in its generation record
+  (exactly what the generator sampled). The record is the item's
+  ``generation_id`` or else the one the gateway stamped on the stored WAV
+  (user metadata ``generation-id``);
+- other audio, and clips whose record cannot be found:
+  ``musicrl.audio.codec.encode`` of the waveform.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ import numpy as np
 import soundfile
 from scipy.signal import resample_poly
 
+from minio.error import S3Error
+
 from musicrl.schemas.scores import ScoreItem
 from musicrl.storage import ObjectNotFound, ObjectStore
+
+# User metadata the gateway puts on every clip it stores: the generation it belongs to.
+GENERATION_ID_METADATA = "x-amz-meta-generation-id"
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,34 +84,55 @@ class InputResolver:
                 raise InputError(422, f"{where}.audio_b64 is not valid base64") from None
             wave = self._decode_audio(data, where + ".audio_b64")
             return Clip(item.prompt, wave, self._encode(wave) if need_tokens else None)
-        wave = self._decode_audio(self._fetch_clip(item.clip_id, where), f"{where} (clip {item.clip_id})")
+        data, stamped_generation = self._fetch_clip(item.clip_id, where)
+        wave = self._decode_audio(data, f"{where} (clip {item.clip_id})")
         tokens = None
         if need_tokens:
-            tokens = self._recorded_tokens(item, where) if item.generation_id else self._encode(wave)
+            if item.generation_id:
+                tokens = self._recorded_tokens(item.clip_id, item.generation_id, where)
+            elif stamped_generation:
+                try:
+                    tokens = self._recorded_tokens(item.clip_id, stamped_generation, where)
+                except InputError:  # the stamp points nowhere useful; the audio is still scorable
+                    tokens = None
+            if tokens is None:
+                tokens = self._encode(wave)
         return Clip(item.prompt, wave, tokens)
 
     # -- sources -----------------------------------------------------------------
-    def _fetch_clip(self, clip_id: str, where: str) -> bytes:
+    def _fetch_clip(self, clip_id: str, where: str) -> tuple[bytes, str | None]:
+        """The clip's WAV bytes and the generation id stamped on it (if any), in one GET."""
         if self.store is None:
             raise InputError(422, f"{where}: this service has no object store configured; send audio_b64 or tokens")
         bucket = self.store.config.bucket_clips
         try:
-            return self.store.get_bytes(bucket, f"clips/{clip_id}.wav")
-        except ObjectNotFound:
-            raise InputError(404, f"{where}: clip {clip_id} not found (no {bucket}/clips/{clip_id}.wav)") from None
+            response = self.store.client.get_object(bucket, f"clips/{clip_id}.wav")
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchBucket"):
+                raise InputError(404, f"{where}: clip {clip_id} not found (no {bucket}/clips/{clip_id}.wav)") from None
+            raise
+        try:
+            return response.read(), response.headers.get(GENERATION_ID_METADATA)
+        finally:
+            response.close()
+            response.release_conn()
 
-    def _recorded_tokens(self, item: ScoreItem, where: str) -> np.ndarray:
+    def _recorded_tokens(self, clip_id: str, generation_id: str, where: str) -> np.ndarray:
         bucket = self.store.config.bucket_generations
         try:
-            record: dict[str, Any] = self.store.get_json(bucket, f"generations/{item.generation_id}.json")
+            record: dict[str, Any] = self.store.get_json(bucket, f"generations/{generation_id}.json")
         except ObjectNotFound:
-            raise InputError(404, f"{where}: generation {item.generation_id} not found") from None
+            raise InputError(404, f"{where}: generation {generation_id} not found") from None
         except ValueError:
-            raise InputError(422, f"{where}: generation {item.generation_id} is not a readable record") from None
-        for clip in record.get("clips", []):
-            if clip.get("clip_id") == item.clip_id:
-                return self._check_tokens(clip.get("tokens") or [], f"{where} (tokens of generation {item.generation_id})")
-        raise InputError(422, f"{where}: clip {item.clip_id} is not part of generation {item.generation_id}")
+            raise InputError(422, f"{where}: generation {generation_id} is not a readable record") from None
+        clips = record.get("clips", []) if isinstance(record, dict) else []
+        for clip in clips:
+            if isinstance(clip, dict) and clip.get("clip_id") == clip_id:
+                tokens = clip.get("tokens")
+                if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                    raise InputError(422, f"{where}: generation {generation_id} holds no token list for clip {clip_id}")
+                return self._check_tokens(tokens, f"{where} (tokens of generation {generation_id})")
+        raise InputError(422, f"{where}: clip {clip_id} is not part of generation {generation_id}")
 
     # -- checks and conversions --------------------------------------------------
     def _check_tokens(self, tokens: list[int], where: str) -> np.ndarray:

@@ -25,6 +25,13 @@ class RewardMetrics:
         self.queue_wait_seconds = Histogram(
             "musicrl_reward_queue_wait_seconds", "Time a clip waited before its batch started", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.input_seconds = Histogram(
+            "musicrl_reward_input_seconds",
+            "Time to turn one item into a scorable clip (fetch, decode, tokens)",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("musicrl_reward_queue_depth", "Clips waiting to be scored", registry=r)
         self.request_seconds = Histogram(
             "musicrl_reward_request_seconds", "Latency of HTTP requests", ["route", "status"], buckets=_LATENCY_BUCKETS, registry=r

@@ -18,6 +18,10 @@ from musicrl.registry import Registry
 from musicrl.schemas.scores import COMPONENTS, REGISTRY_KINDS, Component
 
 
+# The preference model appears once users have voted; the others serve from the start.
+REQUIRED: tuple[Component, ...] = ("text_adherence", "quality")
+
+
 class ModelsNotReady(RuntimeError):
     """No complete set of reward models has been loaded yet."""
 
@@ -39,13 +43,11 @@ class RegistrySource:
 
     def current_versions(self) -> dict[Component, str]:
         versions: dict[Component, str] = {}
-        missing = []
         for component in COMPONENTS:
             version = self.registry.current(REGISTRY_KINDS[component])
-            if version is None:
-                missing.append(REGISTRY_KINDS[component])
-            else:
+            if version is not None:
                 versions[component] = version
+        missing = [REGISTRY_KINDS[c] for c in REQUIRED if c not in versions]
         if missing:
             raise ModelsNotReady(f"no current version in the registry for {', '.join(missing)}")
         return versions
@@ -59,12 +61,14 @@ class RegistrySource:
         return dest
 
 
-# Builds the model of one component from its version directory.
-ComponentLoader = Callable[[Component, Path], Any]
+# Builds the model of one component from its version directory: (component, directory, version).
+ComponentLoader = Callable[[Component, Path, str], Any]
 
 
 @dataclass(frozen=True)
 class ModelSnapshot:
+    """The models in use; a component missing from ``versions`` is not available."""
+
     models: Mapping[Component, Any]
     versions: Mapping[Component, str]
 
@@ -114,7 +118,8 @@ class ModelHolder:
                     return ReloadResult({}, dict(wanted))
                 models = {c: old.models[c] for c in wanted if c not in changed} if old else {}
                 for component in changed:
-                    models[component] = self.load_component(component, self.source.fetch(component, wanted[component]))
+                    directory = self.source.fetch(component, wanted[component])
+                    models[component] = self.load_component(component, directory, wanted[component])
                 self._snapshot = ModelSnapshot(models, dict(wanted))
                 self.last_error = None
                 return ReloadResult(changed, dict(wanted))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from musicrl.schemas.scores import Component, ItemScores, ScoreRequest, ScoreResponse
+from musicrl.schemas.scores import Component, ItemScores, ScoreItem, ScoreRequest, ScoreResponse
 from reward_service.services.batcher import MicroBatcher
 from reward_service.services.inputs import Clip, InputError, InputResolver
 from reward_service.services.metrics import RewardMetrics
@@ -16,6 +17,10 @@ from reward_service.services.models import ModelHolder, ModelSnapshot
 from reward_service.services.scorer import Task
 
 ScoreBatch = Callable[[ModelSnapshot, Sequence[Task]], list[dict[str, float]]]
+
+
+class ComponentUnavailable(RuntimeError):
+    """A requested reward model is not loaded (none is published in the registry)."""
 
 
 def normalise_mos(mos: float) -> float:
@@ -70,10 +75,12 @@ class RewardService:
         weights = self._weights(request, components)
         # Refuse before decoding anything: a request that cannot be scored now
         # should cost as little as possible.
-        self.holder.snapshot()
+        unavailable = [c for c in components if c not in self.holder.snapshot().versions]
+        if unavailable:
+            raise ComponentUnavailable(f"no {', '.join(unavailable)} model is published yet; ask for other components")
         need_tokens = "preference" in components
         clips: list[Clip] = await asyncio.gather(
-            *(asyncio.to_thread(self.resolver.resolve, item, i, need_tokens) for i, item in enumerate(request.items))
+            *(asyncio.to_thread(self._resolve, item, i, need_tokens) for i, item in enumerate(request.items))
         )
         tasks = [Task(clip, components) for clip in clips]
         raw, snapshot = await self.batcher.submit(tasks)
@@ -85,6 +92,12 @@ class RewardService:
             weights=weights,
             model_versions={c: snapshot.versions[c] for c in components},
         )
+
+    def _resolve(self, item: ScoreItem, index: int, need_tokens: bool) -> Clip:
+        started = time.perf_counter()
+        clip = self.resolver.resolve(item, index, need_tokens)
+        self.metrics.input_seconds.labels(item.source).observe(time.perf_counter() - started)
+        return clip
 
     def _weights(self, request: ScoreRequest, components: Sequence[Component]) -> dict[Component, float]:
         given = request.weights or {}

@@ -26,10 +26,15 @@ async def get_clip(clip_id: ClipId, service: Service) -> ClipInfo:
     response_class=Response,
     responses={**ERRORS, 200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
 )
-async def get_clip_audio(clip_id: ClipId, service: Service, format: Annotated[AudioFormat, Query()] = "wav") -> Response:
+async def get_clip_audio(
+    clip_id: ClipId, service: Service, format: Annotated[AudioFormat, Query()] = "wav"
+) -> Response:
     audio = await service.clip_audio(clip_id, format)
     return Response(
         audio,
         media_type=MEDIA_TYPES[format],
-        headers={"Content-Disposition": f'inline; filename="{clip_id}.{format}"', "Cache-Control": "public, max-age=86400"},
+        headers={
+            "Content-Disposition": f'inline; filename="{clip_id}.{format}"',
+            "Cache-Control": "public, max-age=86400",
+        },
     )

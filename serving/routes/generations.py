@@ -23,8 +23,6 @@ async def create_generation(body: GenerationRequest, service: Service) -> Genera
 
 
 @router.get("/{generation_id}", response_model=GenerationRecord, response_model_by_alias=True, responses=ERRORS)
-async def get_generation(
-    generation_id: Annotated[str, Path(pattern=ID_PATTERN)], service: Service
-) -> GenerationRecord:
+async def get_generation(generation_id: Annotated[str, Path(pattern=ID_PATTERN)], service: Service) -> GenerationRecord:
     """The stored generation record (prompt, parameters, tokens, log-probs, policy versions)."""
     return await service.get(generation_id)

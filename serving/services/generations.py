@@ -30,6 +30,7 @@ from musicrl.schemas.generation import (
 from serving.errors import NotFound, RequestRejected, UpstreamUnavailable
 from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM_ERRORS
 from serving.schemas import MEDIA_TYPES, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
+from serving.services.embedding import PromptEmbedder
 from serving.services.triton import Candidate, GeneratorClient
 from serving.settings import GatewaySettings
 
@@ -65,7 +66,7 @@ class GenerationService:
         self.settings = settings
         self.triton = triton
         self.store = store
-        self.text_encoder = text_encoder
+        self.embedder = PromptEmbedder(text_encoder)
         from musicrl.audio import codec
 
         self.frame_rate = codec.FRAME_RATE
@@ -85,10 +86,13 @@ class GenerationService:
         seeds = candidate_seeds(request_seed, n)
         experiment, models = candidate_models(s, request_seed, n)
 
-        embedding = (await asyncio.to_thread(self.text_encoder.embed, [request.prompt]))[0]
+        embedding = await self.embedder.embed(request.prompt)
         embedded = time.perf_counter()
         candidates = await asyncio.gather(
-            *(self._generate(model, embedding, seed, n_frames, temperature, request.top_k) for model, seed in zip(models, seeds))
+            *(
+                self._generate(model, embedding, seed, n_frames, temperature, request.top_k)
+                for model, seed in zip(models, seeds)
+            )
         )
         generated = time.perf_counter()
         if experiment and all(c.model_name == s.triton_model_name for c in candidates):
@@ -117,7 +121,9 @@ class GenerationService:
             prompt=request.prompt,
             app_id=request.app_id,
             experiment=experiment,
-            params=SamplingParams(duration_s=duration_s, temperature=temperature, top_k=request.top_k, seed=request_seed),
+            params=SamplingParams(
+                duration_s=duration_s, temperature=temperature, top_k=request.top_k, seed=request_seed
+            ),
             clips=clips,
         )
         stored = time.perf_counter()
@@ -127,7 +133,9 @@ class GenerationService:
             store_ms=(stored - generated) * 1e3,
             total_ms=(stored - start) * 1e3,
         )
-        await self._store_call("put_record", self.store.put_json, s.bucket_generations, generation_key(generation_id), record.to_json())
+        await self._store_call(
+            "put_record", self.store.put_json, s.bucket_generations, generation_key(generation_id), record.to_json()
+        )
         record.timings.total_ms = (time.perf_counter() - start) * 1e3
         for clip in clips:
             CLIPS.labels(clip.model_name, clip.policy_version).inc()
@@ -152,7 +160,9 @@ class GenerationService:
     def _check_limits(self, prompt: str, n: int, duration_s: float, temperature: float) -> None:
         s = self.settings
         if len(prompt) > s.gateway_max_prompt_chars:
-            raise RequestRejected("prompt", f"prompt has {len(prompt)} characters; at most {s.gateway_max_prompt_chars} allowed")
+            raise RequestRejected(
+                "prompt", f"prompt has {len(prompt)} characters; at most {s.gateway_max_prompt_chars} allowed"
+            )
         if not 1 <= n <= s.gateway_max_candidates:
             raise RequestRejected("n", f"n must be between 1 and {s.gateway_max_candidates}, got {n}")
         if not s.gateway_min_duration_s <= duration_s <= s.gateway_max_duration_s:
@@ -161,9 +171,13 @@ class GenerationService:
                 f"duration_s must be between {s.gateway_min_duration_s} and {s.gateway_max_duration_s} s, got {duration_s}",
             )
         if not 0 < temperature <= s.gateway_max_temperature:
-            raise RequestRejected("temperature", f"temperature must be in (0, {s.gateway_max_temperature}], got {temperature}")
+            raise RequestRejected(
+                "temperature", f"temperature must be in (0, {s.gateway_max_temperature}], got {temperature}"
+            )
 
-    async def _generate(self, model: str, embedding, seed: int, n_frames: int, temperature: float, top_k: int) -> Candidate:
+    async def _generate(
+        self, model: str, embedding, seed: int, n_frames: int, temperature: float, top_k: int
+    ) -> Candidate:
         try:
             return await self.triton.generate(model, embedding, seed, n_frames, temperature, top_k)
         except UpstreamUnavailable:
@@ -172,7 +186,9 @@ class GenerationService:
             # An experiment must never cost the user their clip: fall back to the current policy.
             CHALLENGER_FALLBACKS.inc()
             log.warning("experiment.challenger_unavailable", model=model)
-            return await self.triton.generate(self.settings.triton_model_name, embedding, seed, n_frames, temperature, top_k)
+            return await self.triton.generate(
+                self.settings.triton_model_name, embedding, seed, n_frames, temperature, top_k
+            )
 
     async def _store_clip(self, generation_id: str, clip: ClipRecord, candidate: Candidate) -> None:
         wav = await asyncio.to_thread(_wav_bytes, candidate.audio, candidate.sample_rate)
@@ -186,8 +202,12 @@ class GenerationService:
             {GENERATION_ID_META: generation_id},
         )
 
-    def _put_with_metadata(self, bucket: str, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
-        self.store.client.put_object(bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata)
+    def _put_with_metadata(
+        self, bucket: str, key: str, data: bytes, content_type: str, metadata: dict[str, str]
+    ) -> None:
+        self.store.client.put_object(
+            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
+        )
 
     def _clip_out(self, clip: ClipRecord) -> ClipOut:
         return ClipOut(
@@ -204,12 +224,16 @@ class GenerationService:
 
     def _presign(self, key: str) -> str:
         # Presigning is a local HMAC computation (the region is configured), no network call.
-        return self.store.presigned_get(self.settings.bucket_clips, key, expires_s=self.settings.gateway_presign_expiry_s)
+        return self.store.presigned_get(
+            self.settings.bucket_clips, key, expires_s=self.settings.gateway_presign_expiry_s
+        )
 
     # ---- read ---------------------------------------------------------------------------------
 
     async def get(self, generation_id: str) -> GenerationRecord:
-        raw = await self._store_call("get_record", self.store.get_json, self.settings.bucket_generations, generation_key(generation_id))
+        raw = await self._store_call(
+            "get_record", self.store.get_json, self.settings.bucket_generations, generation_key(generation_id)
+        )
         return GenerationRecord.model_validate(raw)
 
     async def get_clip(self, clip_id: str) -> tuple[GenerationRecord, ClipRecord]:
@@ -241,7 +265,9 @@ class GenerationService:
         )
 
     async def clip_audio(self, clip_id: str, fmt: str) -> bytes:
-        wav = await self._store_call("get_clip", self.store.get_bytes, self.settings.bucket_clips, clip_audio_key(clip_id))
+        wav = await self._store_call(
+            "get_clip", self.store.get_bytes, self.settings.bucket_clips, clip_audio_key(clip_id)
+        )
         if fmt == "wav":
             return wav
         return await asyncio.to_thread(_transcode, wav, fmt)

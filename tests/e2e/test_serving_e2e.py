@@ -31,7 +31,7 @@ DURATION_S = 2.0
 PROMPTS = [
     "calm lo-fi piano with soft drums",
     "UPBEAT JAZZ TRIO, WALKING BASS!!!",
-    'a "quoted" ballad with \'single quotes\' and a backslash \\',
+    "a \"quoted\" ballad with 'single quotes' and a backslash \\",
     "música tranquila con guitarra española y cajón",
     "日本の伝統的な琴の音楽、ゆっくり",
     "موسيقى عربية هادئة مع عود",
@@ -41,7 +41,7 @@ PROMPTS = [
     "techno 128 bpm, four on the floor; dark & driving <synth>",
     "Ünïcödé çhàrs: naïve café déjà vu",
     "string quartet in D minor, sad, slow (adagio)",
-    "{\"json\": \"like\", \"prompt\": [1, 2]}",
+    '{"json": "like", "prompt": [1, 2]}',
     "heavy metal guitar riffs -- distorted -- fast",
     "lullaby for a baby, music box, very soft",
     "Ελληνική μουσική με μπουζούκι",
@@ -67,7 +67,9 @@ def generator_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def served_model(stack, generator_checkpoint) -> str:
-    batching = BatchingConfig(max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=20_000, instance_count=2)
+    batching = BatchingConfig(
+        max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=20_000, instance_count=2
+    )
     install_version(stack.triton_repo, 1, generator_checkpoint, MODEL_NAME, batching)
     load(stack.triton_http_url, MODEL_NAME)
     return MODEL_NAME
@@ -162,7 +164,10 @@ def test_triton_batches_concurrent_requests_and_rows_stay_independent(gateway_ur
 
     # A clip depends only on its own seed and prompt, not on the batch it was sampled in.
     def tokens(response):
-        return [c["tokens"] for c in httpx.get(f"{gateway_url}/v1/generations/{response.json()['generation_id']}").json()["clips"]]
+        return [
+            c["tokens"]
+            for c in httpx.get(f"{gateway_url}/v1/generations/{response.json()['generation_id']}").json()["clips"]
+        ]
 
     assert tokens(solo) == tokens(responses[-1])
 

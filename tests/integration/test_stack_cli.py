@@ -25,7 +25,11 @@ def stack_env(tmp_path):
     settings = free_port_settings(tmp_path / "stack")
     env = {
         **os.environ,
-        **{f"MUSICRL_{name.upper()}": str(value) for name, value in settings.model_dump().items() if name.startswith("stack_") and value is not None},
+        **{
+            f"MUSICRL_{name.upper()}": str(value)
+            for name, value in settings.model_dump().items()
+            if name.startswith("stack_") and value is not None
+        },
         "MUSICRL_STACK_KAFKA_STORAGE": "s3",
     }
     yield settings, env
@@ -56,8 +60,15 @@ def test_up_status_down_and_kafka_data_survives_a_restart(stack_env):
     producer.send(topic, key=b"k", value=b"kept").get(timeout=30)
     producer.close()
     group = f"g-{uuid.uuid4().hex[:8]}"
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                             auto_offset_reset="earliest", session_timeout_ms=3000, heartbeat_interval_ms=500)
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
     received = [r.value for batch in consumer.poll(timeout_ms=10000).values() for r in batch]
     consumer.commit()
     consumer.close()
@@ -71,10 +82,22 @@ def test_up_status_down_and_kafka_data_survives_a_restart(stack_env):
     assert run(env, "status").returncode == 1
 
     assert run(env, "up").returncode == 0
-    late = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"late-{group}", auto_offset_reset="earliest",
-                         session_timeout_ms=3000, heartbeat_interval_ms=500)
-    resumed = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
-                            session_timeout_ms=3000, heartbeat_interval_ms=500)
+    late = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"late-{group}",
+        auto_offset_reset="earliest",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    resumed = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
     assert [r.value for batch in late.poll(timeout_ms=10000).values() for r in batch] == [b"kept"]
     assert [r.value for batch in resumed.poll(timeout_ms=4000).values() for r in batch] == []
     late.close()
@@ -88,5 +111,8 @@ def test_taken_port_is_one_clear_error(stack_env):
         blocker.listen()
         result = run(env, "up")
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: tansu: port {settings.stack_kafka_port} (kafka) is already in use by another process"
+    assert (
+        result.stderr.strip()
+        == f"error: tansu: port {settings.stack_kafka_port} (kafka) is already in use by another process"
+    )
     assert recorded_pids(settings.data_dir) == [], "a failed up must stop what it started"

@@ -83,7 +83,10 @@ def test_consumer_group_resumes_from_committed_offsets(kafka_bootstrap):
 def test_stack_created_the_preference_topics(stack, kafka_bootstrap):
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
-        topics = {t["name"]: t for t in admin.describe_topics([stack.settings.topic_preferences, stack.settings.topic_dead_letter])}
+        topics = {
+            t["name"]: t
+            for t in admin.describe_topics([stack.settings.topic_preferences, stack.settings.topic_dead_letter])
+        }
     finally:
         admin.close()
     assert set(topics) == {stack.settings.topic_preferences, stack.settings.topic_dead_letter}

@@ -17,7 +17,7 @@ from musicrl.models.generator import load_generator, save_generator
 
 pytestmark = pytest.mark.unit
 
-HELPERS = Path(__file__).parent
+HELPERS = Path(__file__).resolve().parents[1]  # tests/, home of finetune_helpers
 
 
 def test_torchrun_two_gloo_processes_train_one_policy(tmp_path):

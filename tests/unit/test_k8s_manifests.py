@@ -111,11 +111,11 @@ def docs(overlay) -> tuple[dict, ...]:
 def test_overlay_renders_every_component(docs):
     kinds = {doc["kind"] for doc in docs}
     assert {
-        "Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "CronJob",
+        "Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim",
         "StatefulSet", "Job", "ConfigMap", "NetworkPolicy", "ServiceMonitor", "Kafka", "KafkaNodePool",
         "KafkaTopic", "KafkaUser",
     } <= kinds
-    for name in ("gateway", "reward", "triton", "feedback-consumer"):
+    for name in ("gateway", "reward", "triton", "feedback-consumer", "finetune"):
         named(docs, "Deployment", name)
     assert all(doc["metadata"].get("namespace") == "musicrl" for doc in docs if doc["kind"] != "Namespace")
     assert all(doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "musicrl" for doc in docs)
@@ -209,7 +209,6 @@ def test_triton_ready_probe_metrics_and_object_store_repository(docs):
     (container,) = pod_template(triton)["spec"]["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert {port["containerPort"] for port in container["ports"]} == {8000, 8001, 8002}
-    assert any(arg.startswith("--model-repository=s3://") for arg in container["args"])
     assert "--model-control-mode=explicit" in container["args"]
     endpoints = named(docs, "ServiceMonitor", "triton")["spec"]["endpoints"]
     assert [endpoint["port"] for endpoint in endpoints] == ["metrics"]
@@ -377,10 +376,33 @@ def test_feedback_consumers_never_outnumber_partitions(docs):
 
 
 def test_finetune_worker_is_single_flight(docs):
-    cronjob = named(docs, "CronJob", "finetune")
-    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
-    assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    assert not [w for w in workloads(docs) if w["kind"] != "CronJob" and w["metadata"]["name"] == "finetune"]
+    """One replica, replaced with Recreate, no autoscaler, and the worker's object-store lease."""
+    finetune = named(docs, "Deployment", "finetune")
+    assert finetune["spec"]["replicas"] == 1
+    assert finetune["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [h for h in by_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "finetune"]
+    (container,) = pod_template(finetune)["spec"]["containers"]
+    assert container["args"] == ["finetune", "loop"]
+    assert "MUSICRL_FINETUNE_LEASE_TTL_S" in container_environment(docs, container)
+
+
+def test_finetune_worker_and_triton_share_the_model_repository(docs):
+    def mount(workload: str, container: str) -> tuple[str, dict]:
+        pod = pod_template(named(docs, "Deployment", workload))["spec"]
+        (spec,) = [c for c in pod["containers"] if c["name"] == container]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (repository,) = [m for m in spec["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
+        return repository["mountPath"], volumes[repository["name"]]["persistentVolumeClaim"]["claimName"]
+
+    claim = named(docs, "PersistentVolumeClaim", "triton-model-repository")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    triton_path, triton_claim = mount("triton", "triton")
+    finetune_path, finetune_claim = mount("finetune", "finetune")
+    assert triton_claim == finetune_claim == "triton-model-repository"
+    triton_args = pod_template(named(docs, "Deployment", "triton"))["spec"]["containers"][0]["args"]
+    assert f"--model-repository={triton_path}" in triton_args
+    (finetune,) = pod_template(named(docs, "Deployment", "finetune"))["spec"]["containers"]
+    assert container_environment(docs, finetune)["MUSICRL_FINETUNE_TRITON_REPO"] == finetune_path
 
 
 def ingress_peers(docs, pod_labels: dict, port: int) -> list[dict]:
@@ -443,7 +465,7 @@ def test_overlays_place_accelerators(overlay, docs):
     def resources(workload):
         return pod_template(workload)["spec"]["containers"][0]["resources"]["limits"]
 
-    triton, finetune = named(docs, "Deployment", "triton"), named(docs, "CronJob", "finetune")
+    triton, finetune = named(docs, "Deployment", "triton"), named(docs, "Deployment", "finetune")
     device = named(docs, "ConfigMap", "finetune")["data"]["MUSICRL_FINETUNE_DEVICE"]
     if overlay == "gpu":
         assert resources(triton)["nvidia.com/gpu"] == 1 and resources(finetune)["nvidia.com/gpu"] == 1

@@ -128,9 +128,9 @@ def test_mix_of_apps_and_listeners_runs_headless_and_reports(serve, tmp_path):
         assert (tmp_path / report).stat().st_size > 0, report
 
     # Every vote reached the gateway, valid, from a simulated listener, on a pair it was given.
-    # (A request in flight when the run stops may reach the gateway without being counted.)
+    # (A vote in flight when the run stops may miss the statistics or the vote count.)
     counted = endpoints["POST POST /v1/feedback"]["requests"]
-    assert sum(summary["votes"].values()) == counted <= len(gateway.feedback) <= counted + run.users
+    assert counted <= sum(summary["votes"].values()) <= len(gateway.feedback) <= counted + run.users
     assert {vote.choice for vote in gateway.feedback} <= {"a", "b", "tie", "none"}
     assert all(vote.user_id.startswith("listener-3-") for vote in gateway.feedback)
     assert len({vote.event_id for vote in gateway.feedback}) == len(gateway.feedback)

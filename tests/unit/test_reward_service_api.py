@@ -8,7 +8,7 @@ e2e tests run the real ones)."""
 from __future__ import annotations
 
 import base64
-import hashlib
+import io
 import json
 import threading
 import time
@@ -17,15 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 from fastapi.testclient import TestClient
 
 from musicrl.audio import codec, features, formats
 from musicrl.config import ObjectStoreConfig
+from minio.error import S3Error
+
 from musicrl.storage import ObjectNotFound
 from reward_service.app import Dependencies, create_app
 from reward_service.services.inputs import InputResolver, Limits
 from reward_service.services.models import ModelHolder
-from reward_service.services.scorer import PromptCache, Windowing, score_batch
+from musicrl.rewards.tiny import TinyPreference, TinyQuality
+from musicrl.text import TEXT_DIM, HashingTextEncoder
+from reward_service.services.scorer import CachedTextEncoder, score_batch
 from reward_service.settings import RewardSettings
 
 pytestmark = pytest.mark.unit
@@ -37,37 +42,34 @@ SR = codec.SAMPLE_RATE
 # ----------------------------------------------------------------------------- fakes
 
 
-def fake_embed(texts: list[str]) -> np.ndarray:
-    rows = []
-    for text in texts:
-        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
-        v = np.random.default_rng(seed).standard_normal(8).astype(np.float32)
-        rows.append(v / np.linalg.norm(v))
-    return np.stack(rows)
-
-
 class FakeTextAdherence:
+    """A fixed random projection of the mel statistics per version (so a reload changes the scores)."""
+
+    text_dim = TEXT_DIM
+
     def __init__(self, version: str):
         self.version = version
+        self.projection = np.random.default_rng(int(version)).standard_normal((features.N_MELS, TEXT_DIM)).astype(np.float32)
 
     def embed_audio(self, mels: np.ndarray) -> np.ndarray:
-        return mels.mean(axis=2)[:, :8] + float(self.version)
+        e = mels.mean(axis=2) @ self.projection
+        return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
-class FakeQuality:
+class FakeQuality(TinyQuality):
     def __init__(self, version: str):
         self.version = version
 
     def mos(self, mels: np.ndarray) -> np.ndarray:
-        return 1.0 + 4.0 / (1.0 + np.exp(-mels.mean(axis=(1, 2)) / 10.0 - float(self.version)))
+        return np.clip(super().mos(mels) - 0.25 * (int(self.version) - 1), 1.0, 5.0)
 
 
-class FakePreference:
+class FakePreference(TinyPreference):
     def __init__(self, version: str):
         self.version = version
 
-    def score(self, cond: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        return tokens.mean(axis=1) / codec.VOCAB_SIZE + cond[:, 0] + float(self.version)
+    def score(self, cond, tokens) -> np.ndarray:
+        return super().score(cond, tokens) + int(self.version)
 
 
 FAKES = {"text_adherence": FakeTextAdherence, "quality": FakeQuality, "preference": FakePreference}
@@ -88,10 +90,33 @@ class FakeSource:
         return Path("/fake") / component / version
 
 
+class FakeResponse:
+    def __init__(self, data: bytes, headers: dict[str, str]):
+        self.data, self.headers = data, headers
+
+    def read(self):
+        return self.data
+
+    def close(self):
+        pass
+
+    def release_conn(self):
+        pass
+
+
 class FakeStore:
+    """The few object-store calls the resolver makes, in memory (the e2e tests use SeaweedFS)."""
+
     def __init__(self):
         self.config = ObjectStoreConfig()
         self.objects: dict[tuple[str, str], bytes] = {}
+        self.metadata: dict[tuple[str, str], dict[str, str]] = {}
+        self.client = self
+
+    def get_object(self, bucket, key):
+        if (bucket, key) not in self.objects:
+            raise S3Error(None, "NoSuchKey", "missing", key, "", "", bucket, key)
+        return FakeResponse(self.objects[bucket, key], self.metadata.get((bucket, key), {}))
 
     def get_bytes(self, bucket, key):
         try:
@@ -103,23 +128,9 @@ class FakeStore:
         return json.loads(self.get_bytes(bucket, key))
 
 
-def load_fake(source: FakeSource, component: str, path: Path):
-    source.loads.append((component, path.name))
-    return FAKES[component](path.name)
-
-
-def frames(seconds: float) -> slice:
-    return lambda n: [(0, n)] if n <= seconds * features.MEL_FRAME_RATE else [
-        (s, s + int(seconds * features.MEL_FRAME_RATE))
-        for s in range(0, n - int(seconds * features.MEL_FRAME_RATE) + 1, int(seconds * features.MEL_FRAME_RATE))
-    ]
-
-
-WINDOWING = Windowing(
-    text_adherence=frames(10.0),
-    quality=frames(20.0),
-    preference=lambda n: [(0, n)] if n <= 160 else [(0, 160), (n - 160, n)],
-)
+def load_fake(source: FakeSource, component: str, path: Path, version: str):
+    source.loads.append((component, version))
+    return FAKES[component](version)
 
 
 def tone(seconds: float, hz: float = 440.0, sr: int = SR) -> np.ndarray:
@@ -150,9 +161,7 @@ def build(source=None, store=None, score=None, **overrides):
     store = store or FakeStore()
     holder = ModelHolder(source, partial(load_fake, source))
     resolver = InputResolver(store, Limits(settings.reward_max_audio_s, settings.reward_min_audio_s), codec, formats)
-    score = score or partial(
-        score_batch, prompt_embeddings=PromptCache(fake_embed), log_mel=features.log_mel, windowing=WINDOWING
-    )
+    score = score or partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))
     return create_app(settings, Dependencies(holder, resolver, score)), source, store
 
 
@@ -208,6 +217,27 @@ def test_scores_every_kind_of_input_and_combines_them(api):
         assert item["combined"] == pytest.approx(item["text_adherence"] + item["quality"] + item["preference"])
 
 
+def test_clip_tokens_come_from_the_generation_stamped_on_the_stored_wav(api):
+    client, _, store = api
+    stamped, unstamped, dangling, generation_id = "1" * 32, "2" * 32, "3" * 32, "4" * 32
+    recorded = tokens(6.0, seed=5)
+    # The stored audio is of other tokens, so scores show which tokens the preference model saw.
+    wav = formats.encode_audio(codec.decode(np.asarray(tokens(6.0, seed=6))), SR)
+    for clip_id in (stamped, unstamped, dangling):
+        store.objects["musicrl-clips", f"clips/{clip_id}.wav"] = wav
+    store.metadata["musicrl-clips", f"clips/{stamped}.wav"] = {"x-amz-meta-generation-id": generation_id}
+    store.metadata["musicrl-clips", f"clips/{dangling}.wav"] = {"x-amz-meta-generation-id": "9" * 32}
+    store.objects["musicrl-generations", f"generations/{generation_id}.json"] = json.dumps(
+        {"clips": [{"clip_id": stamped, "tokens": recorded}]}
+    ).encode()
+    items = [{"prompt": "p", "clip_id": c} for c in (stamped, unstamped, dangling)] + [{"prompt": "p", "tokens": recorded}]
+    r = client.post("/v1/scores", json={"items": items, "components": ["preference"]})
+    assert r.status_code == 200, r.text
+    from_record, analysed, fallback, direct = (s["preference"] for s in r.json()["scores"])
+    assert from_record == direct != analysed
+    assert analysed == fallback  # a stamp that points nowhere falls back to analysing the audio
+
+
 def test_components_and_weights_select_what_is_computed(api):
     client, _, _ = api
     item = {"prompt": "fast drums", "audio_b64": b64(formats.encode_audio(tone(3.0), SR))}
@@ -226,10 +256,6 @@ def test_other_sample_rates_and_stereo_are_converted():
         wait_ready(client)
         mono = tone(2.0, sr=16_000)
         stereo44 = np.stack([tone(2.0, sr=44_100)] * 2, axis=1)
-        import io
-
-        import soundfile
-
         buf = io.BytesIO()
         soundfile.write(buf, stereo44, 44_100, format="WAV", subtype="PCM_16")
         items = [
@@ -330,7 +356,7 @@ def test_body_over_the_limit_is_413_with_or_without_content_length(api):
 
 def test_full_queue_answers_429_with_retry_after():
     gate = threading.Event()
-    inner = partial(score_batch, prompt_embeddings=PromptCache(fake_embed), log_mel=features.log_mel, windowing=WINDOWING)
+    inner = partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))
 
     def blocked(snapshot, tasks):
         gate.wait(10)
@@ -368,6 +394,19 @@ def test_not_ready_until_models_load_then_ready():
         source.fail = None
         wait_ready(client)
         assert client.get("/readyz").json()["model_versions"]["quality"] == "1"
+
+
+def test_without_a_published_preference_model_the_other_rewards_still_serve():
+    source = FakeSource()
+    del source.versions["preference"]
+    app, _, _ = build(source=source)
+    item = {"prompt": "x", "tokens": tokens(3.0)}
+    with TestClient(app) as client:
+        wait_ready(client)
+        r = client.post("/v1/scores", json={"items": [item], "components": ["text_adherence", "quality"]})
+        assert r.status_code == 200 and r.json()["model_versions"] == {"text_adherence": "1", "quality": "1"}
+        r = client.post("/v1/scores", json={"items": [item]})
+        assert r.status_code == 503 and "no preference model" in r.json()["detail"]
 
 
 # ----------------------------------------------------------------------------- reload

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +21,7 @@ from musicrl.storage import ObjectStore
 from serving.app import create_app
 from serving.errors import UpstreamFailed, UpstreamUnavailable
 from serving.schemas import GenerationRequest
+from serving.services.embedding import PromptEmbedder
 from serving.services.generations import GenerationService, candidate_models, candidate_seeds
 from serving.services.triton import Candidate
 from serving.settings import GatewaySettings
@@ -164,13 +165,13 @@ def test_generation_returns_two_clips_and_stores_audio_and_record(client):
 
 
 def test_records_and_clips_can_be_read_back_in_every_format(client):
-    body = client.post("/v1/generations", json={"prompt": "jazz «trio» \"live\"", "n": 3, "duration_s": 1.5}).json()
+    body = client.post("/v1/generations", json={"prompt": 'jazz «trio» "live"', "n": 3, "duration_s": 1.5}).json()
     record = client.get(f"/v1/generations/{body['generation_id']}").json()
     assert record["schema"] == "generation.v1" and len(record["clips"]) == 3
     clip_id = body["clips"][1]["clip_id"]
     info = client.get(f"/v1/clips/{clip_id}").json()
     assert info["generation_id"] == body["generation_id"] and info["index"] == 1
-    assert info["prompt"] == "jazz «trio» \"live\""
+    assert info["prompt"] == 'jazz «trio» "live"'
     for fmt, media in [("wav", "audio/wav"), ("flac", "audio/flac"), ("ogg", "audio/ogg"), ("mp3", "audio/mpeg")]:
         audio = client.get(f"/v1/clips/{clip_id}/audio", params={"format": fmt})
         assert audio.status_code == 200 and audio.headers["content-type"] == media
@@ -216,8 +217,14 @@ def test_bad_requests_get_422_with_the_field_and_a_message(client, body, field):
 
 
 def test_unparseable_bodies_get_422(client):
-    assert client.post("/v1/generations", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
-    assert client.post("/v1/generations", content=b"\xff\xfe", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post("/v1/generations", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
+    assert (
+        client.post("/v1/generations", content=b"\xff\xfe", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
     assert client.post("/v1/generations", json=["prompt"]).status_code == 422
 
 
@@ -275,7 +282,12 @@ def test_health_readiness_metrics_and_openapi(client):
     text = client.get("/metrics").text
     assert "musicrl_gateway_clips_total" in text and "musicrl_gateway_store_seconds" in text
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/generations", "/v1/generations/{generation_id}", "/v1/clips/{clip_id}", "/v1/clips/{clip_id}/audio"} <= set(paths)
+    assert {
+        "/v1/generations",
+        "/v1/generations/{generation_id}",
+        "/v1/clips/{clip_id}",
+        "/v1/clips/{clip_id}/audio",
+    } <= set(paths)
 
 
 def test_request_id_is_propagated(client):
@@ -322,3 +334,38 @@ def test_experiment_share_zero_and_missing_challenger_fall_back_to_current():
     response = asyncio.run(service.create(GenerationRequest(prompt="x", duration_s=1)))
     assert response.experiment is None and [c.policy_version for c in response.clips] == ["3", "3"]
     assert REGISTRY.get_sample_value("musicrl_gateway_challenger_fallbacks_total") == before + 1
+
+
+class CountingEncoder(FakeTextEncoder):
+    def __init__(self, fail: bool = False):
+        self.batches: list[int] = []
+        self.fail = fail
+
+    def embed(self, texts):
+        self.batches.append(len(texts))
+        if self.fail:
+            raise RuntimeError("encoder broke")
+        time.sleep(0.02)
+        return super().embed(texts)
+
+
+def test_prompts_of_concurrent_requests_are_embedded_together():
+    encoder = CountingEncoder()
+    embedder = PromptEmbedder(encoder)
+
+    async def many():
+        return await asyncio.gather(*(embedder.embed(f"prompt {i}") for i in range(10)))
+
+    vectors = asyncio.run(many())
+    assert sum(encoder.batches) == 10 and max(encoder.batches) > 1
+    np.testing.assert_allclose(vectors[3], FakeTextEncoder().embed(["prompt 3"])[0])
+    assert asyncio.run(embedder.embed("alone")).shape == (384,)
+
+
+def test_an_encoder_error_reaches_every_waiting_request():
+    embedder = PromptEmbedder(CountingEncoder(fail=True))
+
+    async def many():
+        return await asyncio.gather(*(embedder.embed("x") for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(many()))

@@ -35,7 +35,18 @@ def test_config_is_rendered_from_the_settings():
     assert "max_queue_delay_microseconds: 5000" in text
     assert "count: 3, kind: KIND_CPU" in text
     assert "version_policy: { latest: { num_versions: 1 } }" in text
-    for name in ("PROMPT_EMBEDDING", "SEED", "N_FRAMES", "TEMPERATURE", "TOP_K", "TOKENS", "LOGPROBS", "AUDIO", "SAMPLE_RATE", "POLICY_VERSION"):
+    for name in (
+        "PROMPT_EMBEDDING",
+        "SEED",
+        "N_FRAMES",
+        "TEMPERATURE",
+        "TOP_K",
+        "TOKENS",
+        "LOGPROBS",
+        "AUDIO",
+        "SAMPLE_RATE",
+        "POLICY_VERSION",
+    ):
         assert f'name: "{name}"' in text
     assert "dims: [ 384 ]" in text
 

@@ -49,3 +49,32 @@ class TokenFractionReward:
         assert len(prompts) == len(tokens)
         target = (tokens == TARGET_TOKEN).mean(axis=1)
         return {"text_adherence": target, "quality": np.zeros(len(tokens)), "preference": (tokens == 5).mean(axis=1)}
+
+
+def servable_generator(seed: int = 0) -> Generator:
+    """A tiny generator Triton can serve: the real vocabulary and the 384-d prompt embedding."""
+    import torch
+
+    from musicrl.audio import codec
+
+    torch.manual_seed(seed)
+    return Generator(GeneratorConfig(vocab_size=codec.VOCAB_SIZE, text_dim=384, max_frames=64, n_layers=1, n_heads=2, d_model=32))
+
+
+class HoldFractionReward(TokenFractionReward):
+    """TokenFractionReward under the name the finetune settings point at (python:finetune_helpers:HoldFractionReward)."""
+
+
+class ParityReward:
+    """Rewards a servable generator can learn in a few steps: text_adherence = share of even tokens;
+    preference = share of multiples of 3 (an 'other' reward for the no-collapse check)."""
+
+    versions = {"text_adherence": "parity", "quality": "zero", "preference": "thirds"}
+
+    def __call__(self, prompts, tokens):
+        tokens = np.asarray(tokens)
+        return {
+            "text_adherence": (tokens % 2 == 0).mean(axis=1),
+            "quality": np.zeros(len(tokens)),
+            "preference": (tokens % 3 == 0).mean(axis=1),
+        }

@@ -1,0 +1,256 @@
+"""``musicrl consumer bench``: how fast preferences flow, against a bare kafka-python consumer.
+
+Starts a private SeaweedFS + Tansu in a temporary directory, then measures
+
+1. the feedback consumer (validate, de-duplicate, join, Parquet, ledger,
+   dead letters, commits) and a bare ``kafka-python`` consumer (poll and
+   count, nothing else) reading the same topic in the same run: events/s of
+   each from the first record fetched to the last one handled, and the ratio;
+2. end to end: a real gateway process (`musicrl gateway serve`) receives
+   ``POST /v1/feedback`` from concurrent clients while the consumer runs;
+   events/s from the first POST until the last event is durable in the buffer,
+   plus the POST latency percentiles.
+
+Results are merged into ``results/feedback.json`` under ``"benchmark"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+from kafka import KafkaConsumer
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from feedback_consumer.consumer import FeedbackConsumer
+from feedback_consumer.settings import ConsumerSettings
+from feedback_consumer.workload import make_records, make_workload, produce, store_records
+from musicrl.kafka import ensure_topics
+from musicrl.stack import COMPONENTS, Stack, free_port_settings
+from musicrl.stack.processes import free_port
+from musicrl.storage import ObjectStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def update_results(path: Path, keys: list[str], value) -> None:
+    """Set ``results[keys[0]][keys[1]]... = value`` in a JSON file, keeping everything else."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    node = results
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def _settings(stack_env: dict[str, str], tag: str) -> ConsumerSettings:
+    fields = {k.removeprefix("MUSICRL_").lower(): v for k, v in stack_env.items()}
+    known = {k: v for k, v in fields.items() if k in ConsumerSettings.model_fields}
+    return ConsumerSettings(
+        **known, topic_preferences=f"bench-{tag}", topic_dead_letter=f"bench-{tag}.dlq", bucket_buffer=f"bench-{tag}",
+        consumer_group_id=f"bench-{tag}", consumer_session_timeout_ms=4000, consumer_heartbeat_interval_ms=1000,
+        consumer_segment_max_age_s=1.0, consumer_metrics_port=-1, log_level="WARNING",
+    )
+
+
+def bare_consumer_rate(settings: ConsumerSettings, n_messages: int) -> dict:
+    """Poll the topic in a fresh group and count: the floor any consumer built on kafka-python pays."""
+    consumer = KafkaConsumer(
+        settings.topic_preferences, bootstrap_servers=settings.kafka_bootstrap, group_id=f"{settings.consumer_group_id}-bare",
+        enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms, max_poll_records=settings.consumer_max_poll_records,
+        fetch_max_bytes=settings.consumer_fetch_max_bytes, max_partition_fetch_bytes=settings.consumer_max_partition_fetch_bytes,
+    )
+    seen, first = 0, None
+    try:
+        with tqdm(total=n_messages, desc="bare kafka-python consumer", unit="ev") as bar:
+            while seen < n_messages:
+                for records in consumer.poll(timeout_ms=500).values():
+                    first = first or time.perf_counter()
+                    seen += len(records)
+                    bar.update(len(records))
+        elapsed = time.perf_counter() - first
+        consumer.commit()
+    finally:
+        consumer.close()
+    return {"events": seen, "seconds": round(elapsed, 3), "events_per_s": round(seen / elapsed, 1)}
+
+
+def feedback_consumer_rate(settings: ConsumerSettings, store: ObjectStore, n_messages: int) -> dict:
+    consumer = FeedbackConsumer(settings, store)
+    thread = threading.Thread(target=consumer.run, name="feedback-consumer")
+    thread.start()
+    try:
+        with tqdm(total=n_messages, desc="feedback consumer", unit="ev") as bar:
+            while consumer.totals["events"] < n_messages:
+                if not thread.is_alive():
+                    raise RuntimeError("the feedback consumer stopped")
+                bar.update(consumer.totals["events"] - bar.n)
+                time.sleep(0.05)
+            bar.update(consumer.totals["events"] - bar.n)
+        elapsed = time.perf_counter() - consumer.first_record_at
+    finally:
+        consumer.stop()
+        thread.join()
+    return {"events": consumer.totals["events"], "seconds": round(elapsed, 3), "events_per_s": round(consumer.totals["events"] / elapsed, 1),
+            "accepted": consumer.totals["accepted"], "duplicates": consumer.totals["duplicates"], "dead_letters": consumer.totals["dead_letters"]}
+
+
+def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSICRL_")} | stack_env | {
+        "MUSICRL_TOPIC_PREFERENCES": settings.topic_preferences,
+        "MUSICRL_TOPIC_DEAD_LETTER": settings.topic_dead_letter,
+        "MUSICRL_GATEWAY_PORT": str(port),
+        "MUSICRL_GATEWAY_TEXT_ENCODER": "hashing",  # the feedback route embeds nothing; skip loading MiniLM
+        "MUSICRL_LOG_LEVEL": "WARNING",
+    }
+    log = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "musicrl.cli", "gateway", "serve"], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited, see {log_path}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"the gateway did not start, see {log_path}")
+
+
+async def post_feedback(url: str, bodies: list[dict], concurrency: int) -> list[float]:
+    latencies: list[float] = []
+    queue = list(reversed(bodies))
+    bar = tqdm(total=len(bodies), desc="POST /v1/feedback", unit="req")
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            body = queue.pop()
+            for _ in range(5):
+                started = time.perf_counter()
+                response = await client.post("/v1/feedback", json=body)
+                if response.status_code == 202:
+                    latencies.append(time.perf_counter() - started)
+                    break
+                if response.status_code != 503:
+                    raise RuntimeError(f"feedback rejected: {response.status_code} {response.text}")
+                await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+            bar.update(1)
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    bar.close()
+    return latencies
+
+
+def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int, workdir: Path) -> dict:
+    rng = random.Random(7)
+    records = make_records(max(n_events // 4, 1), rng)
+    store_records(store, records)
+    bodies = []
+    for i in range(n_events):
+        record = rng.choice(records)
+        bodies.append({
+            "event_id": uuid.uuid4().hex, "generation_id": record.generation_id,
+            "clip_a_id": record.clips[0].clip_id, "clip_b_id": record.clips[1].clip_id,
+            "choice": rng.choice(["a", "b", "tie"]), "listen_a_s": 10.0, "listen_b_s": 9.0, "user_id": f"user-{i % 97}",
+        })
+    gateway, url = start_gateway(stack_env, settings, workdir / "gateway.log")
+    consumer = FeedbackConsumer(settings, store)
+    thread = threading.Thread(target=consumer.run, name="feedback-consumer")
+    thread.start()
+    try:
+        while not consumer.partitions:  # group joined: the clock starts with the first POST
+            time.sleep(0.05)
+        started = time.perf_counter()
+        latencies = asyncio.run(post_feedback(url, bodies, concurrency))
+        posted = time.perf_counter() - started
+        with tqdm(total=n_events, desc="durable in the buffer", unit="ev") as bar:
+            while consumer.totals["accepted"] < n_events:
+                if not thread.is_alive():
+                    raise RuntimeError("the feedback consumer stopped")
+                bar.update(consumer.totals["accepted"] - bar.n)
+                time.sleep(0.02)
+            bar.update(consumer.totals["accepted"] - bar.n)
+        elapsed = time.perf_counter() - started
+    finally:
+        consumer.stop()
+        thread.join()
+        gateway.terminate()
+        gateway.wait(timeout=30)
+    ms = np.array(latencies) * 1000
+    return {
+        "events": n_events, "concurrency": concurrency, "seconds": round(elapsed, 3),
+        "events_per_s": round(n_events / elapsed, 1), "gateway_accept_events_per_s": round(n_events / posted, 1),
+        "post_latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2),
+                            "p99": round(float(np.percentile(ms, 99)), 2)},
+    }
+
+
+def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Path) -> dict:
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="musicrl-feedback-bench-") as tmp:
+        workdir = Path(tmp)
+        local = Stack(free_port_settings(workdir / "stack"), [c for c in COMPONENTS if c.name in ("seaweedfs", "tansu")])
+        console.print("starting a private SeaweedFS + Tansu ...")
+        local.up()
+        try:
+            stack_env = local.info.env()
+            settings = _settings(stack_env, uuid.uuid4().hex[:8])
+            store = ObjectStore(settings)
+            store.ensure_buckets()
+            ensure_topics(settings)
+            rng = random.Random(0)
+            records = make_records(300, rng)
+            store_records(store, records)
+            workload = make_workload(events, records, seed=0)
+            produce(settings, settings.topic_preferences, workload.messages)
+
+            bare = bare_consumer_rate(settings, len(workload.messages))
+            ours = feedback_consumer_rate(settings, store, len(workload.messages))
+            e2e_settings = _settings(stack_env, uuid.uuid4().hex[:8])
+            ensure_topics(e2e_settings)
+            end_to_end = end_to_end_rate(stack_env, e2e_settings, store, gateway_events, concurrency, workdir)
+        finally:
+            local.down()
+
+    results = {
+        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
+        "workload": workload.counts(),
+        "bare_kafka_python_consumer": bare,
+        "feedback_consumer": ours,
+        "consumer_vs_bare_ratio": round(ours["events_per_s"] / bare["events_per_s"], 3),
+        "end_to_end_gateway_to_buffer": end_to_end,
+    }
+    update_results(output, ["benchmark"], results)
+
+    table = Table(title="feedback stream")
+    table.add_column("measure")
+    table.add_column("events/s", justify="right")
+    table.add_row("bare kafka-python consumer (baseline)", f"{bare['events_per_s']:.0f}")
+    table.add_row("feedback consumer", f"{ours['events_per_s']:.0f}")
+    table.add_row("  ratio to baseline", f"{results['consumer_vs_bare_ratio']:.3f}")
+    table.add_row(f"gateway -> buffer, {concurrency} clients", f"{end_to_end['events_per_s']:.0f}")
+    table.add_row("  gateway 202s only", f"{end_to_end['gateway_accept_events_per_s']:.0f}")
+    console.print(table)
+    console.print(f"POST latency ms: {end_to_end['post_latency_ms']}  -> {output}")
+    return results
