@@ -36,7 +36,10 @@ def _fail(err: Exception) -> typer.Exit:
 
 @app.command("run-once")
 def run_once(json_out: Annotated[bool, typer.Option("--json", help="Print the run record as JSON.")] = False) -> None:
-    """Run one cycle now (or resume the unfinished one): reward model, RL, gate, publish, deploy."""
+    """Run one cycle now (or resume the unfinished one): reward model, RL, gate, publish, deploy.
+
+    Exit code 0 when the candidate was deployed (or published, with auto-deploy off), 2 when it was rejected.
+    """
     from finetune_worker.cycle import FinetuneCycle  # noqa: PLC0415
     from finetune_worker.loop import run_cycle_with_lease  # noqa: PLC0415
 
@@ -52,7 +55,7 @@ def run_once(json_out: Annotated[bool, typer.Option("--json", help="Print the ru
         console.print(f"run {record['run_id']}: {record['status']}"
                       + (f", version {record['candidate_version']}" if record.get("candidate_version") else "")
                       + (f" ({record['reason']})" if record.get("reason") else ""))
-    if record["status"] != "deployed":
+    if record["status"] not in ("deployed", "published"):
         raise typer.Exit(2)
 
 

@@ -55,7 +55,7 @@ log = get_logger(__name__)
 
 GENERATOR = "generator"
 PREFERENCE = "reward/preference"
-TERMINAL = ("deployed", "rejected", "deploy_failed", "failed")
+TERMINAL = ("deployed", "rejected", "deploy_failed")
 
 
 class RunState(BaseModel):
@@ -144,7 +144,7 @@ class FinetuneCycle:
                 self._timed(state, "train", self.train, state)
             if state.status == "trained":
                 self._timed(state, "gate", self.gate_and_publish, state)
-            if state.status == "published":
+            if state.status == "published" and self.settings.finetune_auto_deploy:
                 self._timed(state, "deploy", self.deploy, state)
         finally:
             self.save_state(state)
@@ -383,7 +383,7 @@ class FinetuneCycle:
 
     def finish(self, state: RunState) -> dict[str, Any]:
         record = state.model_dump()
-        if state.status in TERMINAL:
+        if state.status in TERMINAL or (state.status == "published" and not self.settings.finetune_auto_deploy):
             archive = self.work_dir / "runs" / state.run_id
             archive.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(archive, ignore_errors=True)

@@ -62,7 +62,8 @@ def evaluate_gate(
     candidate_weights_finite: bool = True,
 ) -> GateReport:
     checks = []
-    bad = sorted(k for k, v in {**candidate, **baseline}.items() if not math.isfinite(v))
+    bad = sorted({f"{side}:{k}" for side, metrics in (("candidate", candidate), ("baseline", baseline))
+                  for k, v in metrics.items() if not math.isfinite(v)})
     finite = candidate_weights_finite and not bad
     checks.append(Check("finite", finite, "ok" if finite else f"non-finite: {bad or 'weights'}"))
 

@@ -56,7 +56,7 @@ class Trigger:
         """(start a cycle?, why, preferences on the current policy)."""
         s = self.cycle.settings
         pending = self.cycle.load_state()
-        if pending is not None and pending.status not in TERMINAL:
+        if pending is not None and pending.status not in TERMINAL and (pending.status != "published" or s.finetune_auto_deploy):
             return True, f"resume run {pending.run_id} ({pending.status})", 0
         current = self.cycle.registry.current("generator")
         if current is None:

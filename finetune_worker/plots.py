@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
@@ -20,7 +21,11 @@ def plot_training(history: list[dict[str, float]], out_dir: str | Path, title: s
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [h[target] for h in history], label=target, linewidth=2)
+    values = np.array([h[target] for h in history], dtype=float)
+    ax.plot(steps, values, label=target, linewidth=1, alpha=0.5)
+    window = max(1, len(values) // 8)  # rollout batches are small: show the trend under the noise
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(steps[window - 1 :], smooth, label=f"{target} ({window}-step mean)", linewidth=2.5, color="C0")
     for name in components:
         ax.plot(steps, [h.get(name, float("nan")) for h in history], label=name, alpha=0.7)
     ax.set(xlabel="training step", ylabel="reward (mean over rollouts)", title=title or "reward vs step")

@@ -26,6 +26,7 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_results_dir: Path = Path("results")
     finetune_triton_repo: Path = Path(".stack/triton/models")
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
+    finetune_auto_deploy: bool = Field(True, description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).")
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
     finetune_metrics_host: str = Field("127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus).")
 

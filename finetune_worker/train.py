@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from finetune_worker.prompts import PromptMixer
 from finetune_worker.rewards import load_object, make_reward_fn
 from finetune_worker.trainers.base import DistributedContext
-from finetune_worker.trainers.dpo import DPOConfig, OnlineDPOTrainer
+from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer
 from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 from musicrl.logging import get_logger
 from musicrl.models.generator import load_generator, save_generator
@@ -93,8 +93,6 @@ def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[d
         prompts = PromptMixer(job.user_prompts, job.captions, job.user_fraction, seed=config.seed)
         trainer = ReinforceTrainer(config, policy, reference, make_reward_fn(job.reward), prompts, embed, job.checkpoint_dir, dist_ctx)
     else:
-        from finetune_worker.trainers.dpo import DPOPair  # noqa: PLC0415
-
         config = DPOConfig(**job.config)
         rows = torch.load(job.pairs_file, weights_only=False)
         pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]

@@ -36,7 +36,8 @@ MERGE_KEYS = {
     "imagePullSecrets": "name",
 }
 BUILT_IN_GROUPS = {"v1", "apps/v1", "batch/v1", "policy/v1", "autoscaling/v2", "networking.k8s.io/v1"}
-# The order in which kustomize emits kinds (its legacy ordering); other kinds follow, by name.
+# The order in which kustomize emits kinds (its legacy ordering); other kinds come
+# between the two lists, by API group, version and kind; then by namespace and name.
 KIND_ORDER = [
     "Namespace", "ResourceQuota", "StorageClass", "CustomResourceDefinition", "ServiceAccount",
     "PodSecurityPolicy", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding", "ConfigMap", "Secret",
@@ -125,15 +126,13 @@ def _merge(base, patch, strategic: bool, field: str | None = None):
                 merged[key] = copy.deepcopy(value)
         return merged
     if strategic and isinstance(base, list) and isinstance(patch, list) and field in MERGE_KEYS:
+        # As kustomize does: the patch's items first (merged into their originals),
+        # then the original items the patch does not mention, in their order.
         key = MERGE_KEYS[field]
-        merged = copy.deepcopy(base)
-        positions = {item.get(key): index for index, item in enumerate(merged) if isinstance(item, dict)}
-        for item in patch:
-            if item.get(key) in positions:
-                merged[positions[item[key]]] = _merge(merged[positions[item[key]]], item, strategic)
-            else:
-                merged.append(copy.deepcopy(item))
-        return merged
+        originals = {item.get(key): item for item in base if isinstance(item, dict)}
+        patched = [_merge(originals[item[key]], item, strategic) if item.get(key) in originals else copy.deepcopy(item) for item in patch]
+        mentioned = {item.get(key) for item in patch}
+        return patched + [copy.deepcopy(item) for item in base if item.get(key) not in mentioned]
     return copy.deepcopy(patch)
 
 
@@ -155,13 +154,14 @@ def _containers(obj: dict) -> list[dict]:
 def _sorted(objects: list[dict]) -> list[dict]:
     def rank(obj: dict) -> tuple:
         kind = obj["kind"]
+        group, _, version = obj["apiVersion"].rpartition("/")
         if kind in KIND_ORDER:
             position = KIND_ORDER.index(kind)
         elif kind in LAST_KINDS:
             position = len(KIND_ORDER) + 1 + LAST_KINDS.index(kind)
         else:
             position = len(KIND_ORDER)
-        return position, kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+        return position, group, version, kind, obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
 
     return sorted(objects, key=rank)
 

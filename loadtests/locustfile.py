@@ -99,7 +99,7 @@ class AppUser(FastHttpUser):
     @task
     def generate(self) -> None:
         with self.client.post(
-            "/v1/generations", json=generation_body(settings()), name="POST /v1/generations", catch_response=True
+            "/v1/generations", json=generation_body(settings()), name="/v1/generations", catch_response=True
         ) as response:
             if response.status_code != 201:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
@@ -124,7 +124,7 @@ class ListenerUser(FastHttpUser):
     def judge_a_pair(self) -> None:
         config = settings()
         with self.client.post(
-            "/v1/generations", json=generation_body(config), name="POST /v1/generations", catch_response=True
+            "/v1/generations", json=generation_body(config), name="/v1/generations", catch_response=True
         ) as response:
             if response.status_code != 201:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
@@ -148,7 +148,7 @@ class ListenerUser(FastHttpUser):
             "user_id": self.listener.id,
             "app_id": config.app_id,
         }
-        with self.client.post("/v1/feedback", json=body, name="POST /v1/feedback", catch_response=True) as response:
+        with self.client.post("/v1/feedback", json=body, name="/v1/feedback", catch_response=True) as response:
             if response.status_code != 202:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
             else:
@@ -156,7 +156,7 @@ class ListenerUser(FastHttpUser):
 
     def _download(self, clip: dict) -> tuple[np.ndarray, int] | None:
         url = clip["audio_url"] if settings().use_presigned_urls else clip["download_url"]
-        with self.client.get(url, name="GET clip audio", catch_response=True) as response:
+        with self.client.get(url, name="/v1/clips/{clip_id}/audio", catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
                 return None

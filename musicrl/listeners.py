@@ -45,7 +45,7 @@ _HOP = 512
 
 
 def hear(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, float]:
-    """Perceptual features of a mono waveform, each on a scale of roughly -2..2.
+    """Perceptual features of a mono waveform, each mostly within -3..2.
 
     - ``brightness``: log2 of the energy-weighted spectral centroid over 1 kHz;
     - ``pitch``: register, log2 of the median dominant partial over A4 (440 Hz);
@@ -152,7 +152,7 @@ class ListenerConfig(BaseModel):
 
     size: int = Field(default=200, ge=1, description="number of individuals")
     taste: dict[str, FeatureTaste] = Field(default_factory=_default_taste, description="population mean taste")
-    taste_spread: float = Field(default=1.1, ge=0.0, description="individual deviation from the mean taste")
+    taste_spread: float = Field(default=1.2, ge=0.0, description="individual deviation from the mean taste")
     temperature: float = Field(default=0.6, gt=0.0, description="Bradley-Terry noise: higher = more random choices")
     tie_probability: float = Field(default=0.3, ge=0.0, le=1.0, description="P(tie) when both clips please equally")
     tie_width: float = Field(default=1.0, gt=0.0, description="utility gap over which ties fade out")

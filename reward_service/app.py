@@ -143,6 +143,12 @@ def create_app(settings: RewardSettings | None = None, dependencies: Dependencie
         metrics.rejected.labels("component_unavailable").inc()
         return _error(503, str(err))
 
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # Bad input never gets here (it is a 4xx above); this is a fault of the service or its models.
+        log.exception("request.failed", path=request.url.path, error=str(err))
+        return _error(500, f"scoring failed: {type(err).__name__}")
+
     @app.exception_handler(BatcherStopped)
     async def stopped(_: Request, err: BatcherStopped) -> JSONResponse:
         return _error(503, str(err))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +28,7 @@ from typing import Iterator
 import httpx
 from rich.console import Console
 from rich.table import Table
+from tqdm.auto import tqdm
 
 from musicrl.audio import formats
 from musicrl.corpus.dataset import make_corpus
@@ -272,23 +273,30 @@ def _model_stage(settings: RewardSettings, items: list[dict], batch_sizes: list[
 
 
 def run_bench(config: BenchConfig) -> dict:
+    load_start = round(os.getloadavg()[0], 2)
     with _private_store(config.checkpoints) if config.private_store else _nullcontext(RewardSettings()) as settings:
         items = _items(config, settings)
         modes = {"one_by_one": 1, "batched": config.max_batch_size}
         console.print("[bold]model stage alone[/] (in this process)")
         model_stage = _model_stage(settings, items, sorted({1, 8, config.max_batch_size}), config.seconds / 2)
         points: list[Point] = []
-        for mode, size in modes.items():
-            console.print(f"[bold]{mode}[/] (max batch size {size}): starting the service")
-            with _server(settings, size, config.max_wait_ms) as url:
+        with ExitStack() as servers:
+            # Both services run side by side and the modes alternate at each client count, so a
+            # change in the machine's other load during the run hits both modes alike.
+            urls = {}
+            for mode, size in modes.items():
+                console.print(f"[bold]{mode}[/] (max batch size {size}): starting the service")
+                urls[mode] = servers.enter_context(_server(settings, size, config.max_wait_ms))
                 # Every prompt embedded and every session run once before anything is timed.
                 for start in range(0, len(items), 16):
-                    httpx.post(f"{url}/v1/scores", json={"items": items[start : start + 16]}, timeout=300).raise_for_status()
-                for clients in config.clients:
+                    httpx.post(f"{urls[mode]}/v1/scores", json={"items": items[start : start + 16]}, timeout=300).raise_for_status()
+            model_versions = httpx.get(f"{urls['batched']}/readyz", timeout=10).json()["model_versions"]
+            for clients in tqdm(config.clients, desc="client counts", file=sys.stderr):
+                for mode, url in urls.items():
                     point = _measure(url, mode, items, clients, config)
                     points.append(point)
                     console.print(
-                        f"  {clients:>3} clients: {point.clips_per_s:8.2f} clips/s, p50 {point.latency_p50_ms} ms, "
+                        f"  {mode:>10} {clients:>3} clients: {point.clips_per_s:8.2f} clips/s, p50 {point.latency_p50_ms} ms, "
                         f"mean batch {point.mean_batch_size}, models {point.model_ms_per_clip} ms/clip, "
                         f"inputs {point.input_ms_per_clip} ms/clip, errors {point.errors}"
                     )
@@ -301,7 +309,14 @@ def run_bench(config: BenchConfig) -> dict:
     result = {
         "benchmark": "reward_service_micro_batching",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            # Other work on the machine shifts absolute numbers; both modes share the same conditions.
+            "load_average_1m_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        },
+        "model_versions": model_versions,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "points": [asdict(p) for p in points],
         "speedup_batched_over_one_by_one": speedup,

@@ -8,21 +8,21 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 
 from musicrl.config import ObjectStoreConfig
+from musicrl.schemas.scores import Component
 
 
 class RewardSettings(ObjectStoreConfig):
     reward_host: str = "127.0.0.1"
     reward_port: int = 8090
 
-    # Where reward models come from: "registry" (the model registry in the
-    # object store, following each kind's `current` pointer) or a local
-    # directory laid out as the registry (`{kind}/{version}/...`, `{kind}/current`).
-    reward_models_source: str = "registry"
+    # Reward models come from the model registry (bucket_models), following the
+    # `current` pointer of reward/text_adherence, reward/quality, reward/preference.
     reward_impl: str = Field("onnx", description="Reward model implementation: onnx, torch or tiny.")
     reward_text_encoder: str = Field("minilm", description="Prompt encoder name for musicrl.text.load_text_encoder.")
     reward_model_cache_dir: Path = Path("~/.cache/musicrl/reward_models").expanduser()
-    reward_intra_op_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per session.")
-    reward_device: str = Field("cpu", description="cpu or cuda (cuda needs the `gpu` extra).")
+    reward_intra_op_threads: int = Field(
+        1, ge=1, description="ONNX Runtime intra-op threads per session (CUDA is used when onnxruntime-gpu sees a GPU)."
+    )
 
     # Micro-batching
     reward_max_batch_size: int = Field(32, ge=1, description="Most clips scored in one model call.")
@@ -37,7 +37,7 @@ class RewardSettings(ObjectStoreConfig):
     reward_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body size (413 above).")
 
     # Combination of rewards when the request gives no weights.
-    reward_default_weights: dict[str, float] = {"text_adherence": 1.0, "quality": 1.0, "preference": 1.0}
+    reward_default_weights: dict[Component, float] = {"text_adherence": 1.0, "quality": 1.0, "preference": 1.0}
 
     # Hot reload
     reward_admin_token: SecretStr | None = Field(

@@ -16,8 +16,9 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
-RUN pip install --index-url ${TORCH_INDEX} torch==2.13.0 \
- && pip install "$(python -c 'import tomllib;print(" ".join(tomllib.load(open("pyproject.toml","rb"))["project"]["dependencies"]))')"
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && pip install --index-url ${TORCH_INDEX} torch==2.13.0 \
+ && pip install -r /tmp/requirements.txt
 COPY musicrl ./musicrl
 COPY serving ./serving
 COPY reward_service ./reward_service

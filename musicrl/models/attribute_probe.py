@@ -1,15 +1,16 @@
 """An attribute probe: can tempo, mode and instrument family be heard in a waveform?
 
-Three standardised logistic regressions on hand-made features of the audio
-(never of tokens or captions), trained on corpus renders:
+One standardised logistic regression per attribute, each on the features of
+the audio (never of tokens or captions) that carry it, trained on corpus renders:
 
-- timbre: the level-normalised mean and spread of the log-mel spectrum over the
-  sounding frames (instrument family);
-- rhythm: the autocorrelation of the spectral-flux onset envelope at lags of
-  0.1 to 2 s, and the onset rate (tempo bucket);
-- tonality: an energy-weighted pitch-class histogram from a harmonic-sum pitch
-  track, rotated to the best-matching Krumhansl-Kessler key, with the major and
-  minor key-profile correlations (mode).
+- instrument family <- timbre: the level-normalised mean and spread of the
+  log-mel spectrum over sounding frames, the levels of the partials relative to
+  the tracked fundamental (pitch-free), and how the level moves frame to frame;
+- tempo bucket <- rhythm: a histogram and quantiles of inter-onset intervals
+  (spectral-flux peaks) and the onset envelope's autocorrelation at 0.1-2 s;
+- mode <- tonality: pitch-class histograms (by duration and by onset strength)
+  from a harmonic-sum pitch track, rotated to the best-matching
+  Krumhansl-Kessler key, with the major and minor key-profile correlations.
 
 The evaluation applies the probe to generated clips and compares its answers
 with what the prompt asked for.
@@ -37,6 +38,9 @@ _PITCH_FFT, _PITCH_HOP = 2048, 512
 _CANDIDATES = np.arange(36, 84)  # MIDI pitches the synthesizer can play
 _HARMONICS = np.arange(1, 7)
 _ONSET_LAGS = np.arange(5, 101)  # mel frames: 0.1 s .. 2 s
+_IOI_EDGES = 2.0 ** np.arange(-3.5, 2.01, 0.25)  # seconds, quarter-octave bins from 0.09 s to 4 s
+# Each attribute is read from the features that carry it, which also keeps the small probe from overfitting.
+TARGET_FEATURES = {"tempo": "rhythm", "mode": "tonality", "instrument": "timbre"}
 
 
 def timbre_features(mel: np.ndarray) -> np.ndarray:
@@ -49,13 +53,17 @@ def timbre_features(mel: np.ndarray) -> np.ndarray:
 
 
 def rhythm_features(mel: np.ndarray) -> np.ndarray:
-    flux = np.maximum(np.diff(mel, axis=1), 0.0).sum(axis=0) if mel.shape[1] > 1 else np.zeros(1)
+    """Inter-onset-interval histogram and quantiles, and the onset envelope's autocorrelation."""
+    flux = np.maximum(np.diff(mel, axis=1), 0.0).sum(axis=0) if mel.shape[1] > 1 else np.zeros(3)
+    threshold = flux.mean() + flux.std()
+    peaks = np.flatnonzero((flux[1:-1] > flux[:-2]) & (flux[1:-1] >= flux[2:]) & (flux[1:-1] > threshold)) + 1
+    intervals = np.diff(peaks) / MEL_FRAME_RATE
+    histogram = np.histogram(intervals, bins=_IOI_EDGES)[0] / max(1, len(intervals))
+    quantiles = np.log2(np.percentile(intervals, [10, 25, 50, 75, 90])) if len(intervals) else np.zeros(5)
     envelope = flux - flux.mean()
     lag0 = float(envelope @ envelope) + 1e-9
     autocorr = np.array([envelope[:-lag] @ envelope[lag:] / lag0 if lag < len(envelope) else 0.0 for lag in _ONSET_LAGS])
-    peaks = (flux[1:-1] > flux[:-2]) & (flux[1:-1] >= flux[2:]) & (flux[1:-1] > flux.mean() + flux.std())
-    onset_rate = np.log1p(peaks.sum() * MEL_FRAME_RATE / max(1, len(flux)))
-    return np.concatenate([autocorr, [onset_rate]])
+    return np.concatenate([histogram, quantiles, autocorr])
 
 
 @dataclass
@@ -124,12 +132,21 @@ def _onset_weight(mel: np.ndarray, n_frames: int) -> np.ndarray:
     return window / (window.max() + 1e-12)
 
 
-def probe_features(wave: np.ndarray) -> np.ndarray:
+def probe_features(wave: np.ndarray) -> dict[str, np.ndarray]:
+    """Feature groups of a 16 kHz mono waveform: ``timbre``, ``rhythm`` and ``tonality``."""
     wave = np.asarray(wave, dtype=np.float32)
     mel = log_mel(wave)
     track = pitch_track(wave)
     onset = _onset_weight(mel, len(track.pitch))
-    return np.concatenate([timbre_features(mel), partial_features(track), rhythm_features(mel), tonality_features(track, onset)]).astype(np.float32)
+    return {
+        "timbre": np.concatenate([timbre_features(mel), partial_features(track)]),
+        "rhythm": rhythm_features(mel),
+        "tonality": tonality_features(track, onset),
+    }
+
+
+def stack_features(features: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {group: np.stack([f[group] for f in features]).astype(np.float32) for group in features[0]}
 
 
 def labels_of(attributes: dict) -> dict[str, str]:
@@ -139,16 +156,17 @@ def labels_of(attributes: dict) -> dict[str, str]:
 
 @dataclass
 class AttributeProbe:
+    regularisation: float = 0.05  # inverse L2 strength of the logistic regressions
     models: dict[str, Pipeline] = field(default_factory=dict)
 
-    def fit(self, features: np.ndarray, labels: list[dict[str, str]]) -> AttributeProbe:
-        for target in TARGETS:
-            model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
-            self.models[target] = model.fit(features, [label[target] for label in labels])
+    def fit(self, features: dict[str, np.ndarray], labels: list[dict[str, str]]) -> AttributeProbe:
+        for target, group in TARGET_FEATURES.items():
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=self.regularisation, max_iter=3000))
+            self.models[target] = model.fit(features[group], [label[target] for label in labels])
         return self
 
-    def predict(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        return {target: model.predict(features) for target, model in self.models.items()}
+    def predict(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {target: model.predict(features[TARGET_FEATURES[target]]) for target, model in self.models.items()}
 
     def classes(self, target: str) -> list[str]:
         return [str(c) for c in self.models[target].classes_]

@@ -159,3 +159,47 @@ def eval_rewards_command(
     from musicrl.models.eval_audio import evaluate
 
     typer.echo(json.dumps(evaluate(Path(checkpoints), Path(results), n_retrieval, n_quality, n_codec, seed), indent=2))
+
+
+@app.command("evaluate-generator")
+def evaluate_generator_command(
+    checkpoint: str = typer.Option("checkpoints/generator"),
+    results: str = typer.Option("results/models.json", help="Merged: keys 'generator' and 'attribute_recovery'."),
+    plot: str = typer.Option("results/generator_attribute_recovery.png"),
+    n_prompts: int = typer.Option(150, help="Held-out corpus captions to generate from (single-instrument ones are kept)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Attribute recovery from generated audio and real-time factors; writes results/models.json and a PNG."""
+    import json
+    from pathlib import Path
+
+    from musicrl.models.evaluate import GeneratorEvaluationConfig, evaluate_generator
+
+    config = GeneratorEvaluationConfig(checkpoint=Path(checkpoint), results=Path(results), plot=Path(plot), n_prompts=n_prompts, seed=seed)
+    summary = evaluate_generator(config)
+    recovery = summary["attribute_recovery"]["targets"]
+    typer.echo(json.dumps({t: {k: v[k] for k in ("generated_accuracy", "generated_accuracy_shuffled_prompts", "probe_accuracy_on_heldout_corpus")}
+                           | {"chance": v["chance"]["majority"]} for t, v in recovery.items()}, indent=2))
+    typer.echo(json.dumps(summary["generator"]["real_time_factor"], indent=2))
+
+
+@app.command("train-preference")
+def train_preference_command(
+    generator: str = typer.Option("checkpoints/generator", help="Generator checkpoint the reward model starts from."),
+    out_dir: str = typer.Option("checkpoints/preference"),
+    n_train: int = typer.Option(480, help="Bootstrap training pairs (half caption mismatch, half glitched copy)."),
+    n_heldout: int = typer.Option(120),
+    epochs: int = typer.Option(2),
+    learning_rate: float = typer.Option(3e-4),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the default (bootstrap) Bradley-Terry preference model, initialised from the generator; export ONNX."""
+    import json
+    from pathlib import Path
+
+    from musicrl.models.preference import PreferenceTrainingConfig
+    from musicrl.models.train_preference import BootstrapPreferenceConfig, train_bootstrap_preference
+
+    training = PreferenceTrainingConfig(learning_rate=learning_rate, epochs=epochs, seed=seed)
+    config = BootstrapPreferenceConfig(generator=Path(generator), out_dir=Path(out_dir), n_train=n_train, n_heldout=n_heldout, corpus_seed=seed, training=training)
+    typer.echo(json.dumps(train_bootstrap_preference(config), indent=2))

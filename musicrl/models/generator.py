@@ -169,6 +169,16 @@ class Generator(nn.Module):
         """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]``."""
         return self.lm_head(self.hidden(cond, tokens))
 
+    def logprobs(self, cond: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        """Log-probabilities [B, T] of ``tokens`` under the tempered, top-k-filtered policy (differentiable).
+
+        With the sampling temperature and top-k, these are the log-probs ``sample`` returned.
+        """
+        logits = self(cond, tokens)
+        B, T, V = logits.shape
+        flat = filter_logits(logits.reshape(B * T, V), torch.full((B * T,), float(temperature), device=logits.device), torch.full((B * T,), int(top_k), device=logits.device))
+        return F.log_softmax(flat, dim=-1).gather(-1, tokens.reshape(B * T, 1)).view(B, T)
+
     def _check_inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> None:
         if cond.ndim != 2 or cond.shape[1] != self.config.text_dim:
             raise ValueError(f"cond must be [B, {self.config.text_dim}], got {tuple(cond.shape)}")
@@ -184,7 +194,7 @@ class Generator(nn.Module):
         cache.length += 1
         return self.lm_head(self.ln_f(x[:, -1]))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the returned tokens must be usable in a later backward pass (RL)
     def sample(
         self,
         cond: torch.Tensor,

@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 
 from musicrl.audio import codec
 from musicrl.models.generator import Generator, GeneratorConfig
+from musicrl.rewards.windowing import EDGE_WINDOW_S, edge_windows
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
 ONNX_FILE = "preference.onnx"
-DEFAULT_WINDOW_FRAMES = codec.frames_for(20.0)
+DEFAULT_WINDOW_FRAMES = codec.frames_for(EDGE_WINDOW_S)
 
 
 class PreferenceRewardModel(nn.Module):
@@ -80,9 +81,7 @@ def clip_windows(tokens: np.ndarray, window_frames: int) -> list[np.ndarray]:
     tokens = np.asarray(tokens, dtype=np.int64)
     if tokens.ndim != 1 or tokens.size == 0:
         raise ValueError(f"a clip must be a non-empty 1-D token array, got shape {tokens.shape}")
-    if tokens.size <= window_frames:
-        return [tokens]
-    return [tokens[:window_frames], tokens[-window_frames:]]
+    return [tokens[start:end] for start, end in edge_windows(tokens.size, window_frames)]
 
 
 def _window_batch(clips: Sequence[np.ndarray], window_frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -75,7 +75,11 @@ def status(data_dir: DataDir = None) -> None:
     stack = _stack(data_dir)
     table = Table("component", "pid", "health", box=None)
     all_healthy = True
-    for component in stack.status():
+    try:
+        statuses = stack.status()
+    except StackError as err:
+        raise _fail(err) from None
+    for component in statuses:
         all_healthy &= component.healthy
         health = (
             "[green]healthy[/]" if component.healthy else ("[red]unhealthy[/]" if component.pid else "[red]stopped[/]")

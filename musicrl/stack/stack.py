@@ -271,4 +271,5 @@ def free_port_settings(data_dir: Path, **overrides) -> StackSettings:
         "stack_triton_grpc_port": pick(),
         "stack_triton_metrics_port": pick(),
     }
-    return StackSettings(stack_host=host, stack_data_dir=data_dir, stack_kafka_storage="memory", **(ports | overrides))
+    fixed = {"stack_host": host, "stack_data_dir": data_dir, "stack_kafka_storage": "memory"}
+    return StackSettings(**(fixed | ports | overrides))

@@ -6,12 +6,14 @@ import secrets
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from musicrl.logging import get_logger
 from reward_service.routes.deps import get_holder, get_metrics, get_settings
 from reward_service.services.metrics import RewardMetrics
 from reward_service.services.models import ModelHolder
 from reward_service.settings import RewardSettings
 
 router = APIRouter(tags=["admin"])
+log = get_logger("reward_service.admin")
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -33,7 +35,9 @@ async def reload(holder: ModelHolder = Depends(get_holder), metrics: RewardMetri
         result = await asyncio.to_thread(holder.reload)
     except Exception as err:  # noqa: BLE001 - reported to the caller; the models in use stay
         metrics.observe_reload("admin", err)
+        log.warning("models.reload_failed", trigger="admin", error=str(err))
         serving = dict(holder.snapshot().versions) if holder.ready else {}
         raise HTTPException(503, f"reload failed ({err}); still serving {serving or 'no models'}") from err
     metrics.observe_reload("admin", result)
+    log.info("models.reloaded", trigger="admin", changed={c: new for c, (_, new) in result.changed.items()})
     return {"changed": {c: {"from": old, "to": new} for c, (old, new) in result.changed.items()}, "model_versions": result.versions}

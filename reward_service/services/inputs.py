@@ -165,11 +165,7 @@ class InputResolver:
             wave, sample_rate = self.formats.decode_audio(data)
         except Exception:  # noqa: BLE001 - any decoder failure is the file's fault
             raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
-        wave = np.asarray(wave, dtype=np.float32)
-        if wave.ndim == 2:  # (frames, channels) or (channels, frames): average the channels
-            wave = wave.mean(axis=1 if wave.shape[0] > wave.shape[1] else 0)
-        if wave.ndim != 1 or wave.size == 0:
-            raise InputError(422, f"{where}: expected mono or multi-channel audio, got shape {wave.shape}")
+        wave = np.asarray(wave, dtype=np.float32)  # decode_audio averages the channels
         if not np.isfinite(wave).all():
             raise InputError(422, f"{where}: the audio holds NaN or infinite samples")
         if sample_rate != self.sample_rate:

@@ -17,7 +17,11 @@ import uuid
 from typing import Callable, TypeVar
 
 import numpy as np
+from minio.error import MinioException, S3Error
+from urllib3.exceptions import HTTPError
 
+from musicrl.audio import codec
+from musicrl.audio.formats import decode_audio, encode_audio
 from musicrl.logging import get_logger
 from musicrl.schemas.generation import (
     ClipRecord,
@@ -27,6 +31,7 @@ from musicrl.schemas.generation import (
     clip_audio_key,
     generation_key,
 )
+from musicrl.storage import ObjectNotFound
 from serving.errors import NotFound, RequestRejected, UpstreamUnavailable
 from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM_ERRORS
 from serving.schemas import MEDIA_TYPES, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
@@ -67,10 +72,6 @@ class GenerationService:
         self.triton = triton
         self.store = store
         self.embedder = PromptEmbedder(text_encoder)
-        from musicrl.audio import codec
-
-        self.frame_rate = codec.FRAME_RATE
-        self.frames_for = codec.frames_for
 
     # ---- create -------------------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class GenerationService:
         temperature = request.temperature if request.temperature is not None else s.gateway_default_temperature
         self._check_limits(request.prompt, n, duration_s, temperature)
         request_seed = request.seed if request.seed is not None else secrets.randbits(62)
-        n_frames = self.frames_for(duration_s)
+        n_frames = codec.frames_for(duration_s)
         seeds = candidate_seeds(request_seed, n)
         experiment, models = candidate_models(s, request_seed, n)
 
@@ -125,18 +126,13 @@ class GenerationService:
                 duration_s=duration_s, temperature=temperature, top_k=request.top_k, seed=request_seed
             ),
             clips=clips,
-        )
-        stored = time.perf_counter()
-        record.timings = Timings(
-            embed_ms=(embedded - start) * 1e3,
-            triton_ms=(generated - embedded) * 1e3,
-            store_ms=(stored - generated) * 1e3,
-            total_ms=(stored - start) * 1e3,
+            # The stored record's timings end where its own write begins; the response's include it.
+            timings=_timings(start, embedded, generated, time.perf_counter()),
         )
         await self._store_call(
             "put_record", self.store.put_json, s.bucket_generations, generation_key(generation_id), record.to_json()
         )
-        record.timings.total_ms = (time.perf_counter() - start) * 1e3
+        timings = _timings(start, embedded, generated, time.perf_counter())
         for clip in clips:
             CLIPS.labels(clip.model_name, clip.policy_version).inc()
         log.info(
@@ -146,7 +142,7 @@ class GenerationService:
             duration_s=duration_s,
             experiment=experiment,
             policy_versions=[c.policy_version for c in clips],
-            **record.timings.model_dump(),
+            **timings.model_dump(),
         )
         return GenerationResponse(
             generation_id=generation_id,
@@ -154,7 +150,7 @@ class GenerationService:
             prompt=record.prompt,
             experiment=experiment,
             clips=[self._clip_out(clip) for clip in clips],
-            timings=record.timings,
+            timings=timings,
         )
 
     def _check_limits(self, prompt: str, n: int, duration_s: float, temperature: float) -> None:
@@ -273,10 +269,6 @@ class GenerationService:
         return await asyncio.to_thread(_transcode, wav, fmt)
 
     def _stat(self, bucket: str, key: str):
-        from minio.error import S3Error
-
-        from musicrl.storage import ObjectNotFound
-
         try:
             return self.store.client.stat_object(bucket, key)
         except S3Error as err:
@@ -288,11 +280,6 @@ class GenerationService:
 
     async def _store_call(self, operation: str, fn: Callable[..., T], *args) -> T:
         """Run a blocking object-store call with the configured timeout; map failures to HTTP meaning."""
-        from minio.error import MinioException
-        from urllib3.exceptions import HTTPError
-
-        from musicrl.storage import ObjectNotFound
-
         start = time.perf_counter()
         outcome = "ok"
         try:
@@ -308,15 +295,20 @@ class GenerationService:
             STORE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - start)
 
 
-def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    from musicrl.audio.formats import encode_audio
+def _timings(start: float, embedded: float, generated: float, stored: float) -> Timings:
+    return Timings(
+        embed_ms=(embedded - start) * 1e3,
+        triton_ms=(generated - embedded) * 1e3,
+        store_ms=(stored - generated) * 1e3,
+        total_ms=(stored - start) * 1e3,
+    )
 
+
+def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
     return encode_audio(audio, sample_rate, "wav")
 
 
 def _transcode(wav: bytes, fmt: str) -> bytes:
-    from musicrl.audio.formats import decode_audio, encode_audio
-
     wave, sample_rate = decode_audio(wav)
     return encode_audio(wave, sample_rate, fmt)
 

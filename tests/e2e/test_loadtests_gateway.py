@@ -74,7 +74,7 @@ def test_listeners_vote_through_the_real_gateway_into_kafka(gateway, tmp_path):
     code, summary = run_locust(run, timeout_s=180)
     assert code == 0, (tmp_path / "mix_locust.log").read_text()[-3000:]
     assert summary["failures"] == 0
-    assert summary["endpoints"]["POST POST /v1/generations"]["requests"] >= 4
+    assert summary["endpoints"]["POST /v1/generations"]["requests"] >= 4
     votes = sum(summary["votes"].values())
     assert votes >= 1
 

@@ -228,6 +228,11 @@ def test_reload_under_concurrent_load_fails_no_request(http, service_url, regist
     versions = [body["model_versions"]["quality"] for _, body in outcomes]
     assert old_version in versions and new_version in versions
     assert versions.index(new_version) > 0 and versions[-1] == new_version
+    # Clips of concurrent requests shared batches (each request alone brings 2).
+    metrics = http.get("/metrics").text
+    small = next(line for line in metrics.splitlines() if line.startswith('musicrl_reward_batch_size_bucket{le="2.0"}'))
+    total = next(line for line in metrics.splitlines() if line.startswith("musicrl_reward_batch_size_count"))
+    assert float(small.split()[-1]) < float(total.split()[-1])
     after = _score(http, [item])
     reference = {old_version: before["scores"][0]["quality_mos"], new_version: after["scores"][0]["quality_mos"]}
     assert reference[old_version] != reference[new_version]

@@ -7,14 +7,22 @@ name so other tests deploying ``generator`` cannot change what this module sees.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 import uvicorn
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer
+from tritonclient.utils import InferenceServerException
 
 from musicrl.audio import codec
 from musicrl.audio.formats import decode_audio
@@ -144,8 +152,6 @@ def test_pairs_for_varied_prompts_decode_in_every_format(http, object_store, gat
 
 
 def test_triton_batches_concurrent_requests_and_rows_stay_independent(gateway_url, stack, served_model):
-    import tritonclient.http as triton_http
-
     async def burst():
         async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
             solo = await client.post("/v1/generations", json={"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
@@ -178,8 +184,6 @@ def _batch_counts(client, model_name: str) -> dict[int, int]:
 
 
 def test_unreachable_triton_and_store_answer_503(gateway_settings):
-    from fastapi.testclient import TestClient
-
     dead = f"127.0.0.1:{_free_port()}"
     no_triton = gateway_settings.model_copy(update={"triton_grpc_url": dead, "gateway_triton_timeout_s": 5})
     no_store = gateway_settings.model_copy(update={"s3_endpoint": dead, "gateway_store_timeout_s": 2})
@@ -206,11 +210,6 @@ CHROMIUM_ARGS = [
 
 def test_listening_page_in_chromium(gateway_url, gateway_settings):
     """Type a prompt, get two playable clips, give the trophy to B: the vote reaches Kafka."""
-    import json
-    import os
-
-    from kafka import KafkaConsumer
-
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
@@ -257,3 +256,86 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
     finally:
         consumer.close()
     assert produced, "the vote never reached the preferences topic"
+
+
+def test_experiment_pairs_current_and_challenger_versions(stack, gateway_settings, tmp_path):
+    """A challenger deployed as its own Triton model gives one clip of each pair."""
+    torch.manual_seed(1)
+    challenger_checkpoint = save_generator(
+        Generator(GeneratorConfig(n_layers=2, n_heads=2, d_model=64, max_frames=256)), tmp_path / "challenger"
+    )
+    challenger = f"{MODEL_NAME}_challenger"
+    install_version(stack.triton_repo, 2, challenger_checkpoint, challenger, BatchingConfig(instance_count=1))
+    load(stack.triton_http_url, challenger)
+    settings = gateway_settings.model_copy(
+        update={"gateway_experiment_name": "v2-vs-v1", "gateway_challenger_model_name": challenger}
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            for seed in range(3):
+                body = client.post("/v1/generations", json={"prompt": "duel", "duration_s": 1, "seed": seed}).json()
+                assert body["experiment"] == "v2-vs-v1"
+                assert sorted((c["model_name"], c["policy_version"]) for c in body["clips"]) == [
+                    (MODEL_NAME, "1"),
+                    (challenger, "2"),
+                ]
+                record = client.get(f"/v1/generations/{body['generation_id']}").json()
+                assert record["experiment"] == "v2-vs-v1"
+    finally:
+        triton_http.InferenceServerClient(stack.triton_http_url).unload_model(challenger)
+
+
+def test_triton_model_rejects_bad_rows_with_a_reason(stack, served_model):
+    client = triton_grpc.InferenceServerClient(stack.triton_grpc_url)
+
+    def infer(n_frames: int, temperature: float):
+        arrays = {
+            "PROMPT_EMBEDDING": (np.full((1, 384), 0.05, dtype=np.float32), "FP32"),
+            "SEED": (np.array([[3]], dtype=np.int64), "INT64"),
+            "N_FRAMES": (np.array([[n_frames]], dtype=np.int32), "INT32"),
+            "TEMPERATURE": (np.array([[temperature]], dtype=np.float32), "FP32"),
+            "TOP_K": (np.array([[0]], dtype=np.int32), "INT32"),
+        }
+        inputs = []
+        for name, (array, datatype) in arrays.items():
+            inputs.append(triton_grpc.InferInput(name, list(array.shape), datatype))
+            inputs[-1].set_data_from_numpy(array)
+        return client.infer(served_model, inputs)
+
+    ok = infer(4, 1.0)
+    assert ok.as_numpy("TOKENS").shape == (1, 4) and ok.as_numpy("AUDIO").shape == (1, 4 * codec.SAMPLES_PER_FRAME)
+    for n_frames, temperature, reason in [(10_000, 1.0, "N_FRAMES"), (4, 0.0, "TEMPERATURE")]:
+        with pytest.raises(InferenceServerException, match=reason):
+            infer(n_frames, temperature)
+    client.close()
+
+
+def test_new_version_swaps_the_policy_under_traffic_without_failures(stack, served_model, generator_checkpoint, http):
+    """Installing version 2 and loading it while requests flow: none fails, clips move to policy 2.
+
+    Runs last in this module: it leaves version 2 serving.
+    """
+    results: list[tuple[int, set[str]]] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            response = http.post("/v1/generations", json={"prompt": "during the swap", "duration_s": 1})
+            versions = {c["policy_version"] for c in response.json().get("clips", [])}
+            results.append((response.status_code, versions))
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        while len(results) < 2:
+            time.sleep(0.05)
+        install_version(stack.triton_repo, 2, generator_checkpoint, served_model)
+        load(stack.triton_http_url, served_model)
+        swapped_at = len(results)
+        while len(results) < swapped_at + 3:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert all(status == 201 for status, _ in results), results
+    assert results[0][1] == {"1"} and results[-1][1] == {"2"}

@@ -24,7 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from kafka.admin import KafkaAdminClient
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from feedback_consumer.bench import update_results
 from feedback_consumer.settings import ConsumerSettings
@@ -69,9 +70,12 @@ class ConsumerProcess:
     def wait_for(self, event: str, count: int, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while self.events[event] < count:
-            assert self.proc.poll() is None, f"consumer exited ({self.proc.returncode}), see {self.log_path}"
-            assert time.monotonic() < deadline, f"no {event} #{count} within {timeout_s} s, see {self.log_path}"
+            assert self.proc.poll() is None, f"consumer exited ({self.proc.returncode}):\n{self.tail()}"
+            assert time.monotonic() < deadline, f"no {event} #{count} within {timeout_s} s:\n{self.tail()}"
             time.sleep(0.05)
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -101,15 +105,16 @@ def consumer_env(stack_env: dict[str, str], settings: ConsumerSettings) -> dict[
 
 
 def committed_everything(settings: ConsumerSettings, ends: dict[int, int]) -> bool:
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+    """The group's committed offsets reach the end of every partition (read without joining the group)."""
+    probe = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group_id,
+                          enable_auto_commit=False, request_timeout_ms=5000)
     try:
-        offsets = admin.list_consumer_group_offsets(settings.consumer_group_id)
-    except Exception:  # broker restarting
+        committed = {p: probe.committed(TopicPartition(settings.topic_preferences, p)) for p in ends}
+    except KafkaError:  # the broker is restarting
         return False
     finally:
-        admin.close()
-    committed = {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == settings.topic_preferences}
-    return all(committed.get(p, -1) >= end for p, end in ends.items())
+        probe.close()
+    return all(committed[p] is not None and committed[p] >= end for p, end in ends.items())
 
 
 def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed):
@@ -129,12 +134,12 @@ def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed):
     started = time.monotonic()
     consumer = ConsumerProcess(consumer_env(stack_env, settings), tmp_path / f"consumer-{name}.log")
     notes = disrupt(consumer, rng)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 180
     while not committed_everything(settings, ends):
-        assert consumer.proc.poll() is None, f"consumer exited, see {consumer.log_path}"
-        assert time.monotonic() < deadline, f"not done in time, see {consumer.log_path}"
+        assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.tail()}"
+        assert time.monotonic() < deadline, f"not done in time:\n{consumer.tail()}"
         time.sleep(0.5)
-    assert consumer.terminate() == 0, f"graceful shutdown failed, see {consumer.log_path}"
+    assert consumer.terminate() == 0, f"graceful shutdown failed:\n{consumer.tail()}"
     elapsed = time.monotonic() - started
 
     buffer = PreferenceBuffer(store, settings.bucket_buffer)

@@ -91,7 +91,8 @@ def test_sigkill_mid_training_resumes_and_never_publishes_half_trained(stack, en
     environment = {**os.environ, **stack.env(), "PYTHONPATH": f"{TESTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     environment.update({f"MUSICRL_{k.upper()}": str(v) for k, v in overrides.items()})
     environment.update({"MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo), "MUSICRL_FINETUNE_STEPS": "30",
-                        "MUSICRL_FINETUNE_GATE_MAX_OTHER_DROP": "1.0", "MUSICRL_LOG_JSON": "true"})
+                        "MUSICRL_FINETUNE_GATE_MAX_OTHER_DROP": "1.0", "MUSICRL_FINETUNE_AUTO_DEPLOY": "false",
+                        "MUSICRL_LOG_JSON": "true"})
     checkpoint = tmp_path / "work" / "run" / "checkpoints" / "trainer_state.pt"
     worker = subprocess.Popen([sys.executable, "-m", "musicrl.cli", "finetune", "run-once"], env=environment,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -110,7 +111,7 @@ def test_sigkill_mid_training_resumes_and_never_publishes_half_trained(stack, en
     assert registry.versions("generator") == ["1"], "nothing may be published by a killed worker"
     assert not (tmp_path / "work" / "run" / "candidate").exists()
 
-    resumed = settings.model_copy(update={"finetune_steps": 30, "finetune_gate_max_other_drop": 1.0})
+    resumed = settings.model_copy(update={"finetune_steps": 30, "finetune_gate_max_other_drop": 1.0, "finetune_auto_deploy": False})
     deadline = time.monotonic() + 30
     record = run_cycle_with_lease(FinetuneCycle(resumed))
     while record is None:  # the killed worker's lease has to expire first (ttl 4 s)
@@ -118,6 +119,56 @@ def test_sigkill_mid_training_resumes_and_never_publishes_half_trained(stack, en
         time.sleep(1)
         record = run_cycle_with_lease(FinetuneCycle(resumed))
     assert record["resumed_from_step"] >= 2
-    assert record["status"] == "deployed", record.get("reason")
-    assert registry.versions("generator") == ["1", "2"]
+    assert record["status"] == "published", record.get("reason")  # auto-deploy off: deploying is tested elsewhere
+    assert registry.versions("generator") == ["1", "2"] and registry.current("generator") == "1"
     assert registry.manifest("generator", "2")["lineage"]["run_id"] == record["run_id"]
+
+
+def test_reference_policy_per_stage(env, tmp_path):
+    settings, registry, _ = env
+    for stage in ("R", "U"):
+        registry.publish("generator", save_generator(servable_generator(1), tmp_path / stage), lineage={"stage": stage})
+    cycle = FinetuneCycle(settings.model_copy(update={"finetune_stage": "RU"}))
+    assert cycle.reference_version("3") == "2"  # RU: KL against the R policy
+    assert FinetuneCycle(settings.model_copy(update={"finetune_stage": "U"})).reference_version("3") == "1"  # the base
+    assert FinetuneCycle(settings.model_copy(update={"finetune_reference_version": "3"})).reference_version("3") == "3"
+
+
+def test_ru_without_an_r_policy_is_a_clear_error(env):
+    settings, _, _ = env
+    with pytest.raises(RuntimeError, match="run stage R first"):
+        FinetuneCycle(settings.model_copy(update={"finetune_stage": "RU"})).reference_version("1")
+
+
+def test_dpo_cycle_trains_on_the_buffer_pairs(stack, env, object_store):
+    """Pairs sampled by policy 1 land in the buffer (as the consumer writes them); DPO trains on them."""
+    import numpy as np
+    import torch
+
+    from musicrl.buffer import rows_to_parquet, segment_key
+    from musicrl.text import HashingTextEncoder
+
+    settings, registry, _ = env
+    model = servable_generator(0)
+    prompts = [f"prompt {i % 6}" for i in range(32)]
+    cond = torch.from_numpy(HashingTextEncoder().embed(prompts))
+    a, la = model.sample(cond, 12, 0.99, 0, seeds=list(range(32)))
+    b, lb = model.sample(cond, 12, 0.99, 0, seeds=list(range(100, 132)))
+    rows = []
+    for i in range(32):
+        choice = "a" if (a[i] % 2 == 0).sum() >= (b[i] % 2 == 0).sum() else "b"
+        rows.append({
+            "event_id": f"event{i:04d}", "generation_id": uuid.uuid4().hex, "clip_a_id": uuid.uuid4().hex, "clip_b_id": uuid.uuid4().hex,
+            "choice": choice, "is_tie": False, "listen_a_s": 1.5, "listen_b_s": 1.5, "listen_a_frac": 1.0, "listen_b_frac": 1.0,
+            "prompt": prompts[i], "temperature": 0.99, "top_k": 0, "policy_version": "1", "mixed_policy": False,
+            "policy_version_a": "1", "policy_version_b": "1", "tokens_a": a[i].tolist(), "tokens_b": b[i].tolist(),
+            "logprobs_a": la[i].tolist(), "logprobs_b": lb[i].tolist(), "kafka_partition": 0, "kafka_offset": i,
+        })
+    object_store.put_bytes(settings.bucket_buffer, segment_key("1", 0, 0, 31), rows_to_parquet(rows))
+    dpo = settings.model_copy(update={"finetune_trainer": "dpo", "finetune_stage": "R", "finetune_dpo_beta": 0.5,
+                                      "finetune_policy_lr": 1e-2, "finetune_auto_deploy": False})
+    record = run_cycle_with_lease(FinetuneCycle(dpo))
+    assert record["trainer"] == "dpo" and record["n_preferences"] == 32
+    assert record["train_history_last"]["rewards/accuracy"] > 0.5 and record["train_history_last"]["kl"] > 0
+    assert record["status"] == "published", record.get("reason")
+    assert registry.manifest("generator", "2")["lineage"]["trainer"] == "dpo" and registry.current("generator") == "1"

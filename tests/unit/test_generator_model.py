@@ -75,6 +75,16 @@ def test_logprobs_are_under_the_tempered_filtered_distribution(model):
         filtered = filter_logits(logits[:, t], torch.full((2,), temperature), torch.full((2,), top_k))
         expected = F.log_softmax(filtered, dim=-1).gather(-1, tokens[:, t : t + 1]).squeeze(-1)
         torch.testing.assert_close(logprobs[:, t], expected, atol=1e-4, rtol=1e-4)
+    # the differentiable helper the RL trainer uses agrees with what sampling reported
+    recomputed = model.logprobs(cond, tokens, temperature=temperature, top_k=top_k)
+    torch.testing.assert_close(logprobs, recomputed.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_logprobs_carry_gradients(model):
+    tokens = torch.randint(0, codec.VOCAB_SIZE, (2, 6))
+    model.logprobs(conds(2), tokens, temperature=0.99).sum().backward()
+    assert model.cond_proj.weight.grad is not None and model.cond_proj.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
 
 def test_row_depends_only_on_its_own_seed_not_on_the_batch(model):

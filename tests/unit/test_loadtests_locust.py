@@ -121,15 +121,15 @@ def test_mix_of_apps_and_listeners_runs_headless_and_reports(serve, tmp_path):
     assert code == 0, log
     assert summary["failures"] == 0 and summary["requests"] > 10
     endpoints = summary["endpoints"]
-    assert endpoints["POST POST /v1/generations"]["requests"] > 5
-    assert endpoints["GET GET clip audio"]["requests"] >= 2
-    assert endpoints["POST POST /v1/feedback"]["requests"] >= 1
+    assert endpoints["POST /v1/generations"]["requests"] > 5
+    assert endpoints["GET /v1/clips/{clip_id}/audio"]["requests"] >= 2
+    assert endpoints["POST /v1/feedback"]["requests"] >= 1
     for report in ("mix_stats.csv", "mix_stats_history.csv", "mix_failures.csv", "mix.html", "mix_summary.json"):
         assert (tmp_path / report).stat().st_size > 0, report
 
     # Every vote reached the gateway, valid, from a simulated listener, on a pair it was given.
     # (A vote in flight when the run stops may miss the statistics or the vote count.)
-    counted = endpoints["POST POST /v1/feedback"]["requests"]
+    counted = endpoints["POST /v1/feedback"]["requests"]
     assert counted <= sum(summary["votes"].values()) <= len(gateway.feedback) <= counted + run.users
     assert {vote.choice for vote in gateway.feedback} <= {"a", "b", "tie", "none"}
     assert all(vote.user_id.startswith("listener-3-") for vote in gateway.feedback)

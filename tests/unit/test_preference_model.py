@@ -143,3 +143,15 @@ def test_save_load_and_onnx_export_agree_with_torch(generator, tmp_path):
     assert onnx_model.version == "3" and onnx_model.window_frames == 16
     np.testing.assert_allclose(onnx_model.score(cond, clips), reference, atol=1e-4)
     assert np.ptp(reference) > 1e-3
+
+
+def test_bootstrap_pairs_prefer_the_captions_own_clean_clip():
+    from musicrl.models.train_preference import bootstrap_pairs
+    from musicrl.text import load_text_encoder
+
+    pairs = bootstrap_pairs(6, seed=0, split="valid", text_encoder=load_text_encoder("hashing"), duration_s=2.0)
+    assert len(pairs) == 6 and all(p.cond.shape == (384,) for p in pairs)
+    mismatch, glitch = pairs[0], pairs[1]
+    assert not np.array_equal(mismatch.preferred, mismatch.other)
+    glitched = glitch.other != glitch.preferred
+    assert glitched.any() and set(glitch.other[glitched].tolist()) <= set(codec.GLITCH_TOKENS)

@@ -282,6 +282,15 @@ def test_same_input_gives_the_same_scores(api):
 AUDIO = b64(formats.encode_audio(tone(1.0), SR))
 
 
+def float_wav(wave: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wave, SR, format="WAV", subtype="FLOAT")
+    return b64(buffer.getvalue())
+
+
+NAN_WAV = float_wav(np.where(np.arange(SR) == 100, np.nan, tone(1.0)).astype(np.float32))
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [
@@ -305,6 +314,8 @@ AUDIO = b64(formats.encode_audio(tone(1.0), SR))
         ({"items": [{"prompt": "x", "audio_b64": b64(b"RIFF" + b"\0" * 100)}]}, 422, "not a readable"),
         ({"items": [{"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(31.0), SR, "flac"))}]}, 413, "limit is 30"),
         ({"items": [{"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(0.05), SR))}]}, 422, "at least"),
+        ({"items": [{"prompt": "x", "audio_b64": NAN_WAV}]}, 422, "NaN"),
+        ({"items": [{"prompt": "x", "audio_b64": ""}]}, 422, "WAV or FLAC"),
         ({"items": [{"prompt": "x", "clip_id": "d" * 32}]}, 404, "not found"),
         ({"items": [{"prompt": "x", "tokens": [10] * 16}] * 9}, 413, "limit is 8"),
     ],

@@ -216,6 +216,23 @@ def test_bad_requests_get_422_with_the_field_and_a_message(client, body, field):
     assert response.json()["request_id"] == response.headers["X-Request-ID"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"prompt": "ok", "duration_s": NaN}', "duration_s"),
+        (b'{"prompt": "ok", "duration_s": Infinity}', "duration_s"),
+        (b'{"prompt": "ok", "temperature": Infinity}', "temperature"),
+        (b'{"prompt": "ok", "temperature": NaN}', "temperature"),
+        (b'{"prompt": "ok", "seed": 1.5}', "seed"),
+        (b'{"prompt": "ok", "n": "many"}', "n"),
+    ],
+)
+def test_non_finite_and_mistyped_numbers_get_422(client, raw, field):
+    response = client.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert any(field in [str(part) for part in d["loc"]] for d in response.json()["detail"])
+
+
 def test_unparseable_bodies_get_422(client):
     assert (
         client.post("/v1/generations", content=b"{not json", headers={"content-type": "application/json"}).status_code

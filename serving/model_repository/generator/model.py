@@ -74,7 +74,7 @@ class TritonPythonModel:
             n_frames = pb_utils.get_input_tensor_by_name(request, "N_FRAMES").as_numpy()[:, 0]
             temperatures = pb_utils.get_input_tensor_by_name(request, "TEMPERATURE").as_numpy()[:, 0]
             top_ks = pb_utils.get_input_tensor_by_name(request, "TOP_K").as_numpy()[:, 0]
-            error = self._validate(n_frames, temperatures, top_ks)
+            error = self._validate(cond, n_frames, temperatures, top_ks)
             if error:
                 errors[r] = error
                 continue
@@ -93,13 +93,15 @@ class TritonPythonModel:
             responses.append(self._response([results[r][i] for i in sorted(results[r])]))
         return responses
 
-    def _validate(self, n_frames, temperatures, top_ks) -> str | None:
+    def _validate(self, cond, n_frames, temperatures, top_ks) -> str | None:
+        if not np.all(np.isfinite(cond)):
+            return "PROMPT_EMBEDDING must be finite"
         if len(set(n_frames.tolist())) != 1:
             return "all rows of one request must ask for the same N_FRAMES"
         if n_frames.min() < 1 or n_frames.max() > self.max_frames:
             return f"N_FRAMES must be in [1, {self.max_frames}]"
-        if not np.all(temperatures > 0):
-            return "TEMPERATURE must be > 0"
+        if not np.all(np.isfinite(temperatures) & (temperatures > 0)):
+            return "TEMPERATURE must be finite and > 0"
         if np.any(top_ks < 0):
             return "TOP_K must be >= 0 (0 disables top-k filtering)"
         return None

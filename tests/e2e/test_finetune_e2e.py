@@ -1,0 +1,270 @@
+"""One closed RLHF cycle on the real stack, with simulated listeners voting through the real path.
+
+gateway (Triton generator v1) -> listeners hear the clips and vote -> POST /v1/feedback
+-> Kafka (Tansu) -> feedback consumer -> on-policy buffer (SeaweedFS) -> finetune cycle:
+Bradley-Terry reward model (published, hot-loaded by the reward service), KL-regularised
+REINFORCE scored by the reward service over HTTP, gate, publish v2, deploy to Triton
+while a load generator keeps requesting clips. Numbers go to results/finetune.json,
+plots to results/finetune_*.png.
+
+Models are small and randomly initialised (the default trained suite is not needed to
+test the loop); prompts are embedded with the hashing encoder. Everything gets names of
+its own (buckets, topics, consumer group, Triton model) so other tests see none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from finetune_helpers import servable_generator
+from finetune_worker.cycle import FinetuneCycle
+from finetune_worker.deploy import Deployer
+from finetune_worker.loop import run_cycle_with_lease
+from finetune_worker.settings import FinetuneSettings
+from feedback_consumer.consumer import FeedbackConsumer
+from feedback_consumer.settings import ConsumerSettings
+from musicrl.audio.formats import decode_audio
+from musicrl.buffer import PreferenceBuffer
+from musicrl.corpus.dataset import make_corpus
+from musicrl.kafka import ensure_topics
+from musicrl.listeners import ListenerConfig, Population
+from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder
+from musicrl.models.audio_export import write_checkpoint
+from musicrl.models.generator import save_generator
+from musicrl.models.preference import PreferenceRewardModel, save_preference_model
+from musicrl.models.quality import MosRegressor
+from musicrl.registry import Registry
+from reward_service.app import create_app as create_reward_app
+from reward_service.settings import RewardSettings
+from serving.app import create_app as create_gateway_app
+from serving.settings import GatewaySettings
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "finetune-e2e-admin"
+N_GENERATIONS = 320
+CLIP_S = 3.0
+SMALL_AUDIO = AudioEncoderConfig(channels=(16, 32, 32), width=32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(app, ready_path: str):
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert thread.is_alive() and time.monotonic() < deadline, f"{ready_path} never answered 200"
+        try:
+            if server.started and httpx.get(url + ready_path, timeout=5).status_code == 200:
+                return server, thread, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def world(stack, object_store, tmp_path_factory):
+    tag = uuid.uuid4().hex[:8]
+    root = tmp_path_factory.mktemp("finetune-e2e")
+    names = {"bucket_models": f"ft-e2e-models-{tag}", "bucket_buffer": f"ft-e2e-buffer-{tag}",
+             "topic_preferences": f"ft-e2e-prefs-{tag}", "topic_dead_letter": f"ft-e2e-prefs-{tag}.dlq",
+             "triton_model_name": f"ft_e2e_{tag}"}
+    for bucket in (names["bucket_models"], names["bucket_buffer"]):
+        object_store.client.make_bucket(bucket)
+    registry = Registry(object_store, bucket=names["bucket_models"])
+
+    # reward models v1 (random, the default architectures) and generator v1
+    torch.manual_seed(0)
+    training = {"text_encoder": "hashing", "note": "random init, finetune e2e"}
+    for component, model in (("text_adherence", AudioTextEncoder(SMALL_AUDIO)), ("quality", MosRegressor(SMALL_AUDIO))):
+        output = "embedding" if component == "text_adherence" else "mos"
+        path = write_checkpoint(model.eval(), root / component, component, output, training, {}, "tests")
+        registry.set_current(f"reward/{component}", registry.publish(f"reward/{component}", path))
+    base = servable_generator(0)
+    path = save_preference_model(PreferenceRewardModel.from_generator(base), root / "preference", {"training": training})
+    registry.set_current("reward/preference", registry.publish("reward/preference", path))
+    registry.publish("generator", save_generator(base, root / "generator"), lineage={"source": "random init"})
+    Deployer(registry, stack.triton_repo, stack.triton_http_url, root / "deploy", names["triton_model_name"]).deploy("1")
+
+    reward_settings = stack.settings_for(RewardSettings, **{k: v for k, v in names.items() if k == "bucket_models"},
+                                         reward_text_encoder="hashing", reward_admin_token=TOKEN, reward_poll_interval_s=0,
+                                         reward_model_cache_dir=root / "reward-cache")
+    reward_server, reward_thread, reward_url = _serve(create_reward_app(reward_settings), "/readyz")
+    gateway_settings = stack.settings_for(GatewaySettings, **names, gateway_text_encoder="hashing", gateway_store_timeout_s=10)
+    gateway_server, gateway_thread, gateway_url = _serve(create_gateway_app(gateway_settings), "/readyz")
+
+    consumer_settings = stack.settings_for(ConsumerSettings, **{k: v for k, v in names.items() if k in ConsumerSettings.model_fields},
+                                           consumer_group_id=f"ft-e2e-{tag}", consumer_session_timeout_ms=3000,
+                                           consumer_heartbeat_interval_ms=1000, consumer_segment_max_age_s=2.0,
+                                           consumer_metrics_port=-1)
+    ensure_topics(consumer_settings)
+    consumer = FeedbackConsumer(consumer_settings, object_store)
+    consumer_thread = threading.Thread(target=consumer.run, daemon=True)
+    consumer_thread.start()
+
+    finetune = stack.settings_for(
+        FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
+        reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
+        finetune_triton_repo=stack.triton_repo, finetune_text_encoder="hashing", finetune_torch_threads=1,
+        finetune_stage="U", finetune_steps=16, finetune_batch_size=8, finetune_duration_s=CLIP_S,
+        finetune_optimizer="adamw", finetune_policy_lr=1e-2, finetune_value_lr=1e-2, finetune_checkpoint_every=4,
+        finetune_heldout_fraction=0.25, finetune_eval_prompts=12, finetune_corpus_captions=64,
+        finetune_rm_min_pairs=40, finetune_rm_lr=1e-3, finetune_rm_epochs=6,
+        finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.1, finetune_deploy_timeout_s=180.0,
+    )
+    yield {"registry": registry, "gateway": gateway_url, "reward": reward_url, "settings": finetune, "store": object_store,
+           "names": names, "root": root}
+    consumer.stop()
+    consumer_thread.join(timeout=30)
+    for server, thread in ((gateway_server, gateway_thread), (reward_server, reward_thread)):
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _collect_votes(gateway: str, n: int) -> Counter:
+    """Listeners hear both clips (downloaded through the gateway) and vote through POST /v1/feedback."""
+    population = Population(ListenerConfig(size=50, abstain_probability=0.1, skip_probability=0.02, tie_probability=0.15,
+                                           listen_share_alpha=8.0, listen_share_beta=1.0), seed=7)
+    prompts = [r.caption for r in make_corpus(60, seed=3, split="train", duration_s=1.0)]
+    outcomes: Counter = Counter()
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng(i)
+        with httpx.Client(base_url=gateway, timeout=120) as http:
+            body = http.post("/v1/generations", json={"prompt": prompts[i % len(prompts)], "duration_s": CLIP_S, "seed": i}).json()
+            a, b = body["clips"]
+            wave_a, _ = decode_audio(http.get(a["download_url"]).content)
+            wave_b, _ = decode_audio(http.get(b["download_url"]).content)
+            vote = population.sample(rng).judge(wave_a, wave_b, rng)
+            response = http.post("/v1/feedback", json={
+                "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
+                "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s, "listen_b_s": vote.listen_b_s,
+                "user_id": f"listener-{i % 50}"})
+        with lock:
+            outcomes[vote.choice if response.status_code == 202 else f"http_{response.status_code}"] += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(n)))
+    return outcomes
+
+
+def _wait_for_buffer(store, bucket: str, at_least: int, timeout_s: float = 120) -> int:
+    buffer = PreferenceBuffer(store, bucket)
+    deadline, last, stable_since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sum(buffer.counts_by_policy().values()) if buffer.segments() else 0
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif count >= at_least and time.monotonic() - stable_since > 6:
+            return count
+        time.sleep(1)
+    raise AssertionError(f"the buffer holds {last} preferences, expected at least {at_least}")
+
+
+class LoadGenerator:
+    """Clients requesting clips all through the cycle: every failure is counted, none may happen."""
+
+    def __init__(self, gateway: str, clients: int = 2):
+        self.gateway, self.stop, self.lock = gateway, threading.Event(), threading.Lock()
+        self.results: list[tuple[float, int, tuple[str, ...]]] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, index: int) -> None:
+        with httpx.Client(base_url=self.gateway, timeout=120) as http:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                try:
+                    response = http.post("/v1/generations", json={"prompt": f"load {index} {n}", "duration_s": 1.0})
+                    versions = tuple(c["policy_version"] for c in response.json()["clips"]) if response.status_code == 201 else ()
+                    status = response.status_code
+                except httpx.HTTPError as err:
+                    status, versions = -1, (repr(err),)
+                with self.lock:
+                    self.results.append((time.time(), status, versions))
+                self.stop.wait(0.3)
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
+    started = time.time()
+    outcomes = _collect_votes(world["gateway"], N_GENERATIONS)
+    assert not [k for k in outcomes if k.startswith("http_")], outcomes
+    votes = outcomes["a"] + outcomes["b"] + outcomes["tie"]
+    n_buffer = _wait_for_buffer(world["store"], world["names"]["bucket_buffer"], at_least=votes // 2)
+    collected_s = time.time() - started
+
+    with LoadGenerator(world["gateway"]) as load:
+        record = run_cycle_with_lease(FinetuneCycle(world["settings"]))
+    requests = load.results
+    failed = [r for r in requests if r[1] != 201]
+    after = httpx.post(world["gateway"] + "/v1/generations", json={"prompt": "after the swap", "duration_s": 1.0}, timeout=120).json()
+
+    rm = record["reward_model"]
+    results = {
+        "listener_votes": dict(outcomes), "buffer_preferences": n_buffer, "collect_s": round(collected_s, 1),
+        "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "n_heldout_decided", "heldout_accuracy",
+                                                 "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
+                                                 "heldout_accuracy_quality_only", "train_accuracy")},
+        "cycle": {"status": record["status"], "reason": record.get("reason"), "candidate_version": record.get("candidate_version"),
+                  "timings_s": record["timings_s"], "stage": record["stage"], "trainer": record["trainer"]},
+        "train_last_step": record["train_history_last"],
+        "gate": {"passed": record["gate"].get("passed"), "candidate": record["gate"].get("candidate"),
+                 "baseline": record["gate"].get("baseline"), "checks": record["gate"].get("checks")},
+        "hot_swap": {"requests": len(requests), "failed": len(failed),
+                     "versions_seen": sorted({v for r in requests for v in r[2]}),
+                     "version_after": [c["policy_version"] for c in after["clips"]],
+                     "deploy_s": record.get("deploy", {}).get("deploy_s")},
+        "settings": {k: v for k, v in world["settings"].model_dump(mode="json").items() if k.startswith("finetune_") and "token" not in k},
+    }
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    (out / "finetune.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    archive = Path(record.get("archive", ""))
+    for name in ("reward_vs_step.png", "reward_vs_kl.png"):
+        if (archive / "plots" / name).is_file():
+            shutil.copy(archive / "plots" / name, out / f"finetune_{name}")
+
+    assert record["status"] == "deployed", record.get("reason")
+    assert rm["published"] == world["registry"].current("reward/preference") == "2"
+    assert rm["heldout_accuracy"] > rm["heldout_accuracy_text_adherence_only"]
+    assert rm["heldout_accuracy"] > rm["heldout_accuracy_quality_only"]
+    assert record["gate"]["candidate"]["reward"] > record["gate"]["baseline"]["reward"]
+    assert failed == [], failed[:5]
+    assert results["hot_swap"]["versions_seen"] == ["1", "2"] or results["hot_swap"]["versions_seen"] == ["2"]
+    assert set(results["hot_swap"]["version_after"]) == {"2"} and world["registry"].current("generator") == "2"
+    lineage = world["registry"].manifest("generator", "2")["lineage"]
+    assert lineage["reward_model_versions"]["preference"] == "2" and lineage["buffer_segments"]
