@@ -49,9 +49,11 @@ stack-down:
 stack-status:
 	$(BIN)/musicrl stack status
 
-# The demonstration of the loop runs here, on the stack that `stack-up` started.
+# The demonstration of the loop runs here, on the stack that `stack-up` started
+# (servers and services); the stack keeps running so the listening page can be opened.
 demo-loop:
 	$(BIN)/musicrl stack status
+	$(BIN)/musicrl experiment demo
 
 demo: stack-up demo-loop
 

@@ -39,6 +39,7 @@ from feedback_consumer.consumer import FeedbackConsumer
 from feedback_consumer.settings import ConsumerSettings
 from feedback_consumer.workload import make_records, make_workload, produce, store_records
 from musicrl.kafka import ensure_topics
+from musicrl.logging import configure_logging
 from musicrl.stack import COMPONENTS, Stack, free_port_settings
 from musicrl.stack.processes import free_port
 from musicrl.storage import ObjectStore
@@ -57,13 +58,11 @@ def update_results(path: Path, keys: list[str], value) -> None:
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
-def _settings(stack_env: dict[str, str], tag: str) -> ConsumerSettings:
-    fields = {k.removeprefix("MUSICRL_").lower(): v for k, v in stack_env.items()}
-    known = {k: v for k, v in fields.items() if k in ConsumerSettings.model_fields}
-    return ConsumerSettings(
-        **known, topic_preferences=f"bench-{tag}", topic_dead_letter=f"bench-{tag}.dlq", bucket_buffer=f"bench-{tag}",
+def _settings(info, tag: str) -> ConsumerSettings:
+    return info.settings_for(
+        ConsumerSettings, topic_preferences=f"bench-{tag}", topic_dead_letter=f"bench-{tag}.dlq", bucket_buffer=f"bench-{tag}",
         consumer_group_id=f"bench-{tag}", consumer_session_timeout_ms=4000, consumer_heartbeat_interval_ms=1000,
-        consumer_segment_max_age_s=1.0, consumer_metrics_port=-1, log_level="WARNING",
+        consumer_segment_max_age_s=1.0, consumer_metrics_port=-1, log_level="WARNING", log_json=False,
     )
 
 
@@ -215,7 +214,8 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
         local.up()
         try:
             stack_env = local.info.env()
-            settings = _settings(stack_env, uuid.uuid4().hex[:8])
+            settings = _settings(local.info, uuid.uuid4().hex[:8])
+            configure_logging(settings, service="feedback-bench")
             store = ObjectStore(settings)
             store.ensure_buckets()
             ensure_topics(settings)
@@ -227,7 +227,7 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
 
             bare = bare_consumer_rate(settings, len(workload.messages))
             ours = feedback_consumer_rate(settings, store, len(workload.messages))
-            e2e_settings = _settings(stack_env, uuid.uuid4().hex[:8])
+            e2e_settings = _settings(local.info, uuid.uuid4().hex[:8])
             ensure_topics(e2e_settings)
             end_to_end = end_to_end_rate(stack_env, e2e_settings, store, gateway_events, concurrency, workdir)
         finally:

@@ -145,7 +145,7 @@ class FeedbackConsumer:
         self._retry("ensure_buckets", self.store.ensure_buckets)
         self._dead_letters = DeadLetterWriter(s)
         self._kafka = KafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
+            **s.kafka_client_options(),
             client_id=s.consumer_client_id,
             group_id=s.consumer_group_id,
             enable_auto_commit=False,

@@ -27,7 +27,7 @@ import uuid
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
 from musicrl.buffer import PreferenceBuffer, split_of
+from musicrl.device import resolve_device
 from musicrl.logging import get_logger
 from musicrl.models.generator import load_generator
 from musicrl.models.preference import PreferenceTrainingConfig
@@ -105,6 +106,9 @@ class FinetuneCycle:
         self._reward_spec = settings.finetune_reward or settings.reward_url
         self.reward_fn = reward_fn or make_reward_fn(self._reward_spec, token.get_secret_value() if token else None)
         self._embed = None
+        # Called before every write others can see (publish, deploy); the loop sets it to the lease's
+        # renew(), which raises LeaseLost if another worker took over, so a stale worker stops there.
+        self.guard: Callable[[], None] = lambda: None
         if settings.finetune_torch_threads:
             torch.set_num_threads(settings.finetune_torch_threads)
 
@@ -163,7 +167,7 @@ class FinetuneCycle:
         started = time.perf_counter()
         parent = self.registry.current(GENERATOR)
         if parent is None:
-            raise RuntimeError("no current generator in the registry: publish one first (musicrl models publish-defaults)")
+            raise RuntimeError("no current generator in the registry: publish one first (`musicrl stack up` publishes checkpoints/generator as version 1)")
         reference = self.reference_version(parent)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True)
@@ -262,7 +266,7 @@ class FinetuneCycle:
         if len(train.pairs) < s.finetune_rm_min_pairs:
             log.info("reward_model.skipped", pairs=len(train.pairs), needed=s.finetune_rm_min_pairs)
             return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}"}
-        generator, _ = load_generator(self.run_dir / "parent")
+        generator, _ = load_generator(self.run_dir / "parent", device=resolve_device(s.finetune_device))
         config = PreferenceTrainingConfig(
             learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
             seed=s.finetune_seed, optimizer=s.finetune_optimizer,
@@ -274,6 +278,7 @@ class FinetuneCycle:
         if not metrics["heldout_accuracy"] > 0.5:
             self.registry.record_rejection(PREFERENCE, {"reason": "held-out accuracy not above chance", "metrics": metrics, "lineage": lineage})
             return {**metrics, "published": None}
+        self.guard()
         version = self.registry.publish(PREFERENCE, out_dir, metrics=metrics, lineage=lineage)
         self.registry.set_current(PREFERENCE, version)
         self.wait_for_reward_version(version)
@@ -325,9 +330,10 @@ class FinetuneCycle:
 
     def gate_and_publish(self, state: RunState) -> None:
         s = self.settings
-        candidate, _ = load_generator(self.run_dir / "candidate")
-        parent, _ = load_generator(self.run_dir / "parent")
-        reference, _ = load_generator(self.run_dir / "reference")
+        device = resolve_device(s.finetune_device)
+        candidate, _ = load_generator(self.run_dir / "candidate", device=device)
+        parent, _ = load_generator(self.run_dir / "parent", device=device)
+        reference, _ = load_generator(self.run_dir / "reference", device=device)
         weights = STAGE_WEIGHTS[state.stage]
         common = dict(prompts=state.eval_prompts, embed=self.embed, reward_fn=self.reward_fn, weights=weights,
                       n_frames=codec.frames_for(s.finetune_duration_s), temperature=s.finetune_temperature,
@@ -349,6 +355,7 @@ class FinetuneCycle:
             state.status = "rejected"
             log.warning("cycle.rejected", run_id=state.run_id, reason=report.reason)
             return
+        self.guard()
         state.candidate_version = self.find_published(state.run_id) or self.registry.publish(
             GENERATOR, self.run_dir / "candidate",
             metrics={"gate": {"candidate": scored, "baseline": baseline}, "train": state.train_history_last, "reward_model": state.reward_model},
@@ -369,6 +376,7 @@ class FinetuneCycle:
         return Deployer.from_settings(self.settings, self.registry)
 
     def deploy(self, state: RunState) -> None:
+        self.guard()
         try:
             state.deploy = self.deployer().deploy(state.candidate_version)
             state.status = "deployed"

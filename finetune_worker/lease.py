@@ -40,6 +40,7 @@ class Lease:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._etag: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the renewal thread and the guard before a publish both renew
         self._thread: threading.Thread | None = None
 
     @property
@@ -76,23 +77,25 @@ class Lease:
         return True
 
     def renew(self) -> None:
-        if self._etag is None:
-            raise LeaseLost("lease not held")
-        try:
-            self._etag = self.store.put_bytes_conditional(self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=self._etag)
-        except PreconditionFailed as exc:
-            self._etag = None
-            raise LeaseLost(f"lease {self.key} was taken by {(self.holder() or {}).get('owner')}") from exc
+        with self._lock:
+            if self._etag is None:
+                raise LeaseLost("lease not held")
+            try:
+                self._etag = self.store.put_bytes_conditional(self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=self._etag)
+            except PreconditionFailed as exc:
+                self._etag = None
+                raise LeaseLost(f"lease {self.key} was taken by {(self.holder() or {}).get('owner')}") from exc
 
     def release(self) -> None:
         self.stop_renewing()
-        if self._etag is None:
-            return
-        try:
-            self.store.put_bytes_conditional(self.bucket, self.key, self._body(0.0), if_match=self._etag)
-        except PreconditionFailed:
-            pass  # already expired and taken: nothing of ours to release
-        self._etag = None
+        with self._lock:
+            if self._etag is None:
+                return
+            try:
+                self.store.put_bytes_conditional(self.bucket, self.key, self._body(0.0), if_match=self._etag)
+            except PreconditionFailed:
+                pass  # already expired and taken: nothing of ours to release
+            self._etag = None
 
     def start_renewing(self) -> None:
         """Renew every ttl/3 from a daemon thread while long work runs in the foreground."""

@@ -79,6 +79,7 @@ def run_cycle_with_lease(cycle: FinetuneCycle, trigger: Trigger | None = None, c
         log.info("loop.lease_busy", holder=lease.holder())
         return None
     lease.start_renewing()
+    cycle.guard = lease.renew
     try:
         parent = cycle.registry.current("generator")
         record = cycle.run_once()

@@ -100,7 +100,7 @@ def train_reward_model(
     """Fit the model from ``generator``'s weights, save it (with ONNX) in ``out_dir``; returns metrics."""
     if not train.pairs:
         raise ValueError("no training pairs in the buffer")
-    model = PreferenceRewardModel.from_generator(generator)
+    model = PreferenceRewardModel.from_generator(generator).to(next(generator.parameters()).device)
     metrics = train_preference_model(model, train.pairs, config, heldout=heldout.pairs)
     if reward_fn is not None and heldout.pairs:
         for name, accuracy in single_reward_accuracy(heldout, reward_fn, ("text_adherence", "quality")).items():

@@ -11,6 +11,7 @@ Checkpoints in ``checkpoint_dir`` let a killed job resume where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m finetune_worker.train JOB.json  (under torchrun for data parallel)")
     torch.set_num_threads(1)
     job = TrainJob.model_validate_json(Path(argv[0]).read_text())
-    dist_ctx = DistributedContext.from_env()
+    device = str(job.config.get("device", "cpu"))
+    if device in ("cuda", "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        job.config["device"] = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+    dist_ctx = DistributedContext.from_env(backend="nccl" if job.config.get("device", "cpu").startswith("cuda") else "gloo")
     try:
         run_job(job, dist_ctx)
     finally:

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True)
 @app.command("locust")
 def locust_command(
     host: str = typer.Option("http://127.0.0.1:8080", help="Base URL of the generation gateway."),
-    scenario: str = typer.Option("mix", help="apps | listeners | mix (a ramp of both)."),
+    scenario: str = typer.Option("mix", help="apps | listeners | steady (both, fixed users) | mix (both, ramped)."),
     users: int = typer.Option(4, min=1, help="Concurrent users (the plateau of the mix)."),
     spawn_rate: float = typer.Option(1.0, min=0.01, help="Users started per second."),
     run_time_s: int = typer.Option(300, min=1, help="Length of the run in seconds."),
@@ -39,8 +39,8 @@ def locust_command(
     from loadtests.local_target import local_gateway
     from loadtests.locust_runner import LocustRun, run_locust
 
-    if scenario not in ("apps", "listeners", "mix"):
-        raise typer.BadParameter(f"unknown scenario {scenario!r}; expected apps, listeners or mix")
+    if scenario not in ("apps", "listeners", "steady", "mix"):
+        raise typer.BadParameter(f"unknown scenario {scenario!r}; expected apps, listeners, steady or mix")
     env = {
         "LOADTEST_DURATION_S": str(duration_s),
         "LOADTEST_APP_RATE": str(app_rate),
@@ -86,8 +86,13 @@ def listeners_command(
     from loadtests.listener_report import calibrate
     from musicrl.listeners import ListenerConfig
 
+    from pydantic import ValidationError
+
     overrides = {"taste_spread": taste_spread, "temperature": temperature}
-    config = ListenerConfig(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        config = ListenerConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
     report = calibrate(config, seed=seed, n_clips=clips, n_votes=votes, n_prompts=prompts)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
@@ -95,3 +100,144 @@ def listeners_command(
     for key in ("agreement", "no_vote_rate", "tie_rate_of_votes", "mean_listen_share", "heldout_win_rate_best_of_8"):
         console.print(f"{key:<28} {report[key]}")
     console.print(f"report: {output}")
+
+
+def _finetune_overrides(pairs: list[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--finetune takes FIELD=VALUE (a FinetuneSettings field), got {pair!r}")
+        overrides[key if key.startswith("finetune_") else f"finetune_{key}"] = value
+    return overrides
+
+
+@app.command("closed-loop")
+def closed_loop_command(
+    rounds: int = typer.Option(4, min=1, help="Rounds of collect -> finetune -> evaluate."),
+    pairs_per_round: int = typer.Option(240, min=4, help="Pairs the training listeners ask for per round."),
+    clip_s: float = typer.Option(5.0, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
+    eval_prompts: int = typer.Option(48, min=1, help="Held-out prompts of the win-rate evaluation."),
+    eval_samples: int = typer.Option(4, min=1, help="Paired samples per held-out prompt."),
+    concurrency: int = typer.Option(4, min=1, help="Listeners asking and voting at once."),
+    seed: int = typer.Option(0, help="Seeds the populations, prompts and evaluation."),
+    finetune: list[str] = typer.Option([], help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable."),
+    out_dir: Path = typer.Option(Path("results"), help="Where closed_loop.json, _winrate.png and _table.md go."),
+    work_dir: Path = typer.Option(Path(".data/closed_loop"), help="Private stack, registry downloads, finetune runs."),
+) -> None:
+    """The closed-loop experiment on a private stack of real servers and services (see docs/closed_loop.md)."""
+    import shutil
+    import signal
+    import sys
+    import time
+
+    from rich.console import Console
+
+    from loadtests.closed_loop import ClosedLoopConfig, private_loop_stack, run_closed_loop, write_reports
+
+    console = Console()
+    config = ClosedLoopConfig(rounds=rounds, pairs_per_round=pairs_per_round, clip_s=clip_s, eval_prompts=eval_prompts,
+                              eval_samples=eval_samples, concurrency=concurrency, seed=seed,
+                              finetune={"finetune_duration_s": clip_s, **_finetune_overrides(finetune)})
+    shutil.rmtree(work_dir, ignore_errors=True)  # every run starts from the base policy on an empty stack
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False)
+
+    progress("starting a private stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)")
+    with private_loop_stack(work_dir) as info:
+        progress(f"stack up; gateway {info.gateway_url}, reward service {info.reward_url}")
+        results = run_closed_loop(info, config, work_dir, progress)
+    for path in write_reports(results, out_dir):
+        console.print(f"wrote {path}")
+    console.print((out_dir / "closed_loop_table.md").read_text())
+    raise typer.Exit(0 if results["final"]["target_met"] else 3)
+
+
+@app.command("demo")
+def demo_command(
+    pairs: int = typer.Option(48, min=4, help="Pairs the simulated listeners ask for and judge."),
+    clip_s: float = typer.Option(5.0, help="Seconds of audio per clip."),
+    seed: int = typer.Option(0, help="Seeds the listener population."),
+) -> None:
+    """One turn of the loop on the running stack (`musicrl stack up`): votes, buffer, finetune cycle, hot swap."""
+    import time
+
+    from rich.console import Console
+
+    from loadtests.demo import DemoConfig, describe, run_demo
+
+    console = Console()
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        console.print(f"[{time.monotonic() - started:6.1f} s] {message}", highlight=False)
+
+    try:
+        summary = run_demo(DemoConfig(pairs=pairs, clip_s=clip_s, seed=seed), progress)
+    except (RuntimeError, TimeoutError) as err:
+        Console(stderr=True).print(f"error: {err}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
+    console.rule(f"what happened ({time.monotonic() - started:.0f} s)")
+    for line in describe(summary):
+        console.print(line, highlight=False, markup=False)
+
+
+@app.command("hot-swap-bench")
+def hot_swap_bench_command(
+    pairs: int = typer.Option(96, min=4, help="Pairs judged before the cycle."),
+    steps: int = typer.Option(10, min=1, help="RL steps of the cycle."),
+    output: Path = typer.Option(Path("results/hot_swap.json"), help="Results file."),
+    work_dir: Path = typer.Option(Path(".data/hot_swap_bench"), help="Private stack and finetune run."),
+) -> None:
+    """Latency and failures of a probe during a hot swap vs steady state, and preference -> deployed policy time."""
+    import json
+    import shutil
+    import signal
+    import sys
+
+    from rich.console import Console
+
+    from loadtests.bench_suite import hot_swap_summary
+    from loadtests.closed_loop import ClosedLoopConfig, private_loop_stack, run_closed_loop
+
+    console = Console()
+    config = ClosedLoopConfig(rounds=1, pairs_per_round=pairs, eval_prompts=8, eval_samples=2, reward_eval_prompts=4,
+                              finetune={"finetune_steps": steps, "finetune_batch_size": 8, "finetune_rm_min_pairs": 10,
+                                        "finetune_eval_prompts": 8, "finetune_corpus_captions": 64})
+    shutil.rmtree(work_dir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with private_loop_stack(work_dir) as info:
+        results = run_closed_loop(info, config, work_dir, lambda message: console.print(message, highlight=False))
+    summary = hot_swap_summary(results)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    console.print_json(json.dumps({k: v for k, v in summary.items() if k not in ("machine", "note")}))
+    raise typer.Exit(0 if summary["swap_failed"] == 0 and summary["steady_failed"] == 0 else 1)
+
+
+@app.command("bench-all")
+def bench_all_command(
+    quick: bool = typer.Option(False, help="Fewer requests and shorter points per benchmark (a smoke run)."),
+    only: list[str] = typer.Option([], help="Run only these (serving, rewards, feedback, hot_swap); repeatable."),
+    timeout_s: float = typer.Option(1800.0, help="Longest one benchmark may run."),
+    log_dir: Path = typer.Option(Path("results/bench_logs"), help="Output of each benchmark command."),
+) -> None:
+    """Run every benchmark, then write BENCHMARKS.md and results/benchmarks.json with the machine's description."""
+    import time
+
+    from rich.console import Console
+
+    from loadtests.bench_suite import run_suite
+
+    console = Console()
+    started = time.monotonic()
+    report = run_suite(quick, only or None, timeout_s, log_dir,
+                       lambda message: console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False))
+    console.print("wrote BENCHMARKS.md and results/benchmarks.json")
+    failed = [row["name"] for row in report["benchmarks"] if row["exit"] != 0]
+    if failed:
+        console.print(f"failed: {', '.join(failed)}")
+        raise typer.Exit(1)

@@ -35,7 +35,7 @@ def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300
 
     stack = Stack(free_port_settings(work_dir / "stack"))
     info = stack.up()
-    gateway = None
+    gateway, log = None, None
     try:
         settings = info.settings_for(GatewaySettings)
         install_version(info.triton_repo, 1, checkpoint, settings.triton_model_name, BatchingConfig.from_settings(settings))
@@ -58,6 +58,8 @@ def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300
                 gateway.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 gateway.kill()
+        if log is not None:
+            log.close()
         stack.down()
 
 

@@ -17,13 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Scenario = Literal["apps", "listeners", "mix"]
+# apps, listeners: one kind of user; steady: both, a fixed number; mix: both, ramped.
+Scenario = Literal["apps", "listeners", "steady", "mix"]
 LOCUSTFILES = {
     "apps": Path(__file__).with_name("locustfile.py"),
     "listeners": Path(__file__).with_name("locustfile.py"),
+    "steady": Path(__file__).with_name("locustfile.py"),
     "mix": Path(__file__).with_name("locustfile_ramp.py"),
 }
-USER_CLASSES = {"apps": ["AppUser"], "listeners": ["ListenerUser"], "mix": []}
+USER_CLASSES = {"apps": ["AppUser"], "listeners": ["ListenerUser"], "steady": [], "mix": []}
 
 
 @dataclass(frozen=True)

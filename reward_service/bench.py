@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +42,7 @@ console = Console(stderr=True)
 class BenchConfig:
     clients: list[int] = field(default_factory=lambda: [1, 8, 32])
     seconds: float = 8.0
+    rounds: int = 3
     warmup_s: float = 1.5
     clip_s: float = 10.0
     n_clips: int = 64
@@ -57,6 +58,7 @@ class BenchConfig:
 class Point:
     mode: str
     clients: int
+    round: int
     clips: int
     errors: int
     seconds: float
@@ -182,7 +184,7 @@ async def _load(url: str, items: list[dict], clients: int, warmup_s: float, seco
     return done, errors, latencies, elapsed
 
 
-def _measure(url: str, mode: str, items: list[dict], clients: int, config: BenchConfig) -> Point:
+def _measure(url: str, mode: str, items: list[dict], clients: int, round_: int, config: BenchConfig) -> Point:
     before = _counters(url)
     done, errors, latencies, elapsed = asyncio.run(_load(url, items, clients, config.warmup_s, config.seconds))
     after = _counters(url)
@@ -192,6 +194,7 @@ def _measure(url: str, mode: str, items: list[dict], clients: int, config: Bench
     return Point(
         mode=mode,
         clients=clients,
+        round=round_,
         clips=done,
         errors=errors,
         seconds=round(elapsed, 3),
@@ -274,7 +277,7 @@ def _model_stage(settings: RewardSettings, items: list[dict], batch_sizes: list[
 
 def run_bench(config: BenchConfig) -> dict:
     load_start = round(os.getloadavg()[0], 2)
-    with _private_store(config.checkpoints) if config.private_store else _nullcontext(RewardSettings()) as settings:
+    with _private_store(config.checkpoints) if config.private_store else nullcontext(RewardSettings()) as settings:
         items = _items(config, settings)
         modes = {"one_by_one": 1, "batched": config.max_batch_size}
         console.print("[bold]model stage alone[/] (in this process)")
@@ -291,20 +294,21 @@ def run_bench(config: BenchConfig) -> dict:
                 for start in range(0, len(items), 16):
                     httpx.post(f"{urls[mode]}/v1/scores", json={"items": items[start : start + 16]}, timeout=300).raise_for_status()
             model_versions = httpx.get(f"{urls['batched']}/readyz", timeout=10).json()["model_versions"]
-            for clients in tqdm(config.clients, desc="client counts", file=sys.stderr):
-                for mode, url in urls.items():
-                    point = _measure(url, mode, items, clients, config)
-                    points.append(point)
-                    console.print(
-                        f"  {mode:>10} {clients:>3} clients: {point.clips_per_s:8.2f} clips/s, p50 {point.latency_p50_ms} ms, "
-                        f"mean batch {point.mean_batch_size}, models {point.model_ms_per_clip} ms/clip, "
-                        f"inputs {point.input_ms_per_clip} ms/clip, errors {point.errors}"
-                    )
-    by = {(p.mode, p.clients): p for p in points}
+            runs = [(c, r, mode) for c in config.clients for r in range(config.rounds) for mode in urls]
+            for clients, round_, mode in tqdm(runs, desc="measurements", file=sys.stderr):
+                point = _measure(urls[mode], mode, items, clients, round_, config)
+                points.append(point)
+                console.print(
+                    f"  {mode:>10} {clients:>3} clients, round {round_}: {point.clips_per_s:8.2f} clips/s, "
+                    f"p50 {point.latency_p50_ms} ms, mean batch {point.mean_batch_size}, "
+                    f"models {point.model_ms_per_clip} ms/clip, inputs {point.input_ms_per_clip} ms/clip, errors {point.errors}"
+                )
+    summary = _summarise(points)
+    by = {(row["mode"], row["clients"]): row for row in summary}
     speedup = {
-        str(c): round(by["batched", c].clips_per_s / by["one_by_one", c].clips_per_s, 2)
+        str(c): round(by["batched", c]["clips_per_s"] / by["one_by_one", c]["clips_per_s"], 2)
         for c in config.clients
-        if by["one_by_one", c].clips_per_s > 0
+        if by["one_by_one", c]["clips_per_s"] > 0
     }
     result = {
         "benchmark": "reward_service_micro_batching",
@@ -318,39 +322,56 @@ def run_bench(config: BenchConfig) -> dict:
         },
         "model_versions": model_versions,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "summary_medians_over_rounds": summary,
         "points": [asdict(p) for p in points],
         "speedup_batched_over_one_by_one": speedup,
         "model_stage_clips_per_s_by_batch_size": model_stage,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
     config.out.write_text(json.dumps(result, indent=2) + "\n")
-    _table(points, speedup)
-    _plot(points, config.out.with_suffix(".png"))
+    _table(summary, speedup)
+    _plot(summary, config.out.with_suffix(".png"))
     console.print(f"wrote {config.out} and {config.out.with_suffix('.png')}")
     return result
 
 
-@contextmanager
-def _nullcontext(value):
-    yield value
+def _summarise(points: list[Point]) -> list[dict]:
+    """Median over rounds of each (mode, clients) measurement, with the per-round throughputs."""
+    rows = []
+    for mode, clients in dict.fromkeys((p.mode, p.clients) for p in points):
+        runs = [p for p in points if p.mode == mode and p.clients == clients]
+        median = lambda name: round(statistics.median(getattr(p, name) for p in runs), 2)  # noqa: E731
+        rows.append({
+            "mode": mode,
+            "clients": clients,
+            "clips_per_s": median("clips_per_s"),
+            "clips_per_s_rounds": [p.clips_per_s for p in runs],
+            "errors": sum(p.errors for p in runs),
+            "mean_batch_size": median("mean_batch_size"),
+            "model_ms_per_clip": median("model_ms_per_clip"),
+            "input_ms_per_clip": median("input_ms_per_clip"),
+            "latency_p50_ms": median("latency_p50_ms"),
+            "latency_p95_ms": median("latency_p95_ms"),
+        })
+    return rows
 
 
-def _table(points: list[Point], speedup: dict[str, float]) -> None:
-    table = Table(title="reward service: clips/s")
-    for column in ("clients", "one-by-one", "batched", "speedup", "mean batch", "model ms/clip (1 / batched)", "p50 ms (batched)"):
+def _table(summary: list[dict], speedup: dict[str, float]) -> None:
+    table = Table(title="reward service: clips/s (median over rounds)")
+    for column in ("clients", "one-by-one", "batched", "speedup", "mean batch", "model ms/clip (1 / batched)", "p50 ms (1 / batched)"):
         table.add_column(column, justify="right")
-    by = {(p.mode, p.clients): p for p in points}
-    for clients in sorted({p.clients for p in points}):
+    by = {(row["mode"], row["clients"]): row for row in summary}
+    for clients in sorted({row["clients"] for row in summary}):
         one, batched = by["one_by_one", clients], by["batched", clients]
         table.add_row(
-            str(clients), f"{one.clips_per_s:.1f}", f"{batched.clips_per_s:.1f}", f"{speedup.get(str(clients), 0):.2f}x",
-            f"{batched.mean_batch_size:.1f}", f"{one.model_ms_per_clip:.1f} / {batched.model_ms_per_clip:.1f}",
-            f"{batched.latency_p50_ms:.0f}",
+            str(clients), f"{one['clips_per_s']:.1f}", f"{batched['clips_per_s']:.1f}", f"{speedup.get(str(clients), 0):.2f}x",
+            f"{batched['mean_batch_size']:.1f}", f"{one['model_ms_per_clip']:.1f} / {batched['model_ms_per_clip']:.1f}",
+            f"{one['latency_p50_ms']:.0f} / {batched['latency_p50_ms']:.0f}",
         )
     Console().print(table)
 
 
-def _plot(points: list[Point], path: Path) -> None:
+def _plot(summary: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,11 +379,15 @@ def _plot(points: list[Point], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode, label in (("one_by_one", "one-by-one"), ("batched", "micro-batched")):
-        xs = [p.clients for p in points if p.mode == mode]
-        ax.plot(xs, [p.clips_per_s for p in points if p.mode == mode], marker="o", label=label)
+        rows = [row for row in summary if row["mode"] == mode]
+        xs = [row["clients"] for row in rows]
+        ys = [row["clips_per_s"] for row in rows]
+        low = [y - min(row["clips_per_s_rounds"]) for y, row in zip(ys, rows)]
+        high = [max(row["clips_per_s_rounds"]) - y for y, row in zip(ys, rows)]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("clips / s")
+    ax.set_ylabel("clips / s (median, range over rounds)")
     ax.set_title("Reward service throughput")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -37,7 +37,8 @@ def serve(
 @app.command("bench")
 def bench(
     clients: str = typer.Option("1,8,32", help="Comma-separated numbers of concurrent clients."),
-    seconds: float = typer.Option(8.0, help="Measured seconds per (mode, clients) point."),
+    seconds: float = typer.Option(8.0, help="Measured seconds per (mode, clients, round) point."),
+    rounds: int = typer.Option(3, help="Alternating rounds per client count; the summary takes the median."),
     clip_s: float = typer.Option(10.0, help="Duration of each scored clip."),
     max_batch_size: int = typer.Option(32, help="Micro-batch size of the batched mode."),
     source: str = typer.Option("tokens", help="How clips are sent: tokens, audio_b64 or clip_id."),
@@ -55,6 +56,7 @@ def bench(
     config = BenchConfig(
         clients=[int(c) for c in clients.split(",") if c.strip()],
         seconds=seconds,
+        rounds=rounds,
         clip_s=clip_s,
         max_batch_size=max_batch_size,
         source=source,

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -85,12 +85,15 @@ class DistributedContext:
 
     @classmethod
     def from_env(cls, backend: str | None = None) -> "DistributedContext":
-        """Join the process group torchrun describes (``WORLD_SIZE`` > 1), else run alone."""
+        """Join the process group torchrun describes (``WORLD_SIZE`` > 1), else run alone.
+
+        ``backend``: "gloo" for CPU tensors, "nccl" when every process drives its own GPU.
+        """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+            dist.init_process_group(backend=backend or "gloo")
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size())
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:
@@ -227,7 +230,7 @@ class OnlineTrainer:
         log.info("trainer.resumed", step=self.global_step, checkpoint=str(self.checkpoint_dir))
         return self.global_step
 
-    def train(self, on_step=None) -> TrainOutput:
+    def train(self) -> TrainOutput:
         resumed = self.maybe_resume()
         bar = tqdm(total=self.args.steps, initial=self.global_step, disable=not self.dist.is_main, desc=type(self).__name__, leave=False)
         started = time.perf_counter()
@@ -241,8 +244,6 @@ class OnlineTrainer:
             if self.dist.is_main and self.global_step % max(1, self.args.log_every) == 0:
                 bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "kl", "loss") if k in metrics})
                 log.info("trainer.step", **{k: round(v, 6) for k, v in metrics.items()})
-            if on_step is not None:
-                on_step(self, metrics)
             every = self.args.checkpoint_every
             if every and self.global_step % every == 0 and self.global_step < self.args.steps:
                 self.save_checkpoint()

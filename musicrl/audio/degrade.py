@@ -30,29 +30,45 @@ def clip(wave: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndar
 
 
 def dropouts(wave: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Zeroed gaps of 20 to 120 ms covering up to 35 percent of the clip."""
+    """Zeroed gaps of 20 to 120 ms covering up to 35 percent of the sounding part of the clip.
+
+    Gaps start where the music sounds: a gap in a rest would be inaudible and make the label a lie.
+    """
     out = wave.copy()
-    target = int(0.35 * strength * len(wave))
+    sounding = np.flatnonzero(np.abs(wave) > 0.05 * max(float(np.abs(wave).max()), 1e-6))
+    if len(sounding) == 0:
+        return out
+    target = int(0.35 * strength * len(sounding))
     covered = 0
     while covered < target:
         length = int(rng.uniform(0.02, 0.12) * SAMPLE_RATE)
-        start = int(rng.integers(0, max(1, len(wave) - length)))
+        start = int(rng.choice(sounding))
         out[start : start + length] = 0.0
         covered += length
     return out
 
 
+def _rolloff_hz(wave: np.ndarray, share: float = 0.99) -> float:
+    power = np.abs(np.fft.rfft(wave)) ** 2
+    cumulative = np.cumsum(power)
+    index = int(np.searchsorted(cumulative, share * cumulative[-1])) if cumulative[-1] > 0 else len(power) - 1
+    return index * SAMPLE_RATE / (2 * (len(power) - 1))
+
+
 def band_limit(wave: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Low-pass from 7.5 kHz down to 400 Hz (log scale), like a bad telephone line."""
-    cutoff = 7500.0 * (400.0 / 7500.0) ** strength
+    """Low-pass from the clip's own 99 % spectral roll-off down to 6 percent of it (log scale).
+
+    Relative to the content, so that the same strength removes as much of a bass line as of a flute.
+    """
+    cutoff = float(np.clip(_rolloff_hz(wave) * 0.06**strength, 60.0, 7900.0))
     sos = butter(6, cutoff, btype="low", fs=SAMPLE_RATE, output="sos")
     return sosfilt(sos, wave)
 
 
 def detune(wave: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Wow and flutter: pitch wobbles by up to 1.2 semitones at 0.5 to 6 Hz."""
-    rate = rng.uniform(0.5, 6.0)
-    depth = (2 ** (1.2 * strength / 12) - 1) / (2 * np.pi * rate)  # max relative speed deviation / omega
+    """Wow and flutter: pitch wobbles by up to 2 semitones at 2 to 8 Hz."""
+    rate = rng.uniform(2.0, 8.0)
+    depth = (2 ** (2.0 * strength / 12) - 1) / (2 * np.pi * rate)  # max relative speed deviation / omega
     t = np.arange(len(wave)) / SAMPLE_RATE
     warped = (t + depth * np.sin(2 * np.pi * rate * t)) * SAMPLE_RATE
     return np.interp(np.clip(warped, 0, len(wave) - 1), np.arange(len(wave)), wave)
@@ -62,6 +78,7 @@ WAVE_DEGRADATIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], 
     "noise": add_noise, "clipping": clip, "dropouts": dropouts, "band_limit": band_limit, "detune": detune,
 }
 DEGRADATIONS = (*WAVE_DEGRADATIONS, "glitches")
+DEGRADATIONS_VERSION = 2  # bump when a degradation changes: training caches are keyed by it
 MAX_EXTRA_GLITCHES = 8
 
 

@@ -118,7 +118,7 @@ def train_text_adherence_command(
 
 @app.command("train-quality")
 def train_quality_command(
-    steps: int = typer.Option(800),
+    steps: int = typer.Option(1200),
     n_train: int = typer.Option(1500, help="Training clips, each rendered --renders times with random degradations."),
     renders: int = typer.Option(2),
     batch_size: int = typer.Option(64),

@@ -101,7 +101,7 @@ def evaluate_text_adherence(n: int, seed: int, checkpoints: Path, results_dir: P
     ranks = (similarity > np.diag(similarity)[:, None]).sum(axis=1)
     axes[1].hist(ranks, bins=np.arange(0, n + 1, max(1, n // 40)), color="tab:blue")
     axes[1].axvline(n / 2, color="gray", linestyle="--", label="chance (mean rank)")
-    axes[1].set(title=f"rank of the true caption among {n} (top-5 {metrics['top5']:.2f}, chance {metrics['chance_top5']:.3f})",
+    axes[1].set(title=f"true caption's rank of {n}: top-5 {metrics['top5']:.2f} (chance {metrics['chance_top5']:.3f})",
                 xlabel="rank", ylabel="clips")
     axes[1].legend()
     fig.tight_layout()

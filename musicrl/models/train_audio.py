@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from musicrl.audio import codec
-from musicrl.audio.degrade import DEGRADATIONS, mos_of, render_degraded
+from musicrl.audio.degrade import DEGRADATIONS, DEGRADATIONS_VERSION, mos_of, render_degraded
 from musicrl.audio.features import log_mel
 from musicrl.corpus import make_corpus
 from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder, save_config
@@ -84,7 +84,7 @@ def text_adherence_data(n: int, seed: int, split: str, n_captions: int, text_enc
 def quality_data(n: int, seed: int, split: str, renders_per_record: int, cache_dir: Path) -> dict:
     """Mels and MOS labels of degraded renders, with the degradations applied (JSON per row)."""
     path = _cache_path(cache_dir, "quality", n=n, seed=seed, split=split, renders=renders_per_record,
-                       degradations=DEGRADATIONS)
+                       degradations=DEGRADATIONS, version=DEGRADATIONS_VERSION)
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return {k: data[k] for k in data.files}
@@ -137,7 +137,7 @@ class QualityTrainingConfig:
     n_valid: int = 150
     renders_per_record: int = 2
     seed: int = 0
-    steps: int = 800
+    steps: int = 1200
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from musicrl.stack.binaries import StackError
 from musicrl.stack.settings import StackSettings
-from musicrl.stack.stack import Stack
+from musicrl.stack.stack import COMPONENTS, SERVICES, Stack, default_components
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
@@ -32,7 +32,7 @@ DataDir = Annotated[
 
 def _stack(data_dir: Path | None) -> Stack:
     settings = StackSettings() if data_dir is None else StackSettings(stack_data_dir=data_dir)
-    return Stack(settings)
+    return Stack(settings, default_components(settings))
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -65,7 +65,8 @@ def up(data_dir: DataDir = None) -> None:
 @app.command()
 def down(data_dir: DataDir = None) -> None:
     """Stop exactly the processes that `up` started (from their PID files)."""
-    stopped = _stack(data_dir).down()
+    settings = StackSettings() if data_dir is None else StackSettings(stack_data_dir=data_dir)
+    stopped = Stack(settings, COMPONENTS + SERVICES).down()  # services too, even if `up` ran without them
     console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 

@@ -49,6 +49,16 @@ class StackSettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
         None, description="Triton model repository (explicit model control); default `<stack_data_dir>/triton/models`."
     )
 
+    stack_services: bool = Field(
+        True,
+        description="`up` also starts the project's services (reward service, finetune loop, gateway, feedback consumer) "
+        "after the servers; false starts only the servers.",
+    )
+    stack_gateway_port: int = Field(8080, description="Port of the generation gateway started by `up`.")
+    stack_reward_port: int = Field(8090, description="Port of the reward service started by `up`.")
+    stack_consumer_metrics_port: int = Field(9102, description="Metrics and health port of the feedback consumer.")
+    stack_finetune_metrics_port: int = Field(9103, description="Metrics port of the finetune loop started by `up`.")
+
     @property
     def data_dir(self) -> Path:
         return self.stack_data_dir.resolve()

@@ -66,6 +66,14 @@ class StackInfo:
         return self.settings.triton_repo
 
     @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.settings.stack_gateway_port}"
+
+    @property
+    def reward_url(self) -> str:
+        return f"http://{self.host}:{self.settings.stack_reward_port}"
+
+    @property
     def data_dir(self) -> Path:
         return self.settings.data_dir
 
@@ -89,6 +97,8 @@ class StackInfo:
             "triton_grpc_url": self.triton_grpc_url,
             "triton_http_url": self.triton_http_url,
             "triton_model_name": s.triton_model_name,
+            "gateway_url": self.gateway_url,
+            "reward_url": self.reward_url,
         }
         return {ENV_PREFIX + key.upper(): value for key, value in values.items()}
 
@@ -174,6 +184,36 @@ COMPONENTS: list[Component] = [
     Component("tansu", tansu_process, provision_topics),
     Component("triton", triton_process),
 ]
+
+
+def _provision_by_path(path: str) -> Callable[[StackSettings], None]:
+    """A provisioning step in a service's package, imported only when it runs."""
+
+    def provision(settings: StackSettings) -> None:
+        module, _, function = path.partition(":")
+        getattr(importlib.import_module(module), function)(settings)
+
+    return provision
+
+
+# The project's services, started after the servers by `musicrl stack up` (unless
+# `stack_services` is false). Kept apart from COMPONENTS so that the test fixtures and
+# benchmarks that pick servers out of COMPONENTS keep getting only servers.
+SERVICES: list[Component] = [
+    Component("reward", "reward_service.stack_component:reward_process"),
+    Component(
+        "finetune",
+        "finetune_worker.stack_component:finetune_process",
+        _provision_by_path("finetune_worker.stack_component:serve_current_generator"),
+    ),
+    Component("gateway", "serving.stack_component:gateway_process"),
+    Component("consumer", "feedback_consumer.stack_component:consumer_process"),
+]
+
+
+def default_components(settings: StackSettings) -> list[Component]:
+    """What `musicrl stack up` runs: the servers, then the services when `stack_services` is on."""
+    return COMPONENTS + (SERVICES if settings.stack_services else [])
 
 
 @dataclass
@@ -270,6 +310,10 @@ def free_port_settings(data_dir: Path, **overrides) -> StackSettings:
         "stack_triton_http_port": pick(),
         "stack_triton_grpc_port": pick(),
         "stack_triton_metrics_port": pick(),
+        "stack_gateway_port": pick(),
+        "stack_reward_port": pick(),
+        "stack_consumer_metrics_port": pick(),
+        "stack_finetune_metrics_port": pick(),
     }
     fixed = {"stack_host": host, "stack_data_dir": data_dir, "stack_kafka_storage": "memory"}
     return StackSettings(**(fixed | ports | overrides))

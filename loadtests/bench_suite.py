@@ -1,0 +1,185 @@
+"""``musicrl experiment bench-all``: every benchmark of the project, then BENCHMARKS.md.
+
+Each component's benchmark runs as its own command (a subprocess, so one failing or
+hanging does not take the others down) and writes its own results file:
+
+| benchmark | command | results |
+|---|---|---|
+| generation batching (gateway + Triton vs unbatched in-process) | `musicrl gateway bench` | results/serving.json |
+| reward batching (micro-batched vs one by one) | `musicrl reward bench --private-store` | results/rewards.json |
+| ingestion (gateway -> Kafka -> buffer; consumer vs bare kafka-python) | `musicrl consumer bench` | results/feedback.json |
+| hot swap and preference-to-deployed-policy time | one round of the closed loop with a probe | results/hot_swap.json |
+
+The suite then collects the headline numbers of each file, with the machine's
+description, into results/benchmarks.json and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests.closed_loop import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    what: str
+    argv: list[str]
+    results: str
+
+    def run(self, timeout_s: float, log_dir: Path) -> dict[str, Any]:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"bench_{self.name}.log"
+        started = time.monotonic()
+        try:
+            with log_path.open("w") as log:
+                code = subprocess.run(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        return {"name": self.name, "what": self.what, "command": " ".join(self.argv[2:]), "exit": code,
+                "seconds": round(time.monotonic() - started, 1), "results": self.results, "log": str(log_path)}
+
+
+def benchmarks(quick: bool) -> list[Benchmark]:
+    cli = [sys.executable, "-m", "musicrl.cli"]
+    serving = ["--requests-per-level", "16", "--concurrency", "1", "--concurrency", "8"] if quick else []
+    rewards = ["--seconds", "4", "--clients", "1,8"] if quick else []
+    feedback = ["--events", "5000", "--gateway-events", "500"] if quick else []
+    return [
+        Benchmark("serving", "generation batching: gateway + Triton dynamic batcher vs unbatched in-process generation",
+                  [*cli, "gateway", "bench", *serving], "results/serving.json"),
+        Benchmark("rewards", "reward batching: micro-batched scoring vs one clip at a time",
+                  [*cli, "reward", "bench", "--private-store", *rewards], "results/rewards.json"),
+        Benchmark("feedback", "ingestion: preferences through gateway, Kafka and consumer into the buffer",
+                  [*cli, "consumer", "bench", *feedback], "results/feedback.json"),
+        Benchmark("hot_swap", "hot swap under traffic, and time from a preference to a deployed policy trained on it",
+                  [*cli, "experiment", "hot-swap-bench"], "results/hot_swap.json"),
+    ]
+
+
+# --------------------------------------------------------------------------- headline numbers
+
+
+def _get(data: Any, *path: str | int) -> Any:
+    for key in path:
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and -len(data) <= key < len(data):
+            data = data[key]
+        else:
+            return None
+    return data
+
+
+def _scalars(data: Any, prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """Numbers and booleans of a results file down to ``depth`` levels (for files we know nothing about)."""
+    out: dict[str, Any] = {}
+    if isinstance(data, dict) and depth >= 0:
+        for key, value in data.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, (int, float, bool)):
+                out[name] = value
+            elif isinstance(value, dict):
+                out |= _scalars(value, name + ".", depth - 1)
+    return out
+
+
+def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    if name == "serving":
+        levels = data.get("gateway") or []
+        best = max(levels, key=lambda level: level.get("throughput_rps", 0), default={})
+        return {"ratio_at_max_concurrency": data.get("ratio_at_max_concurrency"),
+                "baseline_rps": _get(data, "baseline_unbatched_in_process", "throughput_rps"),
+                "best_rps": best.get("throughput_rps"), "best_at_clients": best.get("clients"),
+                "p95_ms_at_best": best.get("p95_ms")}
+    if name == "hot_swap":
+        return {key: data.get(key) for key in ("steady_p99_ms", "swap_p99_ms", "p99_ratio", "steady_failed", "swap_failed",
+                                               "requests", "preference_to_deployed_s", "buffer_landed_s", "deploy_s")}
+    return dict(list(_scalars(data).items())[:14])
+
+
+def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
+    for row in results:
+        path = ROOT / row["results"]
+        data = json.loads(path.read_text()) if path.is_file() else None
+        row["headline"] = headline(row["name"], data) if data else {}
+        row["results_updated"] = path.is_file() and path.stat().st_mtime > time.time() - row["seconds"] - 5
+    return {"machine": machine(), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmarks": results}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `musicrl experiment bench-all` (loadtests/bench_suite.py); every number below comes from the",
+        "results file named beside it, measured in the same run as its baseline. Rerun the suite to refresh.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB memory, Python {m['python']}, torch {m['torch']}",
+        f"({m['platform']}). Generated {report['generated_at']}.",
+        "",
+        "| benchmark | what | exit | seconds | results |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report["benchmarks"]:
+        status = row["exit"] if row["results_updated"] else f"{row['exit']} (results not refreshed)"
+        lines.append(f"| {row['name']} | {row['what']} | {status} | {row['seconds']} | `{row['results']}` |")
+    for row in report["benchmarks"]:
+        lines += ["", f"## {row['name']}", "", f"`musicrl {row['command']}` -> `{row['results']}`", ""]
+        if row["headline"]:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {key} | {value} |" for key, value in row["headline"].items()]
+        else:
+            lines.append(f"No results (see {row['log']}).")
+    return "\n".join(lines) + "\n"
+
+
+def run_suite(quick: bool, only: list[str] | None, timeout_s: float, log_dir: Path, progress=print) -> dict[str, Any]:
+    results = []
+    for bench in benchmarks(quick):
+        if only and bench.name not in only:
+            continue
+        progress(f"running {bench.name}: {' '.join(bench.argv[2:])}")
+        row = bench.run(timeout_s, log_dir)
+        progress(f"{bench.name}: exit {row['exit']} after {row['seconds']} s")
+        results.append(row)
+    report = collect(results)
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "benchmarks.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (ROOT / "BENCHMARKS.md").write_text(markdown(report))
+    return report
+
+
+# --------------------------------------------------------------------------- hot swap
+
+
+def hot_swap_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The swap numbers of a one-round closed loop (loadtests.closed_loop) as results/hot_swap.json."""
+    row = results["rounds"][-1]
+    swap = row.get("hot_swap") or {}
+    steady, during = swap.get("steady", {}), swap.get("during_swap", {})
+    ratio = during["p99_ms"] / steady["p99_ms"] if during.get("p99_ms") and steady.get("p99_ms") else None
+    return {
+        "steady_p99_ms": steady.get("p99_ms"), "steady_p50_ms": steady.get("p50_ms"), "steady_failed": steady.get("failed"),
+        "swap_p99_ms": during.get("p99_ms"), "swap_p50_ms": during.get("p50_ms"), "swap_failed": during.get("failed"),
+        "p99_ratio": round(ratio, 2) if ratio else None,
+        "requests": (steady.get("requests") or 0) + (during.get("requests") or 0),
+        "requests_during_swap": during.get("requests"), "versions_seen": swap.get("versions_seen"),
+        "deploy_s": (row.get("cycle", {}).get("timings_s") or {}).get("deploy"),
+        "cycle_status": row.get("cycle", {}).get("status"),
+        "preference_to_deployed_s": row.get("preference_to_deployed_s"), "buffer_landed_s": row.get("buffer_landed_s"),
+        "preferences": row.get("preferences_round"),
+        "note": "probe: one client asking for 1 s clips every 0.5 s during the whole cycle; 'during swap' = requests "
+                "overlapping the deploy step (install, load_model, pointer). preference_to_deployed_s = from the last "
+                "vote of the round sent to the new policy deployed (buffer landing + reward model + RL + gate + deploy).",
+        "machine": results["machine"],
+    }

@@ -1,0 +1,627 @@
+"""The closed-loop experiment: does the served policy get better for its users, round after round?
+
+From the base policy, each round:
+
+1. **collect**: simulated listeners of the *training* population ask the real gateway
+   for pairs (``POST /v1/generations``), download both clips through the gateway,
+   judge what they hear and vote (``POST /v1/feedback`` -> Kafka -> feedback consumer
+   -> on-policy buffer);
+2. **finetune**: one cycle of the finetune worker (Bradley-Terry reward model on the
+   buffer, published and hot-loaded by the reward service; KL-regularised REINFORCE
+   on the user-preference reward scored by the reward service; gate; publish; hot swap
+   into Triton while a probe keeps requesting clips);
+3. **evaluate**: the win rate (wins / (wins + losses)) of the served policy against the
+   base on a fixed set of held-out prompts, judged by the *held-out* population (same
+   taste distribution, other people, never fed training), with a Wilson 95 % interval;
+   plus reward-model accuracy, KL to the base and the other rewards.
+
+Evaluation samples both policies in this process from their registry checkpoints
+(``load_generator`` + ``codec.decode``) with the same fixed seeds per (prompt, sample),
+so each comparison is a paired one and round after round is judged on the same base
+clips. Evaluation raters listen to both clips in full and always answer (a, b or tie),
+unlike the training population, who often abstain or stop listening early: the
+paper's raters were asked for a verdict on every pair.
+
+``run_closed_loop`` needs a stack whose gateway, reward service and consumer run
+(``private_loop_stack`` starts one on free ports); results go to
+``results/closed_loop.json``, ``results/closed_loop_winrate.png`` and
+``results/closed_loop_table.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from musicrl.logging import get_logger
+
+log = get_logger(__name__)
+
+LOOP_SERVICES = ("reward", "gateway", "consumer")  # the finetune cycles run in the experiment's process
+Progress = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class ClosedLoopConfig:
+    """Everything that defines a run (written into the results)."""
+
+    rounds: int = 4
+    pairs_per_round: int = 240  # generation requests (pairs) listeners ask for per round
+    clip_s: float = 5.0
+    concurrency: int = 4  # listeners asking and voting at once
+    listener_prompts: int = 200  # users' prompt pool (corpus "train" captions)
+    eval_prompts: int = 48  # held-out prompts (corpus "test" captions, never trained on)
+    eval_samples: int = 4  # paired samples per prompt and policy
+    reward_eval_prompts: int = 16  # prompts for the reward / KL columns (x 2 samples)
+    population_size: int = 200
+    seed: int = 0
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneSettings overrides (field names)
+    hot_swap_probe: bool = True  # keep requesting clips during each cycle; count failures, latency
+
+    def finetune_overrides(self) -> dict[str, Any]:
+        return DEFAULT_FINETUNE | self.finetune
+
+
+# The finetune settings of the experiment (FinetuneSettings field names). Chosen for
+# the small default generator on 2 CPU cores; the worker's own defaults are unchanged.
+DEFAULT_FINETUNE: dict[str, Any] = {
+    "finetune_stage": "U",
+    "finetune_trainer": "reinforce",
+    "finetune_steps": 40,
+    "finetune_batch_size": 16,
+    "finetune_duration_s": 5.0,
+    "finetune_torch_threads": 1,
+    "finetune_recent_policies": 8,  # the reward model learns from every round's votes
+    "finetune_rm_min_pairs": 40,
+    "finetune_rm_epochs": 4,
+    "finetune_eval_prompts": 24,
+    "finetune_corpus_captions": 256,
+}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default)."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+@dataclass
+class WinRate:
+    wins: int
+    losses: int
+    ties: int
+    expected: float  # mean P(win) / (P(win) + P(loss)) over the comparisons: the same, without vote noise
+
+    @property
+    def rate(self) -> float:
+        decided = self.wins + self.losses
+        return self.wins / decided if decided else float("nan")
+
+    def to_dict(self) -> dict[str, float]:
+        low, high = wilson_interval(self.wins, self.wins + self.losses)
+        return {"win_rate": round(self.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "wins": self.wins,
+                "losses": self.losses, "ties": self.ties, "expected_win_rate": round(self.expected, 4)}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class HeldOutJudge:
+    """Win rate of a policy against the base, judged by the held-out population.
+
+    The base clips (and what the judges hear in them) are computed once; every
+    candidate is sampled with the same (prompt, seed) pairs, so comparison k always
+    puts candidate clip k against base clip k, in a random order, before the same judge.
+    """
+
+    def __init__(self, base_dir: Path, config: ClosedLoopConfig, embed):
+        from musicrl.corpus.dataset import make_corpus
+        from musicrl.listeners import ListenerConfig, Population
+
+        self.config = config
+        self.embed = embed
+        prompts = [r.caption for r in make_corpus(config.eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)]
+        self.prompts = [p for p in prompts for _ in range(config.eval_samples)]
+        self.seeds = [5_000_000 + i for i in range(len(self.prompts))]
+        judges = Population(ListenerConfig(size=config.population_size), seed=config.seed).held_out()
+        rng = np.random.default_rng([config.seed, 77])
+        self.judges = [judges[int(i)] for i in rng.integers(len(judges), size=len(self.prompts))]
+        self.base_first = rng.random(len(self.prompts)) < 0.5
+        self.base_utilities = self._utilities(base_dir)
+
+    def _waves(self, policy_dir: Path, seeds: list[int]) -> list[np.ndarray]:
+        import torch
+
+        from musicrl.audio import codec
+        from musicrl.models.generator import load_generator
+
+        model, _ = load_generator(policy_dir)
+        model.eval()
+        cond_all = np.asarray(self.embed(self.prompts), dtype=np.float32)
+        waves = []
+        with torch.no_grad():
+            for start in range(0, len(self.prompts), 32):
+                cond = torch.from_numpy(cond_all[start : start + 32])
+                tokens, _ = model.sample(cond, codec.frames_for(self.config.clip_s), 0.99, 0, seeds[start : start + 32])
+                waves.extend(codec.decode(row) for row in tokens.numpy())
+        return waves
+
+    def _utilities(self, policy_dir: Path, seeds: list[int] | None = None) -> np.ndarray:
+        waves = self._waves(policy_dir, seeds or self.seeds)
+        return np.array([judge.utility(wave) for judge, wave in zip(self.judges, waves)])
+
+    def win_rate(self, policy_dir: Path, seeds: list[int] | None = None) -> WinRate:
+        """Votes of the held-out judges, policy against base, each judge on full listens."""
+        utilities = self._utilities(policy_dir, seeds)
+        rng = np.random.default_rng([self.config.seed, 99])
+        outcome: Counter[str] = Counter()
+        expected = []
+        for judge, u_policy, u_base, base_first in zip(self.judges, utilities, self.base_utilities, self.base_first):
+            first, second = (u_base, u_policy) if base_first else (u_policy, u_base)
+            p = judge.outcome_probabilities(first, second)
+            p_policy, p_base = (p["b"], p["a"]) if base_first else (p["a"], p["b"])
+            expected.append(p_policy / (p_policy + p_base))
+            draw = rng.random()
+            outcome["tie" if draw < p["tie"] else "win" if draw < p["tie"] + p_policy else "loss"] += 1
+        return WinRate(outcome["win"], outcome["loss"], outcome["tie"], float(np.mean(expected)))
+
+    def base_sanity(self, base_dir: Path) -> WinRate:
+        """The base against itself with other seeds: should be about 50 %."""
+        return self.win_rate(base_dir, [seed + 1_000_000 for seed in self.seeds])
+
+
+def policy_rewards(policy_dir: Path, base_dir: Path, config: ClosedLoopConfig, embed, reward_fn) -> dict[str, float]:
+    """Rewards of the policy's clips on held-out prompts (reward service) and its KL to the base."""
+    from finetune_worker.evaluation import evaluate_policy
+    from musicrl.audio import codec
+    from musicrl.corpus.dataset import make_corpus
+    from musicrl.models.generator import load_generator
+
+    prompts = [r.caption for r in make_corpus(config.reward_eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)]
+    policy, _ = load_generator(policy_dir)
+    base, _ = load_generator(base_dir)
+    scores = evaluate_policy(policy, base, prompts, embed, reward_fn, {"preference": 1.0}, codec.frames_for(config.clip_s),
+                             samples_per_prompt=2, seed=config.seed + 4242)
+    return {key: round(float(value), 4) for key, value in scores.items()}
+
+
+# --------------------------------------------------------------------------- collection through the real path
+
+
+@dataclass
+class Collection:
+    votes: Counter
+    requests: int
+    failures: list[str]
+    seconds: float
+    last_vote_sent_at: float
+
+
+def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, round_index: int,
+                  progress: Progress | None = None) -> Collection:
+    """Training listeners ask for pairs, hear both clips and vote, all through the gateway.
+
+    Listening time is simulated (the listener says how long it listened) rather than
+    waited for, so a round takes as long as generating its clips.
+    """
+    from musicrl.audio.formats import decode_audio
+    from musicrl.corpus.dataset import make_corpus
+    from musicrl.listeners import ListenerConfig, Population
+
+    population = Population(ListenerConfig(size=config.population_size), seed=config.seed)
+    prompts = [r.caption for r in make_corpus(config.listener_prompts, seed=config.seed + 100, split="train", duration_s=1.0)]
+    votes: Counter[str] = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+    done = [0]
+    last_vote = [0.0]
+    started = time.monotonic()
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng([config.seed, round_index, i])
+        listener = population.sample(rng)
+        prompt = prompts[int(rng.integers(len(prompts)))]
+        try:
+            with httpx.Client(base_url=gateway_url, timeout=180) as http:
+                response = http.post("/v1/generations", json={"prompt": prompt, "duration_s": config.clip_s,
+                                                              "seed": int(rng.integers(1 << 40)), "app_id": "closed-loop"})
+                response.raise_for_status()
+                body = response.json()
+                a, b = body["clips"][:2]
+                waves = []
+                for clip in (a, b):
+                    audio = http.get(clip["download_url"])
+                    audio.raise_for_status()
+                    waves.append(decode_audio(audio.content)[0])
+                vote = listener.judge(waves[0], waves[1], rng)
+                feedback = http.post("/v1/feedback", json={
+                    "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
+                    "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s,
+                    "listen_b_s": vote.listen_b_s, "user_id": listener.id, "app_id": "closed-loop"})
+                feedback.raise_for_status()
+            with lock:
+                votes[vote.choice] += 1
+                last_vote[0] = time.time()
+        except httpx.HTTPError as err:
+            with lock:
+                failures.append(f"{type(err).__name__}: {err}"[:300])
+        with lock:
+            done[0] += 1
+            if progress is not None and (done[0] % 20 == 0 or done[0] == n_pairs):
+                progress(f"round {round_index}: {done[0]}/{n_pairs} pairs judged, votes {dict(votes)}")
+
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        list(pool.map(one, range(n_pairs)))
+    return Collection(votes, n_pairs, failures, time.monotonic() - started, last_vote[0])
+
+
+def preferences_on(buffer, policy_version: str) -> int:
+    """Preferences on ``policy_version`` in the buffer (zero before the first segment lands)."""
+    return buffer.counts_by_policy().get(policy_version, 0) if buffer.segments() else 0
+
+
+def wait_for_buffer(store, bucket: str, policy_version: str, previous: int, timeout_s: float = 180.0,
+                    settle_s: float = 8.0) -> int:
+    """Preferences on ``policy_version`` once the count has grown past ``previous`` and stopped changing."""
+    from musicrl.buffer import PreferenceBuffer
+
+    buffer = PreferenceBuffer(store, bucket)
+    deadline = time.monotonic() + timeout_s
+    last, stable_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = preferences_on(buffer, policy_version)
+        if count != last:
+            last, stable_since = count, time.monotonic()
+        elif count > previous and time.monotonic() - stable_since > settle_s:
+            return count
+        time.sleep(1.0)
+    raise TimeoutError(f"the buffer holds {last} preferences on policy {policy_version} after {timeout_s:.0f} s")
+
+
+class SwapProbe:
+    """A client requesting short clips all through a finetune cycle: latency and failures, with timestamps."""
+
+    def __init__(self, gateway_url: str, interval_s: float = 0.5):
+        self.gateway_url, self.interval_s = gateway_url, interval_s
+        self.stop = threading.Event()
+        self.samples: list[tuple[float, float, int, str]] = []  # (start, seconds, status, policy version)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.gateway_url, timeout=120) as http:
+            n = 0
+            while not self.stop.is_set():
+                n += 1
+                started = time.time()
+                try:
+                    response = http.post("/v1/generations", json={"prompt": f"probe {n}", "duration_s": 1.0, "app_id": "probe"})
+                    status = response.status_code
+                    version = response.json()["clips"][0]["policy_version"] if status == 201 else ""
+                except httpx.HTTPError as err:
+                    status, version = -1, type(err).__name__
+                self.samples.append((started, time.time() - started, status, version))
+                self.stop.wait(self.interval_s)
+
+    def __enter__(self) -> "SwapProbe":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=150)
+
+    def summary(self, swap_window: tuple[float, float] | None) -> dict[str, Any]:
+        def stats(rows):
+            latencies = [r[1] * 1000 for r in rows]
+            return {"requests": len(rows), "failed": sum(r[2] != 201 for r in rows),
+                    "p50_ms": round(float(np.percentile(latencies, 50)), 1) if rows else None,
+                    "p99_ms": round(float(np.percentile(latencies, 99)), 1) if rows else None}
+
+        during = [r for r in self.samples if swap_window and r[0] + r[1] >= swap_window[0] and r[0] <= swap_window[1]]
+        steady = [r for r in self.samples if r not in during]
+        return {"steady": stats(steady), "during_swap": stats(during),
+                "versions_seen": sorted({r[3] for r in self.samples if r[2] == 201}),
+                "swap_window_s": round(swap_window[1] - swap_window[0], 2) if swap_window else None}
+
+
+# --------------------------------------------------------------------------- the stack
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# Services of an experiment's private stack: votes land in the buffer within seconds.
+PRIVATE_SERVICE_ENV = {
+    "MUSICRL_CONSUMER_SEGMENT_MAX_AGE_S": "2",
+    "MUSICRL_CONSUMER_SESSION_TIMEOUT_MS": "3000",
+    "MUSICRL_CONSUMER_HEARTBEAT_INTERVAL_MS": "1000",
+    "MUSICRL_REWARD_POLL_INTERVAL_S": "2",
+    "MUSICRL_LOG_LEVEL": "WARNING",
+}
+
+
+@contextlib.contextmanager
+def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: float = 300.0) -> Iterator[Any]:
+    """Reward service, gateway and consumer (the stack's own components) on the servers ``settings`` name;
+    the committed defaults published (base generator as version 1) and served. Yields the ``StackInfo``."""
+    from finetune_worker.stack_component import CHECKPOINTS, serve_current_generator
+    from musicrl.config import ObjectStoreConfig
+    from musicrl.kafka import ensure_topics
+    from musicrl.stack import Stack
+    from musicrl.stack.stack import SERVICES, StackInfo
+    from musicrl.storage import ObjectStore
+
+    ObjectStore(StackInfo(settings).settings_for(ObjectStoreConfig)).ensure_buckets()
+    from feedback_consumer.settings import ConsumerSettings
+
+    ensure_topics(StackInfo(settings).settings_for(ConsumerSettings))
+    stack = Stack(settings, [c for c in SERVICES if c.name in LOOP_SERVICES], tied_to_parent=True)
+    try:
+        with _environ(PRIVATE_SERVICE_ENV):
+            info = stack.up()
+        if serve_current_generator(settings, checkpoints or CHECKPOINTS) is None:
+            raise RuntimeError("no base generator: train it first (musicrl models train-generator)")
+        wait_ready(info.gateway_url + "/readyz", ready_timeout_s)
+        wait_ready(info.reward_url + "/readyz", ready_timeout_s)
+        yield info
+    finally:
+        stack.down()
+
+
+@contextlib.contextmanager
+def private_loop_stack(work_dir: Path, checkpoints: Path | None = None) -> Iterator[Any]:
+    """SeaweedFS, Tansu and Triton on free ports under ``work_dir``, then ``loop_services`` on them."""
+    from musicrl.stack import Stack, free_port_settings
+    from musicrl.stack.stack import COMPONENTS
+
+    servers = Stack(free_port_settings(work_dir / "stack"), COMPONENTS, tied_to_parent=True)
+    try:
+        info = servers.up()
+        with loop_services(info.settings, checkpoints) as services:
+            yield services
+    finally:
+        servers.down()
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def finetune_settings(info, work_dir: Path, overrides: dict[str, Any]):
+    from finetune_worker.settings import FinetuneSettings
+
+    return info.settings_for(FinetuneSettings, reward_url=info.reward_url, finetune_triton_repo=info.triton_repo,
+                             finetune_work_dir=work_dir / "finetune", **overrides)
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def run_round_cycle(info, settings, probe: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One finetune cycle (under the worker's lease), optionally with a probe on the gateway."""
+    from finetune_worker.cycle import FinetuneCycle
+    from finetune_worker.loop import run_cycle_with_lease
+
+    cycle = FinetuneCycle(settings)
+    if not probe:
+        return run_cycle_with_lease(cycle), None
+    with SwapProbe(info.gateway_url) as swap_probe:
+        time.sleep(3.0)  # a few steady-state requests before the cycle starts
+        record = run_cycle_with_lease(cycle)
+        finished = time.time()
+        time.sleep(3.0)
+    deploy_s = record.get("timings_s", {}).get("deploy") if record else None
+    window = (finished - deploy_s, finished) if deploy_s else None
+    return record, swap_probe.summary(window)
+
+
+def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Progress = print) -> dict[str, Any]:
+    """K rounds of collect -> finetune -> evaluate on a running stack (see the module docstring)."""
+    from finetune_worker.rewards import make_reward_fn
+    from finetune_worker.train import make_embed
+    from musicrl.buffer import PreferenceBuffer
+    from musicrl.registry import Registry
+    from musicrl.storage import ObjectStore
+
+    started = time.monotonic()
+    settings = finetune_settings(info, work_dir, config.finetune_overrides())
+    store = ObjectStore(settings)
+    registry = Registry(store)
+    base_version = registry.versions("generator")[0]
+    policies = work_dir / "policies"
+    base_dir = registry.download("generator", base_version, policies / base_version)
+    embed = make_embed(settings.finetune_text_encoder)
+    reward_fn = make_reward_fn(info.reward_url)
+    progress(f"sampling and judging {config.eval_prompts * config.eval_samples} held-out base clips")
+    judge = HeldOutJudge(base_dir, config, embed)
+    sanity = judge.base_sanity(base_dir).to_dict()
+    progress(f"base vs base (other seeds): {sanity['win_rate']:.3f} [{sanity['ci_low']:.3f}, {sanity['ci_high']:.3f}]")
+    base_scores = policy_rewards(base_dir, base_dir, config, embed, reward_fn)
+    rounds: list[dict[str, Any]] = [{
+        "round": 0, "policy_version": base_version, "preferences_total": 0, "win_rate": None,
+        "base_vs_base": sanity, "rewards": base_scores, "elapsed_s": round(time.monotonic() - started, 1),
+    }]
+    preferences_total = 0
+    for round_index in range(1, config.rounds + 1):
+        current = registry.current("generator")
+        before = preferences_on(PreferenceBuffer(store, settings.bucket_buffer), current)
+        collection = collect_votes(info.gateway_url, config.pairs_per_round, config, round_index, progress)
+        if collection.failures:
+            progress(f"round {round_index}: {len(collection.failures)} failed listener requests, first: {collection.failures[0]}")
+        on_policy = wait_for_buffer(store, settings.bucket_buffer, current, before)
+        landed_at = time.time()
+        preferences_total += on_policy - before
+        progress(f"round {round_index}: {on_policy - before} preferences on policy {current} in the buffer; finetuning")
+        record, swap = run_round_cycle(info, settings, config.hot_swap_probe)
+        deployed_at = time.time()
+        served = registry.current("generator")
+        served_dir = registry.download("generator", served, policies / served) if not (policies / served).is_dir() else policies / served
+        win = judge.win_rate(served_dir).to_dict()
+        scores = policy_rewards(served_dir, base_dir, config, embed, reward_fn)
+        base_now = policy_rewards(base_dir, base_dir, config, embed, reward_fn)  # the base under this round's reward model
+        rm = (record or {}).get("reward_model", {})
+        row = {
+            "round": round_index, "policy_version": served, "parent_version": current,
+            "preferences_round": on_policy - before, "preferences_total": preferences_total,
+            "votes": dict(collection.votes), "listener_failures": len(collection.failures),
+            "collect_s": round(collection.seconds, 1),
+            "cycle": {k: (record or {}).get(k) for k in ("run_id", "status", "reason", "candidate_version", "timings_s", "n_preferences")},
+            "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "heldout_accuracy",
+                                                    "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
+                                                    "heldout_accuracy_quality_only", "train_accuracy", "skipped")},
+            "gate": {k: (record or {}).get("gate", {}).get(k) for k in ("passed", "candidate", "baseline")},
+            "train_last_step": (record or {}).get("train_history_last"),
+            "win_rate": win, "rewards": scores, "base_rewards_same_rm": base_now,
+            "hot_swap": swap,
+            "preference_to_deployed_s": round(deployed_at - collection.last_vote_sent_at, 1)
+            if record and record.get("status") == "deployed" else None,
+            "buffer_landed_s": round(landed_at - collection.last_vote_sent_at, 1),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+        rounds.append(row)
+        progress(f"round {round_index}: cycle {row['cycle']['status']}, serving {served}, win rate vs base "
+                 f"{win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] ({win['wins']}-{win['losses']}-{win['ties']}), "
+                 f"RM accuracy {rm.get('heldout_accuracy')}, KL {scores.get('kl')}, elapsed {row['elapsed_s']:.0f} s")
+    final = rounds[-1]["win_rate"] or {}
+    return {
+        "experiment": "closed_loop", "config": asdict(config), "finetune_settings": config.finetune_overrides(),
+        "machine": machine(), "base_version": base_version, "rounds": rounds,
+        "final": {"policy_version": rounds[-1]["policy_version"], **final,
+                  "target_met": bool(final and final["win_rate"] >= 0.70 and final["ci_low"] > 0.5)},
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "evaluation": "held-out population (same taste distribution, other individuals), full listens, a verdict on "
+                      "every pair; policy and base sampled in-process from registry checkpoints with identical seeds",
+    }
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def write_reports(results: dict[str, Any], out_dir: Path, prefix: str = "closed_loop") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{prefix}.json"
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    table_path = out_dir / f"{prefix}_table.md"
+    table_path.write_text(results_table(results))
+    plot_path = out_dir / f"{prefix}_winrate.png"
+    plot_win_rate(results, plot_path)
+    return [json_path, table_path, plot_path]
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """Markdown in the manner of the paper's Table 1: each round's policy against the base."""
+    lines = [
+        "| policy | round | preferences (total) | win rate vs base [95% CI] | W-L-T | reward-model accuracy "
+        "| KL to base (nats/clip) | text adherence | quality MOS | user-preference reward (base, same RM) | cycle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rounds"]:
+        win, rewards = row.get("win_rate"), row.get("rewards", {})
+        base_pref = row.get("base_rewards_same_rm", {}).get("reward/preference")
+        name = "base" if row["round"] == 0 else f"MusicRL-U round {row['round']}"
+        win_text = "50% (reference)" if win is None else f"{win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]"
+        record = "-" if win is None else f"{win['wins']}-{win['losses']}-{win['ties']}"
+        lines.append(
+            f"| {name} (v{row['policy_version']}) | {row['round']} | {row['preferences_total']} | {win_text} | "
+            f"{record} | "
+            f"{_fmt(row.get('reward_model', {}).get('heldout_accuracy'))} | {_fmt(rewards.get('kl'), 2)} | "
+            f"{_fmt(rewards.get('reward/text_adherence'))} | {_fmt(rewards.get('reward/quality_mos'), 2)} | "
+            f"{_fmt(rewards.get('reward/preference'))} ({_fmt(base_pref)}) | {row.get('cycle', {}).get('status', '-')} |"
+        )
+    final = results["final"]
+    lines += ["", f"Final policy v{final.get('policy_version')}: win rate {_fmt(final.get('win_rate'))} "
+              f"(95% CI {_fmt(final.get('ci_low'))} to {_fmt(final.get('ci_high'))}); target (>= 0.70, CI above 0.5) "
+              f"{'met' if final.get('target_met') else 'not met'}. Run took {results['elapsed_s'] / 60:.1f} min on "
+              f"{results['machine']['cores']} cores ({results['machine']['cpu']}).", ""]
+    return "\n".join(lines)
+
+
+def plot_win_rate(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rounds"] if r.get("win_rate")]
+    x = [0] + [r["preferences_total"] for r in rows]
+    y = [0.5] + [r["win_rate"]["win_rate"] for r in rows]
+    low = [0.0] + [r["win_rate"]["win_rate"] - r["win_rate"]["ci_low"] for r in rows]
+    high = [0.0] + [r["win_rate"]["ci_high"] - r["win_rate"]["win_rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=4, label="held-out listeners (95% Wilson CI)")
+    ax.plot(x, [0.5] + [r["win_rate"]["expected_win_rate"] for r in rows], "--", color="grey", label="expected (no vote noise)")
+    ax.axhline(0.5, color="black", linewidth=0.8)
+    ax.axhline(0.7, color="green", linestyle=":", label="target 70%")
+    for xi, yi, row in zip(x[1:], y[1:], rows):
+        ax.annotate(f"v{row['policy_version']}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xlabel("preferences collected (on-policy, cumulative)")
+    ax.set_ylabel("win rate against the base policy")
+    ax.set_ylim(0.3, 1.0)
+    ax.set_title("Closed loop: served policy vs base, judged by held-out listeners")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
