@@ -69,7 +69,7 @@ def _settings(info, tag: str) -> ConsumerSettings:
 def bare_consumer_rate(settings: ConsumerSettings, n_messages: int) -> dict:
     """Poll the topic in a fresh group and count: the floor any consumer built on kafka-python pays."""
     consumer = KafkaConsumer(
-        settings.topic_preferences, bootstrap_servers=settings.kafka_bootstrap, group_id=f"{settings.consumer_group_id}-bare",
+        settings.topic_preferences, **settings.kafka_client_options(), group_id=f"{settings.consumer_group_id}-bare",
         enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.consumer_session_timeout_ms,
         heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms, max_poll_records=settings.consumer_max_poll_records,
         fetch_max_bytes=settings.consumer_fetch_max_bytes, max_partition_fetch_bytes=settings.consumer_max_partition_fetch_bytes,
@@ -229,7 +229,7 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
             ours = feedback_consumer_rate(settings, store, len(workload.messages))
             e2e_settings = _settings(local.info, uuid.uuid4().hex[:8])
             ensure_topics(e2e_settings)
-            end_to_end = end_to_end_rate(stack_env, e2e_settings, store, gateway_events, concurrency, workdir)
+            end_to_end = end_to_end_rate(stack_env, e2e_settings, ObjectStore(e2e_settings), gateway_events, concurrency, workdir)
         finally:
             local.down()
 

@@ -22,8 +22,14 @@ class DeadLetterWriter:
     def __init__(self, settings: ConsumerSettings):
         self.settings = settings
         self.topic = settings.topic_dead_letter
-        # One request in flight keeps records in order even if a retry happens.
-        self._producer = idempotent_producer(settings, max_in_flight_requests_per_connection=1, max_block_ms=10_000)
+        # One request in flight keeps records in order even if a retry happens. The
+        # delivery timeout is shorter than our wait, so a failed send is final before
+        # the tail is re-read: nothing still queued can land after the re-read.
+        timeout_ms = int(settings.consumer_dead_letter_timeout_s * 1000)
+        self._producer = idempotent_producer(
+            settings, max_in_flight_requests_per_connection=1, max_block_ms=timeout_ms,
+            request_timeout_ms=timeout_ms // 2, delivery_timeout_ms=timeout_ms,
+        )
         self._reader: KafkaConsumer | None = None
         self._written_up_to: dict[int, int] = {}
 
@@ -76,9 +82,9 @@ class DeadLetterWriter:
                 )
                 for letter in pending
             ]
-            self._producer.flush(timeout=self.settings.consumer_dead_letter_timeout_s)
+            self._producer.flush()
             for future in futures:
-                future.get(timeout=self.settings.consumer_dead_letter_timeout_s)
+                future.get(timeout=self.settings.consumer_dead_letter_timeout_s + 5)
         except Exception:
             self.forget(partition)  # some may have landed: re-read the tail before retrying
             raise

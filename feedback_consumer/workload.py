@@ -144,7 +144,7 @@ def produce(config: KafkaConfig, topic: str, messages: list[tuple[bytes | None, 
 
 def read_topic(config: KafkaConfig, topic: str, partitions: int, timeout_s: float = 30.0) -> list:
     """Every record of a topic, read to each partition's high-water mark (no consumer group)."""
-    consumer = KafkaConsumer(bootstrap_servers=config.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(**config.kafka_client_options(), group_id=None, enable_auto_commit=False,
                              max_poll_records=10_000, fetch_max_bytes=50 << 20)
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer.assign(tps)

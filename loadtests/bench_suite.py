@@ -112,7 +112,10 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
         path = ROOT / row["results"]
         data = json.loads(path.read_text()) if path.is_file() else None
         row["headline"] = headline(row["name"], data) if data else {}
-        row["results_updated"] = path.is_file() and path.stat().st_mtime > time.time() - row["seconds"] - 5
+        row["results_updated"] = path.is_file() and (
+            row["exit"] == "kept" or path.stat().st_mtime > time.time() - row["seconds"] - 5)
+        if path.is_file():
+            row["results_written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
     return {"machine": machine(), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmarks": results}
 
 
@@ -127,12 +130,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB memory, Python {m['python']}, torch {m['torch']}",
         f"({m['platform']}). Generated {report['generated_at']}.",
         "",
-        "| benchmark | what | exit | seconds | results |",
+        "| benchmark | what | exit | seconds | results (written at) |",
         "|---|---|---|---|---|",
     ]
     for row in report["benchmarks"]:
         status = row["exit"] if row["results_updated"] else f"{row['exit']} (results not refreshed)"
-        lines.append(f"| {row['name']} | {row['what']} | {status} | {row['seconds']} | `{row['results']}` |")
+        written = row.get("results_written_at", "missing")
+        lines.append(f"| {row['name']} | {row['what']} | {status} | {row['seconds']} | `{row['results']}` ({written}) |")
     for row in report["benchmarks"]:
         lines += ["", f"## {row['name']}", "", f"`musicrl {row['command']}` -> `{row['results']}`", ""]
         if row["headline"]:
@@ -143,10 +147,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_suite(quick: bool, only: list[str] | None, timeout_s: float, log_dir: Path, progress=print) -> dict[str, Any]:
+def run_suite(quick: bool, only: list[str] | None, timeout_s: float, log_dir: Path, progress=print,
+              skip_existing: bool = False) -> dict[str, Any]:
     results = []
     for bench in benchmarks(quick):
         if only and bench.name not in only:
+            continue
+        if skip_existing and (ROOT / bench.results).is_file():
+            progress(f"{bench.name}: keeping {bench.results} (--skip-existing)")
+            results.append({"name": bench.name, "what": bench.what, "command": " ".join(bench.argv[2:]), "exit": "kept",
+                            "seconds": 0.0, "results": bench.results, "log": "-"})
             continue
         progress(f"running {bench.name}: {' '.join(bench.argv[2:])}")
         row = bench.run(timeout_s, log_dir)

@@ -114,8 +114,8 @@ def _finetune_overrides(pairs: list[str]) -> dict[str, str]:
 
 @app.command("closed-loop")
 def closed_loop_command(
-    rounds: int = typer.Option(4, min=1, help="Rounds of collect -> finetune -> evaluate."),
-    pairs_per_round: int = typer.Option(240, min=4, help="Pairs the training listeners ask for per round."),
+    rounds: int = typer.Option(3, min=1, help="Rounds of collect -> finetune -> evaluate."),
+    pairs_per_round: int = typer.Option(200, min=4, help="Pairs the training listeners ask for per round."),
     clip_s: float = typer.Option(5.0, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
     eval_prompts: int = typer.Option(48, min=1, help="Held-out prompts of the win-rate evaluation."),
     eval_samples: int = typer.Option(4, min=1, help="Paired samples per held-out prompt."),
@@ -152,7 +152,7 @@ def closed_loop_command(
         results = run_closed_loop(info, config, work_dir, progress)
     for path in write_reports(results, out_dir):
         console.print(f"wrote {path}")
-    console.print((out_dir / "closed_loop_table.md").read_text())
+    typer.echo((out_dir / "closed_loop_table.md").read_text())
     raise typer.Exit(0 if results["final"]["target_met"] else 3)
 
 
@@ -224,6 +224,7 @@ def bench_all_command(
     only: list[str] = typer.Option([], help="Run only these (serving, rewards, feedback, hot_swap); repeatable."),
     timeout_s: float = typer.Option(1800.0, help="Longest one benchmark may run."),
     log_dir: Path = typer.Option(Path("results/bench_logs"), help="Output of each benchmark command."),
+    skip_existing: bool = typer.Option(False, help="Keep a benchmark's results file when it exists instead of rerunning it."),
 ) -> None:
     """Run every benchmark, then write BENCHMARKS.md and results/benchmarks.json with the machine's description."""
     import time
@@ -235,9 +236,10 @@ def bench_all_command(
     console = Console()
     started = time.monotonic()
     report = run_suite(quick, only or None, timeout_s, log_dir,
-                       lambda message: console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False))
+                       lambda message: console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False),
+                       skip_existing)
     console.print("wrote BENCHMARKS.md and results/benchmarks.json")
-    failed = [row["name"] for row in report["benchmarks"] if row["exit"] != 0]
+    failed = [row["name"] for row in report["benchmarks"] if row["exit"] not in (0, "kept")]
     if failed:
         console.print(f"failed: {', '.join(failed)}")
         raise typer.Exit(1)

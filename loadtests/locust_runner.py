@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -75,9 +76,14 @@ def run_locust(run: LocustRun, timeout_s: float | None = None) -> tuple[int, dic
     votes_file = Path(str(run.prefix) + "_votes.json")
     summary.update(
         scenario=run.scenario, host=run.host, users=run.users, run_time_s=run.run_time_s, exit_code=completed.returncode,
+        settings={k: v for k, v in run.env.items() if k.startswith("LOADTEST_")},
+        machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         votes=json.loads(votes_file.read_text())["votes"] if votes_file.exists() else {},
     )  # fmt: skip
     (run.out_dir / f"{run.scenario}_summary.json").write_text(json.dumps(summary, indent=2))
+    history = Path(str(run.prefix) + "_stats_history.csv")
+    if history.exists():
+        plot_history(history, Path(str(run.prefix) + ".png"), title=f"locust {run.scenario} against {run.host}")
     return completed.returncode, summary
 
 
@@ -104,3 +110,32 @@ def summarize(stats_csv: Path) -> dict:
 
 def _number(text: str) -> float | None:
     return None if text in ("", "N/A") else round(float(text), 1)
+
+
+def plot_history(history_csv: Path, png: Path, title: str) -> None:
+    """Users, requests/s, failures/s and latency percentiles over the run (all endpoints together)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in csv.DictReader(history_csv.open(newline="")) if row["Name"] == "Aggregated"]
+    if not rows:
+        return
+    start = int(rows[0]["Timestamp"])
+    seconds = [int(row["Timestamp"]) - start for row in rows]
+    figure, (load, latency) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    load.plot(seconds, [float(row["Requests/s"]) for row in rows], label="requests/s")
+    load.plot(seconds, [float(row["Failures/s"]) for row in rows], label="failures/s", color="tab:red")
+    load.plot(seconds, [int(row["User Count"]) for row in rows], label="users", color="tab:gray", linestyle="--")
+    load.set_ylabel("per second / users")
+    load.legend(loc="upper left")
+    for percentile in ("50%", "95%", "99%"):
+        latency.plot(seconds, [_number(row[percentile]) for row in rows], label=f"p{percentile[:-1]}")
+    latency.set_ylabel("latency (ms, all endpoints)")
+    latency.set_xlabel("seconds")
+    latency.legend(loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)

@@ -3,7 +3,8 @@
 One run measures, on the same machine and checkpoint:
 
 - the baseline: each request's prompt embedded and each clip sampled (batch of
-  one) and decoded in this process, one request at a time, one thread;
+  one) and decoded in this process, one request at a time, one thread; half of
+  its requests run before the gateway levels and half after;
 - the gateway (a separate ``musicrl gateway serve`` process) in front of Triton
   (one single-threaded instance per core, dynamic batching) on a private stack
   of real servers, at each concurrency level, storing every clip.
@@ -11,6 +12,8 @@ One run measures, on the same machine and checkpoint:
 Throughput is in requests per second, the real-time factor is seconds of audio
 produced per wall-clock second; ``ratio`` is gateway throughput over baseline
 throughput. Triton's batch sizes come from its statistics (per level, as deltas).
+The machine's 1-minute load average is recorded with each measurement: on a
+shared machine it says how much of the two cores the run actually had.
 """
 
 from __future__ import annotations
@@ -66,32 +69,40 @@ def latency_summary(latencies_s: list[float], wall_s: float, audio_s: float, req
     }
 
 
-def run_baseline(checkpoint: Path, prompts: list[str], duration_s: float, candidates: int) -> dict:
+class UnbatchedBaseline:
     """The same generations in this process, one request and one clip at a time, on one thread."""
-    import torch
 
-    from musicrl.audio import codec
-    from musicrl.models.generator import load_generator
-    from musicrl.text import load_text_encoder
-    from serving.services.generations import candidate_seeds
+    def __init__(self, checkpoint: Path, duration_s: float, candidates: int):
+        import torch
 
-    torch.set_num_threads(1)
-    model, _ = load_generator(checkpoint)
-    encoder = load_text_encoder(model.config.text_encoder)
-    n_frames = codec.frames_for(duration_s)
-    encoder.embed(["warm-up"])
-    model.sample(torch.zeros(1, model.config.text_dim), n_frames, seeds=[0])
-    latencies = []
-    start = time.perf_counter()
-    for i, prompt in enumerate(tqdm(prompts, desc="baseline (in-process, unbatched)")):
-        t0 = time.perf_counter()
-        cond = torch.from_numpy(encoder.embed([prompt]))
-        for seed in candidate_seeds(i, candidates):
-            tokens, _ = model.sample(cond, n_frames, temperature=0.99, seeds=[seed])
-            codec.decode(tokens[0].numpy())
-        latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - start
-    return latency_summary(latencies, wall, len(prompts) * candidates * duration_s, len(prompts))
+        from musicrl.audio import codec
+        from musicrl.models.generator import load_generator
+        from musicrl.text import load_text_encoder
+
+        torch.set_num_threads(1)
+        self.model, _ = load_generator(checkpoint)
+        self.encoder = load_text_encoder(self.model.config.text_encoder)
+        self.n_frames = codec.frames_for(duration_s)
+        self.candidates = candidates
+        self.encoder.embed(["warm-up"])
+        self.model.sample(torch.zeros(1, self.model.config.text_dim), self.n_frames, seeds=[0])
+
+    def run(self, prompts: list[str], first_seed: int) -> tuple[list[float], float]:
+        import torch
+
+        from musicrl.audio import codec
+        from serving.services.generations import candidate_seeds
+
+        latencies = []
+        start = time.perf_counter()
+        for i, prompt in enumerate(tqdm(prompts, desc="baseline (in-process, unbatched)")):
+            t0 = time.perf_counter()
+            cond = torch.from_numpy(self.encoder.embed([prompt]))
+            for seed in candidate_seeds(first_seed + i, self.candidates):
+                tokens, _ = self.model.sample(cond, self.n_frames, temperature=0.99, seeds=[seed])
+                codec.decode(tokens[0].numpy())
+            latencies.append(time.perf_counter() - t0)
+        return latencies, time.perf_counter() - start
 
 
 async def _load_level(
@@ -175,8 +186,12 @@ def run_bench(config: BenchConfig) -> dict:
 
     settings = GatewaySettings()
     prompts = bench_prompts(config.requests_per_level)
-    baseline = run_baseline(config.checkpoint, prompts, config.duration_s, config.candidates)
-    log.info("bench.baseline", **baseline)
+    audio_s = len(prompts) * config.candidates * config.duration_s
+    # Half the baseline runs before the gateway levels and half after, so that a change in
+    # the machine's load during the run (it is shared) biases neither side.
+    baseline_runner = UnbatchedBaseline(config.checkpoint, config.duration_s, config.candidates)
+    half = len(prompts) // 2
+    baseline_before = baseline_runner.run(prompts[:half], 0)
 
     with tempfile.TemporaryDirectory(prefix="musicrl-bench-") as tmp:
         data_dir = Path(tmp)
@@ -200,12 +215,10 @@ def run_bench(config: BenchConfig) -> dict:
                     _load_level(url, prompts, concurrency, config.duration_s, config.candidates)
                 )
                 after = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
-                level = {"concurrency": concurrency} | latency_summary(
-                    latencies, wall, len(prompts) * config.candidates * config.duration_s, len(prompts)
-                )
-                level["ratio_vs_baseline"] = round(level["throughput_rps"] / baseline["throughput_rps"], 2)
+                level = {"concurrency": concurrency} | latency_summary(latencies, wall, audio_s, len(prompts))
                 level["triton_batch_sizes"] = _delta(after, before)
                 level["gateway_timings_ms"] = breakdown
+                level["load_average_1m"] = round(os.getloadavg()[0], 2)
                 levels.append(level)
                 log.info("bench.level", **level)
         finally:
@@ -213,6 +226,15 @@ def run_bench(config: BenchConfig) -> dict:
                 gateway.terminate()
                 gateway.wait(timeout=30)
             stack.down()
+
+    baseline_after = baseline_runner.run(prompts[half:], half)
+    baseline = latency_summary(
+        baseline_before[0] + baseline_after[0], baseline_before[1] + baseline_after[1], audio_s, len(prompts)
+    )
+    baseline["load_average_1m"] = round(os.getloadavg()[0], 2)
+    log.info("bench.baseline", **baseline)
+    for level in levels:
+        level["ratio_vs_baseline"] = round(level["throughput_rps"] / baseline["throughput_rps"], 2)
 
     results = {
         "benchmark": "serving",
@@ -276,6 +298,8 @@ def plot(results: dict, path: Path) -> None:
         title="Request latency",
     )
     right.legend()
+    for ax in (left, right):
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

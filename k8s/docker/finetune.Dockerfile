@@ -30,6 +30,8 @@ RUN pip install --no-deps ".${EXTRAS:+[$EXTRAS]}" && if [ -n "$EXTRAS" ]; then p
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --gid 10001 musicrl && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home musicrl
 COPY --from=build /opt/venv /opt/venv
+# The committed default models, published to an empty registry at bootstrap (docs/deploy.md).
+COPY checkpoints /opt/musicrl/checkpoints
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \

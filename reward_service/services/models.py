@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from musicrl.registry import Registry
+from musicrl.registry import IntegrityError, Registry, verify_dir
 from musicrl.schemas.scores import COMPONENTS, REGISTRY_KINDS, Component
 
 
@@ -53,10 +53,12 @@ class RegistrySource:
         return versions
 
     def fetch(self, component: Component, version: str) -> Path:
-        # Versions are immutable, so a complete download (the registry renames it
-        # into place only after every hash matched) is reused as it is.
+        # Versions are immutable, so a cached download is reused once its files
+        # still match the sha256 of its manifest; anything else is fetched again.
         dest = self.cache_dir / REGISTRY_KINDS[component] / version
-        if not (dest / "manifest.json").is_file():
+        try:
+            verify_dir(dest)
+        except IntegrityError:
             self.registry.download(REGISTRY_KINDS[component], version, dest)
         return dest
 

@@ -57,7 +57,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "finetune-e2e-admin"
-N_GENERATIONS = 320
+N_GENERATIONS = 480
 CLIP_S = 3.0
 SMALL_AUDIO = AudioEncoderConfig(channels=(16, 32, 32), width=32)
 
@@ -132,7 +132,7 @@ def world(stack, object_store, tmp_path_factory):
         finetune_stage="U", finetune_steps=16, finetune_batch_size=8, finetune_duration_s=CLIP_S,
         finetune_optimizer="adamw", finetune_policy_lr=1e-2, finetune_value_lr=1e-2, finetune_checkpoint_every=4,
         finetune_heldout_fraction=0.25, finetune_eval_prompts=12, finetune_corpus_captions=64,
-        finetune_rm_min_pairs=40, finetune_rm_lr=1e-3, finetune_rm_epochs=6,
+        finetune_rm_min_pairs=40, finetune_rm_lr=3e-4, finetune_rm_epochs=4,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.1, finetune_deploy_timeout_s=180.0,
     )
     yield {"registry": registry, "gateway": gateway_url, "reward": reward_url, "settings": finetune, "store": object_store,

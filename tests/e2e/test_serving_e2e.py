@@ -75,8 +75,9 @@ def generator_checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def served_model(stack, generator_checkpoint) -> str:
+    # One instance keeps (re)loads quick on a shared machine; one per core is the default (unit-tested).
     batching = BatchingConfig(
-        max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=20_000, instance_count=2
+        max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=20_000, instance_count=1
     )
     install_version(stack.triton_repo, 1, generator_checkpoint, MODEL_NAME, batching)
     load(stack.triton_http_url, MODEL_NAME)

@@ -106,7 +106,7 @@ def consumer_env(stack_env: dict[str, str], settings: ConsumerSettings) -> dict[
 
 def committed_everything(settings: ConsumerSettings, ends: dict[int, int]) -> bool:
     """The group's committed offsets reach the end of every partition (read without joining the group)."""
-    probe = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group_id,
+    probe = KafkaConsumer(**settings.kafka_client_options(), group_id=settings.consumer_group_id,
                           enable_auto_commit=False, request_timeout_ms=5000)
     try:
         committed = {p: probe.committed(TopicPartition(settings.topic_preferences, p)) for p in ends}
@@ -210,7 +210,8 @@ def test_broker_restart_mid_stream(tmp_path):
             restart(local, "tansu", down_s=2.0)
             return {"broker_restarted_after_chunks": consumer.events["chunk_durable"]}
 
-        run_scenario("broker_restart", local.info.env(), store_fields(local.info.env()), restart_broker, tmp_path, seed=2)
+        counts = run_scenario("broker_restart", local.info.env(), store_fields(local.info.env()), restart_broker, tmp_path, seed=2)
+        assert counts["broker_restarted_after_chunks"] < counts["chunks_made_durable"], "the restart came after the stream"
     finally:
         local.down()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from musicrl.registry import sha256_file
 from reward_service.services.models import ModelHolder, ModelsNotReady, RegistrySource
 from reward_service.services.runtime import IncompatibleModel, component_loader
 from reward_service.settings import RewardSettings
@@ -26,8 +27,10 @@ class FakeRegistry:
     def download(self, kind, version, dest):
         self.downloads.append((kind, version))
         dest = Path(dest)
-        dest.mkdir(parents=True)
-        (dest / "manifest.json").write_text(json.dumps({"kind": kind, "version": version}))
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "model.onnx").write_bytes(b"weights")
+        manifest = {"kind": kind, "version": version, "files": {"model.onnx": sha256_file(dest / "model.onnx")}}
+        (dest / "manifest.json").write_text(json.dumps(manifest))
         return dest
 
 
@@ -40,13 +43,17 @@ def test_registry_source_needs_text_adherence_and_quality_but_not_preference(tmp
         source.current_versions()
 
 
-def test_registry_source_downloads_a_version_once(tmp_path):
+def test_registry_source_downloads_a_version_once_and_again_if_the_cache_is_damaged(tmp_path):
     registry = FakeRegistry({})
     source = RegistrySource(registry, tmp_path)
     first = source.fetch("quality", "3")
     second = source.fetch("quality", "3")
     assert first == second == tmp_path / "reward/quality/3"
     assert registry.downloads == [("reward/quality", "3")]
+    (first / "model.onnx").write_bytes(b"tampered")
+    source.fetch("quality", "3")
+    assert registry.downloads == [("reward/quality", "3")] * 2
+    assert (first / "model.onnx").read_bytes() == b"weights"
 
 
 class Source:
