@@ -205,6 +205,27 @@ def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int,
     }
 
 
+def plot_rates(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["bare kafka-python\nconsumer (baseline)", "feedback consumer", "gateway -> buffer\n(end to end)"]
+    rates = [results["bare_kafka_python_consumer"]["events_per_s"], results["feedback_consumer"]["events_per_s"],
+             results["end_to_end_gateway_to_buffer"]["events_per_s"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(labels, rates, color=["#999999", "#1f77b4", "#2ca02c"])
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("events / s")
+    load = results["machine"]["load_average_1m"]
+    ax.set_title(f"feedback stream throughput (same run, {results['machine']['cpus']} CPUs, load {load})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Path) -> dict:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="musicrl-feedback-bench-") as tmp:
@@ -242,6 +263,7 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
         "end_to_end_gateway_to_buffer": end_to_end,
     }
     update_results(output, ["benchmark"], results)
+    plot = plot_rates(results, output.with_suffix(".png"))
 
     table = Table(title="feedback stream")
     table.add_column("measure")
@@ -252,5 +274,5 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
     table.add_row(f"gateway -> buffer, {concurrency} clients", f"{end_to_end['events_per_s']:.0f}")
     table.add_row("  gateway 202s only", f"{end_to_end['gateway_accept_events_per_s']:.0f}")
     console.print(table)
-    console.print(f"POST latency ms: {end_to_end['post_latency_ms']}  -> {output}")
+    console.print(f"POST latency ms: {end_to_end['post_latency_ms']}  -> {output}, {plot}")
     return results

@@ -125,6 +125,9 @@ class FeedbackConsumer:
         )
         self.partitions: dict[int, PartitionState] = {}
         self._to_restore: set[TopicPartition] = set()
+        self._to_commit: dict[int, int] = {}
+        self._commit_failing = False
+        self._last_commit_attempt = 0.0
         self.totals: Counter[str] = Counter()
         self._stop = threading.Event()
         self._kafka: KafkaConsumer | None = None
@@ -168,8 +171,11 @@ class FeedbackConsumer:
                 self._accept(batch)  # before restoring: a new partition's records predate its seek
                 self._restore_assigned()
                 self._flush_ready(force=False)
+                self._commit_pending()
                 self._update_lag()
             self._flush_ready(force=True)
+            self._commit_failing = False
+            self._commit_pending()
             log.info("consumer_stopping", totals=dict(self.totals))
         finally:
             self._running = False
@@ -218,6 +224,7 @@ class FeedbackConsumer:
         # Pending events are not durable yet and not committed: the next owner reads them again.
         for tp in revoked:
             self._to_restore.discard(tp)
+            self._to_commit.pop(tp.partition, None)
             self.partitions.pop(tp.partition, None)
             try:
                 self.metrics.lag.remove(str(tp.partition))
@@ -366,15 +373,25 @@ class FeedbackConsumer:
         )
 
     def _commit(self, partition: int, offset: int) -> None:
-        tp = TopicPartition(self.settings.topic_preferences, partition)
-        for attempt in range(3):
-            try:
-                self._kafka.commit({tp: OffsetAndMetadata(offset, "", -1)})
-                return
-            except Exception as err:  # rebalance or broker away: the ledger already holds the progress
-                log.warning("commit_failed", partition=partition, offset=offset, attempt=attempt, error=repr(err))
-                time.sleep(0.2 * (attempt + 1))
-        self.metrics.commit_failures.inc()
+        self._to_commit[partition] = offset
+        self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        """Commit the offsets of durable chunks; a failure (broker away, rebalance) is retried on a later loop."""
+        if not self._to_commit or (self._commit_failing and time.monotonic() - self._last_commit_attempt < 1.0):
+            return
+        topic = self.settings.topic_preferences
+        offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self._to_commit.items() if p in self.partitions}
+        self._last_commit_attempt = time.monotonic()
+        try:
+            if offsets:
+                self._kafka.commit(offsets)
+            self._to_commit.clear()
+            self._commit_failing = False
+        except Exception as err:  # the ledger already holds the progress: nothing is lost meanwhile
+            self._commit_failing = True
+            self.metrics.commit_failures.inc()
+            log.warning("commit_failed", offsets={p: o for p, o in self._to_commit.items()}, error=repr(err)[:300])
 
     def _update_lag(self) -> None:
         for p, state in self.partitions.items():

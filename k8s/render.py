@@ -107,7 +107,9 @@ def _apply_patch(objects: list[dict], patch: dict, where: Path) -> None:
         and obj["apiVersion"].split("/")[0] == patch["apiVersion"].split("/")[0]
     ]  # fmt: skip
     if len(matches) != 1:
-        raise UnsupportedKustomization(f"{where}: patch for {patch['kind']}/{patch['metadata']['name']} matches {len(matches)} objects")
+        raise UnsupportedKustomization(
+            f"{where}: patch for {patch['kind']}/{patch['metadata']['name']} matches {len(matches)} objects"
+        )
     strategic = patch["apiVersion"] in BUILT_IN_GROUPS
     merged = _merge(matches[0], patch, strategic)
     matches[0].clear()
@@ -130,7 +132,10 @@ def _merge(base, patch, strategic: bool, field: str | None = None):
         # then the original items the patch does not mention, in their order.
         key = MERGE_KEYS[field]
         originals = {item.get(key): item for item in base if isinstance(item, dict)}
-        patched = [_merge(originals[item[key]], item, strategic) if item.get(key) in originals else copy.deepcopy(item) for item in patch]
+        patched = [
+            _merge(originals[item[key]], item, strategic) if item.get(key) in originals else copy.deepcopy(item)
+            for item in patch
+        ]
         mentioned = {item.get(key) for item in patch}
         return patched + [copy.deepcopy(item) for item in base if item.get(key) not in mentioned]
     return copy.deepcopy(patch)

@@ -173,8 +173,10 @@ def run_suite(quick: bool, only: list[str] | None, timeout_s: float, log_dir: Pa
 
 
 def hot_swap_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The swap numbers of a one-round closed loop (loadtests.closed_loop) as results/hot_swap.json."""
-    row = results["rounds"][-1]
+    """The swap numbers of a closed-loop run (its last round that deployed, else its last) as results/hot_swap.json."""
+    rounds = [r for r in results["rounds"] if r.get("hot_swap")]
+    deployed = [r for r in rounds if r.get("cycle", {}).get("status") == "deployed"]
+    row = (deployed or rounds or results["rounds"])[-1]
     swap = row.get("hot_swap") or {}
     steady, during = swap.get("steady", {}), swap.get("during_swap", {})
     ratio = during["p99_ms"] / steady["p99_ms"] if during.get("p99_ms") and steady.get("p99_ms") else None
@@ -187,7 +189,7 @@ def hot_swap_summary(results: dict[str, Any]) -> dict[str, Any]:
         "deploy_s": (row.get("cycle", {}).get("timings_s") or {}).get("deploy"),
         "cycle_status": row.get("cycle", {}).get("status"),
         "preference_to_deployed_s": row.get("preference_to_deployed_s"), "buffer_landed_s": row.get("buffer_landed_s"),
-        "preferences": row.get("preferences_round"),
+        "preferences": row.get("preferences_round"), "round": row.get("round"),
         "note": "probe: one client asking for 1 s clips every 0.5 s during the whole cycle; 'during swap' = requests "
                 "overlapping the deploy step (install, load_model, pointer). preference_to_deployed_s = from the last "
                 "vote of the round sent to the new policy deployed (buffer landing + reward model + RL + gate + deploy).",

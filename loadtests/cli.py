@@ -158,7 +158,7 @@ def closed_loop_command(
 
 @app.command("demo")
 def demo_command(
-    pairs: int = typer.Option(48, min=4, help="Pairs the simulated listeners ask for and judge."),
+    pairs: int = typer.Option(80, min=4, help="Pairs the simulated listeners ask for and judge."),
     clip_s: float = typer.Option(5.0, help="Seconds of audio per clip."),
     seed: int = typer.Option(0, help="Seeds the listener population."),
 ) -> None:
@@ -168,7 +168,10 @@ def demo_command(
     from rich.console import Console
 
     from loadtests.demo import DemoConfig, describe, run_demo
+    from musicrl.config import BaseServiceSettings
+    from musicrl.logging import configure_logging
 
+    configure_logging(BaseServiceSettings(log_level="WARNING", log_json=False), service="demo")  # progress lines only
     console = Console()
     started = time.monotonic()
 
@@ -191,6 +194,10 @@ def hot_swap_bench_command(
     steps: int = typer.Option(10, min=1, help="RL steps of the cycle."),
     output: Path = typer.Option(Path("results/hot_swap.json"), help="Results file."),
     work_dir: Path = typer.Option(Path(".data/hot_swap_bench"), help="Private stack and finetune run."),
+    from_closed_loop: Path = typer.Option(
+        None, exists=True, dir_okay=False,
+        help="Summarise the swap of an existing closed-loop run (results/closed_loop.json) instead of running one.",
+    ),
 ) -> None:
     """Latency and failures of a probe during a hot swap vs steady state, and preference -> deployed policy time."""
     import json
@@ -207,11 +214,14 @@ def hot_swap_bench_command(
     config = ClosedLoopConfig(rounds=1, pairs_per_round=pairs, eval_prompts=8, eval_samples=2, reward_eval_prompts=4,
                               finetune={"finetune_steps": steps, "finetune_batch_size": 8, "finetune_rm_min_pairs": 10,
                                         "finetune_eval_prompts": 8, "finetune_corpus_captions": 64})
-    shutil.rmtree(work_dir, ignore_errors=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with private_loop_stack(work_dir) as info:
-        results = run_closed_loop(info, config, work_dir, lambda message: console.print(message, highlight=False))
-    summary = hot_swap_summary(results)
+    if from_closed_loop is not None:
+        results = json.loads(from_closed_loop.read_text())
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        with private_loop_stack(work_dir) as info:
+            results = run_closed_loop(info, config, work_dir, lambda message: console.print(message, highlight=False))
+    summary = hot_swap_summary(results) | ({"source": str(from_closed_loop)} if from_closed_loop else {})
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     console.print_json(json.dumps({k: v for k, v in summary.items() if k not in ("machine", "note")}))

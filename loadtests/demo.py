@@ -25,6 +25,8 @@ DEMO_FINETUNE: dict[str, Any] = {
     "finetune_stage": "U",
     "finetune_steps": 8,
     "finetune_batch_size": 8,
+    "finetune_policy_lr": 1e-3,  # as in the closed-loop experiment (docs/closed_loop.md)
+    "finetune_heldout_fraction": 0.25,  # a few dozen votes: keep enough held out to measure the reward model
     "finetune_duration_s": 5.0,
     "finetune_torch_threads": 1,
     "finetune_rm_min_pairs": 8,
@@ -37,7 +39,7 @@ DEMO_FINETUNE: dict[str, Any] = {
 
 @dataclass
 class DemoConfig:
-    pairs: int = 48
+    pairs: int = 80
     clip_s: float = 5.0
     concurrency: int = 4
     seed: int = 0
@@ -106,6 +108,12 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     return summary
 
 
+def _accuracy_text(accuracy: float | None) -> str:
+    if accuracy is None or accuracy != accuracy:  # NaN: no decided held-out pair
+        return "no decided held-out pair to measure the new one on"
+    return f"the new one's held-out accuracy {accuracy:.3f} is not above chance"
+
+
 def describe(summary: dict[str, Any]) -> list[str]:
     rm, gate, cycle = summary["reward_model"], summary["gate"], summary["cycle"]
     accuracy = rm["heldout_accuracy"]
@@ -113,8 +121,7 @@ def describe(summary: dict[str, Any]) -> list[str]:
         f"votes sent through POST /v1/feedback: {summary['votes']}",
         f"preferences landed in the buffer: {summary['buffer_rows_new']} new, {summary['buffer_rows_total']} in total",
         "reward model: " + (f"v{rm['published']} published, held-out accuracy {accuracy:.3f} on {rm['train_pairs']} training pairs"
-                            if rm.get("published") else f"not replaced ({rm.get('skipped') or 'held-out accuracy not above chance'})"
-                            + (f", held-out accuracy {accuracy:.3f}" if accuracy is not None else "")),
+                            if rm.get("published") else f"v{rm['version_before']} kept ({rm.get('skipped') or _accuracy_text(accuracy)})"),
         f"finetune cycle: {cycle['status']}" + (f" ({cycle['reason']})" if cycle.get("reason") else "")
         + (f"; gate {'passed' if gate['passed'] else 'failed'}: preference reward {gate['reward_parent']:.3f} -> "
            f"{gate['reward_candidate']:.3f}, KL {gate['kl']:.2f} nats/clip" if gate.get("passed") is not None else ""),

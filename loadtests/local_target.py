@@ -38,7 +38,9 @@ def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300
     gateway, log = None, None
     try:
         settings = info.settings_for(GatewaySettings)
-        install_version(info.triton_repo, 1, checkpoint, settings.triton_model_name, BatchingConfig.from_settings(settings))
+        install_version(
+            info.triton_repo, 1, checkpoint, settings.triton_model_name, BatchingConfig.from_settings(settings)
+        )
         load(info.triton_http_url, settings.triton_model_name)
         port = _free_port()
         log = (work_dir / "gateway.log").open("w")

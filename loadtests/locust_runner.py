@@ -75,11 +75,15 @@ def run_locust(run: LocustRun, timeout_s: float | None = None) -> tuple[int, dic
     summary = summarize(Path(str(run.prefix) + "_stats.csv"))
     votes_file = Path(str(run.prefix) + "_votes.json")
     summary.update(
-        scenario=run.scenario, host=run.host, users=run.users, run_time_s=run.run_time_s, exit_code=completed.returncode,
+        scenario=run.scenario,
+        host=run.host,
+        users=run.users,
+        run_time_s=run.run_time_s,
+        exit_code=completed.returncode,
         settings={k: v for k, v in run.env.items() if k.startswith("LOADTEST_")},
         machine={"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         votes=json.loads(votes_file.read_text())["votes"] if votes_file.exists() else {},
-    )  # fmt: skip
+    )
     (run.out_dir / f"{run.scenario}_summary.json").write_text(json.dumps(summary, indent=2))
     history = Path(str(run.prefix) + "_stats_history.csv")
     if history.exists():

@@ -14,6 +14,12 @@ def train_generator_command(
     work_dir: str = typer.Option(".data/train/generator", help="Resumable training state and caption-embedding cache."),
     d_model: int = typer.Option(256),
     n_layers: int = typer.Option(4),
+    batch_size: int = typer.Option(16, help="Whole clips per step."),
+    start_batch_size: int = typer.Option(0, help="Clip openings per step (a conditioning-focused stage)."),
+    start_frames: int = typer.Option(40, help="Length of a clip opening in frames."),
+    learning_rate: float = typer.Option(1e-3),
+    warmup_steps: int = typer.Option(40),
+    init_from: str = typer.Option("", help="Generator checkpoint to start from (second stage) instead of random weights."),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(True, help="Continue from the state in --work-dir when there is one."),
 ) -> None:
@@ -25,7 +31,11 @@ def train_generator_command(
     from musicrl.models.train_generator import GeneratorTrainingConfig, default_model_config, train_generator
 
     model = replace(default_model_config(), d_model=d_model, n_layers=n_layers)
-    config = GeneratorTrainingConfig(out_dir=Path(out_dir), work_dir=Path(work_dir), model=model, n_train=n_train, steps=steps, seed=seed)
+    config = GeneratorTrainingConfig(
+        out_dir=Path(out_dir), work_dir=Path(work_dir), model=model, n_train=n_train, steps=steps, seed=seed,
+        batch_size=batch_size, start_batch_size=start_batch_size, start_frames=start_frames, learning_rate=learning_rate,
+        warmup_steps=warmup_steps, init_from=Path(init_from) if init_from else None,
+    )
     typer.echo(json.dumps(train_generator(config, resume=resume), indent=2))
 
 
@@ -118,7 +128,7 @@ def train_text_adherence_command(
 
 @app.command("train-quality")
 def train_quality_command(
-    steps: int = typer.Option(1200),
+    steps: int = typer.Option(2000),
     n_train: int = typer.Option(1500, help="Training clips, each rendered --renders times with random degradations."),
     renders: int = typer.Option(2),
     batch_size: int = typer.Option(64),

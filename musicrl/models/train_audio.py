@@ -137,7 +137,7 @@ class QualityTrainingConfig:
     n_valid: int = 150
     renders_per_record: int = 2
     seed: int = 0
-    steps: int = 1200
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from musicrl.audio import codec
-from musicrl.models.generator import Generator, GeneratorConfig, save_generator
+from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -39,12 +39,17 @@ class GeneratorTrainingConfig:
     out_dir: Path = Path("checkpoints/generator")
     work_dir: Path = Path(".data/train/generator")  # resumable state and the embedding cache, not committed
     model: GeneratorConfig = field(default_factory=default_model_config)
+    init_from: Path | None = None  # a generator checkpoint to start from (a second stage) instead of random weights
     n_train: int = 3000  # corpus clips; each comes with `captions_per_clip` phrasings
     n_valid: int = 200
     captions_per_clip: int = 2
     corpus_seed: int = 0
     steps: int = 500
-    batch_size: int = 16
+    batch_size: int = 16  # whole clips per step
+    # Clip openings per step, cropped to `start_frames`: the prompt is what decides the first notes (instrument,
+    # key, pace) while later frames mostly follow from the earlier ones, so openings teach conditioning cheaply.
+    start_batch_size: int = 0
+    start_frames: int = 40
     learning_rate: float = 1e-3
     min_learning_rate: float = 1e-4
     warmup_steps: int = 40
@@ -116,11 +121,22 @@ def next_token_loss(model: Generator, cond: torch.Tensor, tokens: torch.Tensor) 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
-def batch_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def batches_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cond, tokens) of the whole clips and of the clip openings of ``step``; depends only on (seed, step)."""
     rng = np.random.default_rng([config.seed, step])
-    clips = rng.integers(0, data.tokens.shape[0], config.batch_size)
-    phrasings = rng.integers(0, data.embeddings.shape[1], config.batch_size)
-    return data.embeddings[clips, phrasings], data.tokens[clips]
+    batches = []
+    for size, frames in ((config.batch_size, data.tokens.shape[1]), (config.start_batch_size, config.start_frames)):
+        if size:
+            clips = rng.integers(0, data.tokens.shape[0], size)
+            phrasings = rng.integers(0, data.embeddings.shape[1], size)
+            batches.append((data.embeddings[clips, phrasings], data.tokens[clips, :frames]))
+    return batches
+
+
+def batch_loss(model: Generator, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean cross-entropy over every token of the step's batches."""
+    total = sum(next_token_loss(model, cond, tokens) * tokens.numel() for cond, tokens in batches)
+    return total / sum(tokens.numel() for _, tokens in batches)
 
 
 @torch.no_grad()
@@ -144,6 +160,11 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
 
     torch.manual_seed(config.seed)
     model = Generator(config.model)
+    if config.init_from is not None:
+        initial, _ = load_generator(config.init_from)
+        if initial.config != config.model:
+            raise ValueError(f"{config.init_from} has another model config than this run: {initial.config}")
+        model.load_state_dict(initial.state_dict())
     optimizer = make_optimizer(model, config)
     start_step, fingerprint = 0, config.fingerprint()
     state_path = work_dir / STATE_FILE
@@ -168,8 +189,7 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        cond, tokens = batch_at(train, step, config)
-        loss = next_token_loss(model, cond, tokens)
+        loss = batch_loss(model, batches_at(train, step, config))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -198,7 +218,7 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
         "version": "1",
         "kind": "generator",
         "metrics": metrics,
-        "training": {k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "model", "progress")},
+        "training": json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "model", "progress")}, default=str)),
         "codec": {"vocab_size": codec.VOCAB_SIZE, "frame_rate": codec.FRAME_RATE, "sample_rate": codec.SAMPLE_RATE},
     }
     save_generator(model.eval(), config.out_dir, meta)

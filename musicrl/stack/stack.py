@@ -116,6 +116,11 @@ class StackInfo:
             "triton-grpc": self.triton_grpc_url,
             "triton-metrics": self.triton_metrics_url,
             "triton-repo": str(self.triton_repo),
+            **(
+                {"gateway": f"{self.gateway_url}/  (listening page; API under /v1, docs at /docs)", "reward": self.reward_url}
+                if self.settings.stack_services
+                else {}
+            ),
         }
 
 

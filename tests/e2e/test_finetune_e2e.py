@@ -7,9 +7,10 @@ REINFORCE scored by the reward service over HTTP, gate, publish v2, deploy to Tr
 while a load generator keeps requesting clips. Numbers go to results/finetune.json,
 plots to results/finetune_*.png.
 
-Models are small and randomly initialised (the default trained suite is not needed to
-test the loop); prompts are embedded with the hashing encoder. Everything gets names of
-its own (buckets, topics, consumer group, Triton model) so other tests see none of it.
+Models are the committed default suite (checkpoints/: generator, text adherence, quality);
+the preference model starts as the Bradley-Terry head on the generator's trunk, as in the
+paper. Everything gets names of its own (buckets, topics, consumer group, Triton model) so
+other tests see none of it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 
-from finetune_helpers import servable_generator
 from finetune_worker.cycle import FinetuneCycle
 from finetune_worker.deploy import Deployer
 from finetune_worker.loop import run_cycle_with_lease
@@ -42,11 +41,8 @@ from musicrl.buffer import PreferenceBuffer
 from musicrl.corpus.dataset import make_corpus
 from musicrl.kafka import ensure_topics
 from musicrl.listeners import ListenerConfig, Population
-from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder
-from musicrl.models.audio_export import write_checkpoint
-from musicrl.models.generator import save_generator
+from musicrl.models.generator import load_generator, save_generator
 from musicrl.models.preference import PreferenceRewardModel, save_preference_model
-from musicrl.models.quality import MosRegressor
 from musicrl.registry import Registry
 from reward_service.app import create_app as create_reward_app
 from reward_service.settings import RewardSettings
@@ -56,10 +52,10 @@ from serving.settings import GatewaySettings
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
+CHECKPOINTS = ROOT / "checkpoints"
 TOKEN = "finetune-e2e-admin"
-N_GENERATIONS = 480
+N_GENERATIONS = 400
 CLIP_S = 3.0
-SMALL_AUDIO = AudioEncoderConfig(channels=(16, 32, 32), width=32)
 
 
 def _free_port() -> int:
@@ -96,24 +92,21 @@ def world(stack, object_store, tmp_path_factory):
         object_store.client.make_bucket(bucket)
     registry = Registry(object_store, bucket=names["bucket_models"])
 
-    # reward models v1 (random, the default architectures) and generator v1
-    torch.manual_seed(0)
-    training = {"text_encoder": "hashing", "note": "random init, finetune e2e"}
-    for component, model in (("text_adherence", AudioTextEncoder(SMALL_AUDIO)), ("quality", MosRegressor(SMALL_AUDIO))):
-        output = "embedding" if component == "text_adherence" else "mos"
-        path = write_checkpoint(model.eval(), root / component, component, output, training, {}, "tests")
-        registry.set_current(f"reward/{component}", registry.publish(f"reward/{component}", path))
-    base = servable_generator(0)
-    path = save_preference_model(PreferenceRewardModel.from_generator(base), root / "preference", {"training": training})
+    # the committed default suite: generator v1, text adherence and quality; the preference model v1 is the
+    # Bradley-Terry head on the generator's trunk before any training (what a fresh deployment starts with)
+    for component in ("text_adherence", "quality"):
+        registry.set_current(f"reward/{component}", registry.publish(f"reward/{component}", CHECKPOINTS / component))
+    base, _ = load_generator(CHECKPOINTS / "generator")
+    path = save_preference_model(PreferenceRewardModel.from_generator(base), root / "preference", {"training": {"text_encoder": "minilm"}})
     registry.set_current("reward/preference", registry.publish("reward/preference", path))
-    registry.publish("generator", save_generator(base, root / "generator"), lineage={"source": "random init"})
+    registry.publish("generator", save_generator(base, root / "generator"), lineage={"source": "checkpoints/generator"})
     Deployer(registry, stack.triton_repo, stack.triton_http_url, root / "deploy", names["triton_model_name"]).deploy("1")
 
     reward_settings = stack.settings_for(RewardSettings, **{k: v for k, v in names.items() if k == "bucket_models"},
-                                         reward_text_encoder="hashing", reward_admin_token=TOKEN, reward_poll_interval_s=0,
+                                         reward_text_encoder="minilm", reward_admin_token=TOKEN, reward_poll_interval_s=0,
                                          reward_model_cache_dir=root / "reward-cache")
     reward_server, reward_thread, reward_url = _serve(create_reward_app(reward_settings), "/readyz")
-    gateway_settings = stack.settings_for(GatewaySettings, **names, gateway_text_encoder="hashing", gateway_store_timeout_s=10)
+    gateway_settings = stack.settings_for(GatewaySettings, **names, gateway_text_encoder="minilm", gateway_store_timeout_s=10)
     gateway_server, gateway_thread, gateway_url = _serve(create_gateway_app(gateway_settings), "/readyz")
 
     consumer_settings = stack.settings_for(ConsumerSettings, **{k: v for k, v in names.items() if k in ConsumerSettings.model_fields},
@@ -128,9 +121,9 @@ def world(stack, object_store, tmp_path_factory):
     finetune = stack.settings_for(
         FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
         reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
-        finetune_triton_repo=stack.triton_repo, finetune_text_encoder="hashing", finetune_torch_threads=1,
+        finetune_triton_repo=stack.triton_repo, finetune_text_encoder="minilm", finetune_torch_threads=1,
         finetune_stage="U", finetune_steps=16, finetune_batch_size=8, finetune_duration_s=CLIP_S,
-        finetune_optimizer="adamw", finetune_policy_lr=1e-2, finetune_value_lr=1e-2, finetune_checkpoint_every=4,
+        finetune_optimizer="adamw", finetune_policy_lr=5e-4, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
         finetune_heldout_fraction=0.25, finetune_eval_prompts=12, finetune_corpus_captions=64,
         finetune_rm_min_pairs=40, finetune_rm_lr=3e-4, finetune_rm_epochs=4,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.1, finetune_deploy_timeout_s=180.0,

@@ -43,7 +43,9 @@ def gateway(stack, object_store, tmp_path_factory):
         tmp_path_factory.mktemp("generator"),
         {"note": "random init, load test"},
     )
-    batching = BatchingConfig(max_batch_size=8, preferred_batch_sizes=[4, 8], max_queue_delay_us=20_000, instance_count=1)
+    batching = BatchingConfig(
+        max_batch_size=8, preferred_batch_sizes=[4, 8], max_queue_delay_us=20_000, instance_count=1
+    )
     install_version(stack.triton_repo, 1, checkpoint, MODEL_NAME, batching)
     load(stack.triton_http_url, MODEL_NAME)
     settings = stack.settings_for(GatewaySettings, triton_model_name=MODEL_NAME)

@@ -136,3 +136,28 @@ def test_health_and_metrics_endpoint():
         assert httpx.get(f"{base}/nothing").status_code == 404
     finally:
         server.shutdown()
+
+
+class FlakyCommits:
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.commits = []
+
+    def commit(self, offsets):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("broker away")
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+
+def test_failed_commit_is_retried_later_with_the_newest_offsets():
+    consumer = consumer_with([], None)
+    consumer._kafka = kafka = FlakyCommits(failures=1)
+    consumer.partitions = {0: PartitionState(0, 0, set()), 1: PartitionState(1, 0, set())}
+    consumer._commit(0, 100)
+    assert kafka.commits == [] and consumer.metrics.commit_failures._value.get() == 1
+    consumer._commit(1, 50)  # within a second of the failure: queued, not attempted
+    assert kafka.commits == []
+    consumer._last_commit_attempt -= 2
+    consumer._commit_pending()
+    assert kafka.commits == [{0: 100, 1: 50}]

@@ -64,3 +64,25 @@ def test_learning_rate_warms_up_then_decays():
     assert rates[0] < rates[9] == pytest.approx(1e-3)
     assert rates[99] == pytest.approx(1e-4, rel=0.05)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:], strict=False))
+
+
+def test_second_stage_starts_from_a_checkpoint_and_trains_on_openings(tmp_path):
+    first = tiny_config(tmp_path, "stage1", steps=2)
+    train_generator(first)
+    start, _ = load_generator(first.out_dir)
+    second = replace(tiny_config(tmp_path, "stage2", steps=2), init_from=first.out_dir, batch_size=1, start_batch_size=4, start_frames=6)
+    metrics = train_generator(second)
+    trained, meta = load_generator(second.out_dir)
+    assert meta["training"]["init_from"] == str(first.out_dir) and metrics["steps"] == 2
+    # started from stage 1 (not from scratch) and moved away from it
+    assert not torch.equal(trained.cond_proj.weight, start.cond_proj.weight)
+    assert (trained.cond_proj.weight - start.cond_proj.weight).abs().max() < 0.1
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_refused(tmp_path):
+    first = tiny_config(tmp_path, "small", steps=1)
+    train_generator(first)
+    other = tiny_config(tmp_path, "wide", steps=1)
+    other = replace(other, init_from=first.out_dir, model=replace(other.model, d_model=32))
+    with pytest.raises(ValueError, match="another model config"):
+        train_generator(other)

@@ -17,7 +17,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import typer.main
-import yaml
 
 pytestmark = pytest.mark.unit
 
@@ -116,9 +115,21 @@ def docs(overlay) -> tuple[dict, ...]:
 def test_overlay_renders_every_component(docs):
     kinds = {doc["kind"] for doc in docs}
     assert {
-        "Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "PersistentVolumeClaim",
-        "StatefulSet", "Job", "ConfigMap", "NetworkPolicy", "ServiceMonitor", "Kafka", "KafkaNodePool",
-        "KafkaTopic", "KafkaUser",
+        "Namespace",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "PersistentVolumeClaim",
+        "StatefulSet",
+        "Job",
+        "ConfigMap",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "Kafka",
+        "KafkaNodePool",
+        "KafkaTopic",
+        "KafkaUser",
     } <= kinds
     for name in ("gateway", "reward", "triton", "feedback-consumer", "finetune"):
         named(docs, "Deployment", name)
@@ -273,7 +284,9 @@ def test_selectors_match_their_pods(docs):
                 if "podSelector" in peer and "namespaceSelector" not in peer:
                     assert any(selects(peer["podSelector"], labels) for labels in pods.values()), peer
     for monitor in by_kind(docs, "ServiceMonitor"):
-        services = [s for s in by_kind(docs, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+        services = [
+            s for s in by_kind(docs, "Service") if selects(monitor["spec"]["selector"], s["metadata"]["labels"])
+        ]
         assert len(services) == 1, f"ServiceMonitor/{monitor['metadata']['name']} selects {len(services)} Services"
         port_names = {port["name"] for port in services[0]["spec"]["ports"]}
         assert {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]} <= port_names
@@ -398,7 +411,9 @@ def test_finetune_worker_is_single_flight(docs):
     finetune = named(docs, "Deployment", "finetune")
     assert finetune["spec"]["replicas"] == 1
     assert finetune["spec"]["strategy"] == {"type": "Recreate"}
-    assert not [h for h in by_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "finetune"]
+    assert not [
+        h for h in by_kind(docs, "HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "finetune"
+    ]
     (container,) = pod_template(finetune)["spec"]["containers"]
     assert container["args"] == ["finetune", "loop"]
     assert "MUSICRL_FINETUNE_LEASE_TTL_S" in container_environment(docs, container)
@@ -448,7 +463,9 @@ def test_only_the_finetune_worker_reaches_triton_model_control(docs):
         allowed = [name for name, pod in labels.items() if selects(peer["podSelector"], pod)]
         assert allowed == ["finetune"], allowed
     inference = ingress_peers(docs, triton, 8001)
-    inference_clients = {name for peer in inference for name, pod in labels.items() if selects(peer["podSelector"], pod)}
+    inference_clients = {
+        name for peer in inference for name, pod in labels.items() if selects(peer["podSelector"], pod)
+    }
     assert inference_clients == {"gateway", "finetune"}
     args = pod_template(named(docs, "Deployment", "triton"))["spec"]["containers"][0]["args"]
     assert any(arg.startswith("--grpc-restricted-protocol=model-repository") for arg in args)
@@ -540,3 +557,21 @@ def test_kafka_clients_authenticate_with_the_mounted_ca_and_their_user(docs, mon
         volume = next(v for v in pod["volumes"] if v["name"] == mounts[ca_dir])
         assert volume["secret"]["secretName"] == STRIMZI_CA_SECRET
         assert [item["path"] for item in volume["secret"]["items"]] == [os.path.basename(options["ssl_cafile"])]
+
+
+def cpu_cores(quantity) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_thread_counts_fit_the_cpu_limits(docs):
+    """Intra-op threads never exceed the container's CPU limit (torch would otherwise use every core of the node)."""
+    checked = 0
+    for workload in workloads(docs):
+        for container in containers(workload):
+            limit = cpu_cores(container["resources"]["limits"]["cpu"])
+            for name, value in container_environment(docs, container).items():
+                if name.endswith(("_TORCH_THREADS", "_INTRA_OP_THREADS")):
+                    assert 1 <= int(value) <= limit, f"{workload['metadata']['name']}: {name}={value} > {limit} CPUs"
+                    checked += 1
+    assert checked >= 3

@@ -92,27 +92,29 @@ def test_hearing_is_neutral_on_silence_short_and_broken_audio():
 
 def test_same_seed_same_population_and_votes(clips):
     first, second = Population(seed=3), Population(seed=3)
-    assert [l.id for l in first] == [l.id for l in second]
+    assert [person.id for person in first] == [person.id for person in second]
     heard = hear(clips[0])
-    assert [l.utility_of(heard) for l in first] == [l.utility_of(heard) for l in second]
+    assert [person.utility_of(heard) for person in first] == [person.utility_of(heard) for person in second]
 
     def votes(population: Population) -> list[Vote]:
         rng = np.random.default_rng(11)
         return [population.sample(rng).judge(clips[i], clips[i + 1], rng) for i in range(0, 40, 2)]
 
     assert votes(first) == votes(second)
-    assert [l.utility_of(heard) for l in Population(seed=4)] != [l.utility_of(heard) for l in first]
+    assert [person.utility_of(heard) for person in Population(seed=4)] != [person.utility_of(heard) for person in first]
 
 
 def test_held_out_population_has_other_individuals_same_taste_distribution(clip_features):
     config = ListenerConfig(size=1500)
     train, held_out = Population(config, seed=5), Population(config, seed=5).held_out()
-    assert not {l.id for l in train} & {l.id for l in held_out}
-    assert [l.utility_of(clip_features[0]) for l in train[:20]] != [l.utility_of(clip_features[0]) for l in held_out[:20]]
+    assert not {person.id for person in train} & {person.id for person in held_out}
+    assert [person.utility_of(clip_features[0]) for person in train[:20]] != [
+        person.utility_of(clip_features[0]) for person in held_out[:20]
+    ]
     # Same distribution: the mean utility of every clip agrees across the two populations.
     for features in clip_features[:10]:
-        train_mean = np.mean([l.utility_of(features) for l in train])
-        held_mean = np.mean([l.utility_of(features) for l in held_out])
+        train_mean = np.mean([person.utility_of(features) for person in train])
+        held_mean = np.mean([person.utility_of(features) for person in held_out])
         assert train_mean == pytest.approx(held_mean, abs=0.15 + 0.05 * abs(train_mean))
     assert held_out.held_out().listeners[0].id == held_out.listeners[0].id
 
@@ -133,7 +135,9 @@ def test_agreement_is_configurable(clip_features):
 def test_simulated_votes_match_expected_agreement(clips):
     """Votes drawn by ``judge`` agree about as often as the analytic expectation says."""
     short = [clip[: int(1.5 * SAMPLE_RATE)] for clip in clips]  # full listens of short clips keep this fast
-    config = ListenerConfig(abstain_probability=0.0, skip_probability=0.0, listen_share_alpha=50, listen_share_beta=0.01)
+    config = ListenerConfig(
+        abstain_probability=0.0, skip_probability=0.0, listen_share_alpha=50, listen_share_beta=0.01
+    )
     population = Population(config, seed=2)
     rng = np.random.default_rng(2)
     agree = decisive = 0
@@ -189,7 +193,8 @@ def test_population_strongly_prefers_lively_bright_clean_music():
     assert np.mean(choices) > 0.72  # partial listens blur it a little
     heard_liked, heard_disliked = hear(liked), hear(disliked)
     full_listen = [
-        l.outcome_probabilities(l.utility_of(heard_liked), l.utility_of(heard_disliked)) for l in population
+        person.outcome_probabilities(person.utility_of(heard_liked), person.utility_of(heard_disliked))
+        for person in population
     ]
     assert np.mean([p["a"] / (p["a"] + p["b"]) for p in full_listen]) > 0.8
     assert population.mean_listener().utility(liked) > population.mean_listener().utility(disliked) + 2.0

@@ -15,7 +15,20 @@ pytestmark = pytest.mark.unit
 def test_listeners_command_writes_the_calibration_report(tmp_path):
     output = tmp_path / "listeners.json"
     result = CliRunner().invoke(
-        app, ["listeners", "--clips", "12", "--votes", "40", "--prompts", "1", "--temperature", "0.5", "--output", str(output)]
+        app,
+        [
+            "listeners",
+            "--clips",
+            "12",
+            "--votes",
+            "40",
+            "--prompts",
+            "1",
+            "--temperature",
+            "0.5",
+            "--output",
+            str(output),
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads(output.read_text())

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -124,7 +123,14 @@ def test_mix_of_apps_and_listeners_runs_headless_and_reports(serve, tmp_path):
     assert endpoints["POST /v1/generations"]["requests"] > 5
     assert endpoints["GET /v1/clips/{clip_id}/audio"]["requests"] >= 2
     assert endpoints["POST /v1/feedback"]["requests"] >= 1
-    for report in ("mix_stats.csv", "mix_stats_history.csv", "mix_failures.csv", "mix.html", "mix.png", "mix_summary.json"):
+    for report in (
+        "mix_stats.csv",
+        "mix_stats_history.csv",
+        "mix_failures.csv",
+        "mix.html",
+        "mix.png",
+        "mix_summary.json",
+    ):
         assert (tmp_path / report).stat().st_size > 0, report
 
     # Every vote reached the gateway, valid, from a simulated listener, on a pair it was given.
