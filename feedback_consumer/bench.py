@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -228,6 +229,8 @@ def plot_rates(results: dict, path: Path) -> Path:
 
 def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Path) -> dict:
     console = Console()
+    # SIGTERM (e.g. from `timeout`) must still run the `finally` that stops the private stack.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="musicrl-feedback-bench-") as tmp:
         workdir = Path(tmp)
         local = Stack(free_port_settings(workdir / "stack"), [c for c in COMPONENTS if c.name in ("seaweedfs", "tansu")])

@@ -8,7 +8,7 @@ import typer
 
 app = typer.Typer(no_args_is_help=True)
 
-SCHEMA_PATH = Path("docs/schemas/preference.v1.json")
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "schemas" / "preference.v1.json"
 
 
 @app.command()

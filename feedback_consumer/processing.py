@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
-from musicrl.buffer import newest_policy
+from musicrl.buffer import is_valid_policy_version, newest_policy
 from musicrl.schemas.generation import GenerationRecord
 from musicrl.schemas.preference import SCHEMA_ID, PreferenceEvent
 
@@ -118,6 +118,9 @@ def join_row(event: PreferenceEvent, record: GenerationRecord, message: Message)
     missing = [c for c, clip in ((event.clip_a_id, clip_a), (event.clip_b_id, clip_b)) if clip is None]
     if missing:
         return f"clip(s) {', '.join(missing)} do not belong to generation {event.generation_id}"
+    for clip in (clip_a, clip_b):
+        if not is_valid_policy_version(clip.policy_version):
+            return f"generation {event.generation_id} has an unusable policy version {clip.policy_version!r}"
     return {
         "event_id": event.event_id,
         "generation_id": event.generation_id,

@@ -45,7 +45,7 @@ class Benchmark:
                 code = subprocess.run(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
-        return {"name": self.name, "what": self.what, "command": " ".join(self.argv[2:]), "exit": code,
+        return {"name": self.name, "what": self.what, "command": " ".join(self.argv[3:]), "exit": code,
                 "seconds": round(time.monotonic() - started, 1), "results": self.results, "log": str(log_path)}
 
 
@@ -99,7 +99,7 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
         best = max(levels, key=lambda level: level.get("throughput_rps", 0), default={})
         return {"ratio_at_max_concurrency": data.get("ratio_at_max_concurrency"),
                 "baseline_rps": _get(data, "baseline_unbatched_in_process", "throughput_rps"),
-                "best_rps": best.get("throughput_rps"), "best_at_clients": best.get("clients"),
+                "best_rps": best.get("throughput_rps"), "best_at_concurrency": best.get("concurrency"),
                 "p95_ms_at_best": best.get("p95_ms")}
     if name == "hot_swap":
         return {key: data.get(key) for key in ("steady_p99_ms", "swap_p99_ms", "p99_ratio", "steady_failed", "swap_failed",
@@ -155,10 +155,10 @@ def run_suite(quick: bool, only: list[str] | None, timeout_s: float, log_dir: Pa
             continue
         if skip_existing and (ROOT / bench.results).is_file():
             progress(f"{bench.name}: keeping {bench.results} (--skip-existing)")
-            results.append({"name": bench.name, "what": bench.what, "command": " ".join(bench.argv[2:]), "exit": "kept",
+            results.append({"name": bench.name, "what": bench.what, "command": " ".join(bench.argv[3:]), "exit": "kept",
                             "seconds": 0.0, "results": bench.results, "log": "-"})
             continue
-        progress(f"running {bench.name}: {' '.join(bench.argv[2:])}")
+        progress(f"running {bench.name}: {' '.join(bench.argv[3:])}")
         row = bench.run(timeout_s, log_dir)
         progress(f"{bench.name}: exit {row['exit']} after {row['seconds']} s")
         results.append(row)

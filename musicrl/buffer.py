@@ -93,8 +93,16 @@ class SegmentRef:
         return segment_key(self.policy_version, self.partition, self.first_offset, self.last_offset)
 
 
+_POLICY_VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def is_valid_policy_version(version: str) -> bool:
+    """Policy versions become part of object keys: letters, digits, '.', '_' and '-' only."""
+    return bool(_POLICY_VERSION_RE.match(version))
+
+
 def segment_key(policy_version: str, partition: int, first_offset: int, last_offset: int) -> str:
-    if "/" in policy_version or not policy_version:
+    if not is_valid_policy_version(policy_version):
         raise ValueError(f"policy version {policy_version!r} cannot be part of an object key")
     return f"{SEGMENT_PREFIX}policy={policy_version}/partition={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
 

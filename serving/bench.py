@@ -231,6 +231,9 @@ def run_bench(config: BenchConfig) -> dict:
     baseline = latency_summary(
         baseline_before[0] + baseline_after[0], baseline_before[1] + baseline_after[1], audio_s, len(prompts)
     )
+    baseline["throughput_rps_before_and_after"] = [
+        round(len(latencies) / wall, 3) for latencies, wall in (baseline_before, baseline_after)
+    ]
     baseline["load_average_1m"] = round(os.getloadavg()[0], 2)
     log.info("bench.baseline", **baseline)
     for level in levels:

@@ -26,10 +26,12 @@ from tritonclient.utils import InferenceServerException
 
 from musicrl.audio import codec
 from musicrl.audio.formats import decode_audio
-from musicrl.models.generator import Generator, GeneratorConfig, save_generator
+from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 from musicrl.schemas.generation import GenerationRecord, generation_key
 from serving.app import create_app
+from musicrl.text import load_text_encoder
 from serving.model_repository import BatchingConfig, install_version, load
+from serving.services.generations import candidate_seeds
 from serving.settings import GatewaySettings
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +154,9 @@ def test_pairs_for_varied_prompts_decode_in_every_format(http, object_store, gat
     assert http.get(f"/v1/generations/{body['generation_id']}").json()["schema"] == "generation.v1"
 
 
-def test_triton_batches_concurrent_requests_and_rows_stay_independent(gateway_url, stack, served_model):
+def test_triton_batches_concurrent_requests_and_rows_stay_independent(
+    gateway_url, stack, served_model, generator_checkpoint
+):
     async def burst():
         async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
             solo = await client.post("/v1/generations", json={"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
@@ -177,6 +181,15 @@ def test_triton_batches_concurrent_requests_and_rows_stay_independent(gateway_ur
         ]
 
     assert tokens(solo) == tokens(responses[-1])
+
+    # And the served clip is what the checkpoint samples in-process for the same prompt and seed.
+    model, _ = load_generator(generator_checkpoint)
+    cond = torch.from_numpy(load_text_encoder("minilm").embed(["solo"]))
+    local = [
+        model.sample(cond, codec.frames_for(DURATION_S), temperature=0.99, seeds=[seed])[0][0].tolist()
+        for seed in candidate_seeds(11, 2)
+    ]
+    assert tokens(solo) == local
 
 
 def _batch_counts(client, model_name: str) -> dict[int, int]:

@@ -133,13 +133,17 @@ def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed):
 
     started = time.monotonic()
     consumer = ConsumerProcess(consumer_env(stack_env, settings), tmp_path / f"consumer-{name}.log")
-    notes = disrupt(consumer, rng)
-    deadline = time.monotonic() + 180
-    while not committed_everything(settings, ends):
-        assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.tail()}"
-        assert time.monotonic() < deadline, f"not done in time:\n{consumer.tail()}"
-        time.sleep(0.5)
-    assert consumer.terminate() == 0, f"graceful shutdown failed:\n{consumer.tail()}"
+    try:
+        notes = disrupt(consumer, rng)
+        deadline = time.monotonic() + 180
+        while not committed_everything(settings, ends):
+            assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.tail()}"
+            assert time.monotonic() < deadline, f"not done in time:\n{consumer.tail()}"
+            time.sleep(0.5)
+        assert consumer.terminate() == 0, f"graceful shutdown failed:\n{consumer.tail()}"
+    finally:
+        if consumer.proc is not None and consumer.proc.poll() is None:
+            consumer.kill()
     elapsed = time.monotonic() - started
 
     buffer = PreferenceBuffer(store, settings.bucket_buffer)

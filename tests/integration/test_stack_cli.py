@@ -31,6 +31,7 @@ def stack_env(tmp_path):
             if name.startswith("stack_") and value is not None
         },
         "MUSICRL_STACK_KAFKA_STORAGE": "s3",
+        "MUSICRL_STACK_SERVICES": "false",  # the servers only: the services' components are tested in tests/e2e
     }
     yield settings, env
     subprocess.run([*MUSICRL, "down"], env=env, capture_output=True, timeout=120)

@@ -104,6 +104,12 @@ def test_invalid_messages_are_dead_lettered_with_reason_and_original_payload():
     assert letters[6]["payload"] == unknown_generation.to_bytes().decode()
 
 
+def test_a_generation_with_an_unusable_policy_version_is_dead_lettered_not_stuck():
+    record = make_record(policy_versions=("1", "../../x"))
+    outcome = process_chunk([message(0, make_event(record))], set(), lookup_from(record), 0.5)
+    assert outcome.rows == [] and "unusable policy version" in outcome.dead_letters[0].reason
+
+
 def test_same_input_gives_the_same_outcome():
     record = make_record()
     events = [make_event(record) for _ in range(5)]
