@@ -115,7 +115,7 @@ def _finetune_overrides(pairs: list[str]) -> dict[str, str]:
 @app.command("closed-loop")
 def closed_loop_command(
     rounds: int = typer.Option(3, min=1, help="Rounds of collect -> finetune -> evaluate."),
-    pairs_per_round: int = typer.Option(200, min=4, help="Pairs the training listeners ask for per round."),
+    pairs_per_round: int = typer.Option(400, min=4, help="Pairs the training listeners ask for per round."),
     clip_s: float = typer.Option(5.0, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
     eval_prompts: int = typer.Option(48, min=1, help="Held-out prompts of the win-rate evaluation."),
     eval_samples: int = typer.Option(4, min=1, help="Paired samples per held-out prompt."),
@@ -149,7 +149,7 @@ def closed_loop_command(
     progress("starting a private stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)")
     with private_loop_stack(work_dir) as info:
         progress(f"stack up; gateway {info.gateway_url}, reward service {info.reward_url}")
-        results = run_closed_loop(info, config, work_dir, progress)
+        results = run_closed_loop(info, config, work_dir, progress, on_round=lambda partial: write_reports(partial, out_dir))
     for path in write_reports(results, out_dir):
         console.print(f"wrote {path}")
     typer.echo((out_dir / "closed_loop_table.md").read_text())

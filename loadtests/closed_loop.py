@@ -63,7 +63,7 @@ class ClosedLoopConfig:
     """Everything that defines a run (written into the results)."""
 
     rounds: int = 3
-    pairs_per_round: int = 200  # generation requests (pairs) listeners ask for per round
+    pairs_per_round: int = 400  # generation requests (pairs) listeners ask for per round
     clip_s: float = 5.0
     concurrency: int = 4  # listeners asking and voting at once
     listener_prompts: int = 200  # users' prompt pool (corpus "train" captions)
@@ -93,6 +93,7 @@ DEFAULT_FINETUNE: dict[str, Any] = {
     "finetune_torch_threads": 1,
     "finetune_recent_policies": 8,  # the reward model learns from every round's votes
     "finetune_rm_min_pairs": 40,
+    "finetune_heldout_fraction": 0.2,  # the reward model is published only if better than chance on these
     # The worker's reward-model defaults (lr 1e-4, 4 epochs) took 8 optimiser steps on 50 pairs and left the
     # model at its initialisation (train accuracy 0.43): RL then optimised noise.
     "finetune_rm_lr": 1e-3,
@@ -484,8 +485,13 @@ def run_round_cycle(info, settings, probe: bool) -> tuple[dict[str, Any], dict[s
     return record, swap_probe.summary(window), finished
 
 
-def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Progress = print) -> dict[str, Any]:
-    """K rounds of collect -> finetune -> evaluate on a running stack (see the module docstring)."""
+def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Progress = print,
+                    on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """K rounds of collect -> finetune -> evaluate on a running stack (see the module docstring).
+
+    ``on_round`` gets the results so far after every round (the CLI writes the reports each time,
+    so an interrupted run still leaves its finished rounds).
+    """
     from finetune_worker.rewards import make_reward_fn
     from finetune_worker.train import make_embed
     from musicrl.buffer import PreferenceBuffer
@@ -547,9 +553,15 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
             "elapsed_s": round(time.monotonic() - started, 1),
         }
         rounds.append(row)
+        if on_round is not None:
+            on_round(_summary(config, base_version, rounds, started))
         progress(f"round {round_index}: cycle {row['cycle']['status']}, serving {served}, win rate vs base "
                  f"{win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] ({win['wins']}-{win['losses']}-{win['ties']}), "
                  f"RM accuracy {rm.get('heldout_accuracy')}, KL {scores.get('kl')}, elapsed {row['elapsed_s']:.0f} s")
+    return _summary(config, base_version, rounds, started)
+
+
+def _summary(config: ClosedLoopConfig, base_version: str, rounds: list[dict[str, Any]], started: float) -> dict[str, Any]:
     final = rounds[-1]["win_rate"] or {}
     return {
         "experiment": "closed_loop", "config": asdict(config), "finetune_settings": config.finetune_overrides(),

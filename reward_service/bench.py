@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from musicrl.audio import formats
+from musicrl.audio import codec, formats
 from musicrl.corpus.dataset import make_corpus
 from musicrl.stack.processes import free_port
 from reward_service.settings import RewardSettings
@@ -80,16 +80,41 @@ def _items(config: BenchConfig, settings: RewardSettings) -> list[dict]:
             for r in records
         ]
     if config.source == "clip_id":
-        from musicrl.storage import ObjectStore
-
-        store = ObjectStore(settings)
-        items = []
-        for i, r in enumerate(records):
-            clip_id = f"{i:032x}"
-            store.put_bytes(settings.bucket_clips, f"clips/{clip_id}.wav", formats.encode_audio(r.render(), 16000), "audio/wav")
-            items.append({"prompt": r.caption, "clip_id": clip_id})
-        return items
+        return _store_like_the_gateway(records, settings)
     raise ValueError(f"unknown source {config.source!r}: tokens, audio_b64 or clip_id")
+
+
+def _store_like_the_gateway(records, settings: RewardSettings) -> list[dict]:
+    """Each clip as the gateway stores it: the WAV stamped with its generation, and the record with its tokens."""
+    import io
+    import uuid
+
+    from musicrl.schemas.generation import GenerationRecord, clip_audio_key, generation_key
+    from musicrl.storage import ObjectStore
+
+    store = ObjectStore(settings)
+    items = []
+    for record in records:
+        generation_id, clip_id = uuid.uuid4().hex, uuid.uuid4().hex
+        wav = formats.encode_audio(record.render(), 16000)
+        store.client.put_object(
+            settings.bucket_clips, clip_audio_key(clip_id), io.BytesIO(wav), len(wav),
+            content_type="audio/wav", metadata={"generation-id": generation_id},
+        )
+        duration_s = len(record.tokens) / codec.FRAME_RATE
+        generation = GenerationRecord(
+            generation_id=generation_id,
+            prompt=record.caption,
+            params={"duration_s": duration_s, "temperature": 0.99},
+            clips=[{
+                "clip_id": clip_id, "index": 0, "seed": record.seed, "policy_version": "1",
+                "tokens": record.tokens.tolist(), "logprobs": [0.0] * len(record.tokens), "duration_s": duration_s,
+                "sample_rate": 16000, "audio_key": clip_audio_key(clip_id),
+            }],
+        )
+        store.put_json(settings.bucket_generations, generation_key(generation_id), generation.to_json())
+        items.append({"prompt": record.caption, "clip_id": clip_id})
+    return items
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 
 from musicrl.models.generator import Generator, GeneratorConfig
 
@@ -78,3 +79,14 @@ class ParityReward:
             "quality": np.zeros(len(tokens)),
             "preference": (tokens % 3 == 0).mean(axis=1),
         }
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """One intra-op thread for the test: on a shared 2-core box two threads per process thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

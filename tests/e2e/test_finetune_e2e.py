@@ -122,9 +122,9 @@ def world(stack, object_store, tmp_path_factory):
         FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
         reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
         finetune_triton_repo=stack.triton_repo, finetune_text_encoder="minilm", finetune_torch_threads=1,
-        finetune_stage="U", finetune_steps=16, finetune_batch_size=8, finetune_duration_s=CLIP_S,
-        finetune_optimizer="adamw", finetune_policy_lr=5e-4, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
-        finetune_heldout_fraction=0.25, finetune_eval_prompts=12, finetune_corpus_captions=64,
+        finetune_stage="U", finetune_steps=10, finetune_batch_size=8, finetune_duration_s=CLIP_S,
+        finetune_optimizer="adamw", finetune_policy_lr=3e-4, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
+        finetune_heldout_fraction=0.25, finetune_eval_prompts=8, finetune_corpus_captions=64,
         finetune_rm_min_pairs=40, finetune_rm_lr=3e-4, finetune_rm_epochs=4,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.1, finetune_deploy_timeout_s=180.0,
     )

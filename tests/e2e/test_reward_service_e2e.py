@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 import uvicorn

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from finetune_helpers import TARGET_TOKEN, TokenFractionReward, embed, prompts_for, tiny_generator
+from finetune_helpers import TARGET_TOKEN, TokenFractionReward, embed, prompts_for, tiny_generator, one_thread  # noqa: F401 - fixture
 from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer, pairs_from_buffer
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _sampled_pairs(model, n_pairs=48, n_frames=12, temperature=0.99):

@@ -10,9 +10,9 @@ import torch
 
 from finetune_worker.trainers.base import NonFiniteError
 from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer, ValueModel, token_kl
-from finetune_helpers import TokenFractionReward, embed, prompts_for, tiny_generator
+from finetune_helpers import TokenFractionReward, embed, prompts_for, tiny_generator, one_thread  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _trainer(tmp_path=None, steps=30, alpha=0.001, **overrides):

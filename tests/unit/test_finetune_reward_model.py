@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from finetune_helpers import TokenFractionReward, embed, tiny_generator
+from finetune_helpers import TokenFractionReward, embed, tiny_generator, one_thread  # noqa: F401 - fixture
 from finetune_worker.reward_model import pairs_from_rows, single_reward_accuracy, train_reward_model
 from musicrl.models.preference import PreferenceTrainingConfig, load_preference_model
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _rows(n: int, seed: int) -> list[dict]:
