@@ -158,7 +158,7 @@ def eval_rewards_command(
     checkpoints: str = typer.Option("checkpoints", help="Directory with text_adherence/ and quality/."),
     results: str = typer.Option("results/models.json", help="Results file; only the keys codec, text_adherence, quality are replaced."),
     n_retrieval: int = typer.Option(200, help="Held-out clips in the caption-retrieval pool."),
-    n_quality: int = typer.Option(240, help="Held-out degraded clips for the quality correlation."),
+    n_quality: int = typer.Option(480, help="Held-out degraded clips for the quality correlation."),
     n_codec: int = typer.Option(20, help="Held-out clips for codec speed and round trip."),
     seed: int = typer.Option(0),
 ) -> None:

@@ -159,7 +159,7 @@ def evaluate_quality(n: int, seed: int, checkpoints: Path, results_dir: Path) ->
 
 
 def evaluate(checkpoints: Path = Path("checkpoints"), results: Path = Path("results/models.json"),
-             n_retrieval: int = 200, n_quality: int = 240, n_codec: int = 20, seed: int = 0) -> dict:
+             n_retrieval: int = 200, n_quality: int = 480, n_codec: int = 20, seed: int = 0) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
