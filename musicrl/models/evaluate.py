@@ -49,6 +49,8 @@ class GeneratorEvaluationConfig:
     duration_s: float = 10.0
     temperature: float = 0.99
     top_k: int = 0
+    # further (temperature, top_k) settings scored with the same probe and prompts
+    other_sampling: tuple[tuple[float, int], ...] = ((0.99, 20), (0.7, 0))
     batch_size: int = 16
     rtf_repeats: int = 5
     corpus_seed: int = 0
@@ -68,17 +70,25 @@ def _accuracy(predicted: np.ndarray, expected: list[str]) -> float:
     return float(np.mean(predicted == np.asarray(expected)))
 
 
+def _shuffled_accuracy(predicted: np.ndarray, requested: list[str], seed: int, repeats: int = 20) -> float:
+    """Accuracy against the attributes of other prompts: what a generator that ignores its prompt scores."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([_accuracy(predicted, list(rng.permutation(requested))) for _ in range(repeats)]))
+
+
 def _chance(expected: list[str], classes: list[str]) -> dict[str, float]:
     values, counts = np.unique(expected, return_counts=True)
     return {"uniform": 1.0 / len(classes), "majority": float(counts.max() / counts.sum()), "majority_class": str(values[counts.argmax()])}
 
 
-def _generate_audio(model: Generator, cond: np.ndarray, seeds: list[int], config: GeneratorEvaluationConfig, desc: str) -> list[np.ndarray]:
+def _generate_audio(model: Generator, cond: np.ndarray, seeds: list[int], config: GeneratorEvaluationConfig, desc: str,
+                    sampling: tuple[float, int] | None = None) -> list[np.ndarray]:
+    temperature, top_k = sampling or (config.temperature, config.top_k)
     n_frames = codec.frames_for(config.duration_s)
     waves = []
     for start in tqdm(range(0, len(seeds), config.batch_size), desc=desc, disable=not config.progress):
         chunk = slice(start, start + config.batch_size)
-        tokens, _ = model.sample(torch.from_numpy(cond[chunk]), n_frames, config.temperature, config.top_k, seeds[chunk])
+        tokens, _ = model.sample(torch.from_numpy(cond[chunk]), n_frames, temperature, top_k, seeds[chunk])
         waves += [codec.decode(row) for row in tokens.numpy()]
     return waves
 
@@ -103,16 +113,24 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
     showcase_seeds = [config.seed + i for i in range(config.n_showcase)]
     showcase = probe.predict(_features(_generate_audio(model, showcase_cond, showcase_seeds, config, "showcase"), "probe: showcase", config.progress))
 
-    rng = np.random.default_rng(config.seed)
+    other_sampling = {}
+    for temperature, top_k in config.other_sampling:
+        waves = _generate_audio(model, cond, seeds, config, f"generating T={temperature} k={top_k}", (temperature, top_k))
+        predicted = probe.predict(_features(waves, "probe: generated", config.progress))
+        other_sampling[f"temperature={temperature},top_k={top_k}"] = {
+            target: {"generated_accuracy": _accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts]),
+                     "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts], config.seed)}
+            for target in TARGETS
+        }
+
     targets = {}
     for target in TARGETS:
         requested = [labels_of(r.attributes)[target] for r in prompts]
-        shuffled = [_accuracy(generated[target], list(rng.permutation(requested))) for _ in range(20)]
         targets[target] = {
             "classes": probe.classes(target),
             "probe_accuracy_on_heldout_corpus": _accuracy(on_corpus[target], [labels_of(r.attributes)[target] for r in probe_test]),
             "generated_accuracy": _accuracy(generated[target], requested),
-            "generated_accuracy_shuffled_prompts": float(np.mean(shuffled)),
+            "generated_accuracy_shuffled_prompts": _shuffled_accuracy(generated[target], requested, config.seed),
             "chance": _chance(requested, probe.classes(target)),
         }
     return {
@@ -125,6 +143,7 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
         "temperature": config.temperature,
         "top_k": config.top_k,
         "targets": targets,
+        "other_sampling": other_sampling,
         "showcase": {
             "prompt": SHOWCASE_PROMPT,
             "n_clips": config.n_showcase,
@@ -193,19 +212,20 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     bars = [
-        ("probe on held-out corpus renders", "probe_accuracy_on_heldout_corpus", "#8c8c8c"),
-        ("generated, vs requested attribute", "generated_accuracy", "#1f77b4"),
-        ("generated, vs shuffled prompts", "generated_accuracy_shuffled_prompts", "#ff7f0e"),
+        ("probe on held-out corpus renders", [recovery["targets"][t]["probe_accuracy_on_heldout_corpus"] for t in TARGETS]),
+        (f"generated (T={recovery['temperature']}, top-k {recovery['top_k']})", [recovery["targets"][t]["generated_accuracy"] for t in TARGETS]),
     ]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for setting, scores in recovery.get("other_sampling", {}).items():
+        bars.append((f"generated ({setting})", [scores[t]["generated_accuracy"] for t in TARGETS]))
+    bars.append(("generated, vs shuffled prompts", [recovery["targets"][t]["generated_accuracy_shuffled_prompts"] for t in TARGETS]))
+    fig, ax = plt.subplots(figsize=(9, 5.6))
     x = np.arange(len(TARGETS))
-    width = 0.26
-    for i, (label, key, colour) in enumerate(bars):
-        values = [recovery["targets"][t][key] for t in TARGETS]
-        ax.bar(x + (i - 1) * width, values, width, label=label, color=colour)
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
     for j, target in enumerate(TARGETS):
         chance = recovery["targets"][target]["chance"]["majority"]
-        ax.hlines(chance, j - 1.5 * width, j + 1.5 * width, colors="k", linestyles="--", label="chance (majority class)" if j == 0 else None)
+        ax.hlines(chance, j - 0.4, j + 0.4, colors="k", linestyles="--", label="chance (majority class)" if j == 0 else None)
     ax.set_xticks(x, [f"{t}\n({len(recovery['targets'][t]['classes'])} classes)" for t in TARGETS])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
@@ -213,7 +233,7 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
         f"Attributes recovered from generated audio ({recovery['n_prompts']} held-out prompts)\n"
         f"generation RTF {rtf['rtf_generation_batch1']:.0f}x, decoding RTF {rtf['rtf_decoding']:.0f}x (1 thread, batch 1)"
     )
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

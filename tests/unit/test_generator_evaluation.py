@@ -33,7 +33,7 @@ def test_evaluation_of_an_untrained_generator(tmp_path):
     results.write_text(json.dumps({"codec": {"kept": True}}))
     config = GeneratorEvaluationConfig(
         checkpoint=checkpoint, results=results, plot=tmp_path / "recovery.png", n_probe_train=120, n_probe_test=40,
-        n_prompts=12, n_showcase=2, duration_s=4.0, rtf_repeats=1, progress=False,
+        n_prompts=12, n_showcase=2, duration_s=4.0, rtf_repeats=1, other_sampling=((0.99, 5),), progress=False,
     )
     evaluate_generator(config)
     written = json.loads(results.read_text())
@@ -44,6 +44,7 @@ def test_evaluation_of_an_untrained_generator(tmp_path):
         scores = recovery["targets"][target]
         assert 0.0 <= scores["generated_accuracy"] <= 1.0
         assert scores["chance"]["uniform"] == pytest.approx(1 / len(scores["classes"]))
+    assert set(recovery["other_sampling"]) == {"temperature=0.99,top_k=5"}
     # the probe itself hears the instrument of real corpus renders far above chance
     instrument = recovery["targets"]["instrument"]
     assert instrument["probe_accuracy_on_heldout_corpus"] > 2 * instrument["chance"]["majority"]
