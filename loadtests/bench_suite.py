@@ -101,9 +101,25 @@ def headline(name: str, data: dict[str, Any]) -> dict[str, Any]:
                 "baseline_rps": _get(data, "baseline_unbatched_in_process", "throughput_rps"),
                 "best_rps": best.get("throughput_rps"), "best_at_concurrency": best.get("concurrency"),
                 "p95_ms_at_best": best.get("p95_ms")}
+    if name == "rewards":
+        speedups = data.get("speedup_batched_over_one_by_one") or {}
+        batched = [p for p in data.get("summary_medians_over_rounds") or [] if p.get("mode") == "batched"]
+        best = max(batched, key=lambda p: p.get("clips_per_s", 0), default={})
+        return {**{f"speedup_batched_vs_one_by_one_at_{k}_clients": v for k, v in speedups.items()},
+                "best_batched_clips_per_s": best.get("clips_per_s"), "at_clients": best.get("clients"),
+                "mean_batch_size_there": best.get("mean_batch_size"), "p95_ms_there": best.get("latency_p95_ms")}
+    if name == "feedback":
+        bench = data.get("benchmark") or {}
+        return {"gateway_to_buffer_events_per_s": _get(bench, "end_to_end_gateway_to_buffer", "events_per_s"),
+                "consumer_events_per_s": _get(bench, "feedback_consumer", "events_per_s"),
+                "bare_kafka_python_events_per_s": _get(bench, "bare_kafka_python_consumer", "events_per_s"),
+                "consumer_vs_bare_ratio": bench.get("consumer_vs_bare_ratio"),
+                **{f"fault_{name}_buffer_exact": _get(data, "fault_tests", name, "buffer_exact")
+                   for name in (data.get("fault_tests") or {})}}
     if name == "hot_swap":
         return {key: data.get(key) for key in ("steady_p99_ms", "swap_p99_ms", "p99_ratio", "steady_failed", "swap_failed",
-                                               "requests", "preference_to_deployed_s", "buffer_landed_s", "deploy_s")}
+                                               "requests", "requests_during_swap", "preference_to_deployed_s", "buffer_landed_s",
+                                               "deploy_s", "round", "source")}
     return dict(list(_scalars(data).items())[:14])
 
 
@@ -144,6 +160,13 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"| {key} | {value} |" for key, value in row["headline"].items()]
         else:
             lines.append(f"No results (see {row['log']}).")
+    closed_loop = ROOT / "results" / "closed_loop.json"
+    if closed_loop.is_file():
+        final = json.loads(closed_loop.read_text())["final"]
+        lines += ["", "## closed loop (the headline experiment, not rerun by this suite)", "",
+                  f"`musicrl experiment closed-loop` -> `results/closed_loop_table.md`: final policy v{final.get('policy_version')}, "
+                  f"win rate against the base {final.get('win_rate')} (95% CI {final.get('ci_low')} to {final.get('ci_high')}) "
+                  "judged by held-out listeners; see docs/closed_loop.md."]
     return "\n".join(lines) + "\n"
 
 

@@ -514,6 +514,7 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
     base_scores = policy_rewards(base_dir, base_dir, config, embed, reward_fn)
     rounds: list[dict[str, Any]] = [{
         "round": 0, "policy_version": base_version, "preferences_total": 0, "win_rate": None,
+        "checkpoint_sha256": registry.manifest("generator", base_version).get("files", {}),
         "base_vs_base": sanity, "rewards": base_scores, "elapsed_s": round(time.monotonic() - started, 1),
     }]
     preferences_total = 0

@@ -15,9 +15,9 @@ other tests see none of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -28,7 +28,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from finetune_worker.cycle import FinetuneCycle
 from finetune_worker.deploy import Deployer
@@ -48,6 +47,7 @@ from reward_service.app import create_app as create_reward_app
 from reward_service.settings import RewardSettings
 from serving.app import create_app as create_gateway_app
 from serving.settings import GatewaySettings
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -56,29 +56,6 @@ CHECKPOINTS = ROOT / "checkpoints"
 TOKEN = "finetune-e2e-admin"
 N_GENERATIONS = 400
 CLIP_S = 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(app, ready_path: str):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert thread.is_alive() and time.monotonic() < deadline, f"{ready_path} never answered 200"
-        try:
-            if server.started and httpx.get(url + ready_path, timeout=5).status_code == 200:
-                return server, thread, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +82,10 @@ def world(stack, object_store, tmp_path_factory):
     reward_settings = stack.settings_for(RewardSettings, **{k: v for k, v in names.items() if k == "bucket_models"},
                                          reward_text_encoder="minilm", reward_admin_token=TOKEN, reward_poll_interval_s=0,
                                          reward_model_cache_dir=root / "reward-cache")
-    reward_server, reward_thread, reward_url = _serve(create_reward_app(reward_settings), "/readyz")
+    servers = contextlib.ExitStack()
+    reward_url = servers.enter_context(serve_in_thread(create_reward_app(reward_settings), "/readyz", timeout_s=180))
     gateway_settings = stack.settings_for(GatewaySettings, **names, gateway_text_encoder="minilm", gateway_store_timeout_s=10)
-    gateway_server, gateway_thread, gateway_url = _serve(create_gateway_app(gateway_settings), "/readyz")
+    gateway_url = servers.enter_context(serve_in_thread(create_gateway_app(gateway_settings), "/readyz", timeout_s=180))
 
     consumer_settings = stack.settings_for(ConsumerSettings, **{k: v for k, v in names.items() if k in ConsumerSettings.model_fields},
                                            consumer_group_id=f"ft-e2e-{tag}", consumer_session_timeout_ms=3000,
@@ -132,9 +110,7 @@ def world(stack, object_store, tmp_path_factory):
            "names": names, "root": root}
     consumer.stop()
     consumer_thread.join(timeout=30)
-    for server, thread in ((gateway_server, gateway_thread), (reward_server, reward_thread)):
-        server.should_exit = True
-        thread.join(timeout=30)
+    servers.close()
 
 
 def _collect_votes(gateway: str, n: int) -> Counter:

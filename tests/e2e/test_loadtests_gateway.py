@@ -7,14 +7,10 @@ every vote the listeners cast must arrive in the preferences topic, pseudonymise
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import uuid
 
 import pytest
 import torch
-import uvicorn
 from kafka import KafkaConsumer
 
 from loadtests.locust_runner import LocustRun, run_locust
@@ -23,16 +19,11 @@ from musicrl.schemas.preference import PreferenceEvent
 from serving.app import create_app
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.settings import GatewaySettings
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
 MODEL_NAME = "loadtests_e2e_generator"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +40,8 @@ def gateway(stack, object_store, tmp_path_factory):
     install_version(stack.triton_repo, 1, checkpoint, MODEL_NAME, batching)
     load(stack.triton_http_url, MODEL_NAME)
     settings = stack.settings_for(GatewaySettings, triton_model_name=MODEL_NAME)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", settings
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(settings)) as url:
+        yield url, settings
 
 
 def test_listeners_vote_through_the_real_gateway_into_kafka(gateway, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 import uuid
@@ -20,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from musicrl.audio import codec, formats
 from musicrl.corpus.dataset import make_corpus
@@ -34,18 +32,13 @@ from musicrl.schemas.generation import GenerationRecord
 from musicrl.storage import ObjectStore
 from reward_service.app import create_app
 from reward_service.settings import RewardSettings
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "e2e-admin-token"
 SMALL_AUDIO = AudioEncoderConfig(channels=(32, 48, 64), width=64)
 SMALL_PREFERENCE = GeneratorConfig(n_layers=2, n_heads=2, d_model=64, max_frames=256)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _checkpoint(root: Path, component: str, seed: int) -> Path:
@@ -91,23 +84,8 @@ def service_url(stack, registry, tmp_path_factory):
         reward_model_cache_dir=tmp_path_factory.mktemp("reward-cache"),
         reward_max_batch_size=16,
     )
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert thread.is_alive() and time.monotonic() < deadline, "the reward service did not become ready"
-        try:
-            if server.started and httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(settings), ready_path="/readyz") as url:
+        yield url
 
 
 @pytest.fixture()

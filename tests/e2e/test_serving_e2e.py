@@ -19,7 +19,6 @@ import pytest
 import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-import uvicorn
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 from tritonclient.utils import InferenceServerException
@@ -33,6 +32,7 @@ from musicrl.text import load_text_encoder
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.services.generations import candidate_seeds
 from serving.settings import GatewaySettings
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -94,17 +94,8 @@ def gateway_settings(stack, served_model, object_store) -> GatewaySettings:
 @pytest.fixture(scope="module")
 def gateway_url(gateway_settings):
     """The gateway on uvicorn in a thread, on a free port: real HTTP for httpx and for Chromium."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(gateway_settings), host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(gateway_settings)) as url:
+        yield url
 
 
 @pytest.fixture()
