@@ -16,6 +16,7 @@ from musicrl.config import ObjectStoreConfig, TritonConfig
 
 class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     reward_url: str = "http://127.0.0.1:8090"
+    """Base URL of the reward service that scores rollouts."""
     finetune_reward_admin_token: SecretStr | None = Field(None, description="Bearer token of the reward service's reload API.")
     finetune_reward: str | None = Field(
         None, description="Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr."
@@ -23,9 +24,13 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
 
     # Where the worker keeps its state: the run in progress, checkpoints, downloads.
     finetune_work_dir: Path = Path(".data/finetune")
+    """Worker state: the run in progress, checkpoints, downloads, archive of runs."""
     finetune_results_dir: Path = Path("results")
+    """Where reports are written."""
     finetune_triton_repo: Path = Path(".stack/triton/models")
+    """Triton model repository the worker deploys to (must be writable)."""
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
+    """Wait for Triton to load a deployed version, in seconds."""
     finetune_auto_deploy: bool = Field(True, description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).")
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
     finetune_metrics_host: str = Field("127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus).")
@@ -35,48 +40,70 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_mixed_precision: bool = Field(True, description="bf16 autocast; only ever used on CUDA.")
     finetune_nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun) for RL training.")
     finetune_text_encoder: str = "minilm"
+    """Prompt encoder (musicrl.text); must match the generator's."""
     finetune_torch_threads: int = Field(0, ge=0, description="Intra-op threads for training and evaluation (0: torch's default).")
 
     # RL: which trainer, which reward, how long
     finetune_trainer: Literal["reinforce", "dpo"] = "reinforce"
+    """RL trainer: `reinforce` or `dpo` (online DPO on the buffer's pairs)."""
     finetune_stage: Literal["R", "U", "RU"] = "U"
+    """Reward of the cycle: `R` (text adherence + quality), `U` (preference) or `RU` (preference, KL against the R policy)."""
     finetune_reference_version: str | None = Field(
         None, description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU)."
     )
     finetune_steps: int = Field(40, ge=1)
+    """Optimizer steps per cycle."""
     finetune_batch_size: int = Field(16, ge=1, description="Rollouts (or DPO pairs) per process per step.")
     finetune_alpha: float = Field(0.001, ge=0, lt=1, description="KL regularisation strength (the paper's).")
     finetune_policy_lr: float = Field(1e-4, gt=0, description="Paper: 1e-5 for MusicLM; x10 for the small default model.")
     finetune_value_lr: float = Field(1e-3, gt=0, description="Paper: 1e-4; x10 like the policy.")
     finetune_dpo_beta: float = Field(0.1, gt=0)
+    """DPO beta."""
     finetune_optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    """Optimizer of the policy, value and reward models: `adafactor` or `adamw`."""
     finetune_temperature: float = Field(0.99, gt=0)
+    """Sampling temperature of rollouts (the paper's)."""
     finetune_duration_s: float = Field(10.0, gt=0, description="Length of a rollout.")
     finetune_checkpoint_every: int = Field(5, ge=0)
+    """Steps between training checkpoints (0: none)."""
     finetune_seed: int = 0
+    """Seed of prompts, rollout seeds and splits."""
 
     # Prompts
     finetune_user_prompt_fraction: float = Field(0.5, ge=0, le=1)
+    """Share of rollout prompts taken from users (the rest from corpus captions)."""
     finetune_recent_policies: int = Field(2, ge=1, description="Buffer window: the newest policy versions read.")
     finetune_corpus_captions: int = Field(512, ge=0)
+    """Corpus captions in the prompt pool."""
     finetune_heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    """Held-out share of prompts and of reward-model pairs."""
     finetune_eval_prompts: int = Field(24, ge=1)
+    """Held-out prompts the evaluation gate scores."""
     finetune_eval_samples_per_prompt: int = Field(2, ge=1)
+    """Seeds per held-out prompt in the evaluation gate."""
 
     # Preference reward model
     finetune_train_reward_model: bool = True
+    """Train the preference reward model in U and RU cycles."""
     finetune_rm_min_pairs: int = Field(40, ge=2)
+    """Fewest training pairs to train a preference model; fewer keeps the current one."""
     finetune_rm_lr: float = Field(1e-4, gt=0)
+    """Learning rate of the preference reward model (the paper's)."""
     finetune_rm_epochs: int = Field(4, ge=1)
+    """Epochs of preference reward model training."""
     finetune_rm_batch_size: int = Field(32, ge=1)
+    """Pairs per batch of preference reward model training (the paper's)."""
 
     # Evaluation gate
     finetune_gate_min_reward_gain: float = 0.0
+    """Gate: the target reward must rise by more than this over the parent."""
     finetune_gate_max_kl: float = Field(50.0, gt=0, description="Nats per clip, against the reference policy.")
     finetune_gate_max_other_drop: float = Field(0.05, ge=0)
+    """Gate: most any other reward component may fall against the parent."""
 
     # Loop triggers and single flight
     finetune_trigger_min_preferences: int = Field(200, ge=1, description="New preferences on the current policy that start a cycle.")
     finetune_trigger_interval_s: float = Field(0.0, ge=0, description="Also start a cycle this long after the last one (0: data only).")
     finetune_poll_interval_s: float = Field(30.0, gt=0)
+    """How often `finetune loop` checks whether to start a cycle, in seconds."""
     finetune_lease_ttl_s: float = Field(120.0, gt=0, description="Lease expiry; renewed every step and every poll.")

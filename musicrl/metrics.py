@@ -14,7 +14,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_asgi_app, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -33,8 +41,17 @@ HTTP_LATENCY = Histogram(
 
 
 def mount_metrics(app: FastAPI, path: str = "/metrics", registry: CollectorRegistry = REGISTRY) -> None:
-    """Serve the Prometheus exposition of ``registry`` at ``path``."""
-    app.mount(path, make_asgi_app(registry=registry))
+    """Serve the Prometheus exposition of ``registry`` at ``path``.
+
+    A plain route rather than a mounted sub-app: a mount answers ``/metrics``
+    with a 307 redirect to ``/metrics/``.
+    """
+    from fastapi import Response
+
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route(path, metrics, methods=["GET"], include_in_schema=False)
 
 
 def _route_template(scope: dict[str, Any]) -> str:

@@ -13,13 +13,16 @@ from musicrl.schemas.scores import Component
 
 class RewardSettings(ObjectStoreConfig):
     reward_host: str = "127.0.0.1"
+    """Address `musicrl reward serve` binds."""
     reward_port: int = 8090
+    """Port `musicrl reward serve` listens on."""
 
     # Reward models come from the model registry (bucket_models), following the
     # `current` pointer of reward/text_adherence, reward/quality, reward/preference.
     reward_impl: str = Field("onnx", description="Reward model implementation: onnx, torch or tiny.")
     reward_text_encoder: str = Field("minilm", description="Prompt encoder name for musicrl.text.load_text_encoder.")
-    reward_model_cache_dir: Path = Path("~/.cache/musicrl/reward_models").expanduser()
+    reward_model_cache_dir: Path = Path(".data/reward_models")
+    """Local directory where reward model versions downloaded from the registry are kept."""
     reward_intra_op_threads: int = Field(
         1, ge=1, description="ONNX Runtime intra-op threads per session (CUDA is used when onnxruntime-gpu sees a GPU)."
     )
@@ -38,6 +41,7 @@ class RewardSettings(ObjectStoreConfig):
 
     # Combination of rewards when the request gives no weights.
     reward_default_weights: dict[Component, float] = {"text_adherence": 1.0, "quality": 1.0, "preference": 1.0}
+    """Weight of each reward component when the request gives no weights."""
 
     # Hot reload
     reward_admin_token: SecretStr | None = Field(

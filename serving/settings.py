@@ -60,8 +60,10 @@ class GatewaySettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
     # Feedback (``POST /v1/feedback``): the user id is replaced by HMAC-SHA256(key, user id).
     # The default key is for development only; production sets MUSICRL_GATEWAY_USER_HASH_KEY from a secret.
     gateway_user_hash_key: SecretStr = SecretStr("musicrl-dev-only-user-hash-key")
+    """HMAC key of the user pseudonym; set it from a secret in production (changing it changes every pseudonym)."""
     # Longest wait for the broker's ack (and for the first connection); then 503 with Retry-After.
     gateway_kafka_timeout_s: float = Field(5.0, gt=0)
+    """Wait for the broker's connection and ack of a feedback event, in seconds, before 503."""
 
     # Triton model configuration written by ``musicrl gateway install-model``.
     gateway_triton_max_batch_size: int = Field(16, ge=1, description="Triton max_batch_size of the generator.")

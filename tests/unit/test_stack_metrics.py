@@ -22,7 +22,9 @@ def test_instrumented_app_serves_metrics_by_route_template():
     client.get("/v1/items/b")
     client.get("/nowhere")
 
-    body = client.get("/metrics").text
+    response = client.get("/metrics", follow_redirects=False)
+    assert response.status_code == 200, "Prometheus should get the exposition directly, not a redirect"
+    body = response.text
     assert (
         'musicrl_http_requests_total{method="GET",route="/v1/items/{item_id}",service="unit-test",status="200"} 2.0'
         in body
