@@ -6,7 +6,8 @@ Order of a deploy, each step refusing to go on if the previous failed:
 2. verify the checkpoint: it loads, its vocabulary and text dimension match what
    serving sends, its weights are finite, and a smoke sample gives in-range
    tokens with finite log-probabilities;
-3. install it as ``<repo>/generator/<version>/`` (``serving.model_repository.install_version``);
+3. install it as ``<repo>/generator/<version>/`` (``serving.model_repository.install_version``;
+   ``<repo>`` is a local directory or an object-store ``s3://BUCKET/PREFIX``);
    newer version directories are moved aside (to ``<work_dir>/retired``) so that
    Triton's ``latest 1`` policy picks this version, which is also how a rollback works;
 4. ``load_model`` (explicit mode) and wait until this version is ready; Triton swaps
@@ -30,7 +31,7 @@ from musicrl.audio import codec
 from musicrl.logging import get_logger
 from musicrl.models.generator import load_generator
 from musicrl.registry import IntegrityError, Registry, RegistryError, verify_dir
-from serving.model_repository import install_version, installed_versions
+from serving.model_repository import export_version, install_version, installed_versions, remove_version, s3_repository
 
 log = get_logger(__name__)
 
@@ -75,7 +76,7 @@ class Deployer:
     def __init__(
         self,
         registry: Registry,
-        triton_repo: Path,
+        triton_repo: Path | str,
         triton_http_url: str,
         work_dir: Path,
         model_name: str = GENERATOR,
@@ -83,7 +84,8 @@ class Deployer:
         timeout_s: float = 300.0,
     ):
         self.registry = registry
-        self.triton_repo = Path(triton_repo)
+        # A str "s3://BUCKET/PREFIX" is an object-store repository (written with the registry's store).
+        self.triton_repo: Path | str = triton_repo if s3_repository(triton_repo) else Path(triton_repo)
         self.triton_http_url = triton_http_url.removeprefix("http://")
         self.work_dir = Path(work_dir)
         self.model_name = model_name
@@ -109,14 +111,13 @@ class Deployer:
         """Serve ``version`` (forward or back) and point the registry at it."""
         started = time.perf_counter()
         checkpoint = self.fetch_and_verify(version)
-        model_dir = self.triton_repo / self.model_name
         retired = self._retire_newer_than(int(version))
-        installed = install_version(self.triton_repo, version, checkpoint, model_name=self.model_name)
+        install_version(self.triton_repo, version, checkpoint, model_name=self.model_name, store=self.registry.store)
         try:
             self._load_and_wait(version)
         except Exception as exc:
-            shutil.rmtree(installed, ignore_errors=True)
-            self._restore(retired, model_dir)
+            remove_version(self.triton_repo, version, self.model_name, store=self.registry.store)
+            self._restore(retired)
             try:
                 self._load_and_wait(None)
             except Exception as restore_exc:  # noqa: BLE001 - report the original failure
@@ -132,20 +133,28 @@ class Deployer:
         return self.deploy(version)
 
     def _retire_newer_than(self, version: int) -> list[Path]:
-        model_dir = self.triton_repo / self.model_name
         moved = []
-        for newer in installed_versions(self.triton_repo, self.model_name):
+        store = self.registry.store
+        for newer in installed_versions(self.triton_repo, self.model_name, store=store):
             if newer > version:
                 target = self.work_dir / "retired" / self.model_name / f"{newer}-{time.time_ns()}"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(model_dir / str(newer)), target)
+                if isinstance(self.triton_repo, Path):
+                    shutil.move(str(self.triton_repo / self.model_name / str(newer)), target)
+                else:
+                    export_version(self.triton_repo, newer, target, self.model_name, store=store)
+                    remove_version(self.triton_repo, newer, self.model_name, store=store)
                 moved.append(target)
         return moved
 
-    @staticmethod
-    def _restore(retired: list[Path], model_dir: Path) -> None:
+    def _restore(self, retired: list[Path]) -> None:
         for path in retired:
-            shutil.move(str(path), model_dir / path.name.split("-", 1)[0])
+            version = path.name.split("-", 1)[0]
+            if isinstance(self.triton_repo, Path):
+                shutil.move(str(path), self.triton_repo / self.model_name / version)
+            else:
+                install_version(self.triton_repo, version, path, self.model_name, store=self.registry.store)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _load_and_wait(self, version: str | None) -> None:
         import tritonclient.http as httpclient  # noqa: PLC0415 - heavy import, only when deploying

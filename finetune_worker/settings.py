@@ -27,8 +27,8 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Worker state: the run in progress, checkpoints, downloads, archive of runs."""
     finetune_results_dir: Path = Path("results")
     """Where reports are written."""
-    finetune_triton_repo: Path = Path(".stack/triton/models")
-    """Triton model repository the worker deploys to (must be writable)."""
+    finetune_triton_repo: str | Path = Path(".stack/triton/models")
+    """Triton model repository the worker deploys to (must be writable): a local directory, or an object-store repository `s3://BUCKET/PREFIX` written through the `MUSICRL_S3_*` endpoint (Triton then reads `s3://http://HOST:PORT/BUCKET/PREFIX`)."""
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
     """Wait for Triton to load a deployed version, in seconds."""
     finetune_auto_deploy: bool = Field(True, description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).")

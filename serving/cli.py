@@ -38,7 +38,9 @@ def install_model(
         Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint directory."
     ),
     version: int = typer.Option(None, help="Policy version (default: one above the highest installed)."),
-    repo: Path = typer.Option(None, help="Triton model repository (default: the local stack's)."),
+    repo: str = typer.Option(
+        None, help="Triton model repository: a directory or s3://BUCKET/PREFIX (default: the local stack's)."
+    ),
     model_name: str = typer.Option(None, help="Triton model name (default MUSICRL_TRITON_MODEL_NAME)."),
     load: bool = typer.Option(True, help="Ask Triton to load the model after installing."),
 ) -> None:

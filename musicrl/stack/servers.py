@@ -143,13 +143,28 @@ def triton_env() -> dict[str, str]:
     }
 
 
-def triton_process(s: StackSettings) -> ManagedProcess:
-    repo = s.triton_repo
-    repo.mkdir(parents=True, exist_ok=True)
+def triton_process(s: StackSettings, repository: str | None = None) -> ManagedProcess:
+    """Triton on the ``stack_triton_*`` ports, explicit model control.
+
+    ``repository`` overrides ``s.triton_repo``; an ``s3://http://HOST:PORT/BUCKET/PREFIX``
+    repository is read with the stack's S3 credentials (``AWS_*`` from ``s3_access_key``,
+    ``s3_secret_key``, ``s3_region``).
+    """
+    env = triton_env()
+    if repository is None:
+        repo = s.triton_repo
+        repo.mkdir(parents=True, exist_ok=True)
+        repository = str(repo)
+    elif repository.startswith("s3://"):
+        env |= {
+            "AWS_ACCESS_KEY_ID": s.s3_access_key,
+            "AWS_SECRET_ACCESS_KEY": s.s3_secret_key,
+            "AWS_DEFAULT_REGION": s.s3_region,
+        }
     backends = assemble_python_backend(s.data_dir / "triton" / "backends")
     argv = [
         str(verified_path("tritonserver")),
-        f"--model-repository={repo}",
+        f"--model-repository={repository}",
         "--model-control-mode=explicit",
         f"--backend-directory={backends}",
         f"--http-address={s.stack_host}",
@@ -174,7 +189,7 @@ def triton_process(s: StackSettings) -> ManagedProcess:
             "grpc": s.stack_triton_grpc_port,
             "metrics": s.stack_triton_metrics_port,
         },
-        env=triton_env(),
+        env=env,
         cwd=s.data_dir,
         host=s.stack_host,
     )

@@ -120,7 +120,6 @@ def test_overlay_renders_every_component(docs):
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
-        "PersistentVolumeClaim",
         "StatefulSet",
         "Job",
         "ConfigMap",
@@ -419,23 +418,23 @@ def test_finetune_worker_is_single_flight(docs):
     assert "MUSICRL_FINETUNE_LEASE_TTL_S" in container_environment(docs, container)
 
 
-def test_finetune_worker_and_triton_share_the_model_repository(docs):
-    def mount(workload: str, container: str) -> tuple[str, dict]:
-        pod = pod_template(named(docs, "Deployment", workload))["spec"]
-        (spec,) = [c for c in pod["containers"] if c["name"] == container]
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        (repository,) = [m for m in spec["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]]
-        return repository["mountPath"], volumes[repository["name"]]["persistentVolumeClaim"]["claimName"]
+def test_finetune_worker_and_triton_share_the_object_store_model_repository(docs):
+    """Triton reads s3://http://<MUSICRL_S3_ENDPOINT>/<bucket>/<prefix>, where the worker writes s3://<bucket>/<prefix>."""
+    from serving.model_repository import s3_repository  # noqa: PLC0415
 
-    claim = named(docs, "PersistentVolumeClaim", "triton-model-repository")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    triton_path, triton_claim = mount("triton", "triton")
-    finetune_path, finetune_claim = mount("finetune", "finetune")
-    assert triton_claim == finetune_claim == "triton-model-repository"
-    triton_args = pod_template(named(docs, "Deployment", "triton"))["spec"]["containers"][0]["args"]
-    assert f"--model-repository={triton_path}" in triton_args
+    assert not by_kind(docs, "PersistentVolumeClaim")
     (finetune,) = pod_template(named(docs, "Deployment", "finetune"))["spec"]["containers"]
-    assert container_environment(docs, finetune)["MUSICRL_FINETUNE_TRITON_REPO"] == finetune_path
+    finetune_env = container_environment(docs, finetune)
+    repository = s3_repository(finetune_env["MUSICRL_FINETUNE_TRITON_REPO"])
+    assert repository is not None and repository.bucket == finetune_env["MUSICRL_BUCKET_MODELS"]
+    triton_pod = pod_template(named(docs, "Deployment", "triton"))["spec"]
+    (triton,) = [c for c in triton_pod["containers"] if c["name"] == "triton"]
+    assert f"--model-repository={repository.triton_url(finetune_env['MUSICRL_S3_ENDPOINT'])}" in triton["args"]
+    assert not any("persistentVolumeClaim" in v for v in triton_pod["volumes"])
+    credentials = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in triton["env"] if "valueFrom" in e}
+    assert credentials["AWS_ACCESS_KEY_ID"] == {"name": "musicrl-s3-credentials", "key": "MUSICRL_S3_ACCESS_KEY"}
+    assert credentials["AWS_SECRET_ACCESS_KEY"] == {"name": "musicrl-s3-credentials", "key": "MUSICRL_S3_SECRET_KEY"}
+    assert {"name": "AWS_DEFAULT_REGION", "value": finetune_env["MUSICRL_S3_REGION"]} in triton["env"]
 
 
 def ingress_peers(docs, pod_labels: dict, port: int) -> list[dict]:

@@ -91,3 +91,17 @@ def test_versions_are_positive_integers(tmp_path, checkpoint, version):
 def test_a_directory_without_weights_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a generator checkpoint"):
         install_version(tmp_path / "repo", 1, tmp_path)
+
+
+def test_one_rule_chooses_an_object_store_repository():
+    from pathlib import Path
+
+    from serving.model_repository import S3Repository, s3_repository
+
+    assert s3_repository("s3://musicrl-models/triton") == S3Repository("musicrl-models", "triton")
+    assert s3_repository("s3://bucket") == S3Repository("bucket", "")
+    assert s3_repository("s3://bucket/a/b/").key("generator", "2") == "a/b/generator/2"
+    assert S3Repository("musicrl-models", "triton").triton_url("minio:9000") == "s3://http://minio:9000/musicrl-models/triton"
+    assert s3_repository("/models") is None and s3_repository(Path("s3://x")) is None
+    with pytest.raises(ValueError):
+        s3_repository("s3://http://minio:9000/bucket")  # that is Triton's form, not the writer's
