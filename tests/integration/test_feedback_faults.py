@@ -117,7 +117,7 @@ def committed_everything(settings: ConsumerSettings, ends: dict[int, int]) -> bo
     return all(committed[p] is not None and committed[p] >= end for p, end in ends.items())
 
 
-def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed):
+def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed, consumer_overrides=None):
     """Produce the workload, run the consumer through ``disrupt``, check buffer and dead letters exactly."""
     tag = uuid.uuid4().hex[:8]
     settings = ConsumerSettings(**store_config, topic_preferences=f"prefs-{tag}", topic_dead_letter=f"prefs-{tag}.dlq",
@@ -132,7 +132,8 @@ def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed):
     ends = produce(settings, settings.topic_preferences, workload.messages)
 
     started = time.monotonic()
-    consumer = ConsumerProcess(consumer_env(stack_env, settings), tmp_path / f"consumer-{name}.log")
+    env = consumer_env(stack_env, settings) | (consumer_overrides or {})
+    consumer = ConsumerProcess(env, tmp_path / f"consumer-{name}.log")
     try:
         notes = disrupt(consumer, rng)
         deadline = time.monotonic() + 180
@@ -214,7 +215,12 @@ def test_broker_restart_mid_stream(tmp_path):
             restart(local, "tansu", down_s=2.0)
             return {"broker_restarted_after_chunks": consumer.events["chunk_durable"]}
 
-        counts = run_scenario("broker_restart", local.info.env(), store_fields(local.info.env()), restart_broker, tmp_path, seed=2)
+        # Small chunks and fetches keep the consumer busy for longer than the broker's stop and
+        # start: with the defaults an idle machine's consumer finished the stream during the stop.
+        slower = {"MUSICRL_CONSUMER_SEGMENT_MAX_EVENTS": "50", "MUSICRL_CONSUMER_MAX_POLL_RECORDS": "150",
+                  "MUSICRL_CONSUMER_MAX_PARTITION_FETCH_BYTES": "32768"}
+        counts = run_scenario("broker_restart", local.info.env(), store_fields(local.info.env()), restart_broker, tmp_path,
+                              seed=2, consumer_overrides=slower)
         assert counts["broker_restarted_after_chunks"] < counts["chunks_made_durable"], "the restart came after the stream"
     finally:
         local.down()
