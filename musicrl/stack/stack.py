@@ -147,21 +147,10 @@ def provision_buckets(s: StackSettings) -> None:
 
 
 def provision_topics(s: StackSettings) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
+    from musicrl.kafka import ensure_topics
 
-    admin = KafkaAdminClient(bootstrap_servers=StackInfo(s).kafka_bootstrap, request_timeout_ms=10000)
-    try:
-        existing = set(admin.list_topics())
-        wanted = [
-            NewTopic(name, num_partitions=s.topic_partitions, replication_factor=1)
-            for name in (s.topic_preferences, s.topic_dead_letter)
-            if name not in existing
-        ]
-        if wanted:
-            admin.create_topics(wanted)
-    finally:
-        admin.close()
+    # The stack's broker listens on stack_kafka_port, which kafka_bootstrap may not name yet.
+    ensure_topics(s.model_copy(update={"kafka_bootstrap": StackInfo(s).kafka_bootstrap}))
 
 
 BuildFn = Callable[[StackSettings], ManagedProcess]
