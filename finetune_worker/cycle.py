@@ -241,6 +241,7 @@ class FinetuneCycle:
         return {
             **common, "stage": s.finetune_stage, "alpha": s.finetune_alpha, "policy_lr": s.finetune_policy_lr,
             "value_lr": s.finetune_value_lr, "temperature": s.finetune_temperature,
+            "normalize_advantages": s.finetune_normalize_advantages,
             "n_frames": codec.frames_for(s.finetune_duration_s),
         }
 

@@ -1,6 +1,6 @@
 """``musicrl experiment ...``: load tests with simulated apps and listeners.
 
-Heavy imports (locust, numpy) stay inside the commands.
+Heavy imports (locust, torch) stay inside the commands.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+
+from loadtests.closed_loop import ClosedLoopConfig  # numpy and httpx: light enough for every command
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -114,12 +116,12 @@ def _finetune_overrides(pairs: list[str]) -> dict[str, str]:
 
 @app.command("closed-loop")
 def closed_loop_command(
-    rounds: int = typer.Option(3, min=1, help="Rounds of collect -> finetune -> evaluate."),
-    pairs_per_round: int = typer.Option(400, min=4, help="Pairs the training listeners ask for per round."),
-    clip_s: float = typer.Option(5.0, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
-    eval_prompts: int = typer.Option(48, min=1, help="Held-out prompts of the win-rate evaluation."),
-    eval_samples: int = typer.Option(4, min=1, help="Paired samples per held-out prompt."),
-    concurrency: int = typer.Option(4, min=1, help="Listeners asking and voting at once."),
+    rounds: int = typer.Option(ClosedLoopConfig.rounds, min=1, help="Rounds of collect -> finetune -> evaluate."),
+    pairs_per_round: int = typer.Option(ClosedLoopConfig.pairs_per_round, min=4, help="Pairs the training listeners ask for per round."),
+    clip_s: float = typer.Option(ClosedLoopConfig.clip_s, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
+    eval_prompts: int = typer.Option(ClosedLoopConfig.eval_prompts, min=1, help="Held-out prompts of the win-rate evaluation."),
+    eval_samples: int = typer.Option(ClosedLoopConfig.eval_samples, min=1, help="Paired samples per held-out prompt."),
+    concurrency: int = typer.Option(ClosedLoopConfig.concurrency, min=1, help="Listeners asking and voting at once."),
     seed: int = typer.Option(0, help="Seeds the populations, prompts and evaluation."),
     finetune: list[str] = typer.Option([], help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable."),
     out_dir: Path = typer.Option(Path("results"), help="Where closed_loop.json, _winrate.png and _table.md go."),
@@ -133,7 +135,7 @@ def closed_loop_command(
 
     from rich.console import Console
 
-    from loadtests.closed_loop import ClosedLoopConfig, private_loop_stack, run_closed_loop, write_reports
+    from loadtests.closed_loop import private_loop_stack, run_closed_loop, write_reports
 
     console = Console()
     config = ClosedLoopConfig(rounds=rounds, pairs_per_round=pairs_per_round, clip_s=clip_s, eval_prompts=eval_prompts,
@@ -159,7 +161,7 @@ def closed_loop_command(
 @app.command("demo")
 def demo_command(
     pairs: int = typer.Option(80, min=4, help="Pairs the simulated listeners ask for and judge."),
-    clip_s: float = typer.Option(5.0, help="Seconds of audio per clip."),
+    clip_s: float = typer.Option(ClosedLoopConfig.clip_s, help="Seconds of audio per clip."),
     seed: int = typer.Option(0, help="Seeds the listener population."),
 ) -> None:
     """One turn of the loop on the running stack (`musicrl stack up`): votes, buffer, finetune cycle, hot swap."""

@@ -69,6 +69,10 @@ class ReinforceConfig(TrainerArgs):
     optimizer: str = "adafactor"  # or "adamw"
     temperature: float = 0.99
     n_frames: int = 80  # clip length of a rollout in token frames (10 s at 8 frames/s)
+    # Divide the advantages by their batch standard deviation (as PPO implementations do): a Bradley-Terry
+    # model's scale is arbitrary and changes every time it is retrained, and without this the policy's step
+    # size and the weight of the KL term against the reward would change with it.
+    normalize_advantages: bool = False
     extra_metrics: list[str] = field(default_factory=lambda: ["text_adherence", "quality", "preference"])
 
     def __post_init__(self) -> None:
@@ -173,6 +177,8 @@ class ReinforceTrainer(OnlineTrainer):
         kl = token_kl(logits, ref_logits)  # [B, T]
         returns = reward.unsqueeze(1).expand_as(logprobs)  # sequence reward at the last token: sum_{i>=t} r_i = R
         advantages = (returns - values).detach()
+        if cfg.normalize_advantages and advantages.shape[0] > 1:
+            advantages = advantages / (advantages.std() + 1e-6)
 
         objective = (1 - cfg.alpha) * (logprobs * advantages).sum(1) - cfg.alpha * kl.sum(1)
         policy_loss = -objective.mean()

@@ -54,7 +54,9 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINTS = ROOT / "checkpoints"
 TOKEN = "finetune-e2e-admin"
-N_GENERATIONS = 400
+# ~700 decided votes, ~550 of them to train the reward model (offline: 300 pairs gave 58.5 % held-out accuracy,
+# 600 pairs 60.4 %, against 53.4 % for text adherence alone and 53.7 % for quality alone, on 1,700 pairs)
+N_GENERATIONS = 800
 CLIP_S = 3.0
 
 
@@ -96,13 +98,15 @@ def world(stack, object_store, tmp_path_factory):
     consumer_thread = threading.Thread(target=consumer.run, daemon=True)
     consumer_thread.start()
 
+    # Raw advantages: this 10-step cycle was tuned with them; with the (default) normalised ones one run's candidate
+    # lost reward on the gate's prompts and was rejected. The closed-loop experiment runs the default.
     finetune = stack.settings_for(
         FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
         reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
         finetune_triton_repo=stack.triton_repo, finetune_text_encoder="minilm", finetune_torch_threads=1,
         finetune_stage="U", finetune_steps=10, finetune_batch_size=8, finetune_duration_s=CLIP_S,
-        finetune_optimizer="adamw", finetune_policy_lr=3e-4, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
-        finetune_heldout_fraction=0.25, finetune_eval_prompts=8, finetune_corpus_captions=64,
+        finetune_optimizer="adamw", finetune_policy_lr=3e-4, finetune_normalize_advantages=False, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
+        finetune_heldout_fraction=0.2, finetune_eval_prompts=8, finetune_corpus_captions=64,
         finetune_rm_min_pairs=40, finetune_rm_lr=3e-4, finetune_rm_epochs=4,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.5, finetune_deploy_timeout_s=180.0,
     )
@@ -113,14 +117,62 @@ def world(stack, object_store, tmp_path_factory):
     servers.close()
 
 
+def _population() -> Population:
+    # A population that votes often and agrees more than real users do (temperature, spread), so that a
+    # few hundred votes are enough to train a reward model that beats the single-reward baselines.
+    return Population(ListenerConfig(size=50, abstain_probability=0.1, skip_probability=0.02, tie_probability=0.15,
+                                     listen_share_alpha=8.0, listen_share_beta=1.0, temperature=0.3, taste_spread=0.6), seed=7)
+
+
+def _prompts() -> list[str]:
+    return [r.caption for r in make_corpus(60, seed=3, split="train", duration_s=1.0)]
+
+
+def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
+    """Pairwise accuracy of each reward the service now serves, on fresh pairs from the same distribution.
+
+    The buffer's held-out split holds ~200 pairs (a standard error of ~3.5 points per accuracy); these
+    pairs are new clips of the base policy (the one the voters heard) with new votes of the same population,
+    so the comparison the paper makes (learned preference vs text adherence alone vs quality alone) has a
+    standard error of about 1.5 points. Scores come from the reward service over HTTP, with the published model.
+    """
+    import torch
+
+    from finetune_worker.reward_client import HttpRewardFunction
+    from musicrl.audio import codec
+    from musicrl.text import load_text_encoder
+
+    population, prompts = _population(), _prompts()
+    chosen = [prompts[i % len(prompts)] for i in range(n_pairs)]
+    model, _ = load_generator(CHECKPOINTS / "generator")
+    cond = torch.from_numpy(np.asarray(load_text_encoder("minilm").embed(chosen), dtype=np.float32))
+    frames, seeds = codec.frames_for(CLIP_S), [10_000_000 + i for i in range(2 * n_pairs)]
+    with torch.no_grad():
+        clips = [model.sample(cond, frames, 0.99, 0, seeds[k * n_pairs : (k + 1) * n_pairs])[0].numpy() for k in (0, 1)]
+    rng = np.random.default_rng(11)
+    decided = []
+    for i in range(n_pairs):
+        vote = population.sample(rng).judge(codec.decode(clips[0][i]), codec.decode(clips[1][i]), rng)
+        # the reward model trains only on pairs whose listener heard at least half of both clips
+        if vote.choice in ("a", "b") and min(vote.listen_a_s, vote.listen_b_s) >= 0.5 * CLIP_S:
+            decided.append((i, vote.choice == "a"))
+    index = [i for i, _ in decided]
+    reward = HttpRewardFunction(reward_url, components=["text_adherence", "quality", "preference"])
+    try:
+        scores = [reward([chosen[i] for i in index], clips[k][index]) for k in (0, 1)]
+    finally:
+        reward.close()
+    a_won = np.array([won for _, won in decided])
+    accuracy = {}
+    for name in ("preference", "text_adherence", "quality"):
+        margin = np.where(a_won, scores[0][name] - scores[1][name], scores[1][name] - scores[0][name])
+        accuracy[name] = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+    return {"n_decided_pairs": len(decided), "accuracy": accuracy, "preference_version": reward.versions.get("preference")}
+
+
 def _collect_votes(gateway: str, n: int) -> Counter:
     """Listeners hear both clips (downloaded through the gateway) and vote through POST /v1/feedback."""
-    # A population that votes often and agrees more than real users do (temperature, spread), so that a
-    # few hundred votes are enough to tell a learned reward model from the single-reward baselines.
-    population = Population(ListenerConfig(size=50, abstain_probability=0.1, skip_probability=0.02, tie_probability=0.15,
-                                           listen_share_alpha=8.0, listen_share_beta=1.0, temperature=0.3, taste_spread=0.6),
-                            seed=7)
-    prompts = [r.caption for r in make_corpus(60, seed=3, split="train", duration_s=1.0)]
+    population, prompts = _population(), _prompts()
     outcomes: Counter = Counter()
     lock = threading.Lock()
 
@@ -221,6 +273,7 @@ def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
         "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "n_heldout_decided", "heldout_accuracy",
                                                  "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
                                                  "heldout_accuracy_quality_only", "train_accuracy")},
+        "reward_model_fresh_heldout": _fresh_heldout_accuracies(world["reward"]),
         "cycle": {"status": record["status"], "reason": record.get("reason"), "candidate_version": record.get("candidate_version"),
                   "timings_s": record["timings_s"], "stage": record["stage"], "trainer": record["trainer"]},
         "train_last_step": record["train_history_last"],
@@ -241,11 +294,13 @@ def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
             shutil.copy(archive / "plots" / name, out / f"finetune_{name}")
 
     assert record["status"] == "deployed", record.get("reason")
-    # The reward model is trained, scored on held-out pairs next to the single-reward baselines (reported in
-    # results/finetune.json; with ~100 held-out pairs the comparison moves by several points between runs, so
-    # it is measured here, not asserted), published (above chance) and hot-loaded by the reward service.
-    assert rm["n_heldout_decided"] >= 50
-    assert all(0.0 <= rm[k] <= 1.0 for k in ("heldout_accuracy", "heldout_accuracy_text_adherence_only", "heldout_accuracy_quality_only"))
+    # The reward model is trained (above chance on the buffer's held-out split), published, hot-loaded by the
+    # reward service, and beats each single reward on 1,500+ fresh held-out pairs (the paper's ablation).
+    assert rm["n_heldout_decided"] >= 100 and rm["heldout_accuracy"] > 0.5
+    fresh = results["reward_model_fresh_heldout"]
+    assert fresh["preference_version"] == "2" and fresh["n_decided_pairs"] >= 1500
+    assert fresh["accuracy"]["preference"] > fresh["accuracy"]["text_adherence"], fresh
+    assert fresh["accuracy"]["preference"] > fresh["accuracy"]["quality"], fresh
     assert rm["published"] == world["registry"].current("reward/preference") == "2"
     assert record["gate"]["candidate"]["reward"] > record["gate"]["baseline"]["reward"]
     assert failed == [], failed[:5]

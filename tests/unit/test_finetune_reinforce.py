@@ -15,7 +15,16 @@ from finetune_helpers import TokenFractionReward, embed, prompts_for, tiny_gener
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
-def _trainer(tmp_path=None, steps=30, alpha=0.001, **overrides):
+class ScaledReward(TokenFractionReward):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def __call__(self, prompts, tokens):
+        return {name: self.scale * value for name, value in super().__call__(prompts, tokens).items()}
+
+
+def _trainer(tmp_path=None, steps=30, alpha=0.001, reward=None, **overrides):
     policy = tiny_generator()
     ref = copy.deepcopy(policy)
     overrides.setdefault("stage", "R")
@@ -23,7 +32,7 @@ def _trainer(tmp_path=None, steps=30, alpha=0.001, **overrides):
         steps=steps, batch_size=16, n_frames=12, alpha=alpha, policy_lr=3e-3, value_lr=1e-2,
         optimizer="adamw", checkpoint_every=5, **overrides,
     )
-    return ReinforceTrainer(config, policy, ref, TokenFractionReward(), prompts_for, embed, checkpoint_dir=tmp_path)
+    return ReinforceTrainer(config, policy, ref, reward or TokenFractionReward(), prompts_for, embed, checkpoint_dir=tmp_path)
 
 
 def test_reward_goes_up_and_kl_stays_bounded():
@@ -41,6 +50,17 @@ def test_stronger_kl_keeps_the_policy_closer_to_the_reference():
     loose = _trainer(steps=25, alpha=0.0).train().last["kl"]
     tight = _trainer(steps=25, alpha=0.5).train().last["kl"]
     assert tight < loose
+
+
+def test_normalized_advantages_make_the_kl_trade_off_independent_of_the_reward_scale():
+    def final_kl(scale: float, normalize: bool) -> float:
+        trainer = _trainer(steps=12, alpha=0.2, reward=ScaledReward(scale), normalize_advantages=normalize)
+        return trainer.train().last["kl"]
+
+    # raw advantages: a 1000x larger reward drowns the KL term and the policy runs far from the reference
+    assert final_kl(1000.0, normalize=False) > 3 * final_kl(1.0, normalize=False)
+    # normalised: the same reward up to scale gives the same trade-off
+    assert final_kl(1000.0, normalize=True) == pytest.approx(final_kl(1.0, normalize=True), rel=0.25)
 
 
 def test_token_kl_is_zero_for_identical_models_and_positive_otherwise():
