@@ -29,7 +29,9 @@ class RewardSettings(ObjectStoreConfig):
 
     # Micro-batching
     reward_max_batch_size: int = Field(32, ge=1, description="Most clips scored in one model call.")
-    reward_max_wait_ms: float = Field(5.0, ge=0, description="Longest a clip waits for others to join its batch.")
+    # 0: a batch is whatever queued while the previous one ran (the models gain little from
+    # larger batches on a CPU, so an idle worker waiting for company only adds latency).
+    reward_max_wait_ms: float = Field(0.0, ge=0, description="Longest a clip waits for others to join its batch.")
     reward_queue_max_items: int = Field(512, ge=1, description="Clips waiting to be scored before 429.")
     reward_retry_after_s: int = Field(1, ge=1, description="Retry-After header sent with 429.")
 

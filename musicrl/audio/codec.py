@@ -11,6 +11,8 @@ See docs/audio_tokens.md for the trade-offs.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -134,22 +136,67 @@ def _notes(tokens: np.ndarray) -> list[tuple[int, int, int]]:
     return events
 
 
+class _SegmentCache:
+    """Rendered event waveforms keyed by (token, samples), least recently used first out, bounded in bytes.
+
+    An event's samples depend only on its token and length (every note is rendered from its own
+    onset), and token sequences repeat notes, so decoding mostly copies cached segments. Shared by
+    the threads that decode, hence the lock.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._segments: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: int, n: int) -> np.ndarray:
+        key = (token, n)
+        with self._lock:
+            segment = self._segments.get(key)
+            if segment is not None:
+                self._segments.move_to_end(key)
+                return segment
+        segment = _render_event(token, n)
+        segment.setflags(write=False)
+        with self._lock:
+            if key not in self._segments and segment.nbytes <= self.max_bytes:
+                self._segments[key] = segment
+                self.bytes += segment.nbytes
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self._segments.popitem(last=False)[1].nbytes
+        return segment
+
+    def clear(self) -> None:
+        with self._lock:
+            self._segments.clear()
+            self.bytes = 0
+
+
+def _render_event(token: int, n: int) -> np.ndarray:
+    """The float32 samples, clipped to [-1, 1], of a note (with its release) or glitch lasting n samples."""
+    if token in GLITCH_TOKENS:
+        segment = synth.glitch_waves(SAMPLES_PER_FRAME)[GLITCH_TOKENS.index(token)][:n]
+    else:
+        note = token_note(token)
+        segment = synth.render_note(note.family, note.pitch, note.velocity == 0, 0, n)
+        segment[-RELEASE_SAMPLES:] *= synth._fade(RELEASE_SAMPLES)[::-1]
+    return np.clip(segment, -1.0, 1.0).astype(np.float32)
+
+
+# 32 MiB holds about a thousand typical notes (1 to 4 frames, 8 KiB a frame).
+SEGMENT_CACHE = _SegmentCache(max_bytes=32 * 2**20)
+
+
 def decode(tokens: np.ndarray) -> np.ndarray:
     """Render tokens to a mono float32 waveform in [-1, 1] of len(tokens) * SAMPLES_PER_FRAME samples."""
     tokens = _validate(tokens)
-    wave = np.zeros(len(tokens) * SAMPLES_PER_FRAME, dtype=np.float64)
-    release = synth._fade(RELEASE_SAMPLES)[::-1]
-    glitches = dict(zip(GLITCH_TOKENS, synth.glitch_waves(SAMPLES_PER_FRAME), strict=True))
+    wave = np.zeros(len(tokens) * SAMPLES_PER_FRAME, dtype=np.float32)
+    # Events never overlap, so clipping each one before placing it equals clipping the whole wave.
     for start, length, token in _notes(tokens):
         begin, n = start * SAMPLES_PER_FRAME, length * SAMPLES_PER_FRAME
-        if token in glitches:
-            wave[begin : begin + n] = glitches[token]
-            continue
-        note = token_note(token)
-        segment = synth.render_note(note.family, note.pitch, note.velocity == 0, 0, n)
-        segment[-RELEASE_SAMPLES:] *= release
-        wave[begin : begin + n] = segment
-    return np.clip(wave, -1.0, 1.0).astype(np.float32)
+        wave[begin : begin + n] = SEGMENT_CACHE.get(token, n)
+    return wave
 
 
 # ---------------------------------------------------------------- analysis

@@ -3,7 +3,7 @@ several apps (tests, the benchmark) can live in one process."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from reward_service.services.batcher import BatchStats
 from reward_service.services.models import ReloadResult
@@ -16,6 +16,8 @@ class RewardMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total and memory: the benchmark turns CPU seconds into a cost per clip.
+        ProcessCollector(registry=r)
         self.batch_size = Histogram(
             "musicrl_reward_batch_size", "Clips scored per model call", buckets=_BATCH_BUCKETS, registry=r
         )

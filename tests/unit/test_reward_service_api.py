@@ -483,3 +483,4 @@ def test_metrics_expose_batches_queue_and_latency(api):
     assert "musicrl_reward_queue_depth" in text
     assert 'musicrl_reward_request_seconds_count{route="/v1/scores",status="200"} 1.0' in text
     assert 'musicrl_reward_clips_scored_total{source="tokens"} 3.0' in text
+    assert "process_cpu_seconds_total" in text  # the benchmark's CPU cost per clip
