@@ -272,8 +272,11 @@ def _draw(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor
 # ---------------------------------------------------------------------- checkpoints
 
 
-def save_generator(model: Generator, directory: str | Path, meta: dict | None = None) -> Path:
-    """Write ``config.json``, ``weights.pt`` (state dict) and ``meta.json`` into ``directory``."""
+def write_checkpoint(model: nn.Module, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``config.json`` (``model.config``), ``weights.pt`` (state dict) and ``meta.json`` into ``directory``.
+
+    The format of every model built on :class:`GeneratorConfig` (the generator and the preference model).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
@@ -283,18 +286,26 @@ def save_generator(model: Generator, directory: str | Path, meta: dict | None = 
     return directory
 
 
-def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
-    """Load a checkpoint written by :func:`save_generator`; the model comes back in eval mode."""
+def read_checkpoint(directory: str | Path, build, kind: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``build(config)`` loaded from a :func:`write_checkpoint` directory, in eval mode, and its meta."""
     directory = Path(directory)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{directory} is not a generator checkpoint: missing {', '.join(missing)}")
-    config = GeneratorConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-    model = Generator(config)
+        raise FileNotFoundError(f"{directory} is not a {kind} checkpoint: missing {', '.join(missing)}")
+    model = build(GeneratorConfig(**json.loads((directory / CONFIG_FILE).read_text())))
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
     meta_path = directory / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return model.to(device).eval(), meta
+
+
+def save_generator(model: Generator, directory: str | Path, meta: dict | None = None) -> Path:
+    return write_checkpoint(model, directory, meta)
+
+
+def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+    """Load a checkpoint written by :func:`save_generator`; the model comes back in eval mode."""
+    return read_checkpoint(directory, Generator, "generator", device)
 
 
 # ---------------------------------------------------------------------- prompts to audio

@@ -24,7 +24,7 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from musicrl.audio import codec
-from musicrl.models.generator import Generator, GeneratorConfig
+from musicrl.models.generator import META_FILE, Generator, GeneratorConfig, read_checkpoint, write_checkpoint
 from musicrl.rewards.windowing import EDGE_WINDOW_S, edge_windows
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.pt"
-META_FILE = "meta.json"
 ONNX_FILE = "preference.onnx"
 DEFAULT_WINDOW_FRAMES = codec.frames_for(EDGE_WINDOW_S)
 
@@ -249,27 +246,14 @@ def train_preference_model(
 
 def save_preference_model(model: PreferenceRewardModel, directory: str | Path, meta: dict | None = None, export_onnx: bool = True) -> Path:
     """``config.json`` + ``weights.pt`` + ``meta.json`` (+ ``preference.onnx``) in ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2) + "\n")
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    torch.save(state, directory / WEIGHTS_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, sort_keys=True) + "\n")
+    directory = write_checkpoint(model, directory, meta)
     if export_onnx:
         export_preference_onnx(model, directory / ONNX_FILE)
     return directory
 
 
 def load_preference_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[PreferenceRewardModel, dict]:
-    directory = Path(directory)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{directory} is not a preference model checkpoint: missing {', '.join(missing)}")
-    model = PreferenceRewardModel(GeneratorConfig(**json.loads((directory / CONFIG_FILE).read_text())))
-    model.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-    meta_path = directory / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return model.to(device).eval(), meta
+    return read_checkpoint(directory, PreferenceRewardModel, "preference model", device)
 
 
 def export_preference_onnx(model: PreferenceRewardModel, path: str | Path, opset: int = 17) -> Path:
