@@ -139,22 +139,16 @@ class Deployer:
             if newer > version:
                 target = self.work_dir / "retired" / self.model_name / f"{newer}-{time.time_ns()}"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if isinstance(self.triton_repo, Path):
-                    shutil.move(str(self.triton_repo / self.model_name / str(newer)), target)
-                else:
-                    export_version(self.triton_repo, newer, target, self.model_name, store=store)
-                    remove_version(self.triton_repo, newer, self.model_name, store=store)
+                export_version(self.triton_repo, newer, target, self.model_name, store=store)
+                remove_version(self.triton_repo, newer, self.model_name, store=store)
                 moved.append(target)
         return moved
 
     def _restore(self, retired: list[Path]) -> None:
         for path in retired:
             version = path.name.split("-", 1)[0]
-            if isinstance(self.triton_repo, Path):
-                shutil.move(str(path), self.triton_repo / self.model_name / version)
-            else:
-                install_version(self.triton_repo, version, path, self.model_name, store=self.registry.store)
-                shutil.rmtree(path, ignore_errors=True)
+            install_version(self.triton_repo, version, path, self.model_name, store=self.registry.store)
+            shutil.rmtree(path, ignore_errors=True)
 
     def _load_and_wait(self, version: str | None) -> None:
         import tritonclient.http as httpclient  # noqa: PLC0415 - heavy import, only when deploying

@@ -131,43 +131,43 @@ def _prompts() -> list[str]:
 def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
     """Pairwise accuracy of each reward the service now serves, on fresh pairs from the same distribution.
 
-    The buffer's held-out split holds ~200 pairs (a standard error of ~3.5 points per accuracy); these
+    The buffer's held-out split holds ~120 pairs (a standard error of ~4.5 points per accuracy); these
     pairs are new clips of the base policy (the one the voters heard) with new votes of the same population,
-    so the comparison the paper makes (learned preference vs text adherence alone vs quality alone) has a
-    standard error of about 1.5 points. Scores come from the reward service over HTTP, with the published model.
+    kept by the worker's own listening filter, so the comparison the paper makes (learned preference vs text
+    adherence alone vs quality alone) has a standard error of about 1.5 points. Scores come from the reward
+    service over HTTP, with the published model.
     """
     import torch
 
     from finetune_worker.reward_client import HttpRewardFunction
+    from finetune_worker.reward_model import BufferPairs, listened_to_both, single_reward_accuracy
     from musicrl.audio import codec
+    from musicrl.models.preference import PreferencePair
     from musicrl.text import load_text_encoder
 
     population, prompts = _population(), _prompts()
     chosen = [prompts[i % len(prompts)] for i in range(n_pairs)]
     model, _ = load_generator(CHECKPOINTS / "generator")
-    cond = torch.from_numpy(np.asarray(load_text_encoder("minilm").embed(chosen), dtype=np.float32))
+    cond = np.asarray(load_text_encoder("minilm").embed(chosen), dtype=np.float32)
     frames, seeds = codec.frames_for(CLIP_S), [10_000_000 + i for i in range(2 * n_pairs)]
     with torch.no_grad():
-        clips = [model.sample(cond, frames, 0.99, 0, seeds[k * n_pairs : (k + 1) * n_pairs])[0].numpy() for k in (0, 1)]
+        a, b = (model.sample(torch.from_numpy(cond), frames, 0.99, 0, seeds[k * n_pairs : (k + 1) * n_pairs])[0].numpy()
+                for k in (0, 1))
     rng = np.random.default_rng(11)
-    decided = []
+    pairs, pair_prompts = [], []
     for i in range(n_pairs):
-        vote = population.sample(rng).judge(codec.decode(clips[0][i]), codec.decode(clips[1][i]), rng)
-        # the reward model trains only on pairs whose listener heard at least half of both clips
-        if vote.choice in ("a", "b") and min(vote.listen_a_s, vote.listen_b_s) >= 0.5 * CLIP_S:
-            decided.append((i, vote.choice == "a"))
-    index = [i for i, _ in decided]
+        vote = population.sample(rng).judge(codec.decode(a[i]), codec.decode(b[i]), rng)
+        heard = {"listen_a_frac": vote.listen_a_s / CLIP_S, "listen_b_frac": vote.listen_b_s / CLIP_S}
+        if vote.choice in ("a", "b") and listened_to_both(heard, min_listen_frac=0.5):
+            preferred, other = (a[i], b[i]) if vote.choice == "a" else (b[i], a[i])
+            pairs.append(PreferencePair(cond=cond[i], preferred=preferred, other=other))
+            pair_prompts.append(chosen[i])
     reward = HttpRewardFunction(reward_url, components=["text_adherence", "quality", "preference"])
     try:
-        scores = [reward([chosen[i] for i in index], clips[k][index]) for k in (0, 1)]
+        accuracy = single_reward_accuracy(BufferPairs(pairs, pair_prompts, []), reward, ("preference", "text_adherence", "quality"))
     finally:
         reward.close()
-    a_won = np.array([won for _, won in decided])
-    accuracy = {}
-    for name in ("preference", "text_adherence", "quality"):
-        margin = np.where(a_won, scores[0][name] - scores[1][name], scores[1][name] - scores[0][name])
-        accuracy[name] = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
-    return {"n_decided_pairs": len(decided), "accuracy": accuracy, "preference_version": reward.versions.get("preference")}
+    return {"n_decided_pairs": len(pairs), "accuracy": accuracy, "preference_version": reward.versions.get("preference")}
 
 
 def _collect_votes(gateway: str, n: int) -> Counter:
