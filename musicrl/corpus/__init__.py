@@ -5,11 +5,12 @@
 """
 
 from musicrl.corpus.attributes import (
-    DYNAMICS, GENRES, MODES, MOODS, REGISTERS, TEXTURES, Attributes, sample_attributes,
+    COUNTERFACTUAL_ATTRIBUTES, DYNAMICS, GENRES, LABELLED_ATTRIBUTES, MODES, MOODS, REGISTERS, TEXTURES, Attributes,
+    attribute_labels, change_attribute, sample_attributes,
 )
-from musicrl.corpus.dataset import SPLITS, Record, make_corpus, make_record, split_of
+from musicrl.corpus.dataset import SPLITS, Record, counterfactual_captions, make_corpus, make_record, split_of
 
 __all__ = [
-    "DYNAMICS", "GENRES", "MODES", "MOODS", "REGISTERS", "SPLITS", "TEXTURES", "Attributes", "Record",
-    "make_corpus", "make_record", "sample_attributes", "split_of",
+    "COUNTERFACTUAL_ATTRIBUTES", "DYNAMICS", "GENRES", "LABELLED_ATTRIBUTES", "MODES", "MOODS", "REGISTERS", "SPLITS", "TEXTURES", "Attributes", "Record",
+    "attribute_labels", "change_attribute", "counterfactual_captions", "make_corpus", "make_record", "sample_attributes", "split_of",
 ]

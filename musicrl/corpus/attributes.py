@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from musicrl.audio.codec import FAMILIES
 
@@ -33,6 +33,13 @@ MOOD_BPM = {
     "mysterious": (60, 96), "triumphant": (90, 130), "playful": (110, 150),
 }
 SLOW_BELOW, FAST_ABOVE = 80, 115  # BPM thresholds of the tempo words
+TEMPO_BPM = {"slow": (56, SLOW_BELOW - 1), "moderate": (SLOW_BELOW, FAST_ABOVE), "fast": (FAST_ABOVE + 1, 160)}
+TEMPOS = tuple(TEMPO_BPM)
+# Categorical attributes a model may be taught to read off a caption (the generator's attribute head).
+LABELLED_ATTRIBUTES = {"mode": MODES, "tempo": TEMPOS, "tonic": PITCH_CLASSES}
+# Attributes whose words move a caption's sentence embedding least (cosine ~0.98 when swapped):
+# the generator learns to follow them from counterfactual captions (corpus.counterfactual_captions).
+COUNTERFACTUAL_ATTRIBUTES = ("mode", "tempo")
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,22 @@ def sample_attributes(rng: random.Random) -> Attributes:
         dynamics="soft" if genre == "lullaby" and rng.random() < 0.7 else rng.choice(DYNAMICS),
         texture=rng.choice(TEXTURES),
     )
+
+
+def change_attribute(attributes: Attributes, name: str, rng: random.Random) -> Attributes:
+    """The same attribute set with `name` changed: the other mode, or a BPM in another tempo bucket."""
+    if name == "mode":
+        return replace(attributes, mode="minor" if attributes.mode == "major" else "major")
+    if name == "tempo":
+        low, high = TEMPO_BPM[rng.choice([t for t in TEMPO_BPM if t != attributes.tempo])]
+        return replace(attributes, bpm=rng.randint(low, high))
+    raise ValueError(f"no counterfactual for attribute {name!r}; choose from {COUNTERFACTUAL_ATTRIBUTES}")
+
+
+def attribute_labels(attributes: Attributes | dict, names: tuple[str, ...]) -> list[int]:
+    """Index of each named attribute's value in ``LABELLED_ATTRIBUTES`` (an Attributes or its ``to_dict()``)."""
+    unknown = set(names) - set(LABELLED_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"no labels for {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}")
+    values = attributes if isinstance(attributes, dict) else attributes.to_dict()
+    return [LABELLED_ATTRIBUTES[name].index(values[name]) for name in names]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from musicrl.audio import codec
-from musicrl.corpus.attributes import Attributes, sample_attributes
+from musicrl.corpus.attributes import COUNTERFACTUAL_ATTRIBUTES, Attributes, change_attribute, sample_attributes
 from musicrl.corpus.captions import caption
 from musicrl.corpus.composer import compose
 
@@ -40,9 +40,8 @@ def split_of(attributes: Attributes) -> str:
     return next(name for name, (low, high) in SPLITS.items() if low <= u < high)
 
 
-def make_record(index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0,
-                n_captions: int = 1) -> Record:
-    """Record `index` of (seed, split): the same arguments always give the same record."""
+def _draw_music(index: int, seed: int, split: str, duration_s: float) -> tuple[random.Random, Attributes, list[int], int]:
+    """The attribute set and tokens of record `index`, and its generator in the state its captions start from."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     rng = random.Random(f"musicrl-corpus:{seed}:{split}:{index}")
@@ -51,6 +50,13 @@ def make_record(index: int, seed: int = 0, split: str = "train", duration_s: flo
         if split_of(attributes) == split:
             break
     tokens, glitches = compose(attributes, codec.frames_for(duration_s), rng)
+    return rng, attributes, tokens, glitches
+
+
+def make_record(index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0,
+                n_captions: int = 1) -> Record:
+    """Record `index` of (seed, split): the same arguments always give the same record."""
+    rng, attributes, tokens, glitches = _draw_music(index, seed, split, duration_s)
     captions = [caption(attributes, rng) for _ in range(max(1, n_captions))]
     return Record(caption=captions[0], attributes=attributes.to_dict(), tokens=np.asarray(tokens, dtype=np.int64),
                   split=split, seed=seed, index=index, glitches=glitches, extra_captions=captions[1:])
@@ -62,3 +68,33 @@ def make_corpus(n: int, seed: int = 0, split: str = "train", duration_s: float =
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [make_record(i, seed, split, duration_s, n_captions) for i in range(start, start + n)]
+
+
+def counterfactual_captions(index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0, n_captions: int = 1,
+                            attributes: tuple[str, ...] = COUNTERFACTUAL_ATTRIBUTES) -> tuple[dict[str, Attributes], list[dict[str, str]]]:
+    """Record `index` with one attribute changed: the changed attribute sets, and each caption rephrased for them.
+
+    The arguments are those of the record's `make_record` call (the duration too: composing
+    draws from the generator the captions are phrased with). ``captions[k][name]`` is the
+    record's caption k with attribute ``name`` (one of ``COUNTERFACTUAL_ATTRIBUTES``) changed
+    to ``changed[name]``, every other word kept: a caption the record's music does not fit.
+    The generator is trained to find its clip less likely under it (``musicrl.models.train_generator``).
+    """
+    unknown = set(attributes) - set(COUNTERFACTUAL_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"no counterfactual for {sorted(unknown)}; choose from {COUNTERFACTUAL_ATTRIBUTES}")
+    rng, original, _, _ = _draw_music(index, seed, split, duration_s)
+    changed_rng = random.Random(f"musicrl-counterfactual:{seed}:{split}:{index}")
+    changed = {name: change_attribute(original, name, changed_rng) for name in attributes}
+    captions = []
+    for _ in range(max(1, n_captions)):
+        state = rng.getstate()
+        caption(original, rng)  # advances rng exactly as make_record does
+        captions.append({name: caption(variant, _replayed(state)) for name, variant in changed.items()})
+    return changed, captions
+
+
+def _replayed(state) -> random.Random:
+    rng = random.Random()
+    rng.setstate(state)
+    return rng

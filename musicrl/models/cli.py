@@ -17,23 +17,40 @@ def train_generator_command(
     batch_size: int = typer.Option(16, help="Whole clips per step."),
     start_batch_size: int = typer.Option(0, help="Clip openings per step (a conditioning-focused stage)."),
     start_frames: int = typer.Option(40, help="Length of a clip opening in frames."),
+    counterfactual_batch_size: int = typer.Option(0, help="Clip openings per step also scored under counterfactual captions (mode, tempo changed)."),
+    counterfactual_frames: int = typer.Option(80, help="Length of a counterfactual opening in frames."),
+    counterfactual_weight: float = typer.Option(1.0, help="Weight of the counterfactual loss."),
+    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of mode, tempo, tonic); empty: none."),
+    attribute_weight: float = typer.Option(1.0, help="Weight of the attribute head's auxiliary loss."),
+    min_learning_rate: float = typer.Option(1e-4, help="End of the cosine decay."),
     learning_rate: float = typer.Option(1e-3),
     warmup_steps: int = typer.Option(40),
     init_from: str = typer.Option("", help="Generator checkpoint to start from (second stage) instead of random weights."),
     seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="Torch intra-op threads."),
     resume: bool = typer.Option(True, help="Continue from the state in --work-dir when there is one."),
 ) -> None:
-    """Pretrain the generator on the procedural corpus (next-token cross-entropy, one CPU thread)."""
+    """Pretrain the generator on the procedural corpus (next-token cross-entropy, plus counterfactual captions if asked)."""
     import json
     from dataclasses import replace
     from pathlib import Path
 
     from musicrl.models.train_generator import GeneratorTrainingConfig, default_model_config, train_generator
 
-    model = replace(default_model_config(), d_model=d_model, n_layers=n_layers)
+    from musicrl.corpus import LABELLED_ATTRIBUTES
+
+    names = tuple(name.strip() for name in attribute_head.split(",") if name.strip())
+    unknown = set(names) - set(LABELLED_ATTRIBUTES)
+    if unknown:
+        raise typer.BadParameter(f"unknown attributes {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}", param_hint="--attribute-head")
+    model = replace(default_model_config(), d_model=d_model, n_layers=n_layers, attribute_names=names,
+                    attribute_sizes=tuple(len(LABELLED_ATTRIBUTES[name]) for name in names))
     config = GeneratorTrainingConfig(
         out_dir=Path(out_dir), work_dir=Path(work_dir), model=model, n_train=n_train, steps=steps, seed=seed,
         batch_size=batch_size, start_batch_size=start_batch_size, start_frames=start_frames, learning_rate=learning_rate,
+        counterfactual_batch_size=counterfactual_batch_size, counterfactual_frames=counterfactual_frames,
+        counterfactual_weight=counterfactual_weight, min_learning_rate=min_learning_rate, threads=threads,
+        attribute_weight=attribute_weight,
         warmup_steps=warmup_steps, init_from=Path(init_from) if init_from else None,
     )
     typer.echo(json.dumps(train_generator(config, resume=resume), indent=2))

@@ -96,3 +96,45 @@ def test_glitches_are_rare_and_counted():
 def test_captions_vary_for_one_attribute_set():
     record = make_record(0, seed=0, n_captions=6)
     assert len({record.caption, *record.extra_captions}) > 2
+
+
+@pytest.mark.parametrize("duration_s", [10.0, 30.0])
+def test_counterfactual_captions_change_one_attribute_and_keep_the_phrasing(duration_s):
+    from musicrl.corpus import COUNTERFACTUAL_ATTRIBUTES, counterfactual_captions
+    from musicrl.corpus.captions import TEMPO_WORDS
+
+    for index in range(40):
+        record = make_record(index, seed=2, split="train", duration_s=duration_s, n_captions=2)
+        changed, variants = counterfactual_captions(index, seed=2, split="train", duration_s=duration_s, n_captions=2)
+        assert changed["mode"].mode != record.attributes["mode"] and changed["tempo"].tempo != record.attributes["tempo"]
+        assert len(variants) == 2 and all(set(v) == set(COUNTERFACTUAL_ATTRIBUTES) for v in variants)
+        mode, other_mode = record.attributes["mode"], "minor" if record.attributes["mode"] == "major" else "major"
+        for original, changed in zip([record.caption, *record.extra_captions], variants, strict=True):
+            # the mode counterfactual is the caption with the mode word swapped, nothing else
+            assert changed["mode"] == original.replace(mode, other_mode)
+            # the tempo counterfactual differs only where the tempo is stated (a tempo word or the BPM)
+            assert changed["tempo"] != original
+            assert _without_tempo(changed["tempo"]) == _without_tempo(original)
+
+
+def _without_tempo(text: str) -> str:
+    import re
+
+    from musicrl.corpus.captions import TEMPO_WORDS
+
+    for word in sorted((w for words in TEMPO_WORDS.values() for w in words), key=len, reverse=True):
+        text = text.replace(word, "<tempo>")
+    return re.sub(r"\d+", "<bpm>", text)
+
+
+def test_changed_tempo_is_in_another_bucket():
+    from musicrl.corpus import change_attribute
+
+    rng = random.Random(0)
+    for _ in range(200):
+        attributes = sample_attributes(rng)
+        changed = change_attribute(attributes, "tempo", rng)
+        assert changed.tempo != attributes.tempo
+        assert changed.mode == attributes.mode and changed.instruments == attributes.instruments
+    with pytest.raises(ValueError, match="no counterfactual"):
+        change_attribute(attributes, "genre", rng)

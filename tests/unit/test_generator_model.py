@@ -174,3 +174,36 @@ def test_load_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a generator checkpoint"):
         load_generator(tmp_path)
 
+
+
+HEAD = {"attribute_names": ("mode", "tempo", "tonic"), "attribute_sizes": (2, 3, 12)}
+
+
+def test_an_added_attribute_head_starts_as_a_no_op_and_then_conditions(model):
+    with_head = Generator(GeneratorConfig(n_layers=2, n_heads=2, d_model=32, max_frames=64, **HEAD)).eval()
+    missing, unexpected = with_head.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and sorted(missing) == ["attribute_logits.bias", "attribute_logits.weight", "attribute_proj.bias", "attribute_proj.weight"]
+    tokens = torch.randint(0, codec.VOCAB_SIZE, (3, 10))
+    assert torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-5)
+    assert [g.shape for g in with_head.attribute_logits_of(conds(3))] == [(3, 2), (3, 3), (3, 12)]
+    with torch.no_grad():
+        with_head.attribute_proj.weight.normal_()
+    assert not torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-3)
+    # sampling goes through the same condition as teacher forcing
+    sampled, logprobs = with_head.sample(conds(2), 12, temperature=1.0, seeds=[1, 2])
+    assert torch.allclose(logprobs, with_head.logprobs(conds(2), sampled), atol=1e-4)
+
+
+def test_attribute_head_survives_a_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    net = Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=16, **HEAD)).eval()
+    loaded, _ = load_generator(save_generator(net, tmp_path / "head"))
+    assert loaded.config == net.config and loaded.config.attribute_sizes == (2, 3, 12)  # JSON lists back to tuples
+    assert torch.allclose(loaded.condition(conds(2)), net.condition(conds(2)))
+
+
+def test_attribute_head_config_is_validated():
+    with pytest.raises(ValueError, match="pair up"):
+        GeneratorConfig(attribute_names=("mode",), attribute_sizes=(2, 3))
+    with pytest.raises(ValueError, match="pair up"):
+        GeneratorConfig(attribute_names=("mode",), attribute_sizes=(1,))
