@@ -36,7 +36,8 @@ SLOW_BELOW, FAST_ABOVE = 80, 115  # BPM thresholds of the tempo words
 TEMPO_BPM = {"slow": (56, SLOW_BELOW - 1), "moderate": (SLOW_BELOW, FAST_ABOVE), "fast": (FAST_ABOVE + 1, 160)}
 TEMPOS = tuple(TEMPO_BPM)
 # Categorical attributes a model may be taught to read off a caption (the generator's attribute head).
-LABELLED_ATTRIBUTES = {"mode": MODES, "tempo": TEMPOS, "tonic": PITCH_CLASSES}
+LABELLED_ATTRIBUTES = {"mode": MODES, "tempo": TEMPOS, "tonic": PITCH_CLASSES,
+                       "key": tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASSES)}
 # Attributes whose words move a caption's sentence embedding least (cosine ~0.98 when swapped):
 # the generator learns to follow them from counterfactual captions (corpus.counterfactual_captions).
 COUNTERFACTUAL_ATTRIBUTES = ("mode", "tempo")

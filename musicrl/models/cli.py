@@ -20,7 +20,7 @@ def train_generator_command(
     counterfactual_batch_size: int = typer.Option(0, help="Clip openings per step also scored under counterfactual captions (mode, tempo changed)."),
     counterfactual_frames: int = typer.Option(80, help="Length of a counterfactual opening in frames."),
     counterfactual_weight: float = typer.Option(1.0, help="Weight of the counterfactual loss."),
-    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of mode, tempo, tonic); empty: none."),
+    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic); empty: none."),
     attribute_weight: float = typer.Option(1.0, help="Weight of the attribute head's auxiliary loss."),
     min_learning_rate: float = typer.Option(1e-4, help="End of the cosine decay."),
     learning_rate: float = typer.Option(1e-3),

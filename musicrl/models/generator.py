@@ -3,21 +3,26 @@
 nanoGPT-style (pre-LayerNorm blocks, fused QKV, GELU MLP, tied input/output
 embeddings), conditioned on a frozen sentence embedding of the caption:
 
-    condition(cond)   = cond_proj(cond) [+ attribute_proj(attribute_probs(cond))]
+    condition(cond)   = cond_proj(cond) [+ attribute_proj(p)]
     position 0 input  = bos + condition(cond)                  (the BOS is internal)
     position t input  = tok_emb(tokens[t-1]) + condition(cond)
     every position    += pos_emb[t]
+    logits[:, t]      = lm_head(ln_f(h_t)) [+ attribute_bias(p)]
 
 so ``logits[:, t]`` is the distribution of ``tokens[:, t]`` given the caption
 and ``tokens[:, :t]``. Adding the condition at every position (and not only as
 a prefix) keeps a tiny model from forgetting the prompt over a long clip.
 
-The optional attribute head reads named caption attributes (the mode, the
-tempo, the tonic) off the sentence embedding: one linear softmax classifier
-per attribute, trained with an auxiliary loss on the corpus's labels. Words
-like "minor" move a MiniLM embedding by ~2 % of its length, too little for the
-linear ``cond_proj`` to pick up from next-token loss, yet they are linearly
-decodable (>99 %); the head turns them into features as loud as the rest.
+The optional attribute head reads named caption attributes (the key, the
+tempo) off the sentence embedding: one linear softmax classifier per
+attribute, trained with an auxiliary loss on the corpus's labels; p are their
+probabilities, concatenated. Words like "minor" move a MiniLM embedding by ~2 %
+of its length, too little for the linear ``cond_proj`` to pick up from
+next-token loss (the pretrained model's first notes ignored the named key),
+yet they are linearly decodable (>99 %). The head makes them features as loud
+as the rest, and ``attribute_bias`` lets them shift the token distribution
+directly: with the key as one 24-way attribute, a linear bias can prefer the
+notes of that key's scale at every frame.
 
 Sampling runs one position at a time with a preallocated KV cache. Each row
 draws its uniforms from its own ``numpy.random.default_rng(seed)``, so a row's
@@ -138,6 +143,7 @@ class Generator(nn.Module):
         if config.attribute_sizes:
             self.attribute_logits = nn.Linear(config.text_dim, sum(config.attribute_sizes))
             self.attribute_proj = nn.Linear(sum(config.attribute_sizes), config.d_model)
+            self.attribute_bias = nn.Linear(sum(config.attribute_sizes), config.vocab_size)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -150,6 +156,7 @@ class Generator(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
         if config.attribute_sizes:  # a head added to a trained model starts as a no-op
             nn.init.zeros_(self.attribute_proj.weight)
+            nn.init.zeros_(self.attribute_bias.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -169,38 +176,42 @@ class Generator(nn.Module):
         """The attribute head's logits, one [B, size] tensor per attribute of ``config.attribute_names``."""
         return list(self.attribute_logits(cond).split(self.config.attribute_sizes, dim=-1))
 
-    def condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """What is added to every position's input [B, d_model]."""
+    def condition(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What is added to every position's input [B, d_model], and to every position's logits [B, V] (None without a head)."""
         emb = self.cond_proj(cond)
-        if self.config.attribute_sizes:
-            probs = torch.cat([logits.softmax(-1) for logits in self.attribute_logits_of(cond)], dim=-1)
-            emb = emb + self.attribute_proj(probs)
-        return emb
+        if not self.config.attribute_sizes:
+            return emb, None
+        probs = torch.cat([logits.softmax(-1) for logits in self.attribute_logits_of(cond)], dim=-1)
+        return emb + self.attribute_proj(probs), self.attribute_bias(probs)
+
+    def _logits(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``lm_head`` of last-layer states [B, V] or [B, T, V], plus the head's bias [B, V] when there is one."""
+        logits = self.lm_head(hidden)
+        return logits if bias is None else logits + (bias.unsqueeze(1) if logits.ndim == 3 else bias)
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def _inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Input embeddings for positions 0..T-1: BOS, then the tokens shifted right by one."""
+    def _hidden(self, cond: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last-layer states [B, T, d_model] (inputs: BOS, then the tokens shifted right by one) and the logit bias."""
+        self._check_inputs(cond, tokens)
         B, T = tokens.shape
         if T > self.config.max_frames:
             raise ValueError(f"{T} frames exceed max_frames={self.config.max_frames}")
-        cond_emb = self.condition(cond).unsqueeze(1)
+        cond_emb, bias = self.condition(cond)
         bos = self.bos.expand(B, 1, -1)
         x = torch.cat([bos, self.tok_emb(tokens[:, : T - 1])], dim=1) if T > 0 else bos[:, :0]
-        positions = torch.arange(T, device=tokens.device)
-        return self.drop(x + cond_emb + self.pos_emb(positions))
+        x = self.drop(x + cond_emb.unsqueeze(1) + self.pos_emb(torch.arange(T, device=tokens.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x), bias
 
     def hidden(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Last-layer states [B, T, d_model]; state t has seen the caption and tokens[:, :t]."""
-        self._check_inputs(cond, tokens)
-        x = self._inputs(cond, tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
+        return self._hidden(cond, tokens)[0]
 
     def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]``."""
-        return self.lm_head(self.hidden(cond, tokens))
+        return self._logits(*self._hidden(cond, tokens))
 
     def logprobs(self, cond: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
         """Log-probabilities [B, T] of ``tokens`` under the tempered, top-k-filtered policy (differentiable).
@@ -220,12 +231,12 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------ sampling
 
-    def _step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: KVCache, bias: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, V] for the next token after feeding one position ``x`` [B, 1, d_model]."""
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         cache.length += 1
-        return self.lm_head(self.ln_f(x[:, -1]))
+        return self._logits(self.ln_f(x[:, -1]), bias)
 
     @torch.no_grad()  # not inference_mode: the returned tokens must be usable in a later backward pass (RL)
     def sample(
@@ -265,10 +276,11 @@ class Generator(nn.Module):
         tokens = torch.empty(B, n_frames, dtype=torch.long, device=device)
         logprobs = torch.empty(B, n_frames, dtype=torch.float32, device=device)
         cache = KVCache(self.config, B, n_frames, device, self.bos.dtype)
-        cond_emb = self.condition(cond).unsqueeze(1)
+        cond_emb, bias = self.condition(cond)
+        cond_emb = cond_emb.unsqueeze(1)
         x = self.bos.expand(B, 1, -1) + cond_emb + self.pos_emb.weight[0]
         for t in range(n_frames):
-            logits = self._step(x, cache)
+            logits = self._step(x, cache, bias)
             tokens[:, t], logprobs[:, t] = _draw(logits, temperatures, top_ks, uniforms[:, t])
             if t + 1 < n_frames:
                 x = self.tok_emb(tokens[:, t : t + 1]) + cond_emb + self.pos_emb.weight[t + 1]

@@ -176,19 +176,24 @@ def test_load_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
 
 
 
-HEAD = {"attribute_names": ("mode", "tempo", "tonic"), "attribute_sizes": (2, 3, 12)}
+HEAD = {"attribute_names": ("key", "tempo"), "attribute_sizes": (24, 3)}
 
 
 def test_an_added_attribute_head_starts_as_a_no_op_and_then_conditions(model):
     with_head = Generator(GeneratorConfig(n_layers=2, n_heads=2, d_model=32, max_frames=64, **HEAD)).eval()
     missing, unexpected = with_head.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == ["attribute_logits.bias", "attribute_logits.weight", "attribute_proj.bias", "attribute_proj.weight"]
+    assert not unexpected and sorted(missing) == ["attribute_bias.bias", "attribute_bias.weight", "attribute_logits.bias", "attribute_logits.weight", "attribute_proj.bias", "attribute_proj.weight"]
     tokens = torch.randint(0, codec.VOCAB_SIZE, (3, 10))
     assert torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-5)
-    assert [g.shape for g in with_head.attribute_logits_of(conds(3))] == [(3, 2), (3, 3), (3, 12)]
+    assert [g.shape for g in with_head.attribute_logits_of(conds(3))] == [(3, 24), (3, 3)]
+    for layer in (with_head.attribute_proj, with_head.attribute_bias):  # each path alone conditions the logits
+        with torch.no_grad():
+            layer.weight.normal_()
+        assert not torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-3)
+        with torch.no_grad():
+            layer.weight.zero_()
     with torch.no_grad():
-        with_head.attribute_proj.weight.normal_()
-    assert not torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-3)
+        with_head.attribute_proj.weight.normal_(), with_head.attribute_bias.weight.normal_()
     # sampling goes through the same condition as teacher forcing
     sampled, logprobs = with_head.sample(conds(2), 12, temperature=1.0, seeds=[1, 2])
     assert torch.allclose(logprobs, with_head.logprobs(conds(2), sampled), atol=1e-4)
@@ -198,8 +203,8 @@ def test_attribute_head_survives_a_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
     net = Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=16, **HEAD)).eval()
     loaded, _ = load_generator(save_generator(net, tmp_path / "head"))
-    assert loaded.config == net.config and loaded.config.attribute_sizes == (2, 3, 12)  # JSON lists back to tuples
-    assert torch.allclose(loaded.condition(conds(2)), net.condition(conds(2)))
+    assert loaded.config == net.config and loaded.config.attribute_sizes == (24, 3)  # JSON lists back to tuples
+    assert all(torch.allclose(a, b) for a, b in zip(loaded.condition(conds(2)), net.condition(conds(2)), strict=True))
 
 
 def test_attribute_head_config_is_validated():
