@@ -35,9 +35,13 @@ MOOD_BPM = {
 SLOW_BELOW, FAST_ABOVE = 80, 115  # BPM thresholds of the tempo words
 TEMPO_BPM = {"slow": (56, SLOW_BELOW - 1), "moderate": (SLOW_BELOW, FAST_ABOVE), "fast": (FAST_ABOVE + 1, 160)}
 TEMPOS = tuple(TEMPO_BPM)
+BPM_BIN_WIDTH = 5
+BPM_BINS = tuple((low, min(low + BPM_BIN_WIDTH - 1, 160)) for low in range(56, 161, BPM_BIN_WIDTH))  # 56-60 .. 156-160
+BPM_BIN_CENTRES = tuple((low + high) / 2 for low, high in BPM_BINS)
 # Categorical attributes a model may be taught to read off a caption (the generator's attribute head).
 LABELLED_ATTRIBUTES = {"mode": MODES, "tempo": TEMPOS, "tonic": PITCH_CLASSES,
-                       "key": tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASSES)}
+                       "key": tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASSES),
+                       "bpm": tuple(f"{low}-{high}" for low, high in BPM_BINS)}
 # Attributes whose words move a caption's sentence embedding least (cosine ~0.98 when swapped):
 # the generator learns to follow them from counterfactual captions (corpus.counterfactual_captions).
 COUNTERFACTUAL_ATTRIBUTES = ("mode", "tempo")
@@ -109,4 +113,4 @@ def attribute_labels(attributes: Attributes | dict, names: tuple[str, ...]) -> l
     if unknown:
         raise ValueError(f"no labels for {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}")
     values = attributes if isinstance(attributes, dict) else attributes.to_dict()
-    return [LABELLED_ATTRIBUTES[name].index(values[name]) for name in names]
+    return [(values["bpm"] - BPM_BINS[0][0]) // BPM_BIN_WIDTH if name == "bpm" else LABELLED_ATTRIBUTES[name].index(values[name]) for name in names]

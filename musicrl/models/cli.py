@@ -20,7 +20,7 @@ def train_generator_command(
     counterfactual_batch_size: int = typer.Option(0, help="Clip openings per step also scored under counterfactual captions (mode, tempo changed)."),
     counterfactual_frames: int = typer.Option(80, help="Length of a counterfactual opening in frames."),
     counterfactual_weight: float = typer.Option(1.0, help="Weight of the counterfactual loss."),
-    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic); empty: none."),
+    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic, bpm; bpm adds the beat clock); empty: none."),
     attribute_weight: float = typer.Option(1.0, help="Weight of the attribute head's auxiliary loss."),
     min_learning_rate: float = typer.Option(1e-4, help="End of the cosine decay."),
     learning_rate: float = typer.Option(1e-3),
@@ -38,13 +38,15 @@ def train_generator_command(
     from musicrl.models.train_generator import GeneratorTrainingConfig, default_model_config, train_generator
 
     from musicrl.corpus import LABELLED_ATTRIBUTES
+    from musicrl.corpus.attributes import BPM_BIN_CENTRES
 
     names = tuple(name.strip() for name in attribute_head.split(",") if name.strip())
     unknown = set(names) - set(LABELLED_ATTRIBUTES)
     if unknown:
         raise typer.BadParameter(f"unknown attributes {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}", param_hint="--attribute-head")
     model = replace(default_model_config(), d_model=d_model, n_layers=n_layers, attribute_names=names,
-                    attribute_sizes=tuple(len(LABELLED_ATTRIBUTES[name]) for name in names))
+                    attribute_sizes=tuple(len(LABELLED_ATTRIBUTES[name]) for name in names),
+                    bpm_bins=BPM_BIN_CENTRES if "bpm" in names else ())
     config = GeneratorTrainingConfig(
         out_dir=Path(out_dir), work_dir=Path(work_dir), model=model, n_train=n_train, steps=steps, seed=seed,
         batch_size=batch_size, start_batch_size=start_batch_size, start_frames=start_frames, learning_rate=learning_rate,

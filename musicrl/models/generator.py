@@ -7,6 +7,7 @@ embeddings), conditioned on a frozen sentence embedding of the caption:
     position 0 input  = bos + condition(cond)                  (the BOS is internal)
     position t input  = tok_emb(tokens[t-1]) + condition(cond)
     every position    += pos_emb[t]
+    with a beat clock: position t input += clock_proj(phases of frame t at the caption's BPM)
     logits[:, t]      = lm_head(ln_f(h_t)) [+ attribute_bias(p)]
 
 so ``logits[:, t]`` is the distribution of ``tokens[:, t]`` given the caption
@@ -23,6 +24,12 @@ yet they are linearly decodable (>99 %). The head makes them features as loud
 as the rest, and ``attribute_bias`` lets them shift the token distribution
 directly: with the key as one 24-way attribute, a linear bias can prefer the
 notes of that key's scale at every frame.
+
+The optional beat clock gives every frame its phase within a half beat, a
+beat, two beats and a bar at the BPM the head reads off the caption (its
+expected value over BPM classes; training uses the clip's true BPM). Holding
+a steady beat then needs no counting of frames since the last onset: the
+pretrained model's onset rate followed the prompt, its inter-onset intervals did not.
 
 Sampling runs one position at a time with a preallocated KV cache. Each row
 draws its uniforms from its own ``numpy.random.default_rng(seed)``, so a row's
@@ -45,6 +52,7 @@ import torch.nn.functional as F
 
 from musicrl.audio import codec
 
+CLOCK_PERIODS_BEATS = (0.5, 1.0, 2.0, 4.0)  # the corpus's note lengths run from half a beat to a bar
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "meta.json"
@@ -63,6 +71,8 @@ class GeneratorConfig:
     # The attribute head (none by default): names of caption attributes and their number of values.
     attribute_names: tuple[str, ...] = ()
     attribute_sizes: tuple[int, ...] = ()
+    # The beat clock (off by default): BPM at the centre of each class of the head's "bpm" attribute.
+    bpm_bins: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -70,6 +80,10 @@ class GeneratorConfig:
         self.attribute_names, self.attribute_sizes = tuple(self.attribute_names), tuple(self.attribute_sizes)  # JSON gives lists
         if len(self.attribute_names) != len(self.attribute_sizes) or any(n < 2 for n in self.attribute_sizes):
             raise ValueError(f"attribute_names {self.attribute_names} and attribute_sizes {self.attribute_sizes} must pair up, 2+ values each")
+        self.bpm_bins = tuple(float(b) for b in self.bpm_bins)
+        sizes = dict(zip(self.attribute_names, self.attribute_sizes, strict=True))
+        if self.bpm_bins and sizes.get("bpm") != len(self.bpm_bins):
+            raise ValueError(f"the beat clock needs a 'bpm' attribute with {len(self.bpm_bins)} classes (one per bpm_bins), got {sizes}")
 
 
 class KVCache:
@@ -144,6 +158,9 @@ class Generator(nn.Module):
             self.attribute_logits = nn.Linear(config.text_dim, sum(config.attribute_sizes))
             self.attribute_proj = nn.Linear(sum(config.attribute_sizes), config.d_model)
             self.attribute_bias = nn.Linear(sum(config.attribute_sizes), config.vocab_size)
+        if config.bpm_bins:
+            self.register_buffer("bpm_bins", torch.tensor(config.bpm_bins), persistent=False)
+            self.clock_proj = nn.Linear(2 * len(CLOCK_PERIODS_BEATS), config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -184,6 +201,17 @@ class Generator(nn.Module):
         probs = torch.cat([logits.softmax(-1) for logits in self.attribute_logits_of(cond)], dim=-1)
         return emb + self.attribute_proj(probs), self.attribute_bias(probs)
 
+    def expected_bpm(self, cond: torch.Tensor) -> torch.Tensor:
+        """[B]: the BPM the head reads off each caption (expected value over its BPM classes)."""
+        logits = self.attribute_logits_of(cond)[self.config.attribute_names.index("bpm")]
+        return logits.softmax(-1) @ self.bpm_bins
+
+    def _clock(self, bpm: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, T, d_model]: the beat clock at frames ``positions`` [T] for BPMs [B]."""
+        beats = positions.float().unsqueeze(0) * bpm.unsqueeze(1) / (60.0 * codec.FRAME_RATE)
+        angles = 2 * math.pi * beats.unsqueeze(-1) / torch.tensor(CLOCK_PERIODS_BEATS, device=bpm.device)
+        return self.clock_proj(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
     def _logits(self, hidden: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``lm_head`` of last-layer states [B, V] or [B, T, V], plus the head's bias [B, V] when there is one."""
         logits = self.lm_head(hidden)
@@ -191,8 +219,11 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def _hidden(self, cond: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Last-layer states [B, T, d_model] (inputs: BOS, then the tokens shifted right by one) and the logit bias."""
+    def _hidden(self, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last-layer states [B, T, d_model] (inputs: BOS, then the tokens shifted right by one) and the logit bias.
+
+        ``bpm`` [B] sets the beat clock (training: the clips' true BPM); default: what the head reads off the caption.
+        """
         self._check_inputs(cond, tokens)
         B, T = tokens.shape
         if T > self.config.max_frames:
@@ -200,7 +231,11 @@ class Generator(nn.Module):
         cond_emb, bias = self.condition(cond)
         bos = self.bos.expand(B, 1, -1)
         x = torch.cat([bos, self.tok_emb(tokens[:, : T - 1])], dim=1) if T > 0 else bos[:, :0]
-        x = self.drop(x + cond_emb.unsqueeze(1) + self.pos_emb(torch.arange(T, device=tokens.device)))
+        positions = torch.arange(T, device=tokens.device)
+        x = x + cond_emb.unsqueeze(1) + self.pos_emb(positions)
+        if self.config.bpm_bins:
+            x = x + self._clock(self.expected_bpm(cond) if bpm is None else bpm, positions)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x), bias
@@ -209,9 +244,9 @@ class Generator(nn.Module):
         """Last-layer states [B, T, d_model]; state t has seen the caption and tokens[:, :t]."""
         return self._hidden(cond, tokens)[0]
 
-    def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]``."""
-        return self._logits(*self._hidden(cond, tokens))
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]`` (``bpm``: see ``_hidden``)."""
+        return self._logits(*self._hidden(cond, tokens, bpm))
 
     def logprobs(self, cond: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
         """Log-probabilities [B, T] of ``tokens`` under the tempered, top-k-filtered policy (differentiable).
@@ -278,12 +313,13 @@ class Generator(nn.Module):
         cache = KVCache(self.config, B, n_frames, device, self.bos.dtype)
         cond_emb, bias = self.condition(cond)
         cond_emb = cond_emb.unsqueeze(1)
-        x = self.bos.expand(B, 1, -1) + cond_emb + self.pos_emb.weight[0]
+        clock = self._clock(self.expected_bpm(cond), torch.arange(n_frames, device=device)) if self.config.bpm_bins else torch.zeros(B, n_frames, 1, device=device)
+        x = self.bos.expand(B, 1, -1) + cond_emb + self.pos_emb.weight[0] + clock[:, :1]
         for t in range(n_frames):
             logits = self._step(x, cache, bias)
             tokens[:, t], logprobs[:, t] = _draw(logits, temperatures, top_ks, uniforms[:, t])
             if t + 1 < n_frames:
-                x = self.tok_emb(tokens[:, t : t + 1]) + cond_emb + self.pos_emb.weight[t + 1]
+                x = self.tok_emb(tokens[:, t : t + 1]) + cond_emb + self.pos_emb.weight[t + 1] + clock[:, t + 1 : t + 2]
         return tokens, logprobs
 
     @staticmethod

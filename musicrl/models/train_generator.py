@@ -25,8 +25,12 @@ cross-entropy rose).
 Attribute head (``model.attribute_names``): the auxiliary loss is the
 cross-entropy of the head's classifiers against the corpus labels of every
 caption of the step (counterfactual ones too, with their changed labels). A
-head the run adds to a trained model is first fitted by logistic regression
-on the training captions, so the policy gets useful features from step 0.
+head the run adds to a trained model is first fitted in closed form, because
+a zero-initialised layer grows by at most the learning rate per Adam step (a
+logit bias of 3 nats would take thousands of steps): the classifiers by
+logistic regression on the training captions, the logit bias to the
+log-likelihood ratio of each token given each attribute value in the
+training clips, log p(token | value) - log p(token).
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ class CaptionedClips:
     counterfactuals: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [N, len(model.attribute_names)] int64, for the attribute head
     counterfactual_labels: torch.Tensor | None = None  # [N, len(COUNTERFACTUAL_ATTRIBUTES), len(attribute_names)]
+    bpm: torch.Tensor | None = None  # [N] float32: the clips' BPM, for a model with a beat clock
+    counterfactual_bpm: torch.Tensor | None = None  # [N, len(COUNTERFACTUAL_ATTRIBUTES)]
 
 
 def _embed(config: GeneratorTrainingConfig, captions: list[str], name: str) -> np.ndarray:
@@ -136,6 +142,8 @@ def load_split(config: GeneratorTrainingConfig, split: str, n: int, captions_per
     data = CaptionedClips(tokens, torch.from_numpy(_embed(config, captions, split)).view(n, captions_per_clip, -1))
     if names:
         data.labels = torch.tensor([attribute_labels(r.attributes, names) for r in records])
+    if config.model.bpm_bins:
+        data.bpm = torch.tensor([float(r.attributes["bpm"]) for r in records])
     if counterfactuals:
         variants = [counterfactual_captions(r.index, r.seed, split, config.duration_s, captions_per_clip) for r in records]
         changed = [phrasing[name] for _, phrasings in variants for phrasing in phrasings for name in COUNTERFACTUAL_ATTRIBUTES]
@@ -143,6 +151,8 @@ def load_split(config: GeneratorTrainingConfig, split: str, n: int, captions_per
         data.counterfactuals = vectors.view(n, captions_per_clip, len(COUNTERFACTUAL_ATTRIBUTES), -1)
         if names:
             data.counterfactual_labels = torch.tensor([[attribute_labels(attrs[name], names) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants])
+        if config.model.bpm_bins:
+            data.counterfactual_bpm = torch.tensor([[float(attrs[name].bpm) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants])
     return data
 
 
@@ -177,7 +187,30 @@ def fit_attribute_head(model: Generator, data: CaptionedClips) -> dict:
     with torch.no_grad():
         model.attribute_logits.weight.copy_(torch.from_numpy(np.concatenate(weights)))
         model.attribute_logits.bias.copy_(torch.from_numpy(np.concatenate(biases)))
+        model.attribute_bias.weight.copy_(token_log_likelihood_ratios(data, model.config.attribute_sizes, model.config.vocab_size).T)
+        model.attribute_bias.bias.zero_()
+        if model.config.bpm_bins:  # as loud as the position table the trained model already reads
+            model.clock_proj.weight.normal_(0.0, float(model.pos_emb.weight.std()))
     return accuracy
+
+
+def token_log_likelihood_ratios(data: CaptionedClips, sizes: tuple[int, ...], vocab_size: int, prior_frames: float = 100.0) -> torch.Tensor:
+    """[sum(sizes), V]: log p(token | attribute value) - log p(token) over the frames of the training clips.
+
+    p(token | value) is smoothed towards p(token) with ``prior_frames`` pseudo-frames, so a token never
+    played under a value gets log(prior_frames / (frames of that value + prior_frames)), not a boost.
+    """
+    frames = data.tokens.shape[1]
+    marginal = torch.bincount(data.tokens.flatten(), minlength=vocab_size).double() + 1.0
+    marginal = marginal / marginal.sum()
+    rows = []
+    for g, size in enumerate(sizes):
+        labels = data.labels[:, g].repeat_interleave(frames)
+        ones = torch.ones(labels.numel(), dtype=torch.float64)
+        counts = torch.zeros(size, vocab_size, dtype=torch.float64).index_put_((labels, data.tokens.flatten()), ones, accumulate=True)
+        conditional = (counts + prior_frames * marginal) / (counts.sum(dim=1, keepdim=True) + prior_frames)
+        rows.append((conditional / marginal).log())
+    return torch.cat(rows).float()
 
 
 def attribute_loss(model: Generator, cond: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +228,8 @@ def make_optimizer(model: Generator, config: GeneratorTrainingConfig) -> torch.o
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95))
 
 
-def next_token_loss(model: Generator, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(cond, tokens)
+def next_token_loss(model: Generator, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None) -> torch.Tensor:
+    logits = model(cond, tokens, bpm)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
@@ -207,6 +240,8 @@ class Batch:
     counterfactual_cond: torch.Tensor | None = None  # [B, A, text_dim]
     labels: torch.Tensor | None = None  # [B, G]
     counterfactual_labels: torch.Tensor | None = None  # [B, A, G]
+    bpm: torch.Tensor | None = None  # [B]: the beat clock's BPM (None: what the model reads off the caption)
+    counterfactual_bpm: torch.Tensor | None = None  # [B, A]
 
 
 def batches_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig) -> list[Batch]:
@@ -225,6 +260,9 @@ def batches_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig)
             if data.labels is not None:
                 batch.labels = data.labels[clips]
                 batch.counterfactual_labels = data.counterfactual_labels[clips] if counterfactual else None
+            if data.bpm is not None:
+                batch.bpm = data.bpm[clips]
+                batch.counterfactual_bpm = data.counterfactual_bpm[clips] if counterfactual else None
             batches.append(batch)
     return batches
 
@@ -234,7 +272,8 @@ def counterfactual_scores(model: Generator, batch: Batch) -> tuple[torch.Tensor,
     B, A, D = batch.counterfactual_cond.shape
     cond = torch.cat([batch.cond.unsqueeze(1), batch.counterfactual_cond], dim=1).reshape(B * (A + 1), D)
     tokens = batch.tokens.repeat_interleave(A + 1, dim=0)
-    logits = model(cond, tokens)
+    bpm = None if batch.bpm is None else torch.cat([batch.bpm.unsqueeze(1), batch.counterfactual_bpm], dim=1).reshape(-1)
+    logits = model(cond, tokens, bpm)
     logp = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").sum(-1)
     return logp.view(B, A + 1), logits.view(B, A + 1, *logits.shape[1:])[:, 0]
 
@@ -246,7 +285,7 @@ def batch_loss(model: Generator, batches: list[Batch], counterfactual_weight: fl
     conds, labels = [], []
     for batch in batches:
         if batch.counterfactual_cond is None:
-            logits = model(batch.cond, batch.tokens)
+            logits = model(batch.cond, batch.tokens, batch.bpm)
         else:
             scores, logits = counterfactual_scores(model, batch)
             margin = scores[:, :1] - scores[:, 1:]  # [B, A]: log-likelihood ratio of the true caption
@@ -336,11 +375,11 @@ def initial_model(config: GeneratorTrainingConfig) -> tuple[Generator, bool]:
     if config.init_from is None:
         return model, bool(config.model.attribute_names)
     initial, _ = load_generator(config.init_from)
-    without_head = {"attribute_names": (), "attribute_sizes": ()}
+    without_head = {"attribute_names": (), "attribute_sizes": (), "bpm_bins": ()}
     if initial.config != config.model and initial.config != replace(config.model, **without_head):
         raise ValueError(f"{config.init_from} has another model config than this run: {initial.config}")
     missing, unexpected = model.load_state_dict(initial.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("attribute_") for name in missing):
+    if unexpected or any(not name.startswith(("attribute_", "clock_proj")) for name in missing):
         raise ValueError(f"{config.init_from} does not fit this run's model: missing {missing}, unexpected {unexpected}")
     return model, bool(missing)
 

@@ -212,3 +212,23 @@ def test_attribute_head_config_is_validated():
         GeneratorConfig(attribute_names=("mode",), attribute_sizes=(2, 3))
     with pytest.raises(ValueError, match="pair up"):
         GeneratorConfig(attribute_names=("mode",), attribute_sizes=(1,))
+
+
+def test_beat_clock_follows_the_bpm_and_sampling_matches_teacher_forcing():
+    bins = (60.0, 90.0, 120.0)
+    torch.manual_seed(2)
+    net = Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=32, attribute_names=("bpm",), attribute_sizes=(3,), bpm_bins=bins)).eval()
+    with torch.no_grad():
+        net.clock_proj.weight.normal_()
+    tokens = torch.randint(0, codec.VOCAB_SIZE, (2, 20))
+    slow, fast = net(conds(2), tokens, torch.tensor([60.0, 60.0])), net(conds(2), tokens, torch.tensor([150.0, 150.0]))
+    assert torch.allclose(slow[:, 0], fast[:, 0], atol=1e-5)  # every clock starts at phase 0
+    assert not torch.allclose(slow[:, 1:], fast[:, 1:], atol=1e-3)
+    expected = net.expected_bpm(conds(2)).detach()
+    assert float(expected.min()) >= 60.0 and float(expected.max()) <= 120.0
+    # without a bpm the clock runs at the BPM the head reads off the caption, in sampling and in teacher forcing alike
+    assert torch.allclose(net(conds(2), tokens), net(conds(2), tokens, net.expected_bpm(conds(2))), atol=1e-6)
+    sampled, logprobs = net.sample(conds(2), 20, temperature=1.0, seeds=[3, 4])
+    assert torch.allclose(logprobs, net.logprobs(conds(2), sampled), atol=1e-4)
+    with pytest.raises(ValueError, match="beat clock needs a 'bpm' attribute"):
+        GeneratorConfig(attribute_names=("tempo",), attribute_sizes=(3,), bpm_bins=bins)

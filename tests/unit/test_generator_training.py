@@ -153,3 +153,17 @@ def test_a_run_adds_an_attribute_head_to_a_checkpoint_fitted_on_the_captions(tmp
     assert (trained.cond_proj.weight - start.cond_proj.weight).abs().max() < 0.1  # the trunk came from the checkpoint
     # a resumed run keeps the head-fit metrics of the run it continues
     assert train_generator(replace(config, steps=4))["mode_head_fit_accuracy"] == metrics["mode_head_fit_accuracy"]
+
+
+def test_token_log_likelihood_ratios_favour_what_each_attribute_value_plays():
+    from musicrl.models.train_generator import CaptionedClips, token_log_likelihood_ratios
+
+    # value 0 clips play token 10, value 1 clips token 20; token 30 is everywhere
+    tokens = torch.tensor([[10, 30, 10, 30], [10, 30, 30, 30], [20, 30, 20, 30], [20, 20, 30, 30]])
+    data = CaptionedClips(tokens, torch.zeros(4, 1, 8), labels=torch.tensor([[0], [0], [1], [1]]))
+    llr = token_log_likelihood_ratios(data, (2,), vocab_size=40, prior_frames=1.0)
+    assert llr.shape == (2, 40)
+    assert llr[0, 10] > llr[0, 30] > llr[0, 20] and llr[1, 20] > llr[1, 30] > llr[1, 10]
+    assert llr[0, 10] > 0.5 and llr[0, 20] < -1.5  # played twice as often as overall / never played under value 0
+    # a token no clip plays is not favoured by any value
+    assert (llr[:, 0] < 0).all()
