@@ -32,6 +32,8 @@ def train_generator_command(
 ) -> None:
     """Pretrain the generator on the procedural corpus (next-token cross-entropy, plus counterfactual captions if asked)."""
     import json
+    import shlex
+    import sys
     from dataclasses import replace
     from pathlib import Path
 
@@ -52,7 +54,7 @@ def train_generator_command(
         batch_size=batch_size, start_batch_size=start_batch_size, start_frames=start_frames, learning_rate=learning_rate,
         counterfactual_batch_size=counterfactual_batch_size, counterfactual_frames=counterfactual_frames,
         counterfactual_weight=counterfactual_weight, min_learning_rate=min_learning_rate, threads=threads,
-        attribute_weight=attribute_weight,
+        attribute_weight=attribute_weight, command=shlex.join(["musicrl", *sys.argv[1:]]),
         warmup_steps=warmup_steps, init_from=Path(init_from) if init_from else None,
     )
     typer.echo(json.dumps(train_generator(config, resume=resume), indent=2))
@@ -195,7 +197,7 @@ def evaluate_generator_command(
     checkpoint: str = typer.Option("checkpoints/generator"),
     results: str = typer.Option("results/models.json", help="Merged: keys 'generator' and 'attribute_recovery'."),
     plot: str = typer.Option("results/generator_attribute_recovery.png"),
-    n_prompts: int = typer.Option(150, help="Held-out corpus captions to generate from (single-instrument ones are kept)."),
+    n_prompts: int = typer.Option(400, help="Held-out corpus captions to generate from (single-instrument ones are kept)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Attribute recovery from generated audio and real-time factors; writes results/models.json and a PNG."""

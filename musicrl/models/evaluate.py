@@ -44,7 +44,7 @@ class GeneratorEvaluationConfig:
     plot: Path = Path("results/generator_attribute_recovery.png")
     n_probe_train: int = 600
     n_probe_test: int = 200
-    n_prompts: int = 150
+    n_prompts: int = 400  # ~330 single-instrument ones: a 95 % interval of about +-5 points
     n_showcase: int = 8
     duration_s: float = 10.0
     temperature: float = 0.99
@@ -68,6 +68,14 @@ def _features(waves, desc: str, progress: bool) -> dict[str, np.ndarray]:
 
 def _accuracy(predicted: np.ndarray, expected: list[str]) -> float:
     return float(np.mean(predicted == np.asarray(expected)))
+
+
+def _interval(predicted: np.ndarray, expected: list[str]) -> list[float]:
+    """Wilson 95 % interval of the accuracy."""
+    from scipy.stats import binomtest  # noqa: PLC0415
+
+    ci = binomtest(int(np.sum(predicted == np.asarray(expected))), len(expected)).proportion_ci(method="wilson")
+    return [float(ci.low), float(ci.high)]
 
 
 def _shuffled_accuracy(predicted: np.ndarray, requested: list[str], seed: int, repeats: int = 20) -> float:
@@ -119,6 +127,7 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
         predicted = probe.predict(_features(waves, "probe: generated", config.progress))
         other_sampling[f"temperature={temperature},top_k={top_k}"] = {
             target: {"generated_accuracy": _accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts]),
+                     "generated_accuracy_ci95": _interval(predicted[target], [labels_of(r.attributes)[target] for r in prompts]),
                      "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts], config.seed)}
             for target in TARGETS
         }
@@ -130,6 +139,7 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
             "classes": probe.classes(target),
             "probe_accuracy_on_heldout_corpus": _accuracy(on_corpus[target], [labels_of(r.attributes)[target] for r in probe_test]),
             "generated_accuracy": _accuracy(generated[target], requested),
+            "generated_accuracy_ci95": _interval(generated[target], requested),
             "generated_accuracy_shuffled_prompts": _shuffled_accuracy(generated[target], requested, config.seed),
             "chance": _chance(requested, probe.classes(target)),
         }
@@ -211,18 +221,24 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    def generated(scores: dict) -> tuple[list[float], list[list[float]]]:
+        """Accuracies and their error-bar lengths below and above."""
+        values = [scores[t]["generated_accuracy"] for t in TARGETS]
+        return values, [[v - scores[t]["generated_accuracy_ci95"][0] for t, v in zip(TARGETS, values)],
+                        [scores[t]["generated_accuracy_ci95"][1] - v for t, v in zip(TARGETS, values)]]
+
     bars = [
-        ("probe on held-out corpus renders", [recovery["targets"][t]["probe_accuracy_on_heldout_corpus"] for t in TARGETS]),
-        (f"generated (T={recovery['temperature']}, top-k {recovery['top_k']})", [recovery["targets"][t]["generated_accuracy"] for t in TARGETS]),
+        ("probe on held-out corpus renders", [recovery["targets"][t]["probe_accuracy_on_heldout_corpus"] for t in TARGETS], None),
+        (f"generated (T={recovery['temperature']}, top-k {recovery['top_k']})", *generated(recovery["targets"])),
     ]
     for setting, scores in recovery.get("other_sampling", {}).items():
-        bars.append((f"generated ({setting})", [scores[t]["generated_accuracy"] for t in TARGETS]))
-    bars.append(("generated, vs shuffled prompts", [recovery["targets"][t]["generated_accuracy_shuffled_prompts"] for t in TARGETS]))
+        bars.append((f"generated ({setting})", *generated(scores)))
+    bars.append(("generated, vs shuffled prompts", [recovery["targets"][t]["generated_accuracy_shuffled_prompts"] for t in TARGETS], None))
     fig, ax = plt.subplots(figsize=(9, 5.6))
     x = np.arange(len(TARGETS))
     width = 0.8 / len(bars)
-    for i, (label, values) in enumerate(bars):
-        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+    for i, (label, values, errors) in enumerate(bars):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=label)
     for j, target in enumerate(TARGETS):
         chance = recovery["targets"][target]["chance"]["majority"]
         ax.hlines(chance, j - 0.4, j + 0.4, colors="k", linestyles="--", label="chance (majority class)" if j == 0 else None)
@@ -230,7 +246,7 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title(
-        f"Attributes recovered from generated audio ({recovery['n_prompts']} held-out prompts)\n"
+        f"Attributes recovered from generated audio ({recovery['n_prompts']} held-out prompts, 95 % intervals)\n"
         f"generation RTF {rtf['rtf_generation_batch1']:.0f}x, decoding RTF {rtf['rtf_decoding']:.0f}x (1 thread, batch 1)"
     )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)

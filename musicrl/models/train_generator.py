@@ -90,6 +90,7 @@ class GeneratorTrainingConfig:
     seed: int = 0
     threads: int = 1
     progress: bool = True
+    command: str | None = None  # the command line that ran it, recorded in meta.json
 
     @property
     def duration_s(self) -> float:
@@ -98,7 +99,7 @@ class GeneratorTrainingConfig:
     def fingerprint(self) -> str:
         """What a resumed run must share with the run it continues."""
         keys = asdict(self)
-        for volatile in ("out_dir", "work_dir", "checkpoint_every", "eval_every", "threads", "progress", "steps"):
+        for volatile in ("out_dir", "work_dir", "checkpoint_every", "eval_every", "threads", "progress", "steps", "command"):
             keys.pop(volatile)
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -447,12 +448,25 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
         "parameters": model.num_parameters(),
         "train_seconds_this_run": round(time.perf_counter() - started, 1),
     }
-    meta = {
-        "version": "1",
+    parent = load_generator(config.init_from)[1] if config.init_from else {}
+    save_generator(model.eval(), config.out_dir, checkpoint_meta(parent, metrics, config))
+    return metrics
+
+
+def checkpoint_meta(parent: dict, metrics: dict, config: GeneratorTrainingConfig) -> dict:
+    """meta.json of a run's checkpoint: its metrics and settings, and the stages of its lineage (the parent's, then this one).
+
+    A run from ``init_from`` gets the parent's version + 1, one from scratch version 1.
+    """
+    training = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "progress", "command")}, default=str))
+    stages = list(parent.get("stages", []))
+    stages.append({"stage": len(stages) + 1, "parent_version": parent.get("version"), "command": config.command, "metrics": metrics, "training": training})
+    version = str(int(parent["version"]) + 1) if str(parent.get("version", "")).isdigit() else "1"
+    return {
+        "version": version,
         "kind": "generator",
         "metrics": metrics,
-        "training": json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "model", "progress")}, default=str)),
+        "training": training,
+        "stages": stages,
         "codec": {"vocab_size": codec.VOCAB_SIZE, "frame_rate": codec.FRAME_RATE, "sample_rate": codec.SAMPLE_RATE},
     }
-    save_generator(model.eval(), config.out_dir, meta)
-    return metrics

@@ -43,6 +43,8 @@ def test_evaluation_of_an_untrained_generator(tmp_path):
     for target in TARGETS:
         scores = recovery["targets"][target]
         assert 0.0 <= scores["generated_accuracy"] <= 1.0
+        low, high = scores["generated_accuracy_ci95"]
+        assert 0.0 <= low <= scores["generated_accuracy"] <= high <= 1.0 and high - low > 0.1  # 12 prompts: a wide interval
         assert scores["chance"]["uniform"] == pytest.approx(1 / len(scores["classes"]))
     assert set(recovery["other_sampling"]) == {"temperature=0.99,top_k=5"}
     # the probe itself hears the instrument of real corpus renders far above chance

@@ -75,6 +75,10 @@ def test_second_stage_starts_from_a_checkpoint_and_trains_on_openings(tmp_path):
     metrics = train_generator(second)
     trained, meta = load_generator(second.out_dir)
     assert meta["training"]["init_from"] == str(first.out_dir) and metrics["steps"] == 2
+    # the lineage: version 1 from scratch, then version 2 with both stages recorded
+    assert load_generator(first.out_dir)[1]["version"] == "1" and meta["version"] == "2"
+    assert [s["stage"] for s in meta["stages"]] == [1, 2] and meta["stages"][1]["parent_version"] == "1"
+    assert meta["stages"][1]["training"]["start_batch_size"] == 4
     # started from stage 1 (not from scratch) and moved away from it
     assert not torch.equal(trained.cond_proj.weight, start.cond_proj.weight)
     assert (trained.cond_proj.weight - start.cond_proj.weight).abs().max() < 0.1
