@@ -17,6 +17,7 @@ description, into results/benchmarks.json and BENCHMARKS.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -131,8 +132,24 @@ def collect(results: list[dict[str, Any]]) -> dict[str, Any]:
         row["results_updated"] = path.is_file() and (
             row["exit"] == "kept" or path.stat().st_mtime > time.time() - row["seconds"] - 5)
         if path.is_file():
-            row["results_written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
+            row["results_written_at"] = written_at(path, data)
     return {"machine": machine(), "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benchmarks": results}
+
+
+def written_at(path: Path, data: dict[str, Any] | None) -> str:
+    """When a results file was measured: its own ``created_at``, else its last commit if unchanged since, else its mtime.
+
+    A fresh clone gives every file the checkout time as mtime, so the mtime alone would date old results as new.
+    """
+    if data and isinstance(data.get("created_at"), str):
+        return data["created_at"]
+    git = ["git", "-C", str(ROOT)]
+    unchanged = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", str(path)], capture_output=True).returncode == 0
+    committed = subprocess.run([*git, "log", "-1", "--format=%cd", "--date=format-local:%Y-%m-%dT%H:%M:%SZ", "--", str(path)],
+                               capture_output=True, text=True, env={**os.environ, "TZ": "UTC"}).stdout.strip()
+    if unchanged and committed:
+        return committed
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))
 
 
 def markdown(report: dict[str, Any]) -> str:
