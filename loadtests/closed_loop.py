@@ -63,7 +63,9 @@ class ClosedLoopConfig:
     """Everything that defines a run (written into the results)."""
 
     rounds: int = 3
-    pairs_per_round: int = 400  # generation requests (pairs) listeners ask for per round
+    # Generation requests (pairs) listeners ask for per round: ~230 preferences. With 400 (~115) the reward
+    # model was too weak to move generator v3, which follows its prompts and samples with half v2's entropy.
+    pairs_per_round: int = 800
     clip_s: float = 5.0
     concurrency: int = 4  # listeners asking and voting at once
     listener_prompts: int = 200  # users' prompt pool (corpus "train" captions)
