@@ -37,10 +37,8 @@ def train_generator_command(
     from dataclasses import replace
     from pathlib import Path
 
+    from musicrl.corpus.attributes import BPM_BIN_CENTRES, LABELLED_ATTRIBUTES
     from musicrl.models.train_generator import GeneratorTrainingConfig, default_model_config, train_generator
-
-    from musicrl.corpus import LABELLED_ATTRIBUTES
-    from musicrl.corpus.attributes import BPM_BIN_CENTRES
 
     names = tuple(name.strip() for name in attribute_head.split(",") if name.strip())
     unknown = set(names) - set(LABELLED_ATTRIBUTES)

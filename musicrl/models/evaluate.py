@@ -84,6 +84,12 @@ def _shuffled_accuracy(predicted: np.ndarray, requested: list[str], seed: int, r
     return float(np.mean([_accuracy(predicted, list(rng.permutation(requested))) for _ in range(repeats)]))
 
 
+def _generated_scores(predicted: np.ndarray, requested: list[str], seed: int) -> dict:
+    """Accuracy of generated clips against what their prompts asked for, its interval, and the shuffled-prompt baseline."""
+    return {"generated_accuracy": _accuracy(predicted, requested), "generated_accuracy_ci95": _interval(predicted, requested),
+            "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted, requested, seed)}
+
+
 def _chance(expected: list[str], classes: list[str]) -> dict[str, float]:
     values, counts = np.unique(expected, return_counts=True)
     return {"uniform": 1.0 / len(classes), "majority": float(counts.max() / counts.sum()), "majority_class": str(values[counts.argmax()])}
@@ -113,6 +119,7 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
     probe = AttributeProbe().fit(_features([r.render() for r in probe_train], "probe: train renders", config.progress), [labels_of(r.attributes) for r in probe_train])
     on_corpus = probe.predict(_features([r.render() for r in probe_test], "probe: held-out renders", config.progress))
 
+    requested = {target: [labels_of(r.attributes)[target] for r in prompts] for target in TARGETS}
     cond = text_encoder.embed([r.caption for r in prompts])
     seeds = [config.seed + i for i in range(len(prompts))]
     generated = probe.predict(_features(_generate_audio(model, cond, seeds, config, "generating"), "probe: generated", config.progress))
@@ -126,22 +133,16 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
         waves = _generate_audio(model, cond, seeds, config, f"generating T={temperature} k={top_k}", (temperature, top_k))
         predicted = probe.predict(_features(waves, "probe: generated", config.progress))
         other_sampling[f"temperature={temperature},top_k={top_k}"] = {
-            target: {"generated_accuracy": _accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts]),
-                     "generated_accuracy_ci95": _interval(predicted[target], [labels_of(r.attributes)[target] for r in prompts]),
-                     "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted[target], [labels_of(r.attributes)[target] for r in prompts], config.seed)}
-            for target in TARGETS
+            target: _generated_scores(predicted[target], requested[target], config.seed) for target in TARGETS
         }
 
     targets = {}
     for target in TARGETS:
-        requested = [labels_of(r.attributes)[target] for r in prompts]
         targets[target] = {
             "classes": probe.classes(target),
             "probe_accuracy_on_heldout_corpus": _accuracy(on_corpus[target], [labels_of(r.attributes)[target] for r in probe_test]),
-            "generated_accuracy": _accuracy(generated[target], requested),
-            "generated_accuracy_ci95": _interval(generated[target], requested),
-            "generated_accuracy_shuffled_prompts": _shuffled_accuracy(generated[target], requested, config.seed),
-            "chance": _chance(requested, probe.classes(target)),
+            **_generated_scores(generated[target], requested[target], config.seed),
+            "chance": _chance(requested[target], probe.classes(target)),
         }
     return {
         "description": "accuracy of an audio-only attribute probe (logistic regression on timbre/rhythm/tonality features, "

@@ -312,14 +312,16 @@ class Generator(nn.Module):
         logprobs = torch.empty(B, n_frames, dtype=torch.float32, device=device)
         cache = KVCache(self.config, B, n_frames, device, self.bos.dtype)
         cond_emb, bias = self.condition(cond)
-        cond_emb = cond_emb.unsqueeze(1)
-        clock = self._clock(self.expected_bpm(cond), torch.arange(n_frames, device=device)) if self.config.bpm_bins else torch.zeros(B, n_frames, 1, device=device)
-        x = self.bos.expand(B, 1, -1) + cond_emb + self.pos_emb.weight[0] + clock[:, :1]
+        # What every position adds to its token's embedding, computed once for the whole clip: [B, T, d_model].
+        offsets = cond_emb.unsqueeze(1) + self.pos_emb.weight[:n_frames]
+        if self.config.bpm_bins:
+            offsets = offsets + self._clock(self.expected_bpm(cond), torch.arange(n_frames, device=device))
+        x = self.bos.expand(B, 1, -1) + offsets[:, :1]
         for t in range(n_frames):
             logits = self._step(x, cache, bias)
             tokens[:, t], logprobs[:, t] = _draw(logits, temperatures, top_ks, uniforms[:, t])
             if t + 1 < n_frames:
-                x = self.tok_emb(tokens[:, t : t + 1]) + cond_emb + self.pos_emb.weight[t + 1] + clock[:, t + 1 : t + 2]
+                x = self.tok_emb(tokens[:, t : t + 1]) + offsets[:, t + 1 : t + 2]
         return tokens, logprobs
 
     @staticmethod

@@ -229,8 +229,8 @@ def make_optimizer(model: Generator, config: GeneratorTrainingConfig) -> torch.o
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95))
 
 
-def next_token_loss(model: Generator, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None) -> torch.Tensor:
-    logits = model(cond, tokens, bpm)
+def next_token_loss(model: Generator, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(cond, tokens)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
 
 
@@ -368,21 +368,21 @@ def validation_metrics(model: Generator, data: CaptionedClips, config: Generator
     return metrics
 
 
-def initial_model(config: GeneratorTrainingConfig) -> tuple[Generator, bool]:
+def initial_model(config: GeneratorTrainingConfig) -> tuple[Generator, bool, dict]:
     """Random weights, or those of ``init_from`` (a checkpoint without the run's attribute head gets one added);
-    and whether the model has an attribute head that is still untrained."""
+    whether the model has an attribute head that is still untrained; and the parent checkpoint's meta ({} if none)."""
     torch.manual_seed(config.seed)
     model = Generator(config.model)
     if config.init_from is None:
-        return model, bool(config.model.attribute_names)
-    initial, _ = load_generator(config.init_from)
+        return model, bool(config.model.attribute_names), {}
+    initial, parent = load_generator(config.init_from)
     without_head = {"attribute_names": (), "attribute_sizes": (), "bpm_bins": ()}
     if initial.config != config.model and initial.config != replace(config.model, **without_head):
         raise ValueError(f"{config.init_from} has another model config than this run: {initial.config}")
     missing, unexpected = model.load_state_dict(initial.state_dict(), strict=False)
     if unexpected or any(not name.startswith(("attribute_", "clock_proj")) for name in missing):
         raise ValueError(f"{config.init_from} does not fit this run's model: missing {missing}, unexpected {unexpected}")
-    return model, bool(missing)
+    return model, bool(missing), parent
 
 
 def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dict:
@@ -394,7 +394,7 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
     train = load_split(config, "train", config.n_train, config.captions_per_clip, counterfactuals)
     valid = load_split(config, "valid", config.n_valid, 1, counterfactuals)
 
-    model, new_head = initial_model(config)
+    model, new_head, parent = initial_model(config)
     optimizer = make_optimizer(model, config)
     start_step, fingerprint, head_fit = 0, config.fingerprint(), {}
     state_path = work_dir / STATE_FILE
@@ -448,7 +448,6 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
         "parameters": model.num_parameters(),
         "train_seconds_this_run": round(time.perf_counter() - started, 1),
     }
-    parent = load_generator(config.init_from)[1] if config.init_from else {}
     save_generator(model.eval(), config.out_dir, checkpoint_meta(parent, metrics, config))
     return metrics
 

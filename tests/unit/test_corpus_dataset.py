@@ -138,3 +138,7 @@ def test_changed_tempo_is_in_another_bucket():
         assert changed.mode == attributes.mode and changed.instruments == attributes.instruments
     with pytest.raises(ValueError, match="no counterfactual"):
         change_attribute(attributes, "genre", rng)
+    from musicrl.corpus import counterfactual_captions
+
+    with pytest.raises(ValueError, match="no counterfactual"):
+        counterfactual_captions(0, attributes=("mode", "genre"))
