@@ -35,7 +35,8 @@ from pydantic import BaseModel, Field
 
 from finetune_worker.deploy import CheckpointRejected, Deployer, DeployError
 from finetune_worker.evaluation import evaluate_policy
-from finetune_worker.gate import GateConfig, evaluate_gate, weights_finite
+from finetune_worker.configs import gate_config, trainer_config
+from finetune_worker.gate import evaluate_gate, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import split_prompts
 from finetune_worker.reward_model import pairs_from_rows, train_reward_model
@@ -44,7 +45,7 @@ from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
-from musicrl.buffer import PreferenceBuffer, split_of
+from musicrl.buffer import PreferenceBuffer
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
 from musicrl.models.generator import load_generator
@@ -193,10 +194,10 @@ class FinetuneCycle:
         job = TrainJob(
             trainer=s.finetune_trainer,
             policy_dir=self.run_dir / "parent",
-            reference_dir=self.run_dir / "reference",
             output_dir=self.run_dir / "candidate",
             checkpoint_dir=self.run_dir / "checkpoints",
-            config=self.trainer_config(),
+            candidates_dir=self.run_dir / "candidates",
+            config=trainer_config(s),
             user_prompts=user_train,
             captions=captions,
             user_fraction=s.finetune_user_prompt_fraction,
@@ -229,22 +230,6 @@ class FinetuneCycle:
 
         return [r.caption for r in make_corpus(n, seed=self.settings.finetune_seed, split=split, duration_s=1.0)]
 
-    def trainer_config(self) -> dict[str, Any]:
-        s = self.settings
-        common = {
-            "steps": s.finetune_steps, "batch_size": s.finetune_batch_size, "seed": s.finetune_seed, "device": s.finetune_device,
-            "mixed_precision": s.finetune_mixed_precision, "checkpoint_every": s.finetune_checkpoint_every,
-            "optimizer": s.finetune_optimizer,
-        }
-        if s.finetune_trainer == "dpo":
-            return {**common, "beta": s.finetune_dpo_beta, "learning_rate": s.finetune_policy_lr}
-        return {
-            **common, "stage": s.finetune_stage, "alpha": s.finetune_alpha, "policy_lr": s.finetune_policy_lr,
-            "value_lr": s.finetune_value_lr, "temperature": s.finetune_temperature,
-            "normalize_advantages": s.finetune_normalize_advantages,
-            "n_frames": codec.frames_for(s.finetune_duration_s),
-        }
-
     def write_dpo_pairs(self, rows: list[dict], parent: str) -> Path:
         from finetune_worker.trainers.dpo import pairs_from_buffer  # noqa: PLC0415
         import pyarrow as pa  # noqa: PLC0415
@@ -258,24 +243,41 @@ class FinetuneCycle:
         return path
 
     def update_reward_model(self, rows: list[dict], state: RunState) -> dict[str, Any]:
-        """Train, publish and hot-load the preference reward model when the buffer holds enough pairs."""
+        """Train, publish and hot-load the preference reward model when the buffer holds enough pairs.
+
+        Warm-started from the current preference model when its architecture is the parent generator's,
+        on a bounded replay of the buffer window (every pair of the parent policy, a seeded sample of
+        older ones, at most ``finetune_rm_max_pairs``), so a cycle's cost stays flat as the buffer grows.
+        """
+        from finetune_worker.reward_model import HELDOUT_FRACTION_KEY, select_pair_rows  # noqa: PLC0415
+
         s = self.settings
-        splits = [split_of(r["generation_id"], s.finetune_heldout_fraction) for r in rows]
-        train_rows = [r for r, split in zip(rows, splits) if split == "train"]
-        heldout_rows = [r for r, split in zip(rows, splits) if split == "eval"]
-        train, heldout = pairs_from_rows(train_rows, self.embed), pairs_from_rows(heldout_rows, self.embed)
+        selected = select_pair_rows(rows, state.parent_version, max_pairs=s.finetune_rm_max_pairs,
+                                    heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed)
+        train, heldout = pairs_from_rows(selected.train, self.embed), pairs_from_rows(selected.heldout, self.embed)
         if len(train.pairs) < s.finetune_rm_min_pairs:
             log.info("reward_model.skipped", pairs=len(train.pairs), needed=s.finetune_rm_min_pairs)
-            return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}"}
+            return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}", **selected.stats}
         generator, _ = load_generator(self.run_dir / "parent", device=resolve_device(s.finetune_device))
+        start, warm_start_from = self._reward_model_warm_start(generator)
         config = PreferenceTrainingConfig(
             learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
-            seed=s.finetune_seed, optimizer=s.finetune_optimizer,
+            seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer,
         )
         out_dir = self.run_dir / "reward_model"
-        metrics = train_reward_model(generator, train, heldout, self.reward_fn, config, out_dir)
+        meta = {"warm_start_from": warm_start_from, HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction,
+                "initialised_from": {"kind": PREFERENCE, "version": warm_start_from} if warm_start_from
+                else {"kind": GENERATOR, "version": state.parent_version}}
+        metrics = train_reward_model(generator, train, heldout, self.reward_fn, config, out_dir, start=start,
+                                     n_heads=s.finetune_rm_heads, disagreement_penalty=s.finetune_rm_disagreement_penalty, meta=meta)
+        metrics = {**metrics, **selected.stats, "warm_start_from": warm_start_from}
+        log.info("reward_model.cycle", warm_start_from=warm_start_from, heldout_accuracy_before=metrics["heldout_accuracy_before"],
+                 heldout_accuracy=metrics["heldout_accuracy"], n_train_pairs=metrics["n_train_pairs"])
         lineage = {"generator_version": state.parent_version, "buffer_segments": state.buffer_segments, "run_id": state.run_id,
-                   "code_commit": code_commit(), "training_config": asdict(config)}
+                   "code_commit": code_commit(), "warm_start_from": warm_start_from, "replay": selected.stats,
+                   "training_config": {**asdict(config), "n_heads": s.finetune_rm_heads,
+                                       "disagreement_penalty": s.finetune_rm_disagreement_penalty,
+                                       "max_pairs": s.finetune_rm_max_pairs, HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction}}
         if not metrics["heldout_accuracy"] > 0.5:
             self.registry.record_rejection(PREFERENCE, {"reason": "held-out accuracy not above chance", "metrics": metrics, "lineage": lineage})
             return {**metrics, "published": None}
@@ -284,6 +286,27 @@ class FinetuneCycle:
         self.registry.set_current(PREFERENCE, version)
         self.wait_for_reward_version(version)
         return {**metrics, "published": version}
+
+    def _reward_model_warm_start(self, generator) -> tuple[Any, str | None]:
+        """(model, version) of the current preference model to continue training, or (None, None): start from the generator."""
+        from finetune_worker.reward_model import load_warm_start  # noqa: PLC0415
+
+        s = self.settings
+        version = self.registry.current(PREFERENCE) if s.finetune_rm_warm_start else None
+        if version is None:
+            return None, None
+        try:
+            directory = self.registry.download(PREFERENCE, version, self.run_dir / "reward_model_start")
+            model, why = load_warm_start(directory, generator, s.finetune_rm_heads, s.finetune_rm_disagreement_penalty,
+                                         heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed)
+        except (RuntimeError, OSError, KeyError, ValueError) as exc:  # corrupt or unreadable: start from the generator
+            model, why = None, f"{type(exc).__name__}: {exc}"
+        finally:
+            shutil.rmtree(self.run_dir / "reward_model_start", ignore_errors=True)
+        if model is None:
+            log.warning("reward_model.cold_start", current=version, reason=why)
+            return None, None
+        return model, version
 
     def wait_for_reward_version(self, version: str, timeout_s: float = 120.0) -> None:
         """Make the reward service serve the new preference model before rollouts are scored with it."""
@@ -330,9 +353,10 @@ class FinetuneCycle:
     # ------------------------------------------------------------------ gate and publish
 
     def gate_and_publish(self, state: RunState) -> None:
+        """Score the parent and every snapshot of the run on the same held-out prompts and seeds; publish the
+        snapshot with the highest target reward among those that pass every check, or refuse the cycle."""
         s = self.settings
         device = resolve_device(s.finetune_device)
-        candidate, _ = load_generator(self.run_dir / "candidate", device=device)
         parent, _ = load_generator(self.run_dir / "parent", device=device)
         reference, _ = load_generator(self.run_dir / "reference", device=device)
         weights = STAGE_WEIGHTS[state.stage]
@@ -340,30 +364,48 @@ class FinetuneCycle:
                       n_frames=codec.frames_for(s.finetune_duration_s), temperature=s.finetune_temperature,
                       samples_per_prompt=s.finetune_eval_samples_per_prompt, seed=s.finetune_seed + 10_000)
         baseline = evaluate_policy(parent, reference, **common)
-        scored = evaluate_policy(candidate, reference, **common)
-        report = evaluate_gate(scored, baseline, list(weights), GateConfig(s.finetune_gate_min_reward_gain, s.finetune_gate_max_kl, s.finetune_gate_max_other_drop),
-                               candidate_weights_finite=weights_finite(candidate))
-        state.gate = report.to_dict()
+        checked = []
+        for directory in self.candidate_dirs():
+            candidate, meta = load_generator(directory, device=device)
+            scored = evaluate_policy(candidate, reference, **common)
+            report = evaluate_gate(scored, baseline, list(weights), gate_config(s), candidate_weights_finite=weights_finite(candidate))
+            checked.append((directory, meta.get("step"), report))
+        passing = [c for c in checked if c[2].passed]
+        chosen = max(passing, key=lambda c: c[2].candidate["reward"]) if passing else checked[-1]
+        directory, step, report = chosen
+        state.gate = {
+            **report.to_dict(), "chosen_step": step if passing else None,
+            "checkpoints": [{"step": st, "passed": r.passed, "reason": r.reason, "reward": r.candidate["reward"],
+                             "kl": r.candidate["kl"]} for _, st, r in checked],
+        }
         lineage = {
             "run_id": state.run_id, "parent_version": state.parent_version, "reference_version": state.reference_version,
             "stage": state.stage, "trainer": state.trainer, "reward_model_versions": state.reward_versions,
-            "buffer_segments": state.buffer_segments, "n_preferences": state.n_preferences,
+            "buffer_segments": state.buffer_segments, "n_preferences": state.n_preferences, "chosen_step": step,
             "training_config": json.loads((self.run_dir / "job.json").read_text())["config"], "code_commit": code_commit(),
         }
-        if not report.passed:
-            state.reason = report.reason
-            self.registry.record_rejection(GENERATOR, {"reason": report.reason, "gate": state.gate, "lineage": lineage})
+        if not passing:
+            state.reason = "no checkpoint passed the gate: " + " | ".join(f"step {st}: {r.reason}" for _, st, r in checked)
+            state.gate["reason"] = state.reason
+            self.registry.record_rejection(GENERATOR, {"reason": state.reason, "gate": state.gate, "lineage": lineage})
             state.status = "rejected"
-            log.warning("cycle.rejected", run_id=state.run_id, reason=report.reason)
+            log.warning("cycle.rejected", run_id=state.run_id, reason=state.reason)
             return
         self.guard()
+        shutil.copy2(self.run_dir / "candidate" / HISTORY_FILE, directory / HISTORY_FILE)  # the whole run, up to the last step
         state.candidate_version = self.find_published(state.run_id) or self.registry.publish(
-            GENERATOR, self.run_dir / "candidate",
-            metrics={"gate": {"candidate": scored, "baseline": baseline}, "train": state.train_history_last, "reward_model": state.reward_model},
+            GENERATOR, directory,
+            metrics={"gate": {"candidate": report.candidate, "baseline": baseline, "chosen_step": step},
+                     "train": state.train_history_last, "reward_model": state.reward_model},
             lineage=lineage,
         )
         state.status = "published"
-        log.info("cycle.published", run_id=state.run_id, version=state.candidate_version)
+        log.info("cycle.published", run_id=state.run_id, version=state.candidate_version, step=step)
+
+    def candidate_dirs(self) -> list[Path]:
+        """The run's snapshots in step order (the finished policy is the last of them)."""
+        snapshots = sorted((self.run_dir / "candidates").glob("step-*"))
+        return snapshots or [self.run_dir / "candidate"]
 
     def find_published(self, run_id: str) -> str | None:
         for version in reversed(self.registry.versions(GENERATOR)):
@@ -396,7 +438,7 @@ class FinetuneCycle:
             archive = self.work_dir / "runs" / state.run_id
             archive.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(archive, ignore_errors=True)
-            for heavy in ("checkpoints", "parent", "reference"):
+            for heavy in ("checkpoints", "candidates", "parent", "reference"):
                 shutil.rmtree(self.run_dir / heavy, ignore_errors=True)
             shutil.move(str(self.run_dir), archive)
             record["archive"] = str(archive)

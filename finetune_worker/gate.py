@@ -22,9 +22,11 @@ import torch
 
 @dataclass
 class GateConfig:
-    min_reward_gain: float = 0.0
-    max_kl: float = 50.0
-    max_other_drop: float = 0.05
+    """Built from ``FinetuneSettings`` by ``finetune_worker.configs``."""
+
+    min_reward_gain: float
+    max_kl: float
+    max_other_drop: float
 
 
 @dataclass

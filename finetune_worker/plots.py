@@ -39,7 +39,7 @@ def plot_training(history: list[dict[str, float]], out_dir: str | Path, title: s
     fig, ax = plt.subplots(figsize=(6, 4))
     scatter = ax.scatter([h["kl"] for h in history], [h[target] for h in history], c=steps, cmap="viridis", s=14)
     fig.colorbar(scatter, ax=ax, label="step")
-    ax.set(xlabel="KL(policy || reference), nats per clip", ylabel=target, title=title or "reward vs KL")
+    ax.set(xlabel="KL(policy || starting policy), nats per clip", ylabel=target, title=title or "reward vs KL")
     ax.grid(alpha=0.3)
     paths.append(out_dir / "reward_vs_kl.png")
     fig.tight_layout()

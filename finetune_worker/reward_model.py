@@ -6,28 +6,40 @@ the model initialised from the current generator's weights, and the held-out
 pairwise accuracy reported next to the accuracy of the text-adherence reward
 alone and the quality reward alone on the same pairs (the paper: 60 % versus
 51.6 % and 53.3 %). The model itself is ``musicrl.models.preference``.
+
+Across cycles (docs/finetune.md): the model is warm-started from the previous
+cycle's (:func:`load_warm_start`) and trained on a bounded replay of the buffer
+(:func:`select_pair_rows`): every pair of the current policy plus a seeded
+sample of older ones, so a cycle's cost does not grow with the buffer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from finetune_worker.trainers.base import RewardFunction
+from musicrl.buffer import split_of
 from musicrl.logging import get_logger
 from musicrl.models.generator import Generator
 from musicrl.models.preference import (
     PreferencePair,
     PreferenceRewardModel,
     PreferenceTrainingConfig,
+    load_preference_model,
     save_preference_model,
     train_preference_model,
 )
 
 log = get_logger(__name__)
+
+HELDOUT_FRACTION_KEY = "buffer_heldout_fraction"  # meta.json: the split the model's training pairs came from
 
 
 @dataclass
@@ -42,9 +54,101 @@ def listened_to_both(row: dict, min_listen_frac: float) -> bool:
     return all(f is not None and f >= min_listen_frac for f in fractions)
 
 
+def usable_row(row: dict, min_listen_frac: float = 0.5) -> bool:
+    """A row that makes a Bradley-Terry pair: a choice (or a tie) by a listener who heard both clips."""
+    return row.get("choice") in ("a", "b", "tie") and listened_to_both(row, min_listen_frac)
+
+
+@dataclass
+class PairRows:
+    """The buffer rows one cycle trains and evaluates the reward model on, and how they were chosen."""
+
+    train: list[dict]
+    heldout: list[dict]
+    stats: dict = field(default_factory=dict)
+
+
+def _recency(row: dict, index: int) -> tuple[float, int]:
+    """Sort key, larger is newer: the time the consumer received the vote, then the position in the buffer."""
+    received = row.get("received_at")
+    return (received.timestamp() if isinstance(received, datetime) else float("-inf"), index)
+
+
+def select_pair_rows(
+    rows: Sequence[dict],
+    current_policy: str,
+    *,
+    max_pairs: int,
+    heldout_fraction: float,
+    seed: int = 0,
+    min_listen_frac: float = 0.5,
+) -> PairRows:
+    """The reward model's rows for one cycle, bounded whatever the size of the buffer window.
+
+    Only usable rows (:func:`usable_row`) count, split by generation id (``split_of``) as always.
+    Train: every train-split row of ``current_policy`` (if there are more than ``max_pairs``, the newest
+    ``max_pairs``), then a seeded uniform sample of the older policies' train-split rows fills up to
+    ``max_pairs`` (the replay; seeded by ``seed`` and the policy, so a resumed cycle picks the same rows
+    and the next policy's cycle a different sample). Held-out: the eval-split rows, current policy first, newest first, at
+    most ``max_pairs // 4``. Rows sampled across a hot swap (``mixed_policy``) count under their
+    ``policy_version`` like any other. O(n log n) in the rows; the pairs (and prompt embeddings) are
+    built afterwards for the selected rows only.
+    """
+    current, older, heldout = [], [], []
+    for index, row in enumerate(rows):
+        if not usable_row(row, min_listen_frac):
+            continue
+        if split_of(row["generation_id"], heldout_fraction) == "eval":
+            heldout.append((row.get("policy_version") == current_policy, _recency(row, index), row))
+        elif row.get("policy_version") == current_policy:
+            current.append((_recency(row, index), row))
+        else:
+            older.append(row)
+    newest = [row for _, row in sorted(current, key=lambda item: item[0], reverse=True)[:max_pairs]]
+    n_replay = min(len(older), max_pairs - len(newest))
+    rng = np.random.default_rng([seed, zlib.crc32(str(current_policy).encode())])
+    picked = np.sort(rng.choice(len(older), size=n_replay, replace=False)) if n_replay > 0 else []
+    replay = [older[i] for i in picked]
+    heldout.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    kept_heldout = [row for _, _, row in heldout[: max_pairs // 4]]
+    stats = {
+        "n_train_current_policy": len(newest), "n_train_replay": len(replay),
+        "n_train_available": len(current) + len(older), "n_heldout_available": len(heldout), "max_pairs": max_pairs,
+    }
+    return PairRows(newest + replay, kept_heldout, stats)
+
+
+def load_warm_start(
+    directory: str | Path,
+    generator: Generator,
+    n_heads: int,
+    disagreement_penalty: float,
+    *,
+    heldout_fraction: float | None = None,
+    seed: int = 0,
+) -> tuple[PreferenceRewardModel | None, str]:
+    """The preference model in ``directory`` to continue training, or None and why not.
+
+    Not when its architecture (``GeneratorConfig``) differs from ``generator``'s, nor when it was trained
+    with a smaller held-out share than ``heldout_fraction`` (its training pairs would now be held out, and
+    the held-out accuracy would flatter it). Its heads are resized to ``n_heads``
+    (:meth:`PreferenceRewardModel.set_heads`) and its penalty set to ``disagreement_penalty``, so a
+    single-head model (the committed default) warm-starts an ensemble.
+    """
+    model, meta = load_preference_model(directory, device=next(generator.parameters()).device)
+    if model.config != generator.config:
+        return None, "architecture differs from the parent generator's"
+    trained_with = meta.get(HELDOUT_FRACTION_KEY)
+    if heldout_fraction is not None and trained_with is not None and float(trained_with) < heldout_fraction:
+        return None, f"trained with held-out fraction {trained_with} < {heldout_fraction}: its training pairs are now held out"
+    model.set_heads(n_heads, seed=seed)
+    model.disagreement_penalty = float(disagreement_penalty)
+    return model, "ok"
+
+
 def pairs_from_rows(rows: list[dict], embed: Callable[[list[str]], np.ndarray], min_listen_frac: float = 0.5) -> BufferPairs:
     """Bradley-Terry pairs (preferred first; ties kept as ties) from buffer rows."""
-    kept = [r for r in rows if r["choice"] in ("a", "b", "tie") and listened_to_both(r, min_listen_frac)]
+    kept = [r for r in rows if usable_row(r, min_listen_frac)]
     if not kept:
         return BufferPairs([], [], [])
     prompts = sorted({r["prompt"] for r in kept})
@@ -96,16 +200,26 @@ def train_reward_model(
     reward_fn: RewardFunction | None,
     config: PreferenceTrainingConfig,
     out_dir: Path,
+    *,
+    start: PreferenceRewardModel | None = None,
+    n_heads: int = 1,
+    disagreement_penalty: float = 0.0,
+    meta: dict | None = None,
 ) -> dict:
-    """Fit the model from ``generator``'s weights, save it (with ONNX) in ``out_dir``; returns metrics."""
+    """Fit the model, save it (with ONNX) in ``out_dir``; returns metrics.
+
+    The model starts as ``start`` (a warm start, trained further in place) or else from ``generator``'s
+    weights with ``n_heads`` heads and ``disagreement_penalty``. ``meta`` goes into ``meta.json``.
+    """
     if not train.pairs:
         raise ValueError("no training pairs in the buffer")
-    model = PreferenceRewardModel.from_generator(generator).to(next(generator.parameters()).device)
+    device = next(generator.parameters()).device
+    model = (start if start is not None else PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty)).to(device)
     metrics = train_preference_model(model, train.pairs, config, heldout=heldout.pairs)
     if reward_fn is not None and heldout.pairs:
         for name, accuracy in single_reward_accuracy(heldout, reward_fn, ("text_adherence", "quality")).items():
             metrics[f"heldout_accuracy_{name}_only"] = accuracy
     metrics["n_heldout_decided"] = sum(1 for p in heldout.pairs if not p.tie)
-    save_preference_model(model, out_dir, meta={"window_frames": config.window_frames, "metrics": metrics})
+    save_preference_model(model, out_dir, meta={**(meta or {}), "window_frames": config.window_frames, "metrics": metrics})
     log.info("reward_model.trained", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics

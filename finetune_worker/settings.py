@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from musicrl.config import ObjectStoreConfig, TritonConfig
 
@@ -52,20 +52,25 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
         None, description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU)."
     )
     finetune_steps: int = Field(40, ge=1)
-    """Optimizer steps per cycle."""
+    """Most optimizer steps per cycle (the KL budget may stop it earlier)."""
     finetune_batch_size: int = Field(16, ge=1, description="Rollouts (or DPO pairs) per process per step.")
-    finetune_alpha: float = Field(0.001, ge=0, lt=1, description="KL regularisation strength (the paper's).")
-    finetune_normalize_advantages: bool = True
-    """Divide REINFORCE advantages by their batch std: the preference model's scale changes every time it is retrained."""
-    finetune_policy_lr: float = Field(1e-4, gt=0, description="Paper: 1e-5 for MusicLM; x10 for the small default model.")
-    finetune_value_lr: float = Field(1e-3, gt=0, description="Paper: 1e-4; x10 like the policy.")
+    finetune_group_size: int = Field(4, ge=2, description="Rollouts per prompt in a REINFORCE step; each one's baseline is the mean reward of the others (RLOO). Divides batch_size.")
+    finetune_alpha: float = Field(0.01, gt=0, lt=1, description="Initial KL coefficient; the KL controller adapts it every step.")
+    finetune_kl_target: float = Field(6.0, gt=0, description="KL to the cycle's starting policy the controller steers to by the last step, nats per clip.")
+    finetune_kl_budget: float = Field(10.0, gt=0, description="Early stop: training ends when the KL to the starting policy passes this (nats per clip).")
+    finetune_kl_gain: float = Field(0.5, gt=0, le=1, description="KL controller: alpha *= 1 + gain * clip(KL / target_t - 1, -0.5, 0.5) each step.")
+    finetune_constraint_slack: float = Field(0.02, ge=0, description="Stage U: text adherence and quality may fall this far below the starting policy's before their Lagrange multipliers rise.")
+    finetune_lagrange_lr: float = Field(0.2, ge=0, description="Step of the Lagrange multipliers, per standard deviation of violation.")
+    finetune_candidate_every: int = Field(10, ge=1, description="Steps between candidate snapshots the gate chooses from.")
+    finetune_policy_lr: float = Field(3e-3, gt=0, description="Policy learning rate (Adafactor's relative step; see docs/finetune.md).")
     finetune_dpo_beta: float = Field(0.1, gt=0)
     """DPO beta."""
-    finetune_optimizer: Literal["adafactor", "adamw"] = "adamw"
-    """Optimizer of the policy, value and reward models: `adamw` or `adafactor` (the paper's; too timid for the small default models)."""
+    finetune_optimizer: Literal["adafactor", "adamw"] = "adafactor"
+    """Optimizer of the policy: `adafactor` (the paper's) or `adamw`."""
+    finetune_max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping of the policy.")
     finetune_temperature: float = Field(0.99, gt=0)
     """Sampling temperature of rollouts (the paper's)."""
-    finetune_duration_s: float = Field(10.0, gt=0, description="Length of a rollout.")
+    finetune_duration_s: float = Field(5.0, gt=0, description="Length of a rollout (and of the gate's clips).")
     finetune_checkpoint_every: int = Field(5, ge=0)
     """Steps between training checkpoints (0: none)."""
     finetune_seed: int = 0
@@ -74,10 +79,10 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     # Prompts
     finetune_user_prompt_fraction: float = Field(0.5, ge=0, le=1)
     """Share of rollout prompts taken from users (the rest from corpus captions)."""
-    finetune_recent_policies: int = Field(2, ge=1, description="Buffer window: the newest policy versions read.")
+    finetune_recent_policies: int = Field(8, ge=1, description="Buffer window: the newest policy versions read (the reward model replays a bounded sample of it).")
     finetune_corpus_captions: int = Field(512, ge=0)
     """Corpus captions in the prompt pool."""
-    finetune_heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    finetune_heldout_fraction: float = Field(0.2, gt=0, lt=1)
     """Held-out share of prompts and of reward-model pairs."""
     finetune_eval_prompts: int = Field(24, ge=1)
     """Held-out prompts the evaluation gate scores."""
@@ -95,6 +100,16 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Epochs of preference reward model training."""
     finetune_rm_batch_size: int = Field(32, ge=1)
     """Pairs per batch of preference reward model training (the paper's)."""
+    finetune_rm_optimizer: Literal["adafactor", "adamw"] = "adamw"
+    """Optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` (the paper's)."""
+    finetune_rm_warm_start: bool = True
+    """Continue training the current preference model when its architecture matches the parent generator's (false: start from the generator every cycle)."""
+    finetune_rm_max_pairs: int = Field(1200, ge=4)
+    """Most training pairs per cycle: all of the current policy's (newest kept), a seeded sample of older ones fills the rest; held-out pairs at most a quarter of it."""
+    finetune_rm_heads: int = Field(4, ge=1)
+    """Scalar heads of the preference model's ensemble, each fitted on its own bootstrap resample of the pairs."""
+    finetune_rm_disagreement_penalty: float = Field(0.5, ge=0)
+    """Served preference score = mean over heads - this x std over heads (0: the plain mean)."""
 
     # Evaluation gate
     finetune_gate_min_reward_gain: float = 0.0
@@ -109,3 +124,16 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_poll_interval_s: float = Field(30.0, gt=0)
     """How often `finetune loop` checks whether to start a cycle, in seconds."""
     finetune_lease_ttl_s: float = Field(120.0, gt=0, description="Lease expiry; renewed every step and every poll.")
+
+    @model_validator(mode="after")
+    def _budgets_nest(self) -> "FinetuneSettings":
+        """The cycle's KL target sits below its early stop, which sits below the gate's bound: a cycle that
+        stays inside its budget can pass the gate by construction."""
+        if not self.finetune_kl_target < self.finetune_kl_budget < self.finetune_gate_max_kl:
+            raise ValueError(f"need finetune_kl_target < finetune_kl_budget < finetune_gate_max_kl, got "
+                             f"{self.finetune_kl_target}, {self.finetune_kl_budget}, {self.finetune_gate_max_kl}")
+        if self.finetune_constraint_slack >= self.finetune_gate_max_other_drop:
+            raise ValueError("finetune_constraint_slack must be below finetune_gate_max_other_drop (the gate's bound)")
+        if self.finetune_trainer == "reinforce" and self.finetune_batch_size % self.finetune_group_size:
+            raise ValueError(f"finetune_batch_size ({self.finetune_batch_size}) must be a multiple of finetune_group_size ({self.finetune_group_size})")
+        return self

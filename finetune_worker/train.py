@@ -35,12 +35,14 @@ HISTORY_FILE = "train_history.json"
 
 
 class TrainJob(BaseModel):
+    """``policy_dir`` is the policy the cycle starts from: trained in place, and, frozen, its KL anchor."""
+
     trainer: Literal["reinforce", "dpo"] = "reinforce"
     policy_dir: Path
-    reference_dir: Path
     output_dir: Path
     checkpoint_dir: Path
-    config: dict[str, Any] = Field(default_factory=dict)
+    candidates_dir: Path
+    config: dict[str, Any]  # finetune_worker.configs.trainer_config(settings)
     user_prompts: list[str] = Field(default_factory=list)
     captions: list[str] = Field(default_factory=list)
     user_fraction: float = 0.5
@@ -87,17 +89,18 @@ def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[d
     """Train; returns the per-step metrics. Rank 0 writes ``output_dir`` at the end."""
     dist_ctx = dist_ctx or DistributedContext()
     policy, _ = load_generator(job.policy_dir)
-    reference, _ = load_generator(job.reference_dir)
     embed = make_embed(job.text_encoder)
     if job.trainer == "reinforce":
         config = ReinforceConfig(**job.config)
         prompts = PromptMixer(job.user_prompts, job.captions, job.user_fraction, seed=config.seed)
-        trainer = ReinforceTrainer(config, policy, reference, make_reward_fn(job.reward), prompts, embed, job.checkpoint_dir, dist_ctx)
+        trainer = ReinforceTrainer(config, policy, make_reward_fn(job.reward), prompts, embed, job.checkpoint_dir, dist_ctx,
+                                   job.candidates_dir)
     else:
         config = DPOConfig(**job.config)
         rows = torch.load(job.pairs_file, weights_only=False)
         pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]
-        trainer = OnlineDPOTrainer(config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx)
+        reference, _ = load_generator(job.policy_dir)  # the served policy that sampled the pairs
+        trainer = OnlineDPOTrainer(config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir)
     out = trainer.train()
     _check_replicas_in_sync(trainer.model, dist_ctx)
     job.meta["world_size"] = dist_ctx.world_size

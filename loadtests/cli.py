@@ -122,12 +122,21 @@ def closed_loop_command(
     eval_prompts: int = typer.Option(ClosedLoopConfig.eval_prompts, min=1, help="Held-out prompts of the win-rate evaluation."),
     eval_samples: int = typer.Option(ClosedLoopConfig.eval_samples, min=1, help="Paired samples per held-out prompt."),
     concurrency: int = typer.Option(ClosedLoopConfig.concurrency, min=1, help="Listeners asking and voting at once."),
-    seed: int = typer.Option(0, help="Seeds the populations, prompts and evaluation."),
-    finetune: list[str] = typer.Option([], help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable."),
-    out_dir: Path = typer.Option(Path("results"), help="Where closed_loop.json, _winrate.png and _table.md go."),
-    work_dir: Path = typer.Option(Path(".data/closed_loop"), help="Private stack, registry downloads, finetune runs."),
+    seed: int = typer.Option(0, help="Seeds the populations, prompts and evaluation (the first run's, with --seeds)."),
+    seeds: int = typer.Option(1, min=1, help="Independent runs with seeds SEED, SEED+1, ..., each on a fresh private stack."),
+    population: str = typer.Option("default", help="Taste of the training listeners and the judges: default or opposite "
+                                                    "(musicrl.listeners.TASTES)."),
+    finetune: list[str] = typer.Option([], help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable. "
+                                                "Fields other than the size of the work are recorded as algorithm overrides."),
+    out_dir: Path = typer.Option(Path("results"), help="Where closed_loop.json, _winrate.png, _table.md (one run; with "
+                                                       "--seeds N in closed_loop_runs/POPULATION_seedK/) and "
+                                                       "closed_loop_summary.{json,md,png} go."),
+    work_dir: Path = typer.Option(Path(".data/closed_loop"), help="Private stack, registry downloads, finetune runs "
+                                                                  "(wiped before every run)."),
 ) -> None:
-    """The closed-loop experiment on a private stack of real servers and services (see docs/closed_loop.md)."""
+    """The closed-loop experiment on a private stack of real servers and services (see docs/closed_loop.md).
+
+    Exit code 0 when the summary's targets are met, 3 otherwise."""
     import shutil
     import signal
     import sys
@@ -135,32 +144,49 @@ def closed_loop_command(
 
     from rich.console import Console
 
-    from loadtests.closed_loop import private_loop_stack, run_closed_loop, write_reports
+    from loadtests.closed_loop import overrides_warning, private_loop_stack, run_closed_loop, write_reports, write_summary
+    from musicrl.listeners import TASTES
 
+    if population not in TASTES:
+        raise typer.BadParameter(f"unknown population {population!r}; known: {', '.join(sorted(TASTES))}")
     console = Console()
-    config = ClosedLoopConfig(rounds=rounds, pairs_per_round=pairs_per_round, clip_s=clip_s, eval_prompts=eval_prompts,
-                              eval_samples=eval_samples, concurrency=concurrency, seed=seed,
-                              finetune={"finetune_duration_s": clip_s, **_finetune_overrides(finetune)})
-    shutil.rmtree(work_dir, ignore_errors=True)  # every run starts from the base policy on an empty stack
+    overrides = _finetune_overrides(finetune)
+    warning = overrides_warning(ClosedLoopConfig(clip_s=clip_s, finetune=overrides).finetune_overrides())
+    if warning:
+        console.print(f"warning: {warning}", highlight=False, markup=False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
     started = time.monotonic()
 
     def progress(message: str) -> None:
         console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False)
 
-    progress("starting a private stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)")
-    with private_loop_stack(work_dir) as info:
-        progress(f"stack up; gateway {info.gateway_url}, reward service {info.reward_url}")
-        results = run_closed_loop(info, config, work_dir, progress, on_round=lambda partial: write_reports(partial, out_dir))
-    for path in write_reports(results, out_dir):
-        console.print(f"wrote {path}")
-    typer.echo((out_dir / "closed_loop_table.md").read_text())
-    raise typer.Exit(0 if results["final"]["target_met"] else 3)
+    runs = []
+    for run_seed in range(seed, seed + seeds):
+        config = ClosedLoopConfig(rounds=rounds, pairs_per_round=pairs_per_round, clip_s=clip_s, eval_prompts=eval_prompts,
+                                  eval_samples=eval_samples, concurrency=concurrency, seed=run_seed,
+                                  population=population, finetune=dict(overrides))
+        run_dir = out_dir if seeds == 1 else out_dir / "closed_loop_runs" / f"{population}_seed{run_seed}"
+        shutil.rmtree(work_dir, ignore_errors=True)  # every run starts from the base policy on an empty stack
+        progress(f"run {run_seed - seed + 1}/{seeds} (population {population!r}, seed {run_seed}): starting a private "
+                 "stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)")
+        with private_loop_stack(work_dir) as info:
+            progress(f"stack up; gateway {info.gateway_url}, reward service {info.reward_url}")
+            results = run_closed_loop(info, config, work_dir, progress,
+                                      on_round=lambda partial, run_dir=run_dir: write_reports(partial, run_dir))
+        for path in write_reports(results, run_dir):
+            console.print(f"wrote {path}")
+        runs.append(results)
+        summary, paths = write_summary(runs, out_dir)  # after every run: an interrupted sweep keeps what finished
+        console.print(f"wrote {', '.join(str(path) for path in paths)}")
+    if seeds == 1:
+        typer.echo((out_dir / "closed_loop_table.md").read_text())
+    typer.echo((out_dir / "closed_loop_summary.md").read_text())
+    raise typer.Exit(0 if summary["targets_met"] else 3)
 
 
 @app.command("demo")
 def demo_command(
-    pairs: int = typer.Option(80, min=4, help="Pairs the simulated listeners ask for and judge."),
+    pairs: int = typer.Option(240, min=4, help="Pairs the simulated listeners ask for and judge."),
     clip_s: float = typer.Option(ClosedLoopConfig.clip_s, help="Seconds of audio per clip."),
     seed: int = typer.Option(0, help="Seeds the listener population."),
 ) -> None:
@@ -213,8 +239,9 @@ def hot_swap_bench_command(
     from loadtests.closed_loop import ClosedLoopConfig, private_loop_stack, run_closed_loop
 
     console = Console()
+    # Only the size of the work differs from the closed loop's (the worker's defaults otherwise).
     config = ClosedLoopConfig(rounds=1, pairs_per_round=pairs, eval_prompts=8, eval_samples=2, reward_eval_prompts=4,
-                              finetune={"finetune_steps": steps, "finetune_batch_size": 8, "finetune_rm_min_pairs": 10,
+                              finetune={"finetune_steps": steps, "finetune_rm_min_pairs": 10,
                                         "finetune_eval_prompts": 8, "finetune_corpus_captions": 64})
     if from_closed_loop is not None:
         results = json.loads(from_closed_loop.read_text())

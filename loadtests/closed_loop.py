@@ -25,13 +25,19 @@ paper's raters were asked for a verdict on every pair.
 ``run_closed_loop`` needs a stack whose gateway, reward service and consumer run
 (``private_loop_stack`` starts one on free ports); results go to
 ``results/closed_loop.json``, ``results/closed_loop_winrate.png`` and
-``results/closed_loop_table.md``.
+``results/closed_loop_table.md``. ``summarize_runs`` condenses repeated runs (one per
+seed) into ``results/closed_loop_summary.{json,md,png}`` (``write_summary``).
+
+The finetune cycles use the worker's own defaults (``FinetuneSettings``); the experiment
+changes only the size of the work (``CLOSED_LOOP_SIZE``, fields in ``SIZE_FIELDS``). Any
+other override is recorded in the results as ``algorithm_overrides``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import threading
@@ -73,40 +79,60 @@ class ClosedLoopConfig:
     eval_samples: int = 4  # paired samples per prompt and policy
     reward_eval_prompts: int = 16  # prompts for the reward / KL columns (x 2 samples)
     population_size: int = 200
+    population: str = "default"  # taste preset of the training listeners and the judges (musicrl.listeners.TASTES)
     seed: int = 0
-    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneSettings overrides (field names)
+    # FinetuneSettings overrides (field names) on top of CLOSED_LOOP_SIZE; any outside SIZE_FIELDS is
+    # recorded in the results as an algorithm override.
+    finetune: dict[str, Any] = field(default_factory=dict)
     hot_swap_probe: bool = True  # keep requesting clips during each cycle; count failures, latency
 
     def finetune_overrides(self) -> dict[str, Any]:
-        return DEFAULT_FINETUNE | self.finetune
+        """What the experiment changes in the worker's defaults: the size of the work (rollouts as long as
+        ``clip_s``), then ``finetune``."""
+        return CLOSED_LOOP_SIZE | {"finetune_duration_s": self.clip_s} | self.finetune
 
 
-# The finetune settings of the experiment (FinetuneSettings field names). Chosen for
-# the small default generator on 2 CPU cores; the worker's own defaults are unchanged.
-DEFAULT_FINETUNE: dict[str, Any] = {
-    "finetune_stage": "U",
-    "finetune_trainer": "reinforce",
+# The only FinetuneSettings fields a harness (closed loop, demo, benchmarks) may change without saying so:
+# how much work a cycle does, never how it learns. Anything else is an algorithm override.
+SIZE_FIELDS: frozenset[str] = frozenset({
+    "finetune_steps", "finetune_duration_s", "finetune_eval_prompts", "finetune_corpus_captions",
+    "finetune_torch_threads", "finetune_rm_min_pairs", "finetune_checkpoint_every",
+})
+
+# The size of the experiment's cycles on 2 CPU cores; everything else is the worker's default.
+# finetune_duration_s follows ClosedLoopConfig.clip_s.
+CLOSED_LOOP_SIZE: dict[str, Any] = {
     "finetune_steps": 30,
-    "finetune_batch_size": 16,
-    # Adafactor at 10x the worker's policy lr, raw advantages, the paper's alpha: small steps (KL 3 then 9 nats
-    # per 5 s clip over two deployed rounds) that keep text adherence and quality within the gate's bound.
-    # AdamW with normalised advantages (the worker's defaults; alpha 0.03 or 0.1, 15 or 20 steps) moved
-    # further per round and every candidate of two 4-round runs was refused for a text-adherence drop > 0.05.
-    "finetune_optimizer": "adafactor",
-    "finetune_normalize_advantages": False,
-    "finetune_policy_lr": 1e-3,
-    "finetune_alpha": 0.001,
     "finetune_duration_s": 5.0,
     "finetune_torch_threads": 1,
-    "finetune_recent_policies": 8,  # the reward model learns from every round's votes
-    "finetune_rm_min_pairs": 40,
-    "finetune_heldout_fraction": 0.2,  # the reward model is published only if better than chance on these
-    # With Adafactor the reward model needs a larger step than the paper's 1e-4 to move at all.
-    "finetune_rm_lr": 1e-3,
-    "finetune_rm_epochs": 10,
     "finetune_eval_prompts": 24,
     "finetune_corpus_captions": 256,
 }
+
+
+def algorithm_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that change how the worker learns, not only how much (keys outside ``SIZE_FIELDS``)."""
+    return {key: value for key, value in overrides.items() if key not in SIZE_FIELDS}
+
+
+def overrides_warning(overrides: dict[str, Any]) -> str | None:
+    """The line printed when a run does not use the shipped finetune defaults (None when it does)."""
+    changed = algorithm_overrides(overrides)
+    if not changed:
+        return None
+    return "not the shipped defaults: " + ", ".join(f"{key}={value}" for key, value in sorted(changed.items()))
+
+
+def effective_finetune_settings(settings) -> dict[str, Any]:
+    """Every ``finetune_*`` field of the ``FinetuneSettings`` actually used (secrets left out), JSON-ready."""
+    from pydantic import SecretBytes, SecretStr
+
+    def plain(value: Any) -> Any:
+        return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+
+    return {key: plain(value) for key, value in settings.model_dump().items()
+            if key.startswith("finetune_") and not isinstance(value, SecretStr | SecretBytes)
+            and not any(word in key for word in ("token", "secret", "password"))}
 
 
 # --------------------------------------------------------------------------- statistics
@@ -161,7 +187,7 @@ class HeldOutJudge:
         prompts = [r.caption for r in make_corpus(config.eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)]
         self.prompts = [p for p in prompts for _ in range(config.eval_samples)]
         self.seeds = [5_000_000 + i for i in range(len(self.prompts))]
-        judges = Population(ListenerConfig(size=config.population_size), seed=config.seed).held_out()
+        judges = Population(ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed).held_out()
         rng = np.random.default_rng([config.seed, 77])
         self.judges = [judges[int(i)] for i in rng.integers(len(judges), size=len(self.prompts))]
         self.base_first = rng.random(len(self.prompts)) < 0.5
@@ -246,7 +272,7 @@ def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, roun
     from musicrl.corpus.dataset import make_corpus
     from musicrl.listeners import ListenerConfig, Population
 
-    population = Population(ListenerConfig(size=config.population_size), seed=config.seed)
+    population = Population(ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed)
     prompts = [r.caption for r in make_corpus(config.listener_prompts, seed=config.seed + 100, split="train", duration_s=1.0)]
     votes: Counter[str] = Counter()
     failures: list[str] = []
@@ -506,6 +532,9 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
 
     started = time.monotonic()
     settings = finetune_settings(info, work_dir, config.finetune_overrides())
+    warning = overrides_warning(config.finetune_overrides())
+    if warning:
+        progress(warning)
     store = ObjectStore(settings)
     registry = Registry(store)
     base_version = registry.versions("generator")[0]
@@ -550,7 +579,7 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
             "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "heldout_accuracy",
                                                     "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
                                                     "heldout_accuracy_quality_only", "train_accuracy", "skipped")},
-            "gate": {k: (record or {}).get("gate", {}).get(k) for k in ("passed", "candidate", "baseline")},
+            "gate": {k: (record or {}).get("gate", {}).get(k) for k in ("passed", "candidate", "baseline", "chosen_step")},
             "train_last_step": (record or {}).get("train_history_last"),
             "win_rate": win, "rewards": scores, "base_rewards_same_rm": base_now,
             "hot_swap": swap,
@@ -561,20 +590,28 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
         }
         rounds.append(row)
         if on_round is not None:
-            on_round(_summary(config, base_version, rounds, started))
+            on_round(_summary(config, base_version, rounds, started, settings))
         progress(f"round {round_index}: cycle {row['cycle']['status']}, serving {served}, win rate vs base "
                  f"{win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] ({win['wins']}-{win['losses']}-{win['ties']}), "
                  f"RM accuracy {rm.get('heldout_accuracy')}, KL {scores.get('kl')}, elapsed {row['elapsed_s']:.0f} s")
-    return _summary(config, base_version, rounds, started)
+    return _summary(config, base_version, rounds, started, settings)
 
 
-def _summary(config: ClosedLoopConfig, base_version: str, rounds: list[dict[str, Any]], started: float) -> dict[str, Any]:
+# Win rate against the base a run's final policy should reach (with its interval above 0.5), per population.
+RUN_TARGET = {"default": 0.70, "opposite": 0.65}
+
+
+def _summary(config: ClosedLoopConfig, base_version: str, rounds: list[dict[str, Any]], started: float,
+             settings) -> dict[str, Any]:
     final = rounds[-1]["win_rate"] or {}
+    target = RUN_TARGET.get(config.population, 0.70)
     return {
-        "experiment": "closed_loop", "config": asdict(config), "finetune_settings": config.finetune_overrides(),
+        "experiment": "closed_loop", "population": config.population, "seed": config.seed, "config": asdict(config),
+        "finetune_settings": effective_finetune_settings(settings),
+        "algorithm_overrides": algorithm_overrides(config.finetune_overrides()),
         "machine": machine(), "base_version": base_version, "rounds": rounds,
-        "final": {"policy_version": rounds[-1]["policy_version"], **final,
-                  "target_met": bool(final and final["win_rate"] >= 0.70 and final["ci_low"] > 0.5)},
+        "final": {"policy_version": rounds[-1]["policy_version"], **final, "target_win_rate": target,
+                  "target_met": bool(final and final["win_rate"] >= target and final["ci_low"] > 0.5)},
         "elapsed_s": round(time.monotonic() - started, 1),
         "evaluation": "held-out population (same taste distribution, other individuals), full listens, a verdict on "
                       "every pair; policy and base sampled in-process from registry checkpoints with identical seeds",
@@ -633,9 +670,15 @@ def results_table(results: dict[str, Any]) -> str:
         )
     final = results["final"]
     lines += ["", f"Final policy v{final.get('policy_version')}: win rate {_fmt(final.get('win_rate'))} "
-              f"(95% CI {_fmt(final.get('ci_low'))} to {_fmt(final.get('ci_high'))}); target (>= 0.70, CI above 0.5) "
+              f"(95% CI {_fmt(final.get('ci_low'))} to {_fmt(final.get('ci_high'))}); "
+              f"target (>= {final.get('target_win_rate', 0.70):.2f}, CI above 0.5) "
               f"{'met' if final.get('target_met') else 'not met'}. Run took {results['elapsed_s'] / 60:.1f} min on "
               f"{results['machine']['cores']} cores ({results['machine']['cpu']}).", ""]
+    if "population" in results:
+        lines.insert(-1, f"Listener population {results['population']!r}, seed {results.get('seed')}.")
+    warning = overrides_warning(results.get("algorithm_overrides") or {})
+    if warning:
+        lines.insert(-1, f"Finetune settings: {warning}.")
     return "\n".join(lines)
 
 
@@ -665,3 +708,159 @@ def plot_win_rate(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- repeated runs
+
+
+ACCEPTED = ("deployed", "published")  # a cycle whose candidate passed the gate
+
+
+def _targets(population: str, median: float | None, good_runs: int, n_runs: int, accepted_share: float | None
+             ) -> dict[str, bool]:
+    """The issue's targets for a sweep (default: 5 runs; "4 of 5" scales to 80 % of the runs, rounded up)."""
+    if population == "default":
+        required = math.ceil(0.8 * n_runs)
+        return {"median >= 0.70": median is not None and median >= 0.70,
+                f"runs_ge_65_ci_above_50 >= {required} of {n_runs}": good_runs >= required,
+                "accepted_share >= 0.8": accepted_share is not None and accepted_share >= 0.8}
+    if population == "opposite":
+        return {"median >= 0.65": median is not None and median >= 0.65}
+    return {}
+
+
+def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of the experiment (``run_closed_loop`` results, one per seed, one population) condensed:
+    each run's final win rate, accepted cycles and KL, and over the runs the median, range and
+    interquartile range of the final win rate, the runs >= 0.65 with the interval above 0.5, the
+    share of accepted cycles and the issue's targets as booleans."""
+    if not results:
+        raise ValueError("no runs to summarise")
+    populations = {r.get("population", r.get("config", {}).get("population", "default")) for r in results}
+    if len(populations) != 1:
+        raise ValueError(f"runs of different populations: {sorted(populations)}")
+    population = populations.pop()
+    runs = []
+    for result in results:
+        final = result.get("final") or {}
+        cycles = [row for row in result["rounds"] if row["round"] > 0]
+        accepted = sum((row.get("cycle") or {}).get("status") in ACCEPTED for row in cycles)
+        runs.append({
+            "seed": result.get("seed", result.get("config", {}).get("seed")),
+            "population": population,
+            "final_win_rate": final.get("win_rate"), "ci_low": final.get("ci_low"), "ci_high": final.get("ci_high"),
+            "expected_win_rate": final.get("expected_win_rate"),
+            "final_policy_version": final.get("policy_version"),
+            "cycles_accepted": accepted, "cycles_total": len(cycles),
+            "cycle_status": [(row.get("cycle") or {}).get("status") for row in cycles],
+            "candidate_kl": [((row.get("gate") or {}).get("candidate") or {}).get("kl") for row in cycles],
+            "win_rate_by_round": [(row.get("win_rate") or {}).get("win_rate") for row in cycles],
+            "elapsed_min": round(result.get("elapsed_s", 0.0) / 60, 2),
+        })
+    finals = np.array([r["final_win_rate"] for r in runs if r["final_win_rate"] is not None
+                       and np.isfinite(r["final_win_rate"])], dtype=float)
+    good = sum(r["final_win_rate"] is not None and r["final_win_rate"] >= 0.65 and (r["ci_low"] or 0.0) > 0.5
+               for r in runs)
+    total_cycles = sum(r["cycles_total"] for r in runs)
+    accepted_share = sum(r["cycles_accepted"] for r in runs) / total_cycles if total_cycles else None
+
+    def stat(value: float) -> float:
+        return round(float(value), 4)
+
+    median = stat(np.median(finals)) if finals.size else None
+    q25, q75 = (np.percentile(finals, [25, 75]) if finals.size else (None, None))
+    targets = _targets(population, median, good, len(runs), accepted_share)
+    return {
+        "experiment": "closed_loop_summary", "population": population, "n_runs": len(runs), "runs": runs,
+        "final_win_rate": {"median": median, "min": stat(finals.min()) if finals.size else None,
+                           "max": stat(finals.max()) if finals.size else None,
+                           "q25": stat(q25) if finals.size else None, "q75": stat(q75) if finals.size else None,
+                           "iqr": stat(q75 - q25) if finals.size else None},
+        "runs_ge_65_ci_above_50": good,
+        "cycles_accepted": sum(r["cycles_accepted"] for r in runs), "cycles_total": total_cycles,
+        "accepted_share": round(accepted_share, 4) if accepted_share is not None else None,
+        "median_elapsed_min": round(float(np.median([r["elapsed_min"] for r in runs])), 2),
+        "median_target": {"default": 0.70, "opposite": 0.65}.get(population),
+        "algorithm_overrides": results[0].get("algorithm_overrides") or {},
+        "targets": targets, "targets_met": bool(targets) and all(targets.values()),
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"Closed loop, population {summary['population']!r}, {summary['n_runs']} run(s).",
+        "",
+        "| seed | final win rate vs base [95% CI] | expected | cycles accepted | KL of each cycle's candidate "
+        "(nats/clip) | win rate per round | minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in summary["runs"]:
+        win = "-" if run["final_win_rate"] is None else (
+            f"{run['final_win_rate']:.1%} [{_pct(run['ci_low'])}, {_pct(run['ci_high'])}]")
+        lines.append(
+            f"| {run['seed']} | {win} | {_fmt(run['expected_win_rate'])} | {run['cycles_accepted']}/{run['cycles_total']} | "
+            f"{', '.join(_fmt(kl, 2) for kl in run['candidate_kl']) or '-'} | "
+            f"{', '.join(_fmt(w) for w in run['win_rate_by_round']) or '-'} | {run['elapsed_min']:.1f} |")
+    finals = summary["final_win_rate"]
+    lines += [
+        "",
+        f"Final win rate over runs: median {_fmt(finals['median'])}, min {_fmt(finals['min'])}, max {_fmt(finals['max'])}, "
+        f"interquartile range {_fmt(finals['iqr'])} ({_fmt(finals['q25'])} to {_fmt(finals['q75'])}).",
+        f"Runs >= 0.65 with the interval above 0.5: {summary['runs_ge_65_ci_above_50']} of {summary['n_runs']}. "
+        f"Cycles accepted (deployed or published): {summary['cycles_accepted']} of {summary['cycles_total']} "
+        f"({_fmt(summary['accepted_share'], 2)}). Median run time {summary['median_elapsed_min']:.1f} min.",
+        "",
+        "Targets: " + ("; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in summary["targets"].items())
+                       or "none for this population") + f". Overall: {'met' if summary['targets_met'] else 'not met'}.",
+    ]
+    warning = overrides_warning(summary.get("algorithm_overrides") or {})
+    if warning:
+        lines += ["", f"Finetune settings: {warning}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> None:
+    """Win rate against round, one line per run, the median final win rate and the 50 % and target lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    last = 1
+    for run in summary["runs"]:
+        points = [(0, 0.5)] + [(i, w) for i, w in enumerate(run["win_rate_by_round"], start=1) if w is not None]
+        last = max(last, points[-1][0])
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", alpha=0.8, label=f"seed {run['seed']}")
+    median = summary["final_win_rate"]["median"]
+    if median is not None:
+        ax.plot([last], [median], marker="D", markersize=10, color="black", linestyle="none",
+                label=f"median final {median:.1%}")
+    ax.axhline(0.5, color="black", linewidth=0.8)
+    if summary.get("median_target") is not None:
+        ax.axhline(summary["median_target"], color="green", linestyle=":", label=f"target {summary['median_target']:.0%}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("win rate against the base policy")
+    ax.set_xticks(range(last + 1))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"Closed loop, population {summary['population']!r}: {summary['n_runs']} run(s)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(results: list[dict[str, Any]], out_dir: Path, prefix: str = "closed_loop_summary"
+                  ) -> tuple[dict[str, Any], list[Path]]:
+    """``summarize_runs`` written as ``<prefix>.json``, ``.md`` and ``.png`` in ``out_dir``."""
+    summary = _finite(summarize_runs([_finite(r) for r in results]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = out_dir / f"{prefix}.json", out_dir / f"{prefix}.md", out_dir / f"{prefix}.png"
+    json_path.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False) + "\n")
+    md_path.write_text(summary_markdown(summary))
+    plot_summary(summary, png_path)
+    return summary, [json_path, md_path, png_path]

@@ -5,7 +5,11 @@ Simulated listeners ask the real gateway for a few dozen pairs and vote through
 one small finetune cycle trains the reward model on them, finetunes the served policy
 with the user-preference reward, gates it and hot-swaps it into Triton. The stack keeps
 running afterwards, so the listening page (printed at the end) serves the new policy.
-Running it again runs another turn on top of the last one.
+When a new policy was deployed, held-out listeners (``HeldOutJudge``) judge it against the
+previous one. Running it again runs another turn on top of the last one.
+
+The cycle uses the finetune worker's own defaults; the demo changes only the size of the
+work (``DEMO_SIZE``, fields in ``loadtests.closed_loop.SIZE_FIELDS``).
 """
 
 from __future__ import annotations
@@ -18,32 +22,56 @@ from typing import Any
 
 import httpx
 
-from loadtests.closed_loop import ClosedLoopConfig, collect_votes, finetune_settings, preferences_on, wait_for_buffer, wait_ready
+from loadtests.closed_loop import (
+    ClosedLoopConfig,
+    HeldOutJudge,
+    _finite,
+    algorithm_overrides,
+    collect_votes,
+    effective_finetune_settings,
+    finetune_settings,
+    overrides_warning,
+    preferences_on,
+    wait_for_buffer,
+    wait_ready,
+)
 
-# Small enough for a few minutes on 2 cores; the loop's real defaults are in docs/finetune.md.
-DEMO_FINETUNE: dict[str, Any] = {
-    "finetune_stage": "U",
-    "finetune_steps": 8,
-    "finetune_batch_size": 8,
-    "finetune_policy_lr": 1e-3,  # as in the closed-loop experiment (docs/closed_loop.md)
-    "finetune_heldout_fraction": 0.25,  # a few dozen votes: keep enough held out to measure the reward model
+# The size of the demo's cycle: a few minutes on 2 cores. Everything else is the worker's default
+# (docs/finetune.md); finetune_duration_s follows DemoConfig.clip_s.
+DEMO_SIZE: dict[str, Any] = {
+    "finetune_steps": 12,
     "finetune_duration_s": 5.0,
     "finetune_torch_threads": 1,
-    "finetune_rm_min_pairs": 8,
-    "finetune_rm_lr": 1e-3,
-    "finetune_rm_epochs": 10,
     "finetune_eval_prompts": 8,
     "finetune_corpus_captions": 64,
-    "finetune_recent_policies": 8,
+    "finetune_rm_min_pairs": 16,
 }
+
+# The held-out comparison of the new policy with the previous one: 96 paired comparisons.
+DEMO_EVAL_PROMPTS = 24
+DEMO_EVAL_SAMPLES = 4
 
 
 @dataclass
 class DemoConfig:
-    pairs: int = 80
+    pairs: int = 240  # about 60 preferences: the reward model needs a few dozen
     clip_s: float = 5.0
     concurrency: int = 4
     seed: int = 0
+
+
+def judge_against_previous(store, version_before: str, version_after: str, config: DemoConfig, embed, work_dir: Path
+                           ) -> dict[str, Any]:
+    """Win rate of ``version_after`` against ``version_before`` (the judge's base), by held-out listeners."""
+    from musicrl.registry import Registry
+
+    registry = Registry(store)
+    before_dir = registry.download("generator", version_before, work_dir / "policies" / version_before)
+    after_dir = registry.download("generator", version_after, work_dir / "policies" / version_after)
+    judge_config = ClosedLoopConfig(eval_prompts=DEMO_EVAL_PROMPTS, eval_samples=DEMO_EVAL_SAMPLES, clip_s=config.clip_s,
+                                    seed=config.seed)
+    judge = HeldOutJudge(before_dir, judge_config, embed)
+    return judge.win_rate(after_dir).to_dict()
 
 
 def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Path("results/demo.json")) -> dict[str, Any]:
@@ -64,7 +92,12 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     progress(f"waiting for the gateway at {info.gateway_url} to serve the generator")
     wait_ready(info.gateway_url + "/readyz", 300)
 
-    settings = finetune_settings(info, stack_settings.data_dir / "demo", DEMO_FINETUNE | {"finetune_duration_s": config.clip_s})
+    overrides = DEMO_SIZE | {"finetune_duration_s": config.clip_s}
+    work_dir = stack_settings.data_dir / "demo"
+    settings = finetune_settings(info, work_dir, overrides)
+    warning = overrides_warning(overrides)
+    if warning:
+        progress(warning)
     store = ObjectStore(settings)
     registry, buffer = Registry(store), PreferenceBuffer(store, settings.bucket_buffer)
     version_before = registry.current("generator")
@@ -88,6 +121,18 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
                        timeout=120).json()
     rm = record.get("reward_model", {})
     gate = record.get("gate", {})
+    version_after = registry.current("generator")
+    win_rate, no_win_rate = None, None
+    if version_after != version_before:
+        from finetune_worker.train import make_embed
+
+        progress(f"held-out listeners judge v{version_after} against v{version_before} "
+                 f"({DEMO_EVAL_PROMPTS} prompts x {DEMO_EVAL_SAMPLES} samples)")
+        win_rate = judge_against_previous(store, version_before, version_after, config,
+                                          make_embed(settings.finetune_text_encoder), work_dir)
+    else:
+        no_win_rate = (f"no new policy deployed (cycle {record['status']}"
+                       + (f": {record['reason']}" if record.get("reason") else "") + ")")
     summary = {
         "listen_at": info.gateway_url + "/",
         "votes": dict(collection.votes),
@@ -97,15 +142,19 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
                          "heldout_accuracy": rm.get("heldout_accuracy"), "train_pairs": rm.get("n_train_pairs"),
                          "skipped": rm.get("skipped")},
         "policy_before": version_before,
-        "policy_after": registry.current("generator"),
+        "policy_after": version_after,
         "served_now": sorted({clip["policy_version"] for clip in after["clips"]}),
         "cycle": {"status": record["status"], "reason": record.get("reason"), "timings_s": record.get("timings_s")},
         "gate": {"passed": gate.get("passed"), "reward_candidate": gate.get("candidate", {}).get("reward"),
                  "reward_parent": gate.get("baseline", {}).get("reward"), "kl": gate.get("candidate", {}).get("kl")},
+        "win_rate_vs_previous": win_rate,
+        "win_rate_vs_previous_reason": no_win_rate,
+        "finetune_settings": effective_finetune_settings(settings),
+        "algorithm_overrides": algorithm_overrides(overrides),
     }
     if results_path is not None:
         results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        results_path.write_text(json.dumps(_finite(summary), indent=2, default=str, allow_nan=False) + "\n")
     return summary
 
 
@@ -127,6 +176,19 @@ def describe(summary: dict[str, Any]) -> list[str]:
         + (f"; gate {'passed' if gate['passed'] else 'failed'}: preference reward {gate['reward_parent']:.3f} -> "
            f"{gate['reward_candidate']:.3f}, KL {gate['kl']:.2f} nats/clip" if gate.get("passed") is not None else ""),
         f"policy: v{summary['policy_before']} before, v{summary['policy_after']} now (the gateway serves v{', v'.join(summary['served_now'])})",
+        win_rate_line(summary),
         f"listen: {summary['listen_at']}   (stop everything with `musicrl stack down`)",
     ]
     return lines
+
+
+def win_rate_line(summary: dict[str, Any]) -> str:
+    win = summary.get("win_rate_vs_previous")
+    if not win:
+        return f"held-out listeners: nothing to compare, {summary.get('win_rate_vs_previous_reason') or 'no new policy'}"
+    if win.get("win_rate") is None or win["win_rate"] != win["win_rate"]:  # every comparison a tie (NaN, null in JSON)
+        return (f"held-out listeners prefer neither v{summary['policy_after']} nor v{summary['policy_before']}: "
+                f"all ties ({win['wins']}-{win['losses']}-{win['ties']})")
+    return (f"held-out listeners prefer v{summary['policy_after']} over v{summary['policy_before']}: "
+            f"{win['win_rate']:.1%} [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
+            f"({win['wins']}-{win['losses']}-{win['ties']})")

@@ -145,6 +145,23 @@ def _default_taste() -> dict[str, FeatureTaste]:
     }
 
 
+def _opposite_taste() -> dict[str, FeatureTaste]:
+    # A population with the opposite taste: slow, dark, sparse music in a low register,
+    # a little quieter; noise is still disliked and some dynamic life still liked.
+    return {
+        "brightness": FeatureTaste(weight=-0.5),
+        "pitch": FeatureTaste(ideal=-0.5, curvature=0.6),
+        "tempo": FeatureTaste(weight=-1.0),
+        "loudness": FeatureTaste(ideal=-0.3, curvature=0.3),
+        "noisiness": FeatureTaste(weight=-0.8),
+        "dynamics": FeatureTaste(weight=0.2),
+    }
+
+
+# Named population tastes (``ListenerConfig.for_taste``): each a factory of a fresh taste dict.
+TASTES = {"default": _default_taste, "opposite": _opposite_taste}
+
+
 class ListenerConfig(BaseModel):
     """Parameters of a listener population (all probabilities are per vote)."""
 
@@ -166,6 +183,13 @@ class ListenerConfig(BaseModel):
         unknown = set(self.taste) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown taste features {sorted(unknown)}; known: {list(FEATURES)}")
+
+    @classmethod
+    def for_taste(cls, name: str, **kwargs: object) -> ListenerConfig:
+        """A population with the named taste preset (``TASTES``); other fields from ``kwargs``."""
+        if name not in TASTES:
+            raise ValueError(f"unknown taste preset {name!r}; known: {', '.join(sorted(TASTES))}")
+        return cls(taste=TASTES[name](), **kwargs)
 
 
 @dataclass(frozen=True)

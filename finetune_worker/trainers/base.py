@@ -152,17 +152,21 @@ def load_state(directory: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- the loop
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainerArgs:
-    """Fields every trainer config has (the TRL ``TrainingArguments`` of this project)."""
+    """Fields every trainer config has (the TRL ``TrainingArguments`` of this project).
 
-    steps: int = 100
-    batch_size: int = 8  # rollouts (REINFORCE) or pairs (DPO) per process per step
-    seed: int = 0
-    device: str = "cpu"
-    mixed_precision: bool = True  # bf16 autocast, used on CUDA only
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 10  # steps; 0 disables intermediate checkpoints
+    No defaults: every value comes from ``FinetuneSettings`` through ``finetune_worker.configs``.
+    """
+
+    steps: int  # most optimizer steps (a trainer may stop earlier)
+    batch_size: int  # rollouts (REINFORCE) or pairs (DPO) per process per step
+    seed: int
+    device: str
+    mixed_precision: bool  # bf16 autocast, used on CUDA only
+    max_grad_norm: float
+    checkpoint_every: int  # steps between resumable training states; 0 disables them
+    candidate_every: int  # steps between policy snapshots the gate chooses from
     log_every: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,20 +187,25 @@ class TrainOutput:
 class OnlineTrainer:
     """The training loop around ``step()``: progress bar, history, checkpoint and resume.
 
-    Subclasses implement ``step() -> metrics`` and ``state_dict()/load_state_dict()``.
-    A checkpoint is the whole state (weights, optimizers, step, history), written by
-    rank 0 atomically; ``train()`` resumes from it when one is present in
-    ``checkpoint_dir``, so a killed worker restarts where it stopped.
+    Subclasses implement ``step() -> metrics`` and ``state_dict()/load_state_dict()``,
+    and may stop early by returning True from ``on_step_end(metrics)``. A checkpoint is
+    the whole state (weights, optimizers, step, history), written by rank 0 atomically;
+    ``train()`` resumes from it when one is present in ``checkpoint_dir``, so a killed
+    worker restarts where it stopped. Every ``candidate_every`` steps, and at the last
+    step, rank 0 saves the policy to ``candidates_dir/step-NNNN``: the gate chooses among them.
     """
 
     args: TrainerArgs
 
-    def __init__(self, args: TrainerArgs, checkpoint_dir: str | Path | None, dist_ctx: DistributedContext | None):
+    def __init__(self, args: TrainerArgs, checkpoint_dir: str | Path | None, dist_ctx: DistributedContext | None,
+                 candidates_dir: str | Path | None = None):
         self.args = args
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.candidates_dir = Path(candidates_dir) if candidates_dir else None
         self.dist = dist_ctx or DistributedContext()
         self.global_step = 0
         self.history: list[dict[str, float]] = []
+        self.stopped_early = False
 
     # subclass API
     def step(self) -> dict[str, float]:
@@ -208,12 +217,39 @@ class OnlineTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    @property
+    def model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def on_step_end(self, metrics: dict[str, float]) -> bool:
+        """Called with every step's (process-averaged) metrics; True ends training after this step."""
+        return False
+
     # shared
+    def save_candidate(self) -> Path | None:
+        """The policy as it is now, a complete generator checkpoint, renamed into place when written."""
+        from musicrl.models.generator import save_generator  # noqa: PLC0415 - trainers/base stays model-agnostic
+
+        if self.candidates_dir is None or not self.dist.is_main:
+            self.dist.barrier()
+            return None
+        target = self.candidates_dir / f"step-{self.global_step:04d}"
+        staging = self.candidates_dir / f".step-{self.global_step:04d}.staging"
+        save_generator(unwrap(self.model), staging, {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
+        if target.exists():
+            import shutil  # noqa: PLC0415
+
+            shutil.rmtree(target)
+        staging.rename(target)
+        self.dist.barrier()
+        return target
+
     def save_checkpoint(self) -> Path | None:
         if self.checkpoint_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return None
-        state = {"global_step": self.global_step, "history": self.history, "args": self.args.to_dict(), **self.state_dict()}
+        state = {"global_step": self.global_step, "history": self.history, "args": self.args.to_dict(),
+                 "stopped_early": self.stopped_early, **self.state_dict()}
         path = save_state_atomic(state, self.checkpoint_dir)
         self.dist.barrier()
         return path
@@ -227,6 +263,7 @@ class OnlineTrainer:
         self.load_state_dict(state)
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
+        self.stopped_early = bool(state.get("stopped_early", False))
         log.info("trainer.resumed", step=self.global_step, checkpoint=str(self.checkpoint_dir))
         return self.global_step
 
@@ -234,19 +271,26 @@ class OnlineTrainer:
         resumed = self.maybe_resume()
         bar = tqdm(total=self.args.steps, initial=self.global_step, disable=not self.dist.is_main, desc=type(self).__name__, leave=False)
         started = time.perf_counter()
-        while self.global_step < self.args.steps:
+        while self.global_step < self.args.steps and not self.stopped_early:
             metrics = self.dist.mean(self.step())
             self.global_step += 1
             metrics = {"step": float(self.global_step), **metrics, "elapsed_s": time.perf_counter() - started}
-            self.history.append(metrics)
             _check_finite(metrics)
+            self.stopped_early = self.on_step_end(metrics)
+            metrics["stopped_early"] = float(self.stopped_early)
+            self.history.append(metrics)
             bar.update(1)
             if self.dist.is_main and self.global_step % max(1, self.args.log_every) == 0:
                 bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("reward", "kl", "loss") if k in metrics})
                 log.info("trainer.step", **{k: round(v, 6) for k, v in metrics.items()})
+            finished = self.stopped_early or self.global_step >= self.args.steps
+            if finished or self.global_step % self.args.candidate_every == 0:
+                self.save_candidate()
             every = self.args.checkpoint_every
-            if every and self.global_step % every == 0 and self.global_step < self.args.steps:
+            if every and self.global_step % every == 0 and not finished:
                 self.save_checkpoint()
+        if self.stopped_early:
+            log.info("trainer.early_stop", step=self.global_step, kl=self.history[-1].get("kl"))
         bar.close()
         return TrainOutput(step=self.global_step, history=list(self.history), resumed_from=resumed)
 

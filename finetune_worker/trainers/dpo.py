@@ -39,11 +39,13 @@ from musicrl.device import resolve_device
 from musicrl.models.generator import Generator, filter_logits
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DPOConfig(TrainerArgs):
-    beta: float = 0.1
-    learning_rate: float = 1e-5
-    optimizer: str = "adafactor"
+    """Built from ``FinetuneSettings`` by ``finetune_worker.configs``."""
+
+    beta: float
+    learning_rate: float
+    optimizer: str
     use_stored_logprobs: bool = True  # reference = the log-probs recorded at sampling time (no reference forward pass)
 
     def __post_init__(self) -> None:
@@ -105,8 +107,9 @@ class OnlineDPOTrainer(OnlineTrainer):
         embed: Callable[[list[str]], np.ndarray],
         checkpoint_dir: str | Path | None = None,
         dist_ctx: DistributedContext | None = None,
+        candidates_dir: str | Path | None = None,
     ):
-        super().__init__(config, checkpoint_dir, dist_ctx)
+        super().__init__(config, checkpoint_dir, dist_ctx, candidates_dir)
         if not pairs:
             raise ValueError("DPO needs at least one non-tie preference pair")
         self.config = config

@@ -1,25 +1,34 @@
-"""KL-regularised REINFORCE with a learned value baseline (MusicRL, section 3.2).
+"""KL-regularised REINFORCE (MusicRL, section 3.2) kept inside a per-cycle KL budget.
 
-The policy objective, maximised, for a trajectory a_0..a_T with s_t = (a_0..a_{t-1}):
+The policy objective, maximised over rollouts a_0..a_T of a prompt x:
 
-    J(theta) = (1 - alpha) * sum_t log pi_theta(a_t|s_t) * (sum_{i>=t} r(s_i) - V_phi(s_t))
+    J(theta) = (1 - alpha) * sum_t log pi_theta(a_t|s_t) * A(x, a)
                - alpha * sum_t KL(pi_theta(.|s_t) || pi_theta0(.|s_t))
 
-and the baseline, minimised:
+as the paper writes it, with three changes that keep one cycle from overshooting
+(docs/finetune.md says why each is there):
 
-    L(phi) = sum_t (sum_{k>=t} r(s_k) - V_phi(s_t))^2
+- **Group baseline (RLOO, Ahmadian et al. 2024).** Each prompt is sampled
+  ``group_size`` times; a rollout's advantage is its reward minus the mean reward of
+  the same prompt's other rollouts, divided by the batch's standard deviation. This
+  replaces the paper's learned value baseline: it is unbiased, needs no second model,
+  and does not depend on the reward model's scale, which changes every time it is retrained.
+- **Adaptive KL coefficient and early stop (Ziegler et al. 2019).** pi_theta0 is the
+  policy the cycle started from. After every step ``alpha`` is multiplied by
+  ``1 + gain * clip(KL / target_t - 1, -0.5, 0.5)``, with ``target_t`` rising linearly to
+  ``kl_target`` at the last step; training stops at the first step whose rollouts are
+  more than ``kl_budget`` nats per clip from pi_theta0.
+- **The other rewards are constraints (Lagrangian relaxation).** The gate refuses a
+  candidate whose text adherence or quality fell, so the trainer maximises the target
+  reward subject to ``E[c] >= c_start - slack`` for each such component c: the advantage
+  is ``(A_target + sum_c lambda_c A_c) / (1 + sum_c lambda_c)`` and each multiplier rises
+  while its constraint is violated (dual ascent) and falls back to zero when it is not.
 
-The reward is sequence-level and given at the last token, so the return
-sum_{i>=t} r(s_i) is the clip's reward R for every t. The KL is exact (a sum over
-the whole codebook at every step), as the paper writes it, not a sampled estimate.
-pi_theta0 is the reference policy: the starting checkpoint for the R and U stages,
-the R policy for RU. Both the policy and the value model start from the initial
-checkpoint; the value model is the generator trunk with a scalar head.
-
-Rollouts are sampled from the policy itself at the serving temperature and scored
-in one batch per step by the reward function (the reward service over HTTP in
-production). Under ``torchrun`` every process samples its own rollouts and DDP
-averages the gradients.
+The KL is exact (a sum over the whole codebook at every step), not a sampled
+estimate. Rollouts are sampled from the policy itself at the serving temperature and
+scored in one batch per step by the reward function (the reward service over HTTP in
+production). Under ``torchrun`` every process samples its own rollouts, DDP averages
+the gradients and the controller acts on metrics averaged over processes.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from finetune_worker.trainers.base import (
@@ -53,54 +61,49 @@ from musicrl.models.generator import Generator
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "R": {"text_adherence": 1.0, "quality": 1.0},  # MuLan-like + quality normalised to 0..1
     "U": {"preference": 1.0},
-    "RU": {"preference": 1.0},  # U reward, KL against the R policy (the caller passes it as ref_model)
+    "RU": {"preference": 1.0},  # U reward; the gate bounds the drift from the R policy
 }
+# Components the gate protects (no_collapse); those a stage does not optimise are its constraints.
+PROTECTED = ("text_adherence", "quality", "preference")
 
 
-@dataclass
+def constraints_of(stage: str) -> tuple[str, ...]:
+    return tuple(c for c in PROTECTED if c not in STAGE_WEIGHTS[stage])
+
+
+@dataclass(kw_only=True)
 class ReinforceConfig(TrainerArgs):
-    """Defaults are the paper's (alpha, learning rates, Adafactor, temperature 0.99)."""
+    """Built from ``FinetuneSettings`` by ``finetune_worker.configs``; no defaults of its own."""
 
-    stage: str = "R"
-    reward_weights: dict[str, float] | None = None  # None: the stage's weights
-    alpha: float = 0.001  # KL regularisation strength
-    policy_lr: float = 1e-5
-    value_lr: float = 1e-4
-    optimizer: str = "adafactor"  # or "adamw"
-    temperature: float = 0.99
-    n_frames: int = 80  # clip length of a rollout in token frames (10 s at 8 frames/s)
-    # Divide the advantages by their batch standard deviation (as PPO implementations do): a Bradley-Terry
-    # model's scale is arbitrary and changes every time it is retrained, and without this the policy's step
-    # size and the weight of the KL term against the reward would change with it.
-    normalize_advantages: bool = False
+    stage: str
+    alpha: float  # initial KL coefficient; adapted by the controller
+    kl_target: float  # nats per clip to the starting policy, reached by the last step
+    kl_budget: float  # early stop, nats per clip
+    kl_gain: float
+    group_size: int  # rollouts per prompt
+    constraint_slack: float
+    lagrange_lr: float
+    policy_lr: float
+    optimizer: str  # "adafactor" or "adamw"
+    temperature: float
+    n_frames: int  # clip length of a rollout in token frames
     extra_metrics: list[str] = field(default_factory=lambda: ["text_adherence", "quality", "preference"])
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_WEIGHTS:
             raise ValueError(f"unknown stage {self.stage!r}; expected one of {sorted(STAGE_WEIGHTS)}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError("alpha must be in [0, 1)")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError("alpha must be in (0, 1)")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.group_size < 2 or self.batch_size % self.group_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}) >= 2")
+        if not 0 < self.kl_target < self.kl_budget:
+            raise ValueError("need 0 < kl_target < kl_budget")
 
     @property
     def weights(self) -> dict[str, float]:
-        return dict(self.reward_weights or STAGE_WEIGHTS[self.stage])
-
-
-class ValueModel(nn.Module):
-    """V_phi(s_t): the generator trunk (initialised from the policy's weights) and a scalar head."""
-
-    def __init__(self, generator: Generator):
-        super().__init__()
-        self.trunk = copy.deepcopy(generator)
-        self.head = nn.Linear(generator.config.d_model, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, cond: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        # hidden()[:, t] has seen the caption and tokens[:, :t], i.e. exactly s_t.
-        return self.head(self.trunk.hidden(cond, tokens)).squeeze(-1)
+        return dict(STAGE_WEIGHTS[self.stage])
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -118,111 +121,190 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
+def leave_one_out(values: np.ndarray, group_size: int) -> np.ndarray:
+    """Each value minus the mean of the other values of its group (consecutive rows of ``group_size``)."""
+    groups = np.asarray(values, dtype=np.float64).reshape(-1, group_size)
+    others = (groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def standardized(values: np.ndarray) -> np.ndarray:
+    return values / (values.std() + 1e-8)
+
+
+class KLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019) toward a target that rises linearly over the cycle."""
+
+    def __init__(self, alpha: float, target: float, steps: int, gain: float):
+        self.alpha, self.target, self.steps, self.gain = alpha, target, steps, gain
+
+    def target_at(self, step: int) -> float:
+        return self.target * min(1.0, step / self.steps)
+
+    def update(self, kl: float, step: int) -> float:
+        error = float(np.clip(kl / max(self.target_at(step), 1e-6) - 1.0, -0.5, 0.5))
+        self.alpha = float(np.clip(self.alpha * (1.0 + self.gain * error), 1e-4, 0.9))
+        return self.alpha
+
+
+class Constraints:
+    """Lagrange multipliers for ``E[c] >= start_c - slack``, updated by dual ascent on a smoothed estimate.
+
+    A batch of 16 clips measures a component's mean to a few hundredths, as much as the slack, so the
+    starting level is the mean of the first ``warmup`` batches (the policy has barely moved yet) and the
+    current level an exponential average over about five batches; multipliers stay at zero during warm-up.
+    """
+
+    def __init__(self, names: tuple[str, ...], slack: float, lr: float, warmup: int = 3, smoothing: float = 0.8):
+        self.names, self.slack, self.lr, self.warmup, self.smoothing = names, slack, lr, warmup, smoothing
+        self.multipliers = dict.fromkeys(names, 0.0)
+        self.start: dict[str, float] = {}  # the starting policy's level
+        self.scale: dict[str, float] = {}  # the spread over clips: violations are measured in these units
+        self.level: dict[str, float] = {}  # exponential average of the batch means
+        self.seen = 0
+
+    def update(self, means: dict[str, float], stds: dict[str, float]) -> None:
+        self.seen += 1
+        for name in self.names:
+            if name not in means:
+                continue
+            if self.seen <= self.warmup:
+                weight = 1.0 / self.seen
+                self.start[name] = (1 - weight) * self.start.get(name, 0.0) + weight * means[name]
+                self.scale[name] = (1 - weight) * self.scale.get(name, 0.0) + weight * max(stds[name], 1e-6)
+                self.level[name] = self.start[name]
+                continue
+            self.level[name] = self.smoothing * self.level[name] + (1 - self.smoothing) * means[name]
+            violation = (self.start[name] - self.slack - self.level[name]) / self.scale[name]
+            self.multipliers[name] = max(0.0, self.multipliers[name] + self.lr * violation)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"multipliers": self.multipliers, "start": self.start, "scale": self.scale, "level": self.level, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("multipliers", "start", "scale", "level"):
+            setattr(self, key, dict(state[key]))
+        self.seen = int(state["seen"])
+
+
 class ReinforceTrainer(OnlineTrainer):
-    """Trains ``model`` (a Generator) in place; ``ref_model`` stays frozen."""
+    """Trains ``model`` (a Generator) in place; a frozen copy of its starting weights is pi_theta0."""
 
     def __init__(
         self,
         config: ReinforceConfig,
         model: Generator,
-        ref_model: Generator,
         reward_fn: RewardFunction,
         prompts: Callable[[int, int, int], list[str]],
         embed: Callable[[list[str]], np.ndarray],
         checkpoint_dir: str | Path | None = None,
         dist_ctx: DistributedContext | None = None,
+        candidates_dir: str | Path | None = None,
     ):
-        super().__init__(config, checkpoint_dir, dist_ctx)
+        super().__init__(config, checkpoint_dir, dist_ctx, candidates_dir)
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
+        self.start_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         self.policy = wrap_ddp(model.to(self.device), self.dist, self.device)
-        self.value = wrap_ddp(ValueModel(model).to(self.device), self.dist, self.device)
-        self.ref_model = ref_model.to(self.device).eval().requires_grad_(False)
         self.reward_fn = reward_fn
-        self.prompts = prompts  # (step, rank, batch_size) -> prompts: deterministic, so resume is exact
+        self.prompts = prompts  # (step, rank, n_prompts) -> prompts: deterministic, so resume is exact
         self.embed = embed
         self.policy_optimizer = make_optimizer(config.optimizer, self.policy.parameters(), config.policy_lr)
-        self.value_optimizer = make_optimizer(config.optimizer, self.value.parameters(), config.value_lr)
+        self.kl_control = KLController(config.alpha, config.kl_target, config.steps, config.kl_gain)
+        self.constraints = Constraints(constraints_of(config.stage), config.constraint_slack, config.lagrange_lr)
 
     @property
     def model(self) -> Generator:
         return unwrap(self.policy)
 
     def rollout(self, step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """Sample one batch from the current policy; returns prompts, cond and tokens."""
+        """``batch_size`` rollouts: ``group_size`` consecutive ones per prompt, each with its own seed."""
         cfg = self.config
-        prompts = self.prompts(step, self.dist.rank, cfg.batch_size)
+        prompts = [p for p in self.prompts(step, self.dist.rank, cfg.batch_size // cfg.group_size) for _ in range(cfg.group_size)]
         cond = torch.from_numpy(np.asarray(self.embed(prompts), dtype=np.float32)).to(self.device)
         seeds = [rollout_seed(cfg.seed, step, self.dist.rank, i) for i in range(len(prompts))]
         self.model.eval()
         tokens, _ = self.model.sample(cond, cfg.n_frames, cfg.temperature, 0, seeds)
         return prompts, cond, tokens.clone()  # out of inference mode, so autograd may use it
 
+    def advantages(self, components: dict[str, np.ndarray]) -> np.ndarray:
+        """(A_target + sum_c lambda_c A_c) / (1 + sum_c lambda_c), every A a standardised leave-one-out advantage."""
+        group = self.config.group_size
+        total = standardized(leave_one_out(combine_rewards(components, self.config.weights), group))
+        weight = 1.0
+        for name, multiplier in self.constraints.multipliers.items():
+            if multiplier > 0 and name in components:
+                total = total + multiplier * standardized(leave_one_out(components[name], group))
+                weight += multiplier
+        return total / weight
+
     def step(self) -> dict[str, float]:
         cfg = self.config
         prompts, cond, tokens = self.rollout(self.global_step)
         components = self.reward_fn(prompts, tokens.cpu().numpy())
-        reward = torch.as_tensor(combine_rewards(components, cfg.weights), dtype=torch.float32, device=self.device)
+        reward = combine_rewards(components, cfg.weights)
+        advantages = torch.as_tensor(self.advantages(components), dtype=torch.float32, device=self.device)
 
         self.policy.train()
-        self.value.train()
         with autocast(self.device, cfg.mixed_precision):
             logits = self.policy(cond, tokens)
             with torch.no_grad():
-                ref_logits = self.ref_model(cond, tokens)
-            values = self.value(cond, tokens).float()
+                start_logits = self.start_model(cond, tokens)
         # The sampling distribution is the temperature-scaled policy; the KL compares the models themselves.
         logprobs = F.log_softmax(logits.float() / cfg.temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        kl = token_kl(logits, ref_logits)  # [B, T]
-        returns = reward.unsqueeze(1).expand_as(logprobs)  # sequence reward at the last token: sum_{i>=t} r_i = R
-        advantages = (returns - values).detach()
-        if cfg.normalize_advantages and advantages.shape[0] > 1:
-            advantages = advantages / (advantages.std() + 1e-6)
-
-        objective = (1 - cfg.alpha) * (logprobs * advantages).sum(1) - cfg.alpha * kl.sum(1)
+        kl = token_kl(logits, start_logits)  # [B, T]
+        alpha = self.kl_control.alpha
+        objective = (1 - alpha) * (logprobs.sum(1) * advantages) - alpha * kl.sum(1)
         policy_loss = -objective.mean()
-        value_loss = ((returns - values) ** 2).sum(1).mean()
 
         self.policy_optimizer.zero_grad(set_to_none=True)
-        self.value_optimizer.zero_grad(set_to_none=True)
         policy_loss.backward()
-        value_loss.backward()
-        policy_grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.policy_optimizer.step()
-        self.value_optimizer.step()
         mark_step(self.device)
 
         with torch.no_grad():
             logp_all = F.log_softmax(logits.float(), dim=-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
         metrics = {
-            "reward": float(reward.mean()),
-            "kl": float(kl.detach().sum(1).mean()),
+            "reward": float(np.mean(reward)),
+            "kl": float(kl.detach().sum(1).mean()),  # of the policy that sampled this batch, to pi_theta0
             "kl_per_token": float(kl.detach().mean()),
+            "kl_target": self.kl_control.target_at(self.global_step),
+            "kl_budget": cfg.kl_budget,
+            "alpha": alpha,
             "policy_loss": float(policy_loss.detach()),
-            "value_loss": float(value_loss.detach()),
-            "value": float(values.detach().mean()),
             "entropy": float(entropy),
-            "advantage": float(advantages.mean()),
-            "grad_norm": float(policy_grad_norm),
+            "advantage_std": float(advantages.std()),
+            "grad_norm": float(grad_norm),
         }
         for name in cfg.extra_metrics:
             if name in components:
                 metrics[f"reward/{name}"] = float(np.mean(components[name]))
+                metrics[f"reward_std/{name}"] = float(np.std(components[name]))
+        for name, multiplier in self.constraints.multipliers.items():
+            metrics[f"lambda/{name}"] = multiplier
         return metrics
+
+    def on_step_end(self, metrics: dict[str, float]) -> bool:
+        """Controller and multipliers act on the (process-averaged) metrics; True stops training."""
+        means = {n: metrics[f"reward/{n}"] for n in self.constraints.names if f"reward/{n}" in metrics}
+        stds = {n: metrics[f"reward_std/{n}"] for n in means}
+        self.constraints.update(means, stds)
+        self.kl_control.update(metrics["kl"], self.global_step)
+        return metrics["kl"] > self.config.kl_budget
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "policy": self.model.state_dict(),
-            "value": unwrap(self.value).state_dict(),
             "policy_optimizer": self.policy_optimizer.state_dict(),
-            "value_optimizer": self.value_optimizer.state_dict(),
+            "alpha": self.kl_control.alpha,
+            "constraints": self.constraints.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["policy"])
-        unwrap(self.value).load_state_dict(state["value"])
         self.policy_optimizer.load_state_dict(state["policy_optimizer"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
+        self.kl_control.alpha = float(state["alpha"])
+        self.constraints.load_state_dict(state["constraints"])

@@ -15,6 +15,19 @@ Training maximises the Bradley-Terry likelihood of the observed choices:
 
 with y = 1 for a preference and y = 1/2 for a tie. Held-out pairwise accuracy
 is measured on non-tie pairs.
+
+A small ensemble (``n_heads`` > 1) puts several scalar heads on the shared
+trunk. Each head is fitted with its own bootstrap weights on the pairs (Poisson(1)
+per pair and head, drawn once per training run) and the Bradley-Terry loss is
+averaged over the heads. The served score of a window is
+
+    mean over heads - disagreement_penalty * std over heads
+
+so clips on which the heads disagree (where the model is guessing) score lower,
+and the policy is not pushed there. ``forward`` returns that one score, so the
+ONNX export and the serving interface keep one score per clip. Both numbers are
+stored in ``meta.json`` (``ensemble``); a checkpoint without them (older ones)
+loads as one head with no penalty, which is exactly the model it always was.
 """
 
 from __future__ import annotations
@@ -38,36 +51,91 @@ from musicrl.models.generator import META_FILE, Generator, GeneratorConfig, read
 from musicrl.rewards.windowing import EDGE_WINDOW_S, edge_windows
 
 ONNX_FILE = "preference.onnx"
+ENSEMBLE_KEY = "ensemble"  # meta.json: {"n_heads", "disagreement_penalty"}
 DEFAULT_WINDOW_FRAMES = codec.frames_for(EDGE_WINDOW_S)
 
 
 class PreferenceRewardModel(nn.Module):
-    """Generator trunk + scalar head; ``forward(cond, tokens, lengths) -> scores [B]``."""
+    """Generator trunk + ``n_heads`` scalar heads; ``forward(cond, tokens, lengths) -> scores [B]``.
 
-    def __init__(self, config: GeneratorConfig) -> None:
+    The score is the heads' mean minus ``disagreement_penalty`` times their standard
+    deviation (with one head: that head's score).
+    """
+
+    def __init__(self, config: GeneratorConfig, n_heads: int = 1, disagreement_penalty: float = 0.0) -> None:
         super().__init__()
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be at least 1, got {n_heads}")
+        if not disagreement_penalty >= 0:
+            raise ValueError(f"disagreement_penalty must be >= 0, got {disagreement_penalty}")
         self.config = config
+        self.n_heads = int(n_heads)
+        self.disagreement_penalty = float(disagreement_penalty)
         self.trunk = Generator(config)
-        self.head = nn.Linear(config.d_model, 1)
+        self.head = nn.Linear(config.d_model, self.n_heads)  # one row per head: different random inits
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_generator(cls, generator: Generator) -> PreferenceRewardModel:
+    def from_generator(cls, generator: Generator, n_heads: int = 1, disagreement_penalty: float = 0.0) -> PreferenceRewardModel:
         """A reward model whose trunk starts as a copy of ``generator`` (which is left untouched)."""
-        model = cls(copy.deepcopy(generator.config))
+        model = cls(copy.deepcopy(generator.config), n_heads, disagreement_penalty)
         model.trunk.load_state_dict(generator.state_dict())
         return model
 
-    def forward(self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """Scores [B]; ``lengths`` [B] marks right padding (the trunk is causal, so padding never leaks back)."""
+    @property
+    def ensemble(self) -> dict:
+        """What ``meta.json`` stores so that :func:`load_preference_model` rebuilds the same model."""
+        return {"n_heads": self.n_heads, "disagreement_penalty": self.disagreement_penalty}
+
+    @torch.no_grad()
+    def set_heads(self, n_heads: int, seed: int = 0) -> PreferenceRewardModel:
+        """Change the number of heads in place, keeping the trained ones.
+
+        Head i becomes the old head ``i % old_n``; the copies get a small seeded perturbation
+        (the init's scale) so the bootstrap can pull them apart. Used to warm-start an ensemble
+        from a model trained with another number of heads (such as the single-head default).
+        """
+        if n_heads < 1:
+            raise ValueError(f"n_heads must be at least 1, got {n_heads}")
+        if n_heads == self.n_heads:
+            return self
+        old_weight, old_bias = self.head.weight.detach().clone(), self.head.bias.detach().clone()
+        source = torch.arange(n_heads) % self.n_heads
+        head = nn.Linear(self.config.d_model, n_heads).to(old_weight.device, old_weight.dtype)
+        head.weight.copy_(old_weight[source])
+        head.bias.copy_(old_bias[source])
+        copies = torch.arange(n_heads) >= self.n_heads
+        if copies.any():
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((int(copies.sum()), self.config.d_model), generator=generator) * 0.02
+            head.weight[copies.to(old_weight.device)] += noise.to(old_weight.device, old_weight.dtype)
+        self.head, self.n_heads = head, int(n_heads)
+        return self
+
+    def head_scores(self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Every head's score [B, n_heads]; ``lengths`` [B] marks right padding (the trunk is causal, so padding never leaks back)."""
         states = self.trunk.hidden(cond, tokens)
         if lengths is None:
             pooled = states.mean(dim=1)
         else:
             mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)).to(states.dtype)
             pooled = (states * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return self.head(pooled).squeeze(-1)
+        return self.head(pooled)
+
+    def combine(self, head_scores: torch.Tensor) -> torch.Tensor:
+        """Served score [...] from head scores [..., n_heads]: mean - penalty * std (sample std over heads)."""
+        if self.n_heads == 1:
+            return head_scores[..., 0]
+        mean = head_scores.mean(dim=-1)
+        if self.disagreement_penalty == 0:
+            return mean
+        variance = ((head_scores - mean.unsqueeze(-1)) ** 2).sum(dim=-1) / (self.n_heads - 1)
+        return mean - self.disagreement_penalty * torch.sqrt(variance.clamp(min=1e-12))
+
+    def forward(self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Served scores [B] (see :meth:`combine`)."""
+        return self.combine(self.head_scores(cond, tokens, lengths))
 
 
 # ---------------------------------------------------------------------- windows
@@ -95,14 +163,28 @@ def _window_batch(clips: Sequence[np.ndarray], window_frames: int) -> tuple[torc
     return padded, lengths, torch.tensor(owners, dtype=torch.long)
 
 
-def score_clips(model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int) -> torch.Tensor:
-    """Score [N] of each clip: the mean of its window scores (differentiable)."""
+def _clip_scores(model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(served score [N], every head's score [N, n_heads]) of each clip, each the mean over the clip's windows."""
     tokens, lengths, owners = _window_batch(clips, window_frames)
     device = next(model.parameters()).device
-    window_scores = model(cond.to(device)[owners.to(device)], tokens.to(device), lengths.to(device))
-    totals = torch.zeros(len(clips), device=device).index_add(0, owners.to(device), window_scores)
-    counts = torch.bincount(owners, minlength=len(clips)).to(device)
-    return totals / counts
+    owners = owners.to(device)
+    heads = model.head_scores(cond.to(device)[owners], tokens.to(device), lengths.to(device))
+    served = model.combine(heads)  # per window, as the served model (ONNX) scores windows
+    counts = torch.bincount(owners, minlength=len(clips)).to(heads.dtype)
+    served_totals = torch.zeros(len(clips), device=device, dtype=served.dtype).index_add(0, owners, served)
+    head_totals = torch.zeros((len(clips), heads.shape[1]), device=device, dtype=heads.dtype).index_add(0, owners, heads)
+    return served_totals / counts, head_totals / counts.unsqueeze(1)
+
+
+def score_clips(
+    model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int, per_head: bool = False
+) -> torch.Tensor:
+    """Score [N] of each clip: the mean of its window scores (differentiable).
+
+    ``per_head``: every head's score [N, n_heads] instead (each head's window scores averaged), what training fits.
+    """
+    served, heads = _clip_scores(model, cond, clips, window_frames)
+    return heads if per_head else served
 
 
 # ---------------------------------------------------------------------- training
@@ -131,11 +213,33 @@ class PreferenceTrainingConfig:
     progress: bool = True
 
 
-def bradley_terry_loss(preferred_scores: torch.Tensor, other_scores: torch.Tensor, ties: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean negative log-likelihood of the choices under Bradley-Terry; a tie is a half-half target."""
+def bradley_terry_loss(
+    preferred_scores: torch.Tensor, other_scores: torch.Tensor, ties: torch.Tensor | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of the choices under Bradley-Terry; a tie is a half-half target.
+
+    Scores are [B] or [B, n_heads] (``ties`` [B] then applies to every head). ``weights`` (the shape of
+    the scores; bootstrap weights of mean 1) weight each term; the mean is taken over pairs and heads.
+    """
     margin = preferred_scores - other_scores
-    target = torch.ones_like(margin) if ties is None else torch.where(ties, 0.5, 1.0).to(margin.dtype)
-    return -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin)).mean()
+    if ties is None:
+        target = torch.ones_like(margin)
+    else:
+        target = torch.where(ties, 0.5, 1.0).to(margin.device, margin.dtype)
+        target = target.reshape(target.shape + (1,) * (margin.ndim - target.ndim))
+    nll = -(target * F.logsigmoid(margin) + (1 - target) * F.logsigmoid(-margin))
+    return nll.mean() if weights is None else (weights.to(nll.dtype) * nll).mean()
+
+
+def bootstrap_weights(n_pairs: int, n_heads: int, seed: int) -> np.ndarray | None:
+    """Poisson(1) weight of every pair for every head [n_pairs, n_heads] (None for a single head: plain training).
+
+    Drawn once for a training run, so each head fits its own resample of the pairs throughout; redrawn
+    every epoch, every head would see all the pairs on average and the heads would agree for no reason.
+    """
+    if n_heads <= 1:
+        return None
+    return np.random.default_rng([seed, 0xB007]).poisson(1.0, size=(n_pairs, n_heads)).astype(np.float32)
 
 
 def _make_optimizer(model: nn.Module, config: PreferenceTrainingConfig) -> torch.optim.Optimizer:
@@ -152,32 +256,39 @@ def _pair_tensors(pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, list[n
     return cond, [np.asarray(p.preferred) for p in pairs], [np.asarray(p.other) for p in pairs], ties
 
 
-def pair_scores(model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(preferred), r(other)) for each pair, both clips scored in one batch (differentiable)."""
+def pair_scores(
+    model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int, per_head: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r(preferred), r(other)) for each pair, both clips scored in one batch (differentiable); ``per_head``: [B, n_heads] each."""
     cond, preferred, other, _ = _pair_tensors(pairs)
-    scores = score_clips(model, torch.cat([cond, cond]), preferred + other, window_frames)
+    scores = score_clips(model, torch.cat([cond, cond]), preferred + other, window_frames, per_head=per_head)
     return scores[: len(pairs)], scores[len(pairs) :]
 
 
 @torch.no_grad()
 def evaluate_pairs(model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int = DEFAULT_WINDOW_FRAMES, batch_size: int = 64) -> dict:
-    """Pairwise accuracy (non-tie pairs; a zero margin counts half) and Bradley-Terry loss."""
+    """Pairwise accuracy of the served score (non-tie pairs; a zero margin counts half) and Bradley-Terry loss.
+
+    ``head_std``: the heads' mean disagreement (standard deviation over heads of a clip's score), 0 with one head.
+    """
     was_training = model.training
     model.eval()
-    margins, ties = [], []
+    margins, ties, stds = [], [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        preferred, other = pair_scores(model, chunk, window_frames)
-        margins.append((preferred - other).cpu())
+        cond, preferred, other, _ = _pair_tensors(chunk)
+        served, heads = _clip_scores(model, torch.cat([cond, cond]), preferred + other, window_frames)
+        margins.append((served[: len(chunk)] - served[len(chunk) :]).cpu())
         ties.append(torch.tensor([bool(p.tie) for p in chunk]))
+        stds.append(heads.std(dim=1).cpu() if heads.shape[1] > 1 else torch.zeros(heads.shape[0]))
     model.train(was_training)
     if not margins:
-        return {"accuracy": float("nan"), "loss": float("nan"), "n_pairs": 0}
+        return {"accuracy": float("nan"), "loss": float("nan"), "n_pairs": 0, "head_std": float("nan")}
     margin, tie = torch.cat(margins), torch.cat(ties)
     decided = margin[~tie]
     accuracy = float(((decided > 0).float() + 0.5 * (decided == 0).float()).mean()) if decided.numel() else float("nan")
     loss = float(bradley_terry_loss(margin, torch.zeros_like(margin), tie))
-    return {"accuracy": accuracy, "loss": loss, "n_pairs": int(margin.numel())}
+    return {"accuracy": accuracy, "loss": loss, "n_pairs": int(margin.numel()), "head_std": float(torch.cat(stds).mean())}
 
 
 def train_preference_model(
@@ -202,6 +313,7 @@ def train_preference_model(
         raise ValueError("no training pairs left after holding out")
     torch.manual_seed(config.seed)
     optimizer = _make_optimizer(model, config)
+    weights = bootstrap_weights(len(pairs), getattr(model, "n_heads", 1), config.seed)
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs if config.max_steps is None else config.max_steps
     before = evaluate_pairs(model, heldout, config.window_frames)
@@ -213,9 +325,15 @@ def train_preference_model(
         for start in range(0, len(pairs), config.batch_size):
             if step >= total_steps:
                 break
-            batch = [pairs[i] for i in order[start : start + config.batch_size]]
-            preferred, other = pair_scores(model, batch, config.window_frames)
-            loss = bradley_terry_loss(preferred, other, torch.tensor([bool(p.tie) for p in batch], device=preferred.device))
+            indices = order[start : start + config.batch_size]
+            batch = [pairs[i] for i in indices]
+            ties = torch.tensor([bool(p.tie) for p in batch])
+            if weights is None:
+                preferred, other = pair_scores(model, batch, config.window_frames)
+                loss = bradley_terry_loss(preferred, other, ties.to(preferred.device))
+            else:  # one Bradley-Terry loss per head on its bootstrap weights, averaged over heads
+                preferred, other = pair_scores(model, batch, config.window_frames, per_head=True)
+                loss = bradley_terry_loss(preferred, other, ties.to(preferred.device), torch.from_numpy(weights[indices]).to(preferred.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -238,6 +356,9 @@ def train_preference_model(
         "heldout_accuracy_before": before["accuracy"],
         "heldout_accuracy": after["accuracy"],
         "heldout_loss": after["loss"],
+        "n_heads": getattr(model, "n_heads", 1),
+        "disagreement_penalty": getattr(model, "disagreement_penalty", 0.0),
+        "heldout_head_std": after["head_std"],
     }
 
 
@@ -245,15 +366,23 @@ def train_preference_model(
 
 
 def save_preference_model(model: PreferenceRewardModel, directory: str | Path, meta: dict | None = None, export_onnx: bool = True) -> Path:
-    """``config.json`` + ``weights.pt`` + ``meta.json`` (+ ``preference.onnx``) in ``directory``."""
-    directory = write_checkpoint(model, directory, meta)
+    """``config.json`` + ``weights.pt`` + ``meta.json`` (+ ``preference.onnx``) in ``directory``.
+
+    ``meta.json`` gets ``ensemble`` (number of heads, disagreement penalty) so the model loads as saved.
+    """
+    directory = write_checkpoint(model, directory, {**(meta or {}), ENSEMBLE_KEY: model.ensemble})
     if export_onnx:
         export_preference_onnx(model, directory / ONNX_FILE)
     return directory
 
 
 def load_preference_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[PreferenceRewardModel, dict]:
-    return read_checkpoint(directory, PreferenceRewardModel, "preference model", device)
+    """The model saved by :func:`save_preference_model` and its meta; without ``ensemble`` in the meta
+    (checkpoints from before the ensemble), one head and no penalty."""
+    meta_path = Path(directory) / META_FILE
+    ensemble = (json.loads(meta_path.read_text()) if meta_path.is_file() else {}).get(ENSEMBLE_KEY) or {}
+    n_heads, penalty = int(ensemble.get("n_heads", 1)), float(ensemble.get("disagreement_penalty", 0.0))
+    return read_checkpoint(directory, lambda config: PreferenceRewardModel(config, n_heads, penalty), "preference model", device)
 
 
 def export_preference_onnx(model: PreferenceRewardModel, path: str | Path, opset: int = 17) -> Path:

@@ -57,6 +57,11 @@ def test_one_round_votes_train_swap_and_judge(loop_settings, tmp_path):
         results = run_closed_loop(info, config, tmp_path / "work", progress=lambda message: None)
     paths = write_reports(results, tmp_path / "out")
 
+    assert results["population"] == "default" and results["seed"] == 0
+    settings = results["finetune_settings"]  # the effective settings, not only the overrides
+    assert settings["finetune_steps"] == 3 and settings["finetune_duration_s"] == 2.0 and "finetune_stage" in settings
+    assert set(results["algorithm_overrides"]) == {"finetune_batch_size", "finetune_optimizer", "finetune_policy_lr",
+                                                   "finetune_gate_max_kl"}
     base, round_1 = results["rounds"]
     assert base["policy_version"] == "1" and base["base_vs_base"]["wins"] + base["base_vs_base"]["losses"] > 0
     assert round_1["listener_failures"] == 0 and sum(round_1["votes"].values()) == 16

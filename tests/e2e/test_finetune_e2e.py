@@ -98,18 +98,13 @@ def world(stack, object_store, tmp_path_factory):
     consumer_thread = threading.Thread(target=consumer.run, daemon=True)
     consumer_thread.start()
 
-    # Raw advantages: this 10-step cycle was tuned with them; with the (default) normalised ones one run's candidate
-    # lost reward on the gate's prompts and was rejected. The closed-loop experiment runs the default.
-    # 16 rollouts per step: with 8, one of four runs on generator v3 (which samples with lower entropy than v2)
-    # moved the policy the wrong way on the gate's prompts and the candidate was refused.
+    # The worker's own training algorithm and rates; only the size of the work is smaller (steps, prompts).
     finetune = stack.settings_for(
         FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
         reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
         finetune_triton_repo=stack.triton_repo, finetune_text_encoder="minilm", finetune_torch_threads=1,
         finetune_stage="U", finetune_steps=10, finetune_batch_size=16, finetune_duration_s=CLIP_S,
-        finetune_optimizer="adamw", finetune_policy_lr=3e-4, finetune_normalize_advantages=False, finetune_value_lr=1e-3, finetune_checkpoint_every=4,
-        finetune_heldout_fraction=0.2, finetune_eval_prompts=8, finetune_corpus_captions=64,
-        finetune_rm_min_pairs=40, finetune_rm_lr=3e-4, finetune_rm_epochs=4,
+        finetune_checkpoint_every=4, finetune_candidate_every=5, finetune_eval_prompts=8, finetune_corpus_captions=64,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.5, finetune_deploy_timeout_s=180.0,
     )
     yield {"registry": registry, "gateway": gateway_url, "reward": reward_url, "settings": finetune, "store": object_store,

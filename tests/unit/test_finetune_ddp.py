@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from finetune_helpers import tiny_generator
+from finetune_worker.configs import trainer_config
+from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob
 from musicrl.models.generator import load_generator, save_generator
 
@@ -23,12 +25,14 @@ HELPERS = Path(__file__).resolve().parents[1]  # tests/, home of finetune_helper
 def test_torchrun_two_gloo_processes_train_one_policy(tmp_path):
     policy = tiny_generator()
     save_generator(policy, tmp_path / "policy")
+    settings = FinetuneSettings(finetune_steps=4, finetune_batch_size=4, finetune_duration_s=1.0, finetune_policy_lr=1e-2,
+                                finetune_optimizer="adamw", finetune_checkpoint_every=2, finetune_candidate_every=2, finetune_stage="R")
     job = TrainJob(
         policy_dir=tmp_path / "policy",
-        reference_dir=tmp_path / "policy",
         output_dir=tmp_path / "out",
         checkpoint_dir=tmp_path / "ckpt",
-        config={"steps": 4, "batch_size": 4, "n_frames": 8, "policy_lr": 1e-2, "optimizer": "adamw", "checkpoint_every": 2},
+        candidates_dir=tmp_path / "candidates",
+        config=trainer_config(settings),
         captions=["calm piano", "fast drums"],
         reward="python:finetune_helpers:TokenFractionReward",
         text_encoder="python:finetune_helpers:embed",
@@ -42,5 +46,6 @@ def test_torchrun_two_gloo_processes_train_one_policy(tmp_path):
     assert meta["world_size"] == 2 and meta["steps"] == 4
     history = json.loads((tmp_path / "out" / HISTORY_FILE).read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "candidates").iterdir()) == ["step-0002", "step-0004"]  # rank 0 only
     changed = any((a != b).any() for a, b in zip(trained.state_dict().values(), copy.deepcopy(policy).state_dict().values()))
     assert changed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import copy
 import math
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from finetune_helpers import TARGET_TOKEN, TokenFractionReward, embed, prompts_for, tiny_generator, one_thread  # noqa: F401 - fixture
-from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer, pairs_from_buffer
+from finetune_worker.configs import dpo_config
+from finetune_worker.settings import FinetuneSettings
+from finetune_worker.trainers.dpo import DPOPair, OnlineDPOTrainer, pairs_from_buffer
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
@@ -37,7 +41,9 @@ def _fraction_of_target(model, n=64):
 
 
 def _trainer(pairs, model, steps=30, **overrides):
-    config = DPOConfig(steps=steps, batch_size=16, beta=0.5, learning_rate=3e-3, optimizer="adamw", **overrides)
+    settings = FinetuneSettings(finetune_trainer="dpo", finetune_steps=steps, finetune_batch_size=16, finetune_dpo_beta=0.5,
+                                finetune_policy_lr=3e-3, finetune_optimizer="adamw")
+    config = replace(dpo_config(settings), **overrides)
     return OnlineDPOTrainer(config, model, copy.deepcopy(model), pairs, embed)
 
 

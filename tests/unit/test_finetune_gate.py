@@ -48,7 +48,7 @@ def test_target_component_may_move_and_nan_weights_fail():
     with torch.no_grad():
         model.bos[0] = math.inf
     assert not weights_finite(model)
-    report = evaluate_gate({**BASE, "reward": 0.9}, BASE, ["preference"], GateConfig(), candidate_weights_finite=False)
+    report = evaluate_gate({**BASE, "reward": 0.9}, BASE, ["preference"], GateConfig(0.0, 50.0, 0.05), candidate_weights_finite=False)
     assert not report.passed and "finite" in report.reason
 
 

@@ -12,6 +12,7 @@ from musicrl.listeners import (
     FEATURES,
     SAMPLE_RATE,
     FeatureTaste,
+    TASTES,
     ListenerConfig,
     Population,
     Vote,
@@ -198,6 +199,37 @@ def test_population_strongly_prefers_lively_bright_clean_music():
     ]
     assert np.mean([p["a"] / (p["a"] + p["b"]) for p in full_listen]) > 0.8
     assert population.mean_listener().utility(liked) > population.mean_listener().utility(disliked) + 2.0
+
+
+def test_taste_presets_default_and_opposite_prefer_opposite_music():
+    fast_bright = melody(880, 6, amp=0.25, seed=1)  # fast, high, bright
+    slow_dark = melody(110, 0.7, amp=0.25, seed=2)  # slow, low, dark
+    fast, slow = hear(fast_bright), hear(slow_dark)
+    assert fast["tempo"] > slow["tempo"] + 2.0  # the test compares what it means to compare
+    assert fast["brightness"] > slow["brightness"] + 2.0 and fast["pitch"] > slow["pitch"] + 2.0
+
+    assert set(TASTES) == {"default", "opposite"}
+    preferences = {}
+    for name in TASTES:
+        population = Population(ListenerConfig.for_taste(name, size=400), seed=0)
+        assert population.config.size == 400
+        mean = population.mean_listener()
+        preferences[name] = mean.utility(fast_bright) - mean.utility(slow_dark)
+        full_listen = [
+            person.outcome_probabilities(person.utility_of(fast), person.utility_of(slow)) for person in population
+        ]
+        preferences[name + " population"] = np.mean([p["a"] / (p["a"] + p["b"]) for p in full_listen])
+    assert preferences["default"] > 2.0 and preferences["default population"] > 0.65
+    assert preferences["opposite"] < -2.0 and preferences["opposite population"] < 0.35
+
+
+def test_taste_presets_are_named_and_checked():
+    assert ListenerConfig.for_taste("default", size=7) == ListenerConfig(size=7)  # the default taste is the preset
+    opposite = ListenerConfig.for_taste("opposite", temperature=0.9)
+    assert opposite.temperature == 0.9 and opposite.taste["tempo"].weight < 0 < ListenerConfig().taste["tempo"].weight
+    assert opposite.taste["noisiness"].weight < 0  # noise is disliked by both
+    with pytest.raises(ValueError, match="known: default, opposite"):
+        ListenerConfig.for_taste("jazz")
 
 
 def test_judging_is_on_what_was_heard():

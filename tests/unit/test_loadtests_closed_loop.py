@@ -11,7 +11,23 @@ import pytest
 from scipy.stats import binomtest
 
 from loadtests.bench_suite import collect, headline, hot_swap_summary, markdown
-from loadtests.closed_loop import HeldOutJudge, WinRate, _finite, results_table, wilson_interval, write_reports
+from loadtests.closed_loop import (
+    CLOSED_LOOP_SIZE,
+    SIZE_FIELDS,
+    ClosedLoopConfig,
+    HeldOutJudge,
+    WinRate,
+    _finite,
+    algorithm_overrides,
+    effective_finetune_settings,
+    overrides_warning,
+    results_table,
+    summarize_runs,
+    wilson_interval,
+    write_reports,
+    write_summary,
+)
+from loadtests.demo import DEMO_SIZE, DemoConfig, win_rate_line
 from musicrl.stack import free_port_settings
 from musicrl.stack.stack import COMPONENTS, SERVICES, StackInfo, default_components
 
@@ -58,6 +74,126 @@ def test_reports_are_strict_json_a_table_and_a_plot(tmp_path):
     assert data["rounds"][1]["reward_model"]["heldout_accuracy"] is None
     assert table_path.read_text().startswith("| policy |") and plot_path.read_bytes()[:4] == b"\x89PNG"
     assert _finite([float("inf"), 1.0]) == [None, 1.0]
+
+
+# ------------------------------------------------------------------ one configuration: the worker's defaults
+
+
+def test_harnesses_change_only_the_size_of_the_work():
+    from finetune_worker.settings import FinetuneSettings
+
+    assert SIZE_FIELDS <= set(FinetuneSettings.model_fields)
+    assert set(CLOSED_LOOP_SIZE) <= SIZE_FIELDS and set(DEMO_SIZE) <= SIZE_FIELDS
+    assert CLOSED_LOOP_SIZE["finetune_steps"] == 30 and DEMO_SIZE["finetune_steps"] == 12
+    assert DemoConfig().pairs == 240
+    config = ClosedLoopConfig(clip_s=2.0)
+    assert config.finetune_overrides() == CLOSED_LOOP_SIZE | {"finetune_duration_s": 2.0}  # rollouts as long as clips
+    assert algorithm_overrides(config.finetune_overrides()) == {} and overrides_warning(config.finetune_overrides()) is None
+
+
+def test_algorithm_overrides_are_allowed_but_recorded_and_warned_about():
+    config = ClosedLoopConfig(finetune={"finetune_steps": 60, "finetune_policy_lr": "3e-4", "finetune_alpha": 0.01})
+    overrides = config.finetune_overrides()
+    assert overrides["finetune_steps"] == 60 and overrides["finetune_policy_lr"] == "3e-4"
+    assert algorithm_overrides(overrides) == {"finetune_policy_lr": "3e-4", "finetune_alpha": 0.01}
+    assert overrides_warning(overrides) == "not the shipped defaults: finetune_alpha=0.01, finetune_policy_lr=3e-4"
+    table = results_table(_results(0.7, 0.6) | {"algorithm_overrides": algorithm_overrides(overrides)})
+    assert "not the shipped defaults: finetune_alpha=0.01" in table
+
+
+def test_results_record_every_effective_finetune_setting_without_secrets():
+    from finetune_worker.settings import FinetuneSettings
+
+    settings = FinetuneSettings(finetune_steps=7, finetune_reward_admin_token="s3cret")
+    recorded = effective_finetune_settings(settings)
+    expected = {name for name in FinetuneSettings.model_fields if name.startswith("finetune_")} - {"finetune_reward_admin_token"}
+    assert set(recorded) == expected
+    assert recorded["finetune_steps"] == 7 and recorded["finetune_optimizer"] == settings.finetune_optimizer
+    text = json.dumps(recorded, allow_nan=False)  # plain JSON: paths as strings
+    assert "s3cret" not in text and "s3_secret" not in text
+
+
+# ------------------------------------------------------------------ repeated runs
+
+
+def _run(seed: int, final: float, ci_low: float, statuses: list[str], population: str = "default", kl=2.0) -> dict:
+    rounds = [{"round": 0, "policy_version": "1", "win_rate": None}]
+    for i, status in enumerate(statuses, start=1):
+        rounds.append({"round": i, "policy_version": str(i + 1), "cycle": {"status": status},
+                       "gate": {"candidate": {"kl": kl * i}} if status != "skipped" else {},
+                       "win_rate": {"win_rate": final - 0.05 * (len(statuses) - i), "ci_low": ci_low, "ci_high": 0.8}})
+    return {"population": population, "seed": seed, "rounds": rounds, "elapsed_s": 600.0 + 60 * seed,
+            "final": {"policy_version": str(len(statuses) + 1), "win_rate": final, "ci_low": ci_low, "ci_high": final + 0.07,
+                      "expected_win_rate": final - 0.02}}
+
+
+def test_summarize_runs_reports_spread_accepted_share_and_targets():
+    runs = [_run(0, 0.72, 0.64, ["deployed", "deployed", "deployed"]),
+            _run(1, 0.66, 0.58, ["deployed", "rejected", "deployed"]),
+            _run(2, 0.75, 0.67, ["deployed", "published", "deployed"]),
+            _run(3, 0.70, 0.62, ["deployed", "deployed", "deployed"]),
+            _run(4, 0.58, 0.49, ["rejected", "deployed", "skipped"])]
+    summary = summarize_runs(runs)
+    finals = summary["final_win_rate"]
+    assert finals["median"] == 0.70 and finals["min"] == 0.58 and finals["max"] == 0.75
+    assert finals["q25"] == 0.66 and finals["q75"] == 0.72 and finals["iqr"] == pytest.approx(0.06)
+    assert summary["runs_ge_65_ci_above_50"] == 4
+    assert summary["cycles_accepted"] == 12 and summary["cycles_total"] == 15 and summary["accepted_share"] == 0.8
+    assert summary["median_elapsed_min"] == 12.0
+    first = summary["runs"][0]
+    assert first["seed"] == 0 and first["cycles_accepted"] == 3 and first["candidate_kl"] == [2.0, 4.0, 6.0]
+    assert summary["runs"][4]["candidate_kl"] == [2.0, 4.0, None] and first["elapsed_min"] == 10.0
+    assert summary["targets"] == {"median >= 0.70": True, "runs_ge_65_ci_above_50 >= 4 of 5": True,
+                                  "accepted_share >= 0.8": True}
+    assert summary["targets_met"]
+
+    worse = summarize_runs(runs[:4] + [_run(4, 0.58, 0.49, ["rejected", "rejected", "rejected"])])
+    assert worse["accepted_share"] == pytest.approx(11 / 15, abs=1e-4)
+    assert not worse["targets"]["accepted_share >= 0.8"] and not worse["targets_met"]
+    assert not summarize_runs(runs[1:2])["targets_met"]  # one run: median 0.66 < 0.70
+
+    opposite = summarize_runs([_run(seed, 0.66, 0.55, ["deployed", "rejected"], population="opposite") for seed in range(3)])
+    assert opposite["population"] == "opposite" and opposite["targets"] == {"median >= 0.65": True} and opposite["targets_met"]
+    with pytest.raises(ValueError, match="different populations"):
+        summarize_runs([runs[0], _run(9, 0.6, 0.5, ["deployed"], population="opposite")])
+    with pytest.raises(ValueError):
+        summarize_runs([])
+
+
+def test_summary_files_are_written(tmp_path):
+    runs = [_run(seed, 0.6 + 0.03 * seed, 0.55, ["deployed", "rejected"]) for seed in range(3)]
+    runs[1]["final"]["ci_high"] = float("nan")
+    summary, (json_path, md_path, png_path) = write_summary(runs, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["n_runs"] == 3 and data["runs"][1]["ci_high"] is None and data == summary
+    text = md_path.read_text()
+    assert "| 2 | 66.0% [55.0%, 73.0%]" in text and "median 0.630" in text and "NOT met" in text
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------ demo
+
+
+def test_demo_reports_the_held_out_win_rate_against_the_previous_policy():
+    summary = {"policy_before": "3", "policy_after": "4",
+               "win_rate_vs_previous": WinRate(wins=59, losses=33, ties=4, expected=0.6).to_dict()}
+    assert win_rate_line(summary) == "held-out listeners prefer v4 over v3: 64.1% [53.9, 73.2] (59-33-4)"
+    kept = {"policy_before": "3", "policy_after": "3", "win_rate_vs_previous": None,
+            "win_rate_vs_previous_reason": "no new policy deployed (cycle rejected: gate)"}
+    assert "no new policy deployed (cycle rejected: gate)" in win_rate_line(kept)
+
+
+def test_closed_loop_command_rejects_an_unknown_population_before_starting_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from loadtests.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["closed-loop", "--population", "jazz", "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code != 0 and "default, opposite" in result.output
+    assert not (tmp_path / "work").exists()
+    help_text = runner.invoke(app, ["closed-loop", "--help"]).output
+    assert "--seeds" in help_text and "--population" in help_text
 
 
 class _Judge:

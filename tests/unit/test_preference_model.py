@@ -1,6 +1,8 @@
 """Bradley-Terry preference reward model: init from the generator, loss, training, windows, ONNX."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from musicrl.models.preference import (
     PreferenceRewardModel,
     PreferenceTrainingConfig,
     TorchPreferenceModel,
+    bootstrap_weights,
     bradley_terry_loss,
     clip_windows,
     load_preference_model,
@@ -127,22 +130,120 @@ def test_score_rejects_bad_input(generator):
         scorer.score(np.zeros((2, 384), np.float32), [np.array([7])])
 
 
-def test_save_load_and_onnx_export_agree_with_torch(generator, tmp_path):
-    model = PreferenceRewardModel.from_generator(generator)
+@pytest.mark.parametrize("n_heads, penalty", [(1, 0.0), (3, 0.5)])
+def test_save_load_and_onnx_export_agree_with_torch(generator, tmp_path, n_heads, penalty):
+    model = PreferenceRewardModel.from_generator(generator, n_heads=n_heads, disagreement_penalty=penalty)
     with torch.no_grad():
         model.head.weight.normal_()  # a non-trivial head so the comparison means something
     save_preference_model(model, tmp_path, {"version": "3", "window_frames": 16})
     loaded, meta = load_preference_model(tmp_path)
-    assert meta["version"] == "3"
+    assert meta["version"] == "3" and meta["ensemble"] == {"n_heads": n_heads, "disagreement_penalty": penalty}
+    assert (loaded.n_heads, loaded.disagreement_penalty) == (n_heads, penalty)
     rng = np.random.default_rng(4)
     cond = rng.standard_normal((4, 384)).astype(np.float32)
     clips = [melody(rng, f, n) for f, n in zip(("piano", "brass", "synth", "guitar"), (3, 16, 30, 9), strict=True)]
     reference = TorchPreferenceModel(model, window_frames=16).score(cond, clips)
+    assert reference.shape == (4,)
     np.testing.assert_allclose(TorchPreferenceModel.load(tmp_path).score(cond, clips), reference, atol=1e-6)
     onnx_model = OnnxPreferenceModel.load(tmp_path)
     assert onnx_model.version == "3" and onnx_model.window_frames == 16
     np.testing.assert_allclose(onnx_model.score(cond, clips), reference, atol=1e-4)
     assert np.ptp(reference) > 1e-3
+
+
+def test_served_score_is_the_heads_mean_minus_the_penalty_times_their_std(generator):
+    model = PreferenceRewardModel.from_generator(generator, n_heads=4, disagreement_penalty=0.7).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+        model.head.bias.normal_()
+    rng = np.random.default_rng(5)
+    cond = torch.from_numpy(rng.standard_normal((3, 384)).astype(np.float32))
+    tokens = torch.from_numpy(np.stack([melody(rng, "piano", 10) for _ in range(3)]))
+    with torch.no_grad():
+        heads = model.head_scores(cond, tokens)
+        served = model(cond, tokens)
+    assert heads.shape == (3, 4) and served.shape == (3,)
+    expected = heads.numpy().mean(axis=1) - 0.7 * heads.numpy().std(axis=1, ddof=1)
+    np.testing.assert_allclose(served.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert (served < heads.mean(dim=1)).all()  # the heads disagree: the penalty lowers every score
+    model.disagreement_penalty = 0.0
+    with torch.no_grad():
+        np.testing.assert_allclose(model(cond, tokens).numpy(), heads.mean(dim=1).numpy(), rtol=1e-6)
+    # identical heads: no disagreement, no penalty (and finite)
+    with torch.no_grad():
+        model.head.weight.copy_(model.head.weight[:1].expand_as(model.head.weight))
+        model.head.bias.fill_(0.1)
+    model.disagreement_penalty = 0.7
+    with torch.no_grad():
+        np.testing.assert_allclose(model(cond, tokens).numpy(), model.head_scores(cond, tokens)[:, 0].numpy(), atol=1e-5)
+
+
+def test_ensemble_heads_start_different_and_are_trained_on_their_own_resample(generator):
+    torch.manual_seed(0)
+    model = PreferenceRewardModel.from_generator(generator, n_heads=3, disagreement_penalty=0.5)
+    assert not torch.equal(model.head.weight[0], model.head.weight[1])
+    weights = bootstrap_weights(200, 3, seed=0)
+    assert weights.shape == (200, 3) and abs(weights.mean() - 1) < 0.1 and (weights == 0).any()
+    assert not np.array_equal(weights[:, 0], weights[:, 1])
+    assert bootstrap_weights(200, 1, seed=0) is None  # one head: plain (unweighted) training
+    config = PreferenceTrainingConfig(learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=3, window_frames=16, progress=False)
+    metrics = train_preference_model(model, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2))
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["heldout_accuracy"] > 0.8  # measured on the served (penalised) score
+    assert metrics["n_heads"] == 3 and metrics["disagreement_penalty"] == 0.5 and metrics["heldout_head_std"] > 0
+
+
+def test_weighted_bradley_terry_loss_is_the_mean_over_heads_of_each_heads_weighted_loss():
+    preferred, other = torch.tensor([[2.0, 0.0], [1.0, -1.0]]), torch.zeros(2, 2)
+    weights = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
+    ties = torch.tensor([False, True])
+    per_head = [
+        float(bradley_terry_loss(preferred[:, h], other[:, h], ties, weights[:, h]))
+        for h in range(2)
+    ]
+    assert float(bradley_terry_loss(preferred, other, ties, weights)) == pytest.approx(np.mean(per_head))
+    # unit weights: the plain loss
+    assert float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties, torch.ones(2))) == pytest.approx(float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties)))
+
+
+def test_set_heads_keeps_trained_heads_and_perturbs_the_copies(generator):
+    single = PreferenceRewardModel.from_generator(generator)
+    with torch.no_grad():
+        single.head.weight.normal_()
+    original = single.head.weight.detach().clone()
+    single.set_heads(3, seed=1)
+    assert single.n_heads == 3 and single.head.weight.shape == (3, TINY.d_model)
+    assert torch.equal(single.head.weight[0], original[0])
+    for copy_ in single.head.weight.detach()[1:]:
+        assert not torch.equal(copy_, original[0]) and float((copy_ - original[0]).abs().max()) < 0.2
+    single.set_heads(2)
+    assert single.n_heads == 2 and torch.equal(single.head.weight[0], original[0])
+
+
+def test_a_checkpoint_without_ensemble_fields_loads_as_one_head_without_penalty(generator, tmp_path):
+    model = PreferenceRewardModel.from_generator(generator)
+    save_preference_model(model, tmp_path, {"window_frames": 16}, export_onnx=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["ensemble"]  # as written before the ensemble existed
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    loaded, _ = load_preference_model(tmp_path)
+    assert (loaded.n_heads, loaded.disagreement_penalty) == (1, 0.0)
+
+
+COMMITTED = Path(__file__).resolve().parents[2] / "checkpoints" / "preference"
+
+
+@pytest.mark.skipif(not (COMMITTED / "weights.pt").is_file(), reason="no committed preference checkpoint")
+def test_the_committed_single_head_checkpoint_still_loads_and_matches_its_onnx():
+    meta = json.loads((COMMITTED / "meta.json").read_text())
+    assert "ensemble" not in meta
+    model, _ = load_preference_model(COMMITTED)
+    assert (model.n_heads, model.disagreement_penalty) == (1, 0.0)
+    rng = np.random.default_rng(6)
+    cond = rng.standard_normal((2, 384)).astype(np.float32)
+    clips = [melody(rng, "flute", 30), melody(rng, "piano", 12)]
+    torch_scores = TorchPreferenceModel.load(COMMITTED).score(cond, clips)
+    np.testing.assert_allclose(OnnxPreferenceModel.load(COMMITTED).score(cond, clips), torch_scores, atol=1e-4)
 
 
 def test_bootstrap_pairs_prefer_the_captions_own_clean_clip():
