@@ -278,6 +278,9 @@ class FinetuneCycle:
                    "training_config": {**asdict(config), "n_heads": s.finetune_rm_heads,
                                        "disagreement_penalty": s.finetune_rm_disagreement_penalty,
                                        "max_pairs": s.finetune_rm_max_pairs, HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction}}
+        if warm_start_from and metrics["best_epoch"] == 0:
+            log.info("reward_model.kept", version=warm_start_from, reason="no epoch beat it on the held-out pairs")
+            return {**metrics, "published": None, "kept": warm_start_from}
         if not metrics["heldout_accuracy"] > 0.5:
             self.registry.record_rejection(PREFERENCE, {"reason": "held-out accuracy not above chance", "metrics": metrics, "lineage": lineage})
             return {**metrics, "published": None}

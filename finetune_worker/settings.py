@@ -104,7 +104,7 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` (the paper's)."""
     finetune_rm_warm_start: bool = True
     """Continue training the current preference model when its architecture matches the parent generator's (false: start from the generator every cycle)."""
-    finetune_rm_max_pairs: int = Field(1200, ge=4)
+    finetune_rm_max_pairs: int = Field(500, ge=4)
     """Most training pairs per cycle: all of the current policy's (newest kept), a seeded sample of older ones fills the rest; held-out pairs at most a quarter of it."""
     finetune_rm_heads: int = Field(4, ge=1)
     """Scalar heads of the preference model's ensemble, each fitted on its own bootstrap resample of the pairs."""

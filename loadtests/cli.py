@@ -216,6 +216,47 @@ def demo_command(
         console.print(line, highlight=False, markup=False)
 
 
+@app.command("stack-loop")
+def stack_loop_command(
+    rounds: int = typer.Option(3, min=1, help="Rounds of votes; the stack's finetune loop decides each cycle."),
+    votes_per_round: int = typer.Option(320, min=1, help="Votes (a, b or tie) sent through POST /v1/feedback per round."),
+    population: str = typer.Option("default", help="Taste of the listeners and judges: default | opposite."),
+    seed: int = typer.Option(0, help="Seeds the listeners and the evaluation."),
+    output: Path = typer.Option(Path("results/stack_loop.json"), help="Results file."),
+    work_dir: Path = typer.Option(Path(".data/stack_loop"), help="The private stack (wiped at the start)."),
+) -> None:
+    """The whole stack as `musicrl stack up` runs it, fed votes only through the gateway: does its own loop deploy better policies?"""
+    import shutil
+    import signal
+    import sys
+    import time
+
+    from rich.console import Console
+
+    from loadtests.stack_loop import StackLoopConfig, run_stack_loop, write_results
+    from musicrl.listeners import ListenerConfig
+
+    try:
+        ListenerConfig.for_taste(population)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    console = Console()
+    started = time.monotonic()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
+    config = StackLoopConfig(rounds=rounds, votes_per_round=votes_per_round, population=population, seed=seed)
+    results = run_stack_loop(work_dir, config, lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False))
+    write_results(results, output)
+    for row in results["rounds"]:
+        win = row.get("win_rate_vs_base")
+        console.print(f"round {row['round']}: {row['status']} v{row['version']}"
+                      + (f", win rate vs base {win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]" if win else ""),
+                      highlight=False)
+    console.print(f"{results['deployed']} versions deployed in {len(results['rounds'])} rounds; target "
+                  f"{'met' if results['target_met'] else 'not met'}; wrote {output}")
+    raise typer.Exit(0 if results["target_met"] else 3)
+
+
 @app.command("hot-swap-bench")
 def hot_swap_bench_command(
     pairs: int = typer.Option(96, min=4, help="Pairs judged before the cycle."),

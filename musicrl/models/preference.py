@@ -211,6 +211,10 @@ class PreferenceTrainingConfig:
     heldout_fraction: float = 0.1
     seed: int = 0
     progress: bool = True
+    # Keep the weights of the epoch (0 = the starting model) with the lowest held-out loss: a few hundred
+    # noisy votes are memorised within a few epochs (train accuracy 0.92, held-out 0.49 in a closed-loop
+    # round, against 0.59 for the model it started from).
+    keep_best_epoch: bool = True
 
 
 def bradley_terry_loss(
@@ -317,8 +321,9 @@ def train_preference_model(
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs if config.max_steps is None else config.max_steps
     before = evaluate_pairs(model, heldout, config.window_frames)
+    best = {"epoch": 0, "loss": before["loss"], "state": copy.deepcopy(model.state_dict())}
     model.train()
-    losses, step = [], 0
+    losses, step, epoch = [], 0, 0
     progress = tqdm(total=total_steps, desc="preference model", disable=not config.progress)
     while step < total_steps:
         order = rng.permutation(len(pairs))
@@ -342,7 +347,15 @@ def train_preference_model(
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        epoch += 1
+        if config.keep_best_epoch and heldout:
+            held = evaluate_pairs(model, heldout, config.window_frames)
+            model.train()
+            if held["loss"] < best["loss"]:
+                best = {"epoch": epoch, "loss": held["loss"], "state": copy.deepcopy(model.state_dict())}
     progress.close()
+    if config.keep_best_epoch and heldout:
+        model.load_state_dict(best["state"])
     model.eval()
     after = evaluate_pairs(model, heldout, config.window_frames)
     train_eval = evaluate_pairs(model, pairs, config.window_frames)
@@ -355,6 +368,7 @@ def train_preference_model(
         "train_accuracy": train_eval["accuracy"],
         "heldout_accuracy_before": before["accuracy"],
         "heldout_accuracy": after["accuracy"],
+        "best_epoch": best["epoch"] if config.keep_best_epoch and heldout else epoch,
         "heldout_loss": after["loss"],
         "n_heads": getattr(model, "n_heads", 1),
         "disagreement_penalty": getattr(model, "disagreement_penalty", 0.0),

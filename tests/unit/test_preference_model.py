@@ -89,6 +89,22 @@ def test_training_learns_the_preference_and_generalises(generator):
     assert metrics["n_train_pairs"] == 160 and metrics["n_heldout_pairs"] == 60
 
 
+def test_training_keeps_the_epoch_that_generalises_best(generator):
+    """Training votes that disagree with the held-out ones: every epoch makes the model worse there, so the
+    starting model is kept; with agreeing votes a trained epoch is kept."""
+    contrary = [PreferencePair(p.cond, p.other, p.preferred) for p in instrument_pairs(80, seed=4)]
+    model = PreferenceRewardModel.from_generator(generator)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = PreferenceTrainingConfig(learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=4, window_frames=16, progress=False)
+    metrics = train_preference_model(model, contrary, config, heldout=instrument_pairs(60, seed=6))
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]  # it did learn the training votes ...
+    assert metrics["best_epoch"] == 0  # ... which hurt on the held-out pairs
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    signal = PreferenceRewardModel.from_generator(generator)
+    learned = train_preference_model(signal, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2))
+    assert learned["best_epoch"] >= 1 and learned["heldout_accuracy"] > 0.8
+
+
 def test_training_holds_out_a_seeded_fraction(generator):
     model = PreferenceRewardModel.from_generator(generator)
     config = PreferenceTrainingConfig(batch_size=8, max_steps=2, heldout_fraction=0.25, progress=False)

@@ -1,0 +1,129 @@
+"""The stack's own loop, as shipped: does ``musicrl stack up`` turn votes into better policies by itself?
+
+Unlike the closed-loop experiment, nothing here runs a finetune cycle: the stack's own
+``finetune loop`` service (the worker's defaults, its data trigger, its lease) decides when
+to train and what to deploy. This harness only plays the users and watches:
+
+1. start every component ``musicrl stack up`` starts (servers and services) on free ports
+   under ``work_dir``, with the stack's default settings;
+2. per round, training listeners ask the gateway for pairs and vote through
+   ``POST /v1/feedback`` until ``votes_per_round`` votes (a, b or tie) were sent;
+3. wait until the finetune loop has finished a cycle on that policy: the registry's current
+   generator changes (deployed) or a new rejection is recorded;
+4. at the end, held-out listeners judge every deployed version against the base
+   (``HeldOutJudge``: same prompts and seeds for both, full listens, a verdict on every pair).
+
+Results: ``results/stack_loop.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from loadtests.closed_loop import ClosedLoopConfig, HeldOutJudge, collect_votes, machine, wait_ready
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class StackLoopConfig:
+    rounds: int = 3
+    votes_per_round: int = 320  # votes (a, b or tie) sent per round; abstentions are not votes
+    pairs_per_batch: int = 80  # listeners are sent in batches until the round has its votes
+    clip_s: float = 5.0
+    population: str = "default"
+    seed: int = 0
+    cycle_timeout_s: float = 900.0  # per round: from the last vote to a deployed or refused cycle
+
+    def listeners(self) -> ClosedLoopConfig:
+        return ClosedLoopConfig(pairs_per_round=self.pairs_per_batch, clip_s=self.clip_s, population=self.population,
+                                seed=self.seed, hot_swap_probe=False)
+
+
+def votes_sent(votes: Counter) -> int:
+    return sum(count for choice, count in votes.items() if choice != "none")
+
+
+def wait_for_cycle(registry, parent: str, rejections_before: int, timeout_s: float, poll_s: float = 5.0) -> dict[str, Any]:
+    """The outcome of the loop's next cycle on ``parent``: deployed (the pointer moved) or rejected."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = registry.current("generator")
+        if current != parent:
+            return {"status": "deployed", "version": current, "gate": registry.manifest("generator", current).get("metrics", {}).get("gate")}
+        rejections = registry.rejections("generator")
+        if len(rejections) > rejections_before:
+            return {"status": "rejected", "version": parent, "reason": rejections[-1].get("reason")}
+        time.sleep(poll_s)
+    return {"status": "timeout", "version": parent, "reason": f"no cycle finished within {timeout_s:.0f} s"}
+
+
+def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress = print) -> dict[str, Any]:
+    from finetune_worker.train import make_embed
+    from musicrl.config import ObjectStoreConfig
+    from musicrl.registry import Registry
+    from musicrl.stack import Stack, free_port_settings
+    from musicrl.stack.stack import default_components
+    from musicrl.storage import ObjectStore
+
+    started = time.monotonic()
+    settings = free_port_settings(work_dir / "stack")
+    stack = Stack(settings, default_components(settings), tied_to_parent=True)
+    rounds: list[dict[str, Any]] = []
+    try:
+        info = stack.up()
+        wait_ready(info.gateway_url + "/readyz", 300)
+        registry = Registry(ObjectStore(info.settings_for(ObjectStoreConfig)))
+        base = registry.current("generator")
+        progress(f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; the stack's finetune loop decides every cycle")
+        for round_index in range(1, config.rounds + 1):
+            parent, rejections_before = registry.current("generator"), len(registry.rejections("generator"))
+            votes: Counter = Counter()
+            batch = 0
+            while votes_sent(votes) < config.votes_per_round:
+                batch += 1
+                collection = collect_votes(info.gateway_url, config.pairs_per_batch, config.listeners(), round_index * 1000 + batch)
+                if collection.failures:
+                    raise RuntimeError(f"{len(collection.failures)} listener requests failed, first: {collection.failures[0]}")
+                votes.update(collection.votes)
+            last_vote = time.monotonic()
+            progress(f"round {round_index}: {votes_sent(votes)} votes on v{parent} sent ({dict(votes)}); waiting for the loop")
+            outcome = wait_for_cycle(registry, parent, rejections_before, config.cycle_timeout_s)
+            outcome.update({"round": round_index, "parent": parent, "votes": dict(votes),
+                            "vote_to_outcome_s": round(time.monotonic() - last_vote, 1)})
+            rounds.append(outcome)
+            progress(f"round {round_index}: {outcome['status']} v{outcome['version']} "
+                     f"({outcome['vote_to_outcome_s']:.0f} s after the last vote){' - ' + str(outcome.get('reason')) if outcome.get('reason') else ''}")
+            if outcome["status"] == "timeout":
+                break
+        policies = work_dir / "policies"
+        base_dir = registry.download("generator", base, policies / base)
+        judge = HeldOutJudge(base_dir, ClosedLoopConfig(clip_s=config.clip_s, population=config.population, seed=config.seed),
+                             make_embed("minilm"))
+        for row in rounds:
+            if row["status"] == "deployed":
+                row["win_rate_vs_base"] = judge.win_rate(registry.download("generator", row["version"], policies / row["version"])).to_dict()
+    finally:
+        stack.down()
+    deployed = [r for r in rounds if r["status"] == "deployed"]
+    final = deployed[-1]["win_rate_vs_base"] if deployed else None
+    return {
+        "experiment": "stack_loop", "config": asdict(config), "machine": machine(), "base_version": rounds[0]["parent"] if rounds else None,
+        "rounds": rounds, "deployed": len(deployed), "final_version": deployed[-1]["version"] if deployed else None,
+        "final_win_rate_vs_base": final,
+        "target_met": bool(len(deployed) >= 2 and final and final["ci_low"] > 0.5),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "note": "finetune cycles run by the stack's own `finetune loop` service with FinetuneSettings defaults; "
+                "votes only through POST /v1/feedback",
+    }
+
+
+def write_results(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
