@@ -119,9 +119,9 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Gate: most any other reward component may fall against the parent."""
 
     # Loop triggers and single flight
-    finetune_trigger_min_preferences: int = Field(200, ge=1, description="New preferences on the current policy that start a cycle.")
+    finetune_trigger_min_preferences: int = Field(150, ge=1, description="New preferences on the current policy that start a cycle (320 votes of the simulated listeners land about 200).")
     finetune_trigger_interval_s: float = Field(0.0, ge=0, description="Also start a cycle this long after the last one (0: data only).")
-    finetune_poll_interval_s: float = Field(30.0, gt=0)
+    finetune_poll_interval_s: float = Field(10.0, gt=0)
     """How often `finetune loop` checks whether to start a cycle, in seconds."""
     finetune_lease_ttl_s: float = Field(120.0, gt=0, description="Lease expiry; renewed every step and every poll.")
 

@@ -104,6 +104,8 @@ def test_sigkill_mid_training_resumes_and_never_publishes_half_trained(stack, en
     environment.update({f"MUSICRL_{k.upper()}": str(v) for k, v in overrides.items()})
     environment.update({"MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo), "MUSICRL_FINETUNE_STEPS": "30",
                         "MUSICRL_FINETUNE_GATE_MAX_OTHER_DROP": "1.0", "MUSICRL_FINETUNE_AUTO_DEPLOY": "false",
+                        # a budget the fast test policy cannot exhaust, so the kill lands mid-training
+                        "MUSICRL_FINETUNE_KL_TARGET": "400", "MUSICRL_FINETUNE_KL_BUDGET": "500",
                         "MUSICRL_LOG_JSON": "true"})
     checkpoint = tmp_path / "work" / "run" / "checkpoints" / "trainer_state.pt"
     worker = subprocess.Popen([sys.executable, "-m", "musicrl.cli", "finetune", "run-once"], env=environment,
@@ -123,7 +125,8 @@ def test_sigkill_mid_training_resumes_and_never_publishes_half_trained(stack, en
     assert registry.versions("generator") == ["1"], "nothing may be published by a killed worker"
     assert not (tmp_path / "work" / "run" / "candidate").exists()
 
-    resumed = settings.model_copy(update={"finetune_steps": 30, "finetune_gate_max_other_drop": 1.0, "finetune_auto_deploy": False})
+    resumed = settings.model_copy(update={"finetune_steps": 30, "finetune_gate_max_other_drop": 1.0, "finetune_auto_deploy": False,
+                                          "finetune_kl_target": 400.0, "finetune_kl_budget": 500.0})
     deadline = time.monotonic() + 30
     record = run_cycle_with_lease(FinetuneCycle(resumed))
     while record is None:  # the killed worker's lease has to expire first (ttl 4 s)
