@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from finetune_worker.deploy import CheckpointRejected, Deployer, DeployError
 from finetune_worker.evaluation import evaluate_policy
 from finetune_worker.configs import gate_config, trainer_config
-from finetune_worker.gate import evaluate_gate, weights_finite
+from finetune_worker.gate import choose, evaluate_gate, refusal_reason, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import split_prompts
 from finetune_worker.reward_model import pairs_from_rows, train_reward_model
@@ -373,11 +373,11 @@ class FinetuneCycle:
             scored = evaluate_policy(candidate, reference, **common)
             report = evaluate_gate(scored, baseline, list(weights), gate_config(s), candidate_weights_finite=weights_finite(candidate))
             checked.append((directory, meta.get("step"), report))
-        passing = [c for c in checked if c[2].passed]
-        chosen = max(passing, key=lambda c: c[2].candidate["reward"]) if passing else checked[-1]
-        directory, step, report = chosen
+        reports = [report for _, _, report in checked]
+        index = choose(reports)
+        directory, step, report = checked[-1 if index is None else index]
         state.gate = {
-            **report.to_dict(), "chosen_step": step if passing else None,
+            **report.to_dict(), "chosen_step": None if index is None else step,
             "checkpoints": [{"step": st, "passed": r.passed, "reason": r.reason, "reward": r.candidate["reward"],
                              "kl": r.candidate["kl"]} for _, st, r in checked],
         }
@@ -387,8 +387,8 @@ class FinetuneCycle:
             "buffer_segments": state.buffer_segments, "n_preferences": state.n_preferences, "chosen_step": step,
             "training_config": json.loads((self.run_dir / "job.json").read_text())["config"], "code_commit": code_commit(),
         }
-        if not passing:
-            state.reason = "no checkpoint passed the gate: " + " | ".join(f"step {st}: {r.reason}" for _, st, r in checked)
+        if index is None:
+            state.reason = refusal_reason([st for _, st, _ in checked], reports)
             state.gate["reason"] = state.reason
             self.registry.record_rejection(GENERATOR, {"reason": state.reason, "gate": state.gate, "lineage": lineage})
             state.status = "rejected"

@@ -8,8 +8,10 @@ Checks, on held-out prompts with the same seeds for the candidate and its parent
 - ``no_collapse``: every other reward component fell by at most ``max_other_drop``
   (the paper saw over-optimising the user reward cost text adherence).
 
-A failed candidate is not published; its report goes to the registry's
-``rejected/`` records with the reason.
+The cycle checks every snapshot of its training run this way and publishes the one
+``choose`` picks: the highest target reward among those that pass. Only when none
+passes is the cycle refused; its report goes to the registry's ``rejected/`` records
+with the reason of every snapshot (``refusal_reason``).
 """
 
 from __future__ import annotations
@@ -89,3 +91,13 @@ def evaluate_gate(
               f"drops {collapsed} exceed {config.max_other_drop}" if collapsed else f"other rewards within {config.max_other_drop}: {sorted(others)}")
     )
     return GateReport(passed=all(c.passed for c in checks), checks=checks, candidate=candidate, baseline=baseline)
+
+
+def choose(reports: list[GateReport]) -> int | None:
+    """Index of the passing report with the highest target reward (the earliest on a tie); None if none passes."""
+    passing = [i for i, report in enumerate(reports) if report.passed]
+    return max(passing, key=lambda i: (reports[i].candidate["reward"], -i)) if passing else None
+
+
+def refusal_reason(steps: list[int | None], reports: list[GateReport]) -> str:
+    return "no checkpoint passed the gate: " + " | ".join(f"step {step}: {report.reason}" for step, report in zip(steps, reports))

@@ -257,6 +257,27 @@ def stack_loop_command(
     raise typer.Exit(0 if results["target_met"] else 3)
 
 
+@app.command("cycle-cost")
+def cycle_cost_command(
+    sizes: list[int] = typer.Option([500, 5000], help="Buffer sizes (preferences) to time; repeatable."),
+    output: Path = typer.Option(Path("results/cycle_cost.json"), help="Results file."),
+    work_dir: Path = typer.Option(Path(".data/cycle_cost"), help="Scratch directory for the trained models."),
+) -> None:
+    """Time the buffer-dependent part of a finetune cycle (the reward model) as the buffer grows."""
+    from rich.console import Console
+
+    from loadtests.cycle_cost import run_cycle_cost, write_results
+
+    results = run_cycle_cost(sorted(sizes), work_dir)
+    write_results(results, output)
+    console = Console()
+    for point in results["points"]:
+        console.print(f"{point['buffer_preferences']:>6} preferences: {point['seconds']:.1f} s "
+                      f"({point['train_pairs']} training pairs), x{point['ratio_to_smallest']:.2f}", highlight=False)
+    console.print(f"flat within 30 %: {results['flat_within_30_percent']}; wrote {output}")
+    raise typer.Exit(0 if results["flat_within_30_percent"] else 3)
+
+
 @app.command("hot-swap-bench")
 def hot_swap_bench_command(
     pairs: int = typer.Option(96, min=4, help="Pairs judged before the cycle."),

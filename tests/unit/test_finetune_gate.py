@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from finetune_helpers import tiny_generator
-from finetune_worker.gate import GateConfig, evaluate_gate, weights_finite
+from finetune_worker.gate import GateConfig, choose, evaluate_gate, refusal_reason, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import PromptMixer, split_prompts
 
@@ -71,3 +71,19 @@ def test_plots_are_written(tmp_path):
     paths = plot_training(history, tmp_path)
     assert [p.name for p in paths] == ["reward_vs_step.png", "reward_vs_kl.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_the_gate_chooses_the_best_passing_checkpoint_and_refuses_only_when_none_passes():
+    config = GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05)
+
+    def report(reward: float, kl: float, text_adherence: float = 0.30):
+        scored = {**BASE, "reward": reward, "kl": kl, "reward/preference": reward, "reward/text_adherence": text_adherence}
+        return evaluate_gate(scored, BASE, ["preference"], config)
+
+    early, best_but_too_far, good, collapsed = report(0.55, 2.0), report(0.95, 12.0), report(0.70, 6.0), report(0.9, 5.0, 0.2)
+    assert choose([early, best_but_too_far, good, collapsed]) == 2  # the highest reward among those that pass
+    assert choose([early, early]) == 0  # a tie goes to the earlier (closer) snapshot
+    refused = [best_but_too_far, collapsed]
+    assert choose(refused) is None
+    reason = refusal_reason([10, 20], refused)
+    assert reason.startswith("no checkpoint passed the gate: step 10: kl_bounded") and "step 20: no_collapse" in reason
