@@ -152,10 +152,10 @@ class Constraints:
 
     A batch of 16 clips measures a component's mean to a few hundredths, as much as the slack, so the
     starting level is the mean of the first ``warmup`` batches (the policy has barely moved yet) and the
-    current level an exponential average over about five batches; multipliers stay at zero during warm-up.
+    current level an exponential average over about three batches; multipliers stay at zero during warm-up.
     """
 
-    def __init__(self, names: tuple[str, ...], slack: float, lr: float, warmup: int = 3, smoothing: float = 0.8):
+    def __init__(self, names: tuple[str, ...], slack: float, lr: float, warmup: int = 3, smoothing: float = 0.6):
         self.names, self.slack, self.lr, self.warmup, self.smoothing = names, slack, lr, warmup, smoothing
         self.multipliers = dict.fromkeys(names, 0.0)
         self.start: dict[str, float] = {}  # the starting policy's level
