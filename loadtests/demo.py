@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from loadtests.closed_loop import (
     ClosedLoopConfig,
@@ -192,3 +193,34 @@ def win_rate_line(summary: dict[str, Any]) -> str:
     return (f"held-out listeners prefer v{summary['policy_after']} over v{summary['policy_before']}: "
             f"{win['win_rate']:.1%} [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
             f"({win['wins']}-{win['losses']}-{win['ties']})")
+
+
+def summarize_demo_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several `make demo` runs, each on a clean stack: how often a new policy was deployed, and how it fared."""
+    deployed = [r for r in runs if r["policy_after"] != r["policy_before"]]
+    rates = [r["win_rate_vs_previous"]["win_rate"] for r in deployed if r.get("win_rate_vs_previous")]
+    return {
+        "runs": len(runs), "deployed": len(deployed),
+        "target_met": len(runs) >= 5 and len(deployed) >= 4,  # issue 14: a new policy in at least 4 of 5 runs
+        "win_rate_vs_previous": rates, "median_win_rate_vs_previous": float(np.median(rates)) if rates else None,
+        "per_run": [{"status": r["cycle"]["status"], "reason": r["cycle"].get("reason"), "policy_after": r["policy_after"],
+                     "win_rate_vs_previous": r.get("win_rate_vs_previous"), "reward_model": r["reward_model"],
+                     "timings_s": r["cycle"].get("timings_s")} for r in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m loadtests.demo SUMMARY.json RUN.json...``: write the summary of several demo runs."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        raise SystemExit("usage: python -m loadtests.demo SUMMARY.json RUN.json [RUN.json ...]")
+    summary = summarize_demo_runs([json.loads(Path(path).read_text()) for path in argv[1:]])
+    Path(argv[0]).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{summary['deployed']} of {summary['runs']} runs deployed a new policy; held-out win rate against the previous "
+          f"policy: {', '.join(f'{r:.1%}' for r in summary['win_rate_vs_previous'])}")
+
+
+if __name__ == "__main__":
+    main()
