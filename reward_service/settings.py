@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from musicrl.config import ObjectStoreConfig
 from musicrl.schemas.scores import Component
@@ -39,6 +39,11 @@ class RewardSettings(ObjectStoreConfig):
     reward_max_items: int = Field(64, ge=1, description="Items per request (413 above).")
     reward_max_audio_s: float = Field(60.0, gt=0, description="Longest clip accepted, in seconds (413 above).")
     reward_min_audio_s: float = Field(0.25, ge=0, description="Shortest clip accepted, in seconds (422 below).")
+    # Read from a WAV/FLAC header before any sample is decoded: a few KB can claim a
+    # megahertz rate or dozens of channels. The codec resamples to 16 kHz; 48 kHz covers CLAP.
+    reward_min_sample_rate: int = Field(8_000, ge=1, description="Lowest audio sample rate accepted, in Hz (422 below).")
+    reward_max_sample_rate: int = Field(48_000, ge=1, description="Highest audio sample rate accepted, in Hz (422 above).")
+    reward_max_channels: int = Field(2, ge=1, description="Most audio channels accepted (422 above).")
     reward_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body size (413 above).")
 
     # Combination of rewards when the request gives no weights.
@@ -52,3 +57,9 @@ class RewardSettings(ObjectStoreConfig):
     reward_poll_interval_s: float = Field(
         30.0, ge=0, description="How often the registry's current pointers are polled (0 disables)."
     )
+
+    @model_validator(mode="after")
+    def _sample_rate_range(self) -> "RewardSettings":
+        if self.reward_min_sample_rate > self.reward_max_sample_rate:
+            raise ValueError("reward_min_sample_rate must not exceed reward_max_sample_rate")
+        return self

@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from musicrl.logging import RequestIdMiddleware, get_logger
 from musicrl.metrics import instrument_app
 from serving import routes
+from serving.body_limit import BodyLimitMiddleware
 from serving.deps import close_singletons
 from serving.errors import NotFound, RequestRejected, UpstreamFailed, UpstreamUnavailable
 from serving.routes.page import STATIC_DIR
@@ -80,6 +81,8 @@ def create_app(
     for module in sorted(m.name for m in pkgutil.iter_modules(routes.__path__)):
         app.include_router(importlib.import_module(f"{routes.__name__}.{module}").router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Innermost of the middlewares: a 413 is counted in the metrics and carries the request id.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.gateway_max_body_bytes)
     instrument_app(app, service="gateway")
     app.add_middleware(RequestIdMiddleware)  # outermost: every log line of the request carries its id
     return app

@@ -31,6 +31,12 @@ class GatewaySettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
     gateway_default_duration_s: float = Field(10.0, gt=0, description="Clip length when the request gives none.")
     gateway_default_temperature: float = Field(0.99, gt=0, description="Sampling temperature by default (MusicRL's).")
     gateway_max_temperature: float = Field(2.0, gt=0, description="Highest temperature accepted.")
+    # Checked before the body is parsed (413 above, with or without Content-Length). The largest
+    # legitimate body, a generation request at the longest prompt, is a few KB (12 KB at worst
+    # for 1,000 characters sent as JSON \u escapes); raise it with gateway_max_prompt_chars.
+    gateway_max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request body accepted, in bytes (413 above)."
+    )
 
     # Upstream calls: a timeout or an unreachable upstream answers 503 with Retry-After.
     gateway_triton_timeout_s: float = Field(120.0, gt=0, description="Timeout of one Triton inference call.")

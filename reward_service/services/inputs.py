@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass
 from math import gcd
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-import soundfile
 from scipy.signal import resample_poly
 
 from minio.error import S3Error
@@ -55,6 +53,21 @@ class InputError(Exception):
 class Limits:
     max_audio_s: float
     min_audio_s: float
+    # What a WAV/FLAC header may ask for; checked before a sample is decoded (422 outside).
+    min_sample_rate: int = 8_000
+    max_sample_rate: int = 48_000
+    max_channels: int = 2
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "Limits":
+        """The limits of a ``RewardSettings``."""
+        return cls(
+            max_audio_s=settings.reward_max_audio_s,
+            min_audio_s=settings.reward_min_audio_s,
+            min_sample_rate=settings.reward_min_sample_rate,
+            max_sample_rate=settings.reward_max_sample_rate,
+            max_channels=settings.reward_max_channels,
+        )
 
 
 _WAV_MAGIC = (b"RIFF", b"RIFX", b"RF64")
@@ -152,17 +165,31 @@ class InputResolver:
     def _decode_audio(self, data: bytes, where: str) -> np.ndarray:
         if not (data[:4] in _WAV_MAGIC or data[:4] == _FLAC_MAGIC):
             raise InputError(422, f"{where}: audio must be a WAV or FLAC file")
-        # Read the header first so that a small file claiming hours of audio is
-        # refused before it is decompressed.
+        formats = self.formats
+        limits = formats.AudioLimits(
+            max_seconds=self.limits.max_audio_s,
+            min_sample_rate=self.limits.min_sample_rate,
+            max_sample_rate=self.limits.max_sample_rate,
+            max_channels=self.limits.max_channels,
+        )
+        # Read the header first so that a small file claiming hours of audio, a
+        # megahertz sample rate or dozens of channels is refused before any
+        # sample is decoded or resampled.
         try:
-            info = soundfile.info(io.BytesIO(data))
-        except (soundfile.LibsndfileError, RuntimeError, ValueError):
+            header = formats.read_header(data)
+        except formats.AudioFormatError:
             raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
-        if info.samplerate <= 0 or info.frames <= 0:
-            raise InputError(422, f"{where}: the file holds no audio")
-        self._check_duration(info.frames / info.samplerate, where)
         try:
-            wave, sample_rate = self.formats.decode_audio(data)
+            formats.check_header(header, limits)
+        except formats.AudioOutOfRange as err:
+            raise InputError(422, f"{where}: {err}") from None
+        except formats.AudioTooLarge as err:
+            raise InputError(413, f"{where}: {err}") from None
+        if header.frames <= 0:
+            raise InputError(422, f"{where}: the file holds no audio")
+        self._check_duration(header.frames / header.samplerate, where)
+        try:
+            wave, sample_rate = formats.decode_audio(data, limits)
         except Exception:  # noqa: BLE001 - any decoder failure is the file's fault
             raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
         wave = np.asarray(wave, dtype=np.float32)  # decode_audio averages the channels

@@ -48,7 +48,7 @@ def component_loader(settings: RewardSettings):
 def default_dependencies(settings: RewardSettings) -> Dependencies:
     store = ObjectStore(settings)
     holder = ModelHolder(RegistrySource(Registry(store), settings.reward_model_cache_dir), component_loader(settings))
-    resolver = InputResolver(store, Limits(settings.reward_max_audio_s, settings.reward_min_audio_s), codec, formats)
+    resolver = InputResolver(store, Limits.from_settings(settings), codec, formats)
     encoder = CachedTextEncoder(load_text_encoder(settings.reward_text_encoder))
     encoder.embed(["warm-up"])  # load the encoder now: a lazy load would stall the first batch for seconds
     return Dependencies(holder, resolver, partial(score_batch, text_encoder=encoder))

@@ -12,7 +12,8 @@ from serving.schemas import ErrorBody
 from serving.services.feedback import FEEDBACK_METRICS, FeedbackProducer, FeedbackService
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
-ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+# 413: a body above MUSICRL_GATEWAY_MAX_BODY_BYTES (serving.body_limit).
+ERRORS = {404: {"model": ErrorBody}, 413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 
 
 def get_feedback_service(request: Request) -> FeedbackService:

@@ -14,9 +14,11 @@ from serving.services.generations import GenerationService
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 Service = Annotated[GenerationService, Depends(get_generation_service)]
 ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 502: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+# A body above MUSICRL_GATEWAY_MAX_BODY_BYTES (serving.body_limit).
+WRITE_ERRORS = {**ERRORS, 413: {"model": ErrorBody}}
 
 
-@router.post("", response_model=GenerationResponse, status_code=201, responses=ERRORS)
+@router.post("", response_model=GenerationResponse, status_code=201, responses=WRITE_ERRORS)
 async def create_generation(body: GenerationRequest, service: Service) -> GenerationResponse:
     """Generate `n` candidate clips for a prompt, store them and their record, return presigned URLs."""
     return await service.create(body)

@@ -2,8 +2,19 @@ import numpy as np
 import pytest
 
 from musicrl.audio import codec
-from musicrl.audio.formats import AudioFormatError, decode_audio, encode_audio
+from musicrl.audio.formats import (
+    AudioFormatError,
+    AudioLimits,
+    AudioOutOfRange,
+    AudioTooLarge,
+    check_header,
+    decode_audio,
+    encode_audio,
+    read_header,
+)
 from musicrl.audio.features import HOP, N_MELS, log_mel
+
+from audio_headers import flac_header, wav_header
 
 pytestmark = pytest.mark.unit
 
@@ -109,6 +120,44 @@ def test_formats_reject_bad_input():
         decode_audio(b"")
     with pytest.raises(AudioFormatError, match="NaN"):
         encode_audio(np.array([np.nan], dtype=np.float32), 16000)
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "match"),
+    [
+        (wav_header(1_000_000, 1, data=bytes(1000)), AudioOutOfRange, "sample rate 1000000 Hz"),
+        (wav_header(16_000, 64), AudioOutOfRange, "64 channels"),
+        (flac_header(1_000_000, 1), AudioOutOfRange, "sample rate 1000000 Hz"),
+        (flac_header(16_000, 8), AudioOutOfRange, "8 channels"),
+        (flac_header(48_000, 2, seconds=3 * 3600), AudioTooLarge, "10800.0 s of audio, the limit is 600 s"),
+    ],
+)
+def test_decode_refuses_headers_outside_the_limits_before_decoding(monkeypatch, data, error, match):
+    import soundfile
+
+    monkeypatch.setattr(soundfile, "read", lambda *a, **k: pytest.fail("decoded despite the header"))
+    with pytest.raises(error, match=match):
+        decode_audio(data)
+
+
+def test_header_limits_are_parameters():
+    header = read_header(flac_header(44_100, 2, seconds=20))
+    assert (header.samplerate, header.channels, header.frames) == (44_100, 2, 882_000)
+    check_header(header)  # the defaults: 8..48 kHz, 2 channels, 600 s
+    with pytest.raises(AudioTooLarge, match="20.0 s of audio, the limit is 10 s"):
+        check_header(header, AudioLimits(max_seconds=10))
+    with pytest.raises(AudioOutOfRange, match="outside the accepted 8000..32000 Hz"):
+        check_header(header, AudioLimits(max_sample_rate=32_000))
+    with pytest.raises(AudioOutOfRange, match="2 channels, at most 1"):
+        check_header(header, AudioLimits(max_channels=1))
+    check_header(header, AudioLimits(max_seconds=None))
+    assert AudioLimits(max_seconds=60).max_samples == 60 * 48_000 * 2
+    assert AudioLimits(max_seconds=None).max_samples is None
+    # limits=None skips the header check: this header then fails in the decoder instead.
+    with pytest.raises(AudioFormatError, match="cannot decode"):
+        decode_audio(flac_header(1_000_000, 1), limits=None)
+    with pytest.raises(AudioFormatError, match="cannot decode"):
+        read_header(b"RIFF" + bytes(40))
 
 
 def test_log_mel_shape_and_silence_floor():

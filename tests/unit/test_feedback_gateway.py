@@ -119,6 +119,23 @@ def test_malformed_bodies_are_422_not_500(gateway, raw):
     assert producer.sent == []
 
 
+def test_body_over_the_limit_is_413_and_not_produced(gateway):
+    client, record, producer, _ = gateway
+    body = json.dumps(body_for(record, user_id="u" * 70_000)).encode()
+
+    def chunks():
+        for i in range(0, len(body), 8192):
+            yield body[i : i + 8192]
+
+    for content in (body, chunks()):
+        response = client.post("/v1/feedback", content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413, response.text
+        assert "above the limit of 65536 bytes" in response.json()["detail"]
+    assert producer.sent == []
+    assert client.post("/v1/feedback", json=body_for(record)).status_code == 202
+    assert "413" in client.get("/openapi.json").json()["paths"]["/v1/feedback"]["post"]["responses"]
+
+
 def test_unreachable_broker_is_503_with_retry_after(gateway):
     client, record, _, _ = gateway
     client.app.state.singletons["feedback_producer"] = RecordingProducer(UpstreamUnavailable("kafka", "no ack"))

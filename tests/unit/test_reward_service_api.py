@@ -33,6 +33,8 @@ from musicrl.text import TEXT_DIM, HashingTextEncoder
 from reward_service.services.scorer import CachedTextEncoder, score_batch
 from reward_service.settings import RewardSettings
 
+from audio_headers import flac_header, wav_header
+
 pytestmark = pytest.mark.unit
 
 TOKEN = "s3cret"
@@ -160,7 +162,7 @@ def build(source=None, store=None, score=None, **overrides):
     source = source or FakeSource()
     store = store or FakeStore()
     holder = ModelHolder(source, partial(load_fake, source))
-    resolver = InputResolver(store, Limits(settings.reward_max_audio_s, settings.reward_min_audio_s), codec, formats)
+    resolver = InputResolver(store, Limits.from_settings(settings), codec, formats)
     score = score or partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))
     return create_app(settings, Dependencies(holder, resolver, score)), source, store
 
@@ -325,6 +327,80 @@ def test_bad_input_gets_a_clear_4xx(api, body, status, message):
     r = client.post("/v1/scores", json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
+
+
+@pytest.fixture()
+def decoded(monkeypatch):
+    """The sample counts libsndfile was asked to decode during the test (soundfile.read is spied on)."""
+    calls: list[int] = []
+    read = soundfile.read
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(soundfile, "read", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "data, status, message",
+    [
+        # Decoded, these would be 0.0005 s of audio ("at least 0.25 s"), no audio at all, or unreadable.
+        (wav_header(1_000_000, 1, data=bytes(1000)), 422, "sample rate 1000000 Hz is outside the accepted 8000..48000 Hz"),
+        (wav_header(16_000, 64), 422, "64 channels, at most 2 accepted"),
+        (flac_header(1_000_000, 1), 422, "sample rate 1000000 Hz is outside"),
+        (flac_header(655_350, 8, seconds=3600), 422, "sample rate 655350 Hz"),
+        (flac_header(16_000, 8), 422, "8 channels, at most 2 accepted"),
+        (wav_header(4_000, 1, data=bytes(16_000)), 422, "sample rate 4000 Hz is outside"),
+        # 42 bytes claiming an hour: refused on the header, never decompressed.
+        (flac_header(48_000, 2, seconds=3600), 413, "3600.0 s of audio, the limit is 30 s"),
+    ],
+    ids=["wav-1MHz-truncated", "wav-64ch-header-only", "flac-1MHz", "flac-655kHz-8ch-1h", "flac-8ch", "wav-4kHz", "flac-1h"],
+)
+def test_audio_headers_outside_the_limits_are_refused_before_decoding(api, decoded, data, status, message):
+    client, _, store = api
+    r = client.post("/v1/scores", json={"items": [{"prompt": "x", "audio_b64": b64(data)}]})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("items[0].audio_b64: ") and message in detail, detail
+    # The same file stored as a clip: refused the same way.
+    clip_id = "c" * 32
+    store.objects["musicrl-clips", f"clips/{clip_id}.wav"] = data
+    r = client.post("/v1/scores", json={"items": [{"prompt": "x", "clip_id": clip_id}]})
+    assert r.status_code == status and message in r.json()["detail"], r.text
+    assert decoded == []
+
+
+def test_audio_at_the_edges_of_the_accepted_range_still_scores(decoded):
+    app, _, _ = build()
+    stereo48 = io.BytesIO()
+    soundfile.write(stereo48, np.stack([tone(2.0, sr=48_000)] * 2, axis=1), 48_000, format="FLAC", subtype="PCM_16")
+    items = [
+        {"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(2.0, sr=8_000), 8_000))},
+        {"prompt": "x", "audio_b64": b64(stereo48.getvalue())},
+    ]
+    with TestClient(app) as client:
+        wait_ready(client)
+        r = client.post("/v1/scores", json={"items": items, "components": ["quality"]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["scores"]) == 2 and len(decoded) == 2
+
+
+def test_sample_rate_and_channel_limits_are_settings():
+    app, _, _ = build(reward_max_sample_rate=16_000, reward_max_channels=1)
+    stereo = io.BytesIO()
+    soundfile.write(stereo, np.stack([tone(1.0)] * 2, axis=1), SR, format="WAV", subtype="PCM_16")
+    with TestClient(app) as client:
+        wait_ready(client)
+        audio22 = b64(formats.encode_audio(tone(1.0, sr=22_050), 22_050))
+        r = client.post("/v1/scores", json={"items": [{"prompt": "x", "audio_b64": audio22}]})
+        assert r.status_code == 422 and "outside the accepted 8000..16000 Hz" in r.json()["detail"], r.text
+        r = client.post("/v1/scores", json={"items": [{"prompt": "x", "audio_b64": b64(stereo.getvalue())}]})
+        assert r.status_code == 422 and "2 channels, at most 1 accepted" in r.json()["detail"], r.text
+        assert client.post("/v1/scores", json={"items": [{"prompt": "x", "audio_b64": AUDIO}]}).status_code == 200
+    with pytest.raises(ValueError, match="must not exceed"):
+        RewardSettings(reward_min_sample_rate=48_001)
 
 
 def test_malformed_json_and_non_finite_weights_are_422(api):

@@ -249,6 +249,47 @@ def test_the_500_character_prompt_is_accepted(client):
     assert client.post("/v1/generations", json={"prompt": "é" * 500, "duration_s": 1}).status_code == 201
 
 
+def chunked(data: bytes, size: int = 1024):
+    """A body sent without Content-Length (the test client streams it in chunks)."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def test_body_over_the_limit_is_413_before_it_is_parsed_with_or_without_content_length():
+    triton = FakeTriton()
+    with make_client(triton=triton, gateway_max_body_bytes=4096) as c:
+        big = json.dumps({"prompt": "x" * 5000, "duration_s": 1}).encode()
+        for content, detail in [
+            (big, f"request body of {len(big)} bytes is above the limit of 4096 bytes"),  # Content-Length
+            (chunked(big), "request body is above the limit of 4096 bytes"),  # counted while it is read
+        ]:
+            response = c.post("/v1/generations", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 413, response.text
+            assert response.json() == {"detail": detail, "request_id": response.headers["X-Request-ID"]}
+            assert response.headers["connection"] == "close"
+        # Not JSON at all: the limit answers before the body is parsed.
+        assert c.post("/v1/generations", content=b"\xff" * 5000).status_code == 413
+        assert triton.calls == []
+        # Under the limit, in one piece or in chunks, the request is served as before.
+        ok = json.dumps({"prompt": "y" * 1000, "duration_s": 1}).encode()
+        for content in (ok, chunked(ok, 100)):
+            response = c.post("/v1/generations", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == 201, response.text
+        assert c.get("/healthz").status_code == 200
+
+
+def test_the_default_body_limit_leaves_room_for_the_longest_prompt(client):
+    assert GatewaySettings().gateway_max_body_bytes == 65536
+    # 1,000 characters outside the BMP, each sent as a \u surrogate pair: the largest legitimate body, 12 KB.
+    body = json.dumps({"prompt": "\U0001F3B5" * 1000, "duration_s": 1}).encode()
+    assert 12_000 < len(body) < 13_000
+    response = client.post("/v1/generations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 201, response.text
+    assert client.post("/v1/generations", json={"prompt": "x" * 70_000}).status_code == 413
+    operations = client.get("/openapi.json").json()["paths"]
+    assert "413" in operations["/v1/generations"]["post"]["responses"]
+
+
 def test_unknown_and_malformed_ids(client):
     missing = "0" * 32
     assert client.get(f"/v1/generations/{missing}").status_code == 404
