@@ -2,7 +2,8 @@
 
     prepare  -> buffer window, reward model (U, RU), prompts, training job      status "training"
     train    -> job in-process or under torchrun, checkpoints every few steps   status "trained"
-    gate     -> candidate vs parent on held-out prompts                         status "published" | "rejected"
+                (U, RU: no preference model trained on users' votes yet: status "skipped", no RL)
+    gate     -> snapshots vs parent on held-out prompts, the best passing one   status "published" | "rejected"
     publish  -> registry version with metrics and lineage
     deploy   -> verify, install into Triton, load, move the pointer             status "deployed"  | "deploy_failed"
 
@@ -57,7 +58,7 @@ log = get_logger(__name__)
 
 GENERATOR = "generator"
 PREFERENCE = "reward/preference"
-TERMINAL = ("deployed", "rejected", "deploy_failed")
+TERMINAL = ("deployed", "rejected", "deploy_failed", "skipped")
 
 
 class RunState(BaseModel):
@@ -185,6 +186,14 @@ class FinetuneCycle:
         )
         if s.finetune_stage in ("U", "RU") and s.finetune_train_reward_model:
             state.reward_model = self.update_reward_model(rows, state)
+            if self.vote_trained_preference() is None:
+                # The committed bootstrap model encodes priors, not these users: optimising it moved one closed-loop
+                # run's policy to a 36 % win rate against the base. Wait for a model that passed its held-out check.
+                state.status = "skipped"
+                state.reason = "no preference model trained on users' votes has passed its held-out check yet; nothing to optimise"
+                self.save_state(state)
+                log.info("cycle.skipped", run_id=state.run_id, reason=state.reason)
+                return state
         state.reward_versions = dict(getattr(self.reward_fn, "versions", {}) or {})
 
         user_train, user_heldout = split_prompts([r["prompt"] for r in rows], s.finetune_heldout_fraction)
@@ -211,6 +220,13 @@ class FinetuneCycle:
         self.save_state(state)
         log.info("cycle.prepared", run_id=state.run_id, parent=parent, reference=reference, preferences=len(rows))
         return state
+
+    def vote_trained_preference(self) -> str | None:
+        """The current preference model if a cycle trained it on users' votes (its lineage names the run), else None."""
+        version = self.registry.current(PREFERENCE)
+        if version is None:
+            return None
+        return version if self.registry.manifest(PREFERENCE, version).get("lineage", {}).get("run_id") else None
 
     def reference_version(self, parent: str) -> str:
         """The policy the KL is taken against: configured; else the R policy for RU; else the base (first) version."""

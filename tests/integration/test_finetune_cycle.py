@@ -226,3 +226,20 @@ def test_a_worker_that_lost_its_lease_publishes_nothing_and_the_run_resumes(env)
     record = run_cycle_with_lease(FinetuneCycle(quick))  # resumes the same run at the gate
     assert record["run_id"] == stopped.run_id and record["status"] == "published"
     assert registry.versions("generator") == ["1", "2"]
+
+
+def test_a_preference_cycle_without_a_vote_trained_reward_model_is_skipped(env, tmp_path):
+    """Stage U optimises the users' preference model; until one trained on votes has passed its held-out check
+    (here: an empty buffer, and only the committed bootstrap model), the cycle trains nothing."""
+    from musicrl.models.preference import PreferenceRewardModel, save_preference_model
+
+    settings, registry, _ = env
+    bootstrap = save_preference_model(PreferenceRewardModel.from_generator(servable_generator(0)), tmp_path / "pref", export_onnx=False)
+    registry.set_current("reward/preference", registry.publish("reward/preference", bootstrap, lineage={"source": "checkpoints/preference"}))
+    cycle = FinetuneCycle(settings.model_copy(update={"finetune_stage": "U"}))
+    record = run_cycle_with_lease(cycle)
+    assert record["status"] == "skipped" and "trained on users' votes" in record["reason"]
+    assert registry.versions("generator") == ["1"] and not (Path(record["archive"]) / "candidate").exists()
+    voted = registry.publish("reward/preference", bootstrap, lineage={"run_id": "abc", "buffer_segments": ["s"]})
+    registry.set_current("reward/preference", voted)
+    assert cycle.vote_trained_preference() == voted
