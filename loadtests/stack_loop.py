@@ -8,8 +8,8 @@ to train and what to deploy. This harness only plays the users and watches:
    under ``work_dir``, with the stack's default settings;
 2. per round, training listeners ask the gateway for pairs and vote through
    ``POST /v1/feedback`` until ``votes_per_round`` votes (a, b or tie) were sent;
-3. wait until the finetune loop has finished a cycle on that policy: the registry's current
-   generator changes (deployed) or a new rejection is recorded;
+3. wait until the finetune loop has finished a cycle (its archived run record, whatever the
+   outcome: deployed, rejected by the gate, skipped);
 4. at the end, held-out listeners judge every deployed version against the base
    (``HeldOutJudge``: same prompts and seeds for both, full listens, a verdict on every pair).
 
@@ -49,18 +49,32 @@ def votes_sent(votes: Counter) -> int:
     return sum(count for choice, count in votes.items() if choice != "none")
 
 
-def wait_for_cycle(registry, parent: str, rejections_before: int, timeout_s: float, poll_s: float = 5.0) -> dict[str, Any]:
-    """The outcome of the loop's next cycle on ``parent``: deployed (the pointer moved) or rejected."""
+def finished_runs(runs_dir: Path) -> dict[str, dict[str, Any]]:
+    """The finetune loop's archived runs (``<work_dir>/runs/<run_id>/run.json``), by run id."""
+    found = {}
+    for path in sorted(runs_dir.glob("*/run.json")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # being moved into place right now: read it next time
+            continue
+    return found
+
+
+def wait_for_cycle(runs_dir: Path, seen: set[str], timeout_s: float, poll_s: float = 5.0) -> dict[str, Any]:
+    """The record of the loop's next finished cycle (deployed, rejected, skipped, ...) not in ``seen``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        current = registry.current("generator")
-        if current != parent:
-            return {"status": "deployed", "version": current, "gate": registry.manifest("generator", current).get("metrics", {}).get("gate")}
-        rejections = registry.rejections("generator")
-        if len(rejections) > rejections_before:
-            return {"status": "rejected", "version": parent, "reason": rejections[-1].get("reason")}
+        new = {run_id: record for run_id, record in finished_runs(runs_dir).items() if run_id not in seen}
+        if new:
+            run_id, record = sorted(new.items(), key=lambda item: item[1].get("created_at", ""))[0]
+            seen.add(run_id)
+            return {"status": record["status"], "run_id": run_id, "reason": record.get("reason"),
+                    "version": record.get("candidate_version") or record.get("parent_version"),
+                    "gate": {k: record.get("gate", {}).get(k) for k in ("passed", "chosen_step", "candidate", "baseline")},
+                    "reward_model": {k: record.get("reward_model", {}).get(k) for k in ("published", "heldout_accuracy", "n_train_pairs")},
+                    "timings_s": record.get("timings_s")}
         time.sleep(poll_s)
-    return {"status": "timeout", "version": parent, "reason": f"no cycle finished within {timeout_s:.0f} s"}
+    return {"status": "timeout", "reason": f"no cycle finished within {timeout_s:.0f} s"}
 
 
 def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress = print) -> dict[str, Any]:
@@ -81,8 +95,10 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
         registry = Registry(ObjectStore(info.settings_for(ObjectStoreConfig)))
         base = registry.current("generator")
         progress(f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; the stack's finetune loop decides every cycle")
+        runs_dir = settings.data_dir / "finetune" / "runs"  # the stack's finetune loop archives every cycle here
+        seen = set(finished_runs(runs_dir))
         for round_index in range(1, config.rounds + 1):
-            parent, rejections_before = registry.current("generator"), len(registry.rejections("generator"))
+            parent = registry.current("generator")
             votes: Counter = Counter()
             batch = 0
             while votes_sent(votes) < config.votes_per_round:
@@ -93,11 +109,11 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
                 votes.update(collection.votes)
             last_vote = time.monotonic()
             progress(f"round {round_index}: {votes_sent(votes)} votes on v{parent} sent ({dict(votes)}); waiting for the loop")
-            outcome = wait_for_cycle(registry, parent, rejections_before, config.cycle_timeout_s)
+            outcome = wait_for_cycle(runs_dir, seen, config.cycle_timeout_s)
             outcome.update({"round": round_index, "parent": parent, "votes": dict(votes),
                             "vote_to_outcome_s": round(time.monotonic() - last_vote, 1)})
             rounds.append(outcome)
-            progress(f"round {round_index}: {outcome['status']} v{outcome['version']} "
+            progress(f"round {round_index}: {outcome['status']} v{outcome.get('version')} "
                      f"({outcome['vote_to_outcome_s']:.0f} s after the last vote){' - ' + str(outcome.get('reason')) if outcome.get('reason') else ''}")
             if outcome["status"] == "timeout":
                 break

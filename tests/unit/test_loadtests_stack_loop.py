@@ -1,52 +1,45 @@
-"""The stack-loop harness's pure parts: what counts as a vote, and how a cycle's outcome is observed."""
+"""The stack-loop harness's pure parts: what counts as a vote, and how the loop's next cycle is observed."""
 
 from __future__ import annotations
 
+import json
+import threading
 from collections import Counter
 
 import pytest
 
-from loadtests.stack_loop import StackLoopConfig, votes_sent, wait_for_cycle
+from loadtests.stack_loop import StackLoopConfig, finished_runs, votes_sent, wait_for_cycle
 
 pytestmark = pytest.mark.unit
 
 
-class FakeRegistry:
-    """Plays a finetune loop: after ``after`` polls it deploys ``outcome`` ("deployed") or records a rejection."""
-
-    def __init__(self, outcome: str, after: int = 2):
-        self.outcome, self.after, self.polls = outcome, after, 0
-        self._rejections: list[dict] = [{"reason": "an older refusal"}]
-
-    def current(self, kind):
-        self.polls += 1
-        return "2" if self.outcome == "deployed" and self.polls > self.after else "1"
-
-    def manifest(self, kind, version):
-        return {"metrics": {"gate": {"chosen_step": 20}}}
-
-    def rejections(self, kind):
-        if self.outcome == "rejected" and self.polls > self.after:
-            return [*self._rejections, {"reason": "no checkpoint passed the gate"}]
-        return self._rejections
+def _archive(runs_dir, run_id: str, **record) -> None:
+    (runs_dir / run_id).mkdir(parents=True)
+    (runs_dir / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "parent_version": "1", **record}))
 
 
 def test_abstentions_are_not_votes():
     assert votes_sent(Counter({"a": 3, "b": 2, "tie": 1, "none": 9})) == 6
 
 
-@pytest.mark.parametrize("outcome,status,version", [("deployed", "deployed", "2"), ("rejected", "rejected", "1")])
-def test_the_next_cycle_is_seen_as_deployed_or_rejected(outcome, status, version):
-    result = wait_for_cycle(FakeRegistry(outcome), "1", rejections_before=1, timeout_s=5, poll_s=0.0)
-    assert result["status"] == status and result["version"] == version
-    if status == "rejected":
-        assert result["reason"] == "no checkpoint passed the gate"
-    else:
-        assert result["gate"] == {"chosen_step": 20}
+@pytest.mark.parametrize("record,version", [
+    ({"status": "deployed", "candidate_version": "2", "gate": {"passed": True, "chosen_step": 20}}, "2"),
+    ({"status": "rejected", "reason": "no checkpoint passed the gate: step 5: kl_bounded"}, "1"),
+    ({"status": "skipped", "reason": "no preference model trained on users' votes"}, "1"),
+])
+def test_the_next_archived_cycle_is_reported_whatever_its_outcome(tmp_path, record, version):
+    _archive(tmp_path, "older", status="deployed", candidate_version="9", created_at="2026-01-01")
+    seen = set(finished_runs(tmp_path))
+    timer = threading.Timer(0.05, _archive, (tmp_path, "next"), {**record, "created_at": "2026-02-01"})
+    timer.start()
+    result = wait_for_cycle(tmp_path, seen, timeout_s=5, poll_s=0.01)
+    timer.join()
+    assert result["status"] == record["status"] and result["version"] == version and result["run_id"] == "next"
+    assert seen == {"older", "next"} and result["reason"] == record.get("reason")
 
 
-def test_a_loop_that_never_finishes_times_out():
-    result = wait_for_cycle(FakeRegistry("deployed", after=10**9), "1", rejections_before=1, timeout_s=0.05, poll_s=0.01)
+def test_a_loop_that_never_finishes_times_out(tmp_path):
+    result = wait_for_cycle(tmp_path / "runs", set(), timeout_s=0.05, poll_s=0.01)
     assert result["status"] == "timeout" and "no cycle finished" in result["reason"]
 
 
