@@ -177,13 +177,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"| {key} | {value} |" for key, value in row["headline"].items()]
         else:
             lines.append(f"No results (see {row['log']}).")
-    closed_loop = ROOT / "results" / "closed_loop.json"
-    if closed_loop.is_file():
-        final = json.loads(closed_loop.read_text())["final"]
+    summary_path = ROOT / "results" / "closed_loop_summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        final = summary["final_win_rate"]
         lines += ["", "## closed loop (the headline experiment, not rerun by this suite)", "",
-                  f"`musicrl experiment closed-loop` -> `results/closed_loop_table.md`: final policy v{final.get('policy_version')}, "
-                  f"win rate against the base {final.get('win_rate')} (95% CI {final.get('ci_low')} to {final.get('ci_high')}) "
-                  "judged by held-out listeners; see docs/closed_loop.md."]
+                  f"`musicrl experiment closed-loop --seeds N` -> `results/closed_loop_summary.md`: {summary['n_runs']} runs "
+                  f"(population {summary['population']}), final win rate against the base: median {final['median']} "
+                  f"(min {final['min']}, max {final['max']}), judged by held-out listeners; see docs/closed_loop.md."]
     return "\n".join(lines) + "\n"
 
 
