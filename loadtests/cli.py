@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from loadtests.closed_loop import ClosedLoopConfig  # numpy and httpx: light enough for every command
+from loadtests.demo import DemoConfig
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -186,7 +187,7 @@ def closed_loop_command(
 
 @app.command("demo")
 def demo_command(
-    pairs: int = typer.Option(240, min=4, help="Pairs the simulated listeners ask for and judge."),
+    pairs: int = typer.Option(DemoConfig.pairs, min=4, help="Pairs the simulated listeners ask for and judge."),
     clip_s: float = typer.Option(ClosedLoopConfig.clip_s, help="Seconds of audio per clip."),
     seed: int = typer.Option(0, help="Seeds the listener population."),
 ) -> None:

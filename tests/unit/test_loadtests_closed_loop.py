@@ -85,7 +85,7 @@ def test_harnesses_change_only_the_size_of_the_work():
     assert SIZE_FIELDS <= set(FinetuneSettings.model_fields)
     assert set(CLOSED_LOOP_SIZE) <= SIZE_FIELDS and set(DEMO_SIZE) <= SIZE_FIELDS
     assert CLOSED_LOOP_SIZE["finetune_steps"] == 30 and DEMO_SIZE["finetune_steps"] == 12
-    assert DemoConfig().pairs == 240
+    assert DemoConfig().pairs == 400
     config = ClosedLoopConfig(clip_s=2.0)
     assert config.finetune_overrides() == CLOSED_LOOP_SIZE | {"finetune_duration_s": 2.0}  # rollouts as long as clips
     assert algorithm_overrides(config.finetune_overrides()) == {} and overrides_warning(config.finetune_overrides()) is None
