@@ -28,6 +28,7 @@ from scipy.signal import resample_poly
 
 from minio.error import S3Error
 
+from musicrl.audio.formats import AudioLimits
 from musicrl.schemas.scores import ScoreItem
 from musicrl.storage import ObjectNotFound, ObjectStore
 
@@ -53,10 +54,7 @@ class InputError(Exception):
 class Limits:
     max_audio_s: float
     min_audio_s: float
-    # What a WAV/FLAC header may ask for; checked before a sample is decoded (422 outside).
-    min_sample_rate: int = 8_000
-    max_sample_rate: int = 48_000
-    max_channels: int = 2
+    audio: AudioLimits  # what a WAV/FLAC header may ask for; checked before a sample is decoded
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Limits":
@@ -64,9 +62,12 @@ class Limits:
         return cls(
             max_audio_s=settings.reward_max_audio_s,
             min_audio_s=settings.reward_min_audio_s,
-            min_sample_rate=settings.reward_min_sample_rate,
-            max_sample_rate=settings.reward_max_sample_rate,
-            max_channels=settings.reward_max_channels,
+            audio=AudioLimits(
+                max_seconds=settings.reward_max_audio_s,
+                min_sample_rate=settings.reward_min_sample_rate,
+                max_sample_rate=settings.reward_max_sample_rate,
+                max_channels=settings.reward_max_channels,
+            ),
         )
 
 
@@ -166,12 +167,6 @@ class InputResolver:
         if not (data[:4] in _WAV_MAGIC or data[:4] == _FLAC_MAGIC):
             raise InputError(422, f"{where}: audio must be a WAV or FLAC file")
         formats = self.formats
-        limits = formats.AudioLimits(
-            max_seconds=self.limits.max_audio_s,
-            min_sample_rate=self.limits.min_sample_rate,
-            max_sample_rate=self.limits.max_sample_rate,
-            max_channels=self.limits.max_channels,
-        )
         # Read the header first so that a small file claiming hours of audio, a
         # megahertz sample rate or dozens of channels is refused before any
         # sample is decoded or resampled.
@@ -180,7 +175,7 @@ class InputResolver:
         except formats.AudioFormatError:
             raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
         try:
-            formats.check_header(header, limits)
+            formats.check_header(header, self.limits.audio)
         except formats.AudioOutOfRange as err:
             raise InputError(422, f"{where}: {err}") from None
         except formats.AudioTooLarge as err:
@@ -189,7 +184,7 @@ class InputResolver:
             raise InputError(422, f"{where}: the file holds no audio")
         self._check_duration(header.frames / header.samplerate, where)
         try:
-            wave, sample_rate = formats.decode_audio(data, limits)
+            wave, sample_rate = formats.decode_audio(data, limits=None)  # the header was checked above
         except Exception:  # noqa: BLE001 - any decoder failure is the file's fault
             raise InputError(422, f"{where}: not a readable WAV or FLAC file") from None
         wave = np.asarray(wave, dtype=np.float32)  # decode_audio averages the channels
