@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +26,7 @@ from finetune_worker.trainers.base import DistributedContext
 from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer
 from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 from musicrl.logging import get_logger
-from musicrl.models.generator import load_generator, save_generator
+from musicrl.models.generator import load_generator, save_generator_atomic
 
 log = get_logger(__name__)
 
@@ -65,15 +64,6 @@ def make_embed(spec: str):
     return load_text_encoder(spec).embed
 
 
-def _write_output(model, job: TrainJob, history: list[dict]) -> None:
-    staging = job.output_dir.with_name(f".{job.output_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_generator(model, staging, {**job.meta, "trainer": job.trainer, "steps": len(history)})
-    (staging / HISTORY_FILE).write_text(json.dumps(history))
-    shutil.rmtree(job.output_dir, ignore_errors=True)
-    staging.rename(job.output_dir)
-
-
 def _check_replicas_in_sync(model: torch.nn.Module, dist_ctx: DistributedContext) -> None:
     """DDP keeps replicas identical by construction; verify it before rank 0 saves its copy."""
     if not dist_ctx.enabled:
@@ -105,7 +95,8 @@ def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[d
     _check_replicas_in_sync(trainer.model, dist_ctx)
     job.meta["world_size"] = dist_ctx.world_size
     if dist_ctx.is_main:
-        _write_output(trainer.model.cpu(), job, out.history)
+        save_generator_atomic(trainer.model.cpu(), job.output_dir, {**job.meta, "trainer": job.trainer, "steps": len(out.history)},
+                              {HISTORY_FILE: json.dumps(out.history)})
     dist_ctx.barrier()
     return out.history
 

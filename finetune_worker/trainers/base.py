@@ -228,19 +228,13 @@ class OnlineTrainer:
     # shared
     def save_candidate(self) -> Path | None:
         """The policy as it is now, a complete generator checkpoint, renamed into place when written."""
-        from musicrl.models.generator import save_generator  # noqa: PLC0415 - trainers/base stays model-agnostic
+        from musicrl.models.generator import save_generator_atomic  # noqa: PLC0415 - trainers/base stays model-agnostic
 
         if self.candidates_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return None
-        target = self.candidates_dir / f"step-{self.global_step:04d}"
-        staging = self.candidates_dir / f".step-{self.global_step:04d}.staging"
-        save_generator(unwrap(self.model), staging, {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
-        if target.exists():
-            import shutil  # noqa: PLC0415
-
-            shutil.rmtree(target)
-        staging.rename(target)
+        target = save_generator_atomic(self.model, self.candidates_dir / f"step-{self.global_step:04d}",
+                                       {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
         self.dist.barrier()
         return target
 

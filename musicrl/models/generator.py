@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -384,6 +385,21 @@ def read_checkpoint(directory: str | Path, build, kind: str, device: str | torch
 
 def save_generator(model: Generator, directory: str | Path, meta: dict | None = None) -> Path:
     return write_checkpoint(model, directory, meta)
+
+
+def save_generator_atomic(model: Generator, directory: str | Path, meta: dict | None = None,
+                          extra_files: dict[str, str] | None = None) -> Path:
+    """:func:`save_generator` (plus ``extra_files``: name -> text) into a staging sibling renamed into place, so
+    ``directory`` exists only complete: a reader never sees a half-written model, whatever kills the writer."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_generator(model, staging, meta)
+    for name, text in (extra_files or {}).items():
+        (staging / name).write_text(text)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+    return directory
 
 
 def load_generator(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
