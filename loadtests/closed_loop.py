@@ -719,14 +719,15 @@ ACCEPTED = ("deployed", "published")  # a cycle whose candidate passed the gate
 def _targets(population: str, median: float | None, good_runs: int, n_runs: int, accepted_share: float | None
              ) -> dict[str, bool]:
     """The issue's targets for a sweep (default: 5 runs; "4 of 5" scales to 80 % of the runs, rounded up)."""
+    if population not in RUN_TARGET:
+        return {}
+    target = RUN_TARGET[population]
+    targets = {f"median >= {target:.2f}": median is not None and median >= target}
     if population == "default":
         required = math.ceil(0.8 * n_runs)
-        return {"median >= 0.70": median is not None and median >= 0.70,
-                f"runs_ge_65_ci_above_50 >= {required} of {n_runs}": good_runs >= required,
-                "accepted_share >= 0.8": accepted_share is not None and accepted_share >= 0.8}
-    if population == "opposite":
-        return {"median >= 0.65": median is not None and median >= 0.65}
-    return {}
+        targets[f"runs_ge_65_ci_above_50 >= {required} of {n_runs}"] = good_runs >= required
+        targets["accepted_share >= 0.8"] = accepted_share is not None and accepted_share >= 0.8
+    return targets
 
 
 def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -762,7 +763,8 @@ def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
     good = sum(r["final_win_rate"] is not None and r["final_win_rate"] >= 0.65 and (r["ci_low"] or 0.0) > 0.5
                for r in runs)
     total_cycles = sum(r["cycles_total"] for r in runs)
-    accepted_share = sum(r["cycles_accepted"] for r in runs) / total_cycles if total_cycles else None
+    accepted_cycles = sum(r["cycles_accepted"] for r in runs)
+    accepted_share = accepted_cycles / total_cycles if total_cycles else None
 
     def stat(value: float) -> float:
         return round(float(value), 4)
@@ -777,10 +779,10 @@ def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
                            "q25": stat(q25) if finals.size else None, "q75": stat(q75) if finals.size else None,
                            "iqr": stat(q75 - q25) if finals.size else None},
         "runs_ge_65_ci_above_50": good,
-        "cycles_accepted": sum(r["cycles_accepted"] for r in runs), "cycles_total": total_cycles,
+        "cycles_accepted": accepted_cycles, "cycles_total": total_cycles,
         "accepted_share": round(accepted_share, 4) if accepted_share is not None else None,
         "median_elapsed_min": round(float(np.median([r["elapsed_min"] for r in runs])), 2),
-        "median_target": {"default": 0.70, "opposite": 0.65}.get(population),
+        "median_target": RUN_TARGET.get(population),
         "algorithm_overrides": results[0].get("algorithm_overrides") or {},
         "targets": targets, "targets_met": bool(targets) and all(targets.values()),
     }
