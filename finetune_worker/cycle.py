@@ -40,7 +40,7 @@ from finetune_worker.configs import gate_config, trainer_config
 from finetune_worker.gate import choose, evaluate_gate, refusal_reason, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import split_prompts
-from finetune_worker.reward_model import pairs_from_rows, train_reward_model
+from finetune_worker.reward_model import HELDOUT_FRACTION_KEY, load_warm_start, pairs_from_rows, select_pair_rows, train_reward_model
 from finetune_worker.rewards import make_reward_fn
 from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
@@ -265,8 +265,6 @@ class FinetuneCycle:
         on a bounded replay of the buffer window (every pair of the parent policy, a seeded sample of
         older ones, at most ``finetune_rm_max_pairs``), so a cycle's cost stays flat as the buffer grows.
         """
-        from finetune_worker.reward_model import HELDOUT_FRACTION_KEY, select_pair_rows  # noqa: PLC0415
-
         s = self.settings
         selected = select_pair_rows(rows, state.parent_version, max_pairs=s.finetune_rm_max_pairs,
                                     heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed)
@@ -308,8 +306,6 @@ class FinetuneCycle:
 
     def _reward_model_warm_start(self, generator) -> tuple[Any, str | None]:
         """(model, version) of the current preference model to continue training, or (None, None): start from the generator."""
-        from finetune_worker.reward_model import load_warm_start  # noqa: PLC0415
-
         s = self.settings
         version = self.registry.current(PREFERENCE) if s.finetune_rm_warm_start else None
         if version is None:

@@ -52,6 +52,7 @@ def synthetic_rows(n: int, n_frames: int, seed: int = 0) -> list[dict[str, Any]]
 def reward_model_cost(n_rows: int, work_dir: Path, settings, generator, embed, seed: int = 0) -> dict[str, Any]:
     """Seconds of the buffer-dependent part of one cycle on a buffer of ``n_rows`` preferences."""
     from finetune_worker.reward_model import load_warm_start, pairs_from_rows, select_pair_rows, train_reward_model
+    from finetune_worker.stack_component import CHECKPOINTS
     from musicrl.audio import codec
     from musicrl.buffer import parquet_to_table, rows_to_parquet
     from musicrl.models.preference import PreferenceTrainingConfig
@@ -64,7 +65,7 @@ def reward_model_cost(n_rows: int, work_dir: Path, settings, generator, embed, s
                                 seed=s.finetune_seed)
     train, heldout = pairs_from_rows(selected.train, embed), pairs_from_rows(selected.heldout, embed)
     selected_s = time.perf_counter() - started
-    start, _ = load_warm_start(Path(__file__).resolve().parents[1] / "checkpoints" / "preference", generator,
+    start, _ = load_warm_start(CHECKPOINTS / "preference", generator,
                                s.finetune_rm_heads, s.finetune_rm_disagreement_penalty)
     config = PreferenceTrainingConfig(learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
                                       seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer, progress=False)
@@ -78,13 +79,14 @@ def run_cycle_cost(sizes: list[int], work_dir: Path) -> dict[str, Any]:
     import torch
 
     from finetune_worker.settings import FinetuneSettings
+    from finetune_worker.stack_component import CHECKPOINTS
     from finetune_worker.train import make_embed
     from loadtests.closed_loop import machine
     from musicrl.models.generator import load_generator
 
     torch.set_num_threads(1)  # as the stack runs the worker
     settings = FinetuneSettings()
-    generator, _ = load_generator(Path(__file__).resolve().parents[1] / "checkpoints" / "generator")
+    generator, _ = load_generator(CHECKPOINTS / "generator")
     embed = make_embed(settings.finetune_text_encoder)
     points = [reward_model_cost(n, work_dir, settings, generator, embed) for n in sizes]
     baseline = points[0]["seconds"]

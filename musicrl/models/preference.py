@@ -350,7 +350,6 @@ def train_preference_model(
         epoch += 1
         if config.keep_best_epoch and heldout:
             held = evaluate_pairs(model, heldout, config.window_frames)
-            model.train()
             if held["loss"] < best["loss"]:
                 best = {"epoch": epoch, "loss": held["loss"], "state": copy.deepcopy(model.state_dict())}
     progress.close()
