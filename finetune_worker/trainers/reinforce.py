@@ -228,10 +228,11 @@ class ReinforceTrainer(OnlineTrainer):
         tokens, _ = self.model.sample(cond, cfg.n_frames, cfg.temperature, 0, seeds)
         return prompts, cond, tokens.clone()  # out of inference mode, so autograd may use it
 
-    def advantages(self, components: dict[str, np.ndarray]) -> np.ndarray:
-        """(A_target + sum_c lambda_c A_c) / (1 + sum_c lambda_c), every A a standardised leave-one-out advantage."""
+    def advantages(self, reward: np.ndarray, components: dict[str, np.ndarray]) -> np.ndarray:
+        """(A_target + sum_c lambda_c A_c) / (1 + sum_c lambda_c), every A a standardised leave-one-out advantage;
+        ``reward`` is the target reward (``combine_rewards`` of the stage's components)."""
         group = self.config.group_size
-        total = standardized(leave_one_out(combine_rewards(components, self.config.weights), group))
+        total = standardized(leave_one_out(reward, group))
         weight = 1.0
         for name, multiplier in self.constraints.multipliers.items():
             if multiplier > 0 and name in components:
@@ -244,7 +245,7 @@ class ReinforceTrainer(OnlineTrainer):
         prompts, cond, tokens = self.rollout(self.global_step)
         components = self.reward_fn(prompts, tokens.cpu().numpy())
         reward = combine_rewards(components, cfg.weights)
-        advantages = torch.as_tensor(self.advantages(components), dtype=torch.float32, device=self.device)
+        advantages = torch.as_tensor(self.advantages(reward, components), dtype=torch.float32, device=self.device)
 
         self.policy.train()
         with autocast(self.device, cfg.mixed_precision):
