@@ -26,10 +26,15 @@ REWARD_KINDS = ("text_adherence", "quality", "preference")
 log = get_logger(__name__)
 
 
+def finetune_work_dir(s: StackSettings) -> Path:
+    """Where the stack's finetune loop keeps its runs: ``MUSICRL_FINETUNE_WORK_DIR``, else ``<stack data>/finetune``."""
+    return Path(os.environ.get("MUSICRL_FINETUNE_WORK_DIR") or s.data_dir / "finetune")
+
+
 def finetune_env(s: StackSettings) -> dict[str, str]:
     """What the worker needs beyond the stack's endpoints (the environment may override the defaults)."""
     local_defaults = {
-        "MUSICRL_FINETUNE_WORK_DIR": str(s.data_dir / "finetune"),
+        "MUSICRL_FINETUNE_WORK_DIR": str(finetune_work_dir(s)),
         "MUSICRL_FINETUNE_TORCH_THREADS": "1",
     }
     return (

@@ -78,6 +78,7 @@ def wait_for_cycle(runs_dir: Path, seen: set[str], timeout_s: float, poll_s: flo
 
 
 def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress = print) -> dict[str, Any]:
+    from finetune_worker.stack_component import finetune_work_dir
     from finetune_worker.train import make_embed
     from musicrl.config import ObjectStoreConfig
     from musicrl.registry import Registry
@@ -95,7 +96,7 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
         registry = Registry(ObjectStore(info.settings_for(ObjectStoreConfig)))
         base = registry.current("generator")
         progress(f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; the stack's finetune loop decides every cycle")
-        runs_dir = settings.data_dir / "finetune" / "runs"  # the stack's finetune loop archives every cycle here
+        runs_dir = finetune_work_dir(settings) / "runs"  # the stack's finetune loop archives every cycle here
         seen = set(finished_runs(runs_dir))
         for round_index in range(1, config.rounds + 1):
             parent = registry.current("generator")
