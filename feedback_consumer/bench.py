@@ -110,9 +110,11 @@ def feedback_consumer_rate(settings: ConsumerSettings, store: ObjectStore, n_mes
             "accepted": consumer.totals["accepted"], "duplicates": consumer.totals["duplicates"], "dead_letters": consumer.totals["dead_letters"]}
 
 
-def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path,
+                  vote_token_key: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSICRL_")} | stack_env | {
+        "MUSICRL_GATEWAY_VOTE_TOKEN_KEY": vote_token_key,  # the bench issues the votes' tokens with it
         "MUSICRL_TOPIC_PREFERENCES": settings.topic_preferences,
         "MUSICRL_TOPIC_DEAD_LETTER": settings.topic_dead_letter,
         "MUSICRL_GATEWAY_PORT": str(port),
@@ -137,7 +139,7 @@ def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_pat
     raise RuntimeError(f"the gateway did not start, see {log_path}")
 
 
-async def post_feedback(url: str, bodies: list[dict], concurrency: int) -> list[float]:
+async def post_feedback(url: str, bodies: list[dict], concurrency: int, headers: dict[str, str]) -> list[float]:
     latencies: list[float] = []
     queue = list(reversed(bodies))
     bar = tqdm(total=len(bodies), desc="POST /v1/feedback", unit="req")
@@ -156,25 +158,36 @@ async def post_feedback(url: str, bodies: list[dict], concurrency: int) -> list[
                 await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
             bar.update(1)
 
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as client:
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     bar.close()
     return latencies
 
 
 def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int, workdir: Path) -> dict:
+    from musicrl.stack.stack import STACK_KEY_NAME
+    from serving.client import API_KEY_ENV, api_key_headers
+    from serving.services.vote_tokens import VoteTokens
+
     rng = random.Random(7)
     records = make_records(max(n_events // 4, 1), rng)
     store_records(store, records)
+    # The records did not come through POST /v1/generations, so the bench issues their vote tokens
+    # itself, as the gateway would have for the stack's key; each user votes once per generation.
+    vote_token_key = uuid.uuid4().hex
+    tokens = VoteTokens(vote_token_key.encode(), ttl_s=24 * 3600)
     bodies = []
     for i in range(n_events):
         record = rng.choice(records)
+        user_id = f"user-{i}"
+        clips = [(clip.clip_id, clip.duration_s) for clip in record.clips]
         bodies.append({
             "event_id": uuid.uuid4().hex, "generation_id": record.generation_id,
             "clip_a_id": record.clips[0].clip_id, "clip_b_id": record.clips[1].clip_id,
-            "choice": rng.choice(["a", "b", "tie"]), "listen_a_s": 10.0, "listen_b_s": 9.0, "user_id": f"user-{i % 97}",
+            "choice": rng.choice(["a", "b", "tie"]), "listen_a_s": 10.0, "listen_b_s": 9.0, "user_id": user_id,
+            "vote_token": tokens.issue(record.generation_id, clips, STACK_KEY_NAME, user_id)[0],
         })
-    gateway, url = start_gateway(stack_env, settings, workdir / "gateway.log")
+    gateway, url = start_gateway(stack_env, settings, workdir / "gateway.log", vote_token_key)
     consumer = FeedbackConsumer(settings, store)
     thread = threading.Thread(target=consumer.run, name="feedback-consumer")
     thread.start()
@@ -182,7 +195,7 @@ def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int,
         while not consumer.partitions:  # group joined: the clock starts with the first POST
             time.sleep(0.05)
         started = time.perf_counter()
-        latencies = asyncio.run(post_feedback(url, bodies, concurrency))
+        latencies = asyncio.run(post_feedback(url, bodies, concurrency, api_key_headers(stack_env[API_KEY_ENV])))
         posted = time.perf_counter() - started
         with tqdm(total=n_events, desc="durable in the buffer", unit="ev") as bar:
             while consumer.totals["accepted"] < n_events:

@@ -307,7 +307,10 @@ class FinetuneCycle:
     def _reward_model_warm_start(self, generator) -> tuple[Any, str | None]:
         """(model, version) of the current preference model to continue training, or (None, None): start from the generator."""
         s = self.settings
-        version = self.registry.current(PREFERENCE) if s.finetune_rm_warm_start else None
+        # Only a model trained on these users' votes: the committed bootstrap model encodes priors, and
+        # continuing from it scored 0.52 on fresh votes where starting from the generator scored 0.56
+        # (docs/finetune.md, "Warm start").
+        version = self.vote_trained_preference() if s.finetune_rm_warm_start else None
         if version is None:
             return None, None
         try:

@@ -5,8 +5,9 @@ Checks, on held-out prompts with the same seeds for the candidate and its parent
 - ``finite``: no NaN or infinity in the weights or the metrics;
 - ``reward_improved``: the target reward rose by at least ``min_reward_gain``;
 - ``kl_bounded``: KL(candidate || reference), per clip, is at most ``max_kl``;
-- ``no_collapse``: every other reward component fell by at most ``max_other_drop``
-  (the paper saw over-optimising the user reward cost text adherence).
+- ``no_collapse``: every other reward component (text adherence, quality; not their sum
+  ``combined``) fell by at most ``max_other_drop`` (the paper saw over-optimising the user
+  reward cost text adherence).
 
 The cycle checks every snapshot of its training run this way and publishes the one
 ``choose`` picks: the highest target reward among those that pass. Only when none
@@ -20,6 +21,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+
+# Not rewards of their own: quality_mos is the un-normalised twin of quality, and combined is a weighted sum
+# of the components (the target among them), so a quality drop counted there would be counted twice.
+NOT_CONSTRAINTS = frozenset({"reward/quality_mos", "reward/combined"})
 
 
 @dataclass
@@ -82,7 +88,7 @@ def evaluate_gate(
     others = sorted(
         k for k in candidate
         if k.startswith("reward/") and k in baseline and k.split("/", 1)[1] not in target_components
-        and k != "reward/quality_mos"  # the un-normalised twin of reward/quality
+        and k not in NOT_CONSTRAINTS
     )
     drops = {k: baseline[k] - candidate[k] for k in others}
     collapsed = {k: round(d, 4) for k, d in drops.items() if d > config.max_other_drop}

@@ -32,7 +32,9 @@ def locust_command(
         help="Generator checkpoint: start a private stack and gateway serving it, and test those instead of --host.",
     ),
 ) -> None:
-    """Run locust headless against a gateway; write CSV, HTML and a JSON summary; exit 1 on any failure."""
+    """Run locust headless against a gateway; write CSV, HTML and a JSON summary; exit 1 on any failure.
+
+    The users present the API key in MUSICRL_API_KEY (with --own-stack: the private stack's key)."""
     import contextlib
     import tempfile
 
@@ -55,7 +57,7 @@ def locust_command(
         if own_stack is not None:
             work_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="musicrl-locust-")))
             with console.status(f"starting a private stack and gateway serving {own_stack}"):
-                host = cleanup.enter_context(local_gateway(own_stack, work_dir))
+                host, env["MUSICRL_API_KEY"] = cleanup.enter_context(local_gateway(own_stack, work_dir))
         run = LocustRun(scenario, host, users, spawn_rate, run_time_s, out_dir, env)  # type: ignore[arg-type]
         with console.status(f"locust: {scenario}, {users} users, {run_time_s} s against {host}"):
             code, summary = run_locust(run, timeout_s=run_time_s + 120)

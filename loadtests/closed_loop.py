@@ -262,15 +262,17 @@ class Collection:
 
 
 def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, round_index: int,
-                  progress: Progress | None = None) -> Collection:
+                  progress: Progress | None = None, api_key: str | None = None) -> Collection:
     """Training listeners ask for pairs, hear both clips and vote, all through the gateway.
 
     Listening time is simulated (the listener says how long it listened) rather than
-    waited for, so a round takes as long as generating its clips.
+    waited for, so a round takes as long as generating its clips. Requests carry
+    ``api_key`` (default ``$MUSICRL_API_KEY``); each vote carries its pair's vote token.
     """
     from musicrl.audio.formats import decode_audio
     from musicrl.corpus.dataset import make_corpus
     from musicrl.listeners import ListenerConfig, Population
+    from serving.client import api_key_headers
 
     population = Population(ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed)
     prompts = [r.caption for r in make_corpus(config.listener_prompts, seed=config.seed + 100, split="train", duration_s=1.0)]
@@ -286,7 +288,7 @@ def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, roun
         listener = population.sample(rng)
         prompt = prompts[int(rng.integers(len(prompts)))]
         try:
-            with httpx.Client(base_url=gateway_url, timeout=180) as http:
+            with httpx.Client(base_url=gateway_url, timeout=180, headers=api_key_headers(api_key)) as http:
                 response = http.post("/v1/generations", json={"prompt": prompt, "duration_s": config.clip_s,
                                                               "seed": int(rng.integers(1 << 40)), "app_id": "closed-loop"})
                 response.raise_for_status()
@@ -301,7 +303,8 @@ def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, roun
                 feedback = http.post("/v1/feedback", json={
                     "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
                     "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s,
-                    "listen_b_s": vote.listen_b_s, "user_id": listener.id, "app_id": "closed-loop"})
+                    "listen_b_s": vote.listen_b_s, "user_id": listener.id, "app_id": "closed-loop",
+                    "vote_token": body["vote_token"]})
                 feedback.raise_for_status()
             with lock:
                 votes[vote.choice] += 1
@@ -345,14 +348,16 @@ def wait_for_buffer(store, bucket: str, policy_version: str, previous: int, time
 class SwapProbe:
     """A client requesting short clips all through a finetune cycle: latency and failures, with timestamps."""
 
-    def __init__(self, gateway_url: str, interval_s: float = 0.5):
-        self.gateway_url, self.interval_s = gateway_url, interval_s
+    def __init__(self, gateway_url: str, interval_s: float = 0.5, api_key: str | None = None):
+        self.gateway_url, self.interval_s, self.api_key = gateway_url, interval_s, api_key
         self.stop = threading.Event()
         self.samples: list[tuple[float, float, int, str]] = []  # (start, seconds, status, policy version)
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(base_url=self.gateway_url, timeout=120) as http:
+        from serving.client import api_key_headers
+
+        with httpx.Client(base_url=self.gateway_url, timeout=120, headers=api_key_headers(self.api_key)) as http:
             n = 0
             while not self.stop.is_set():
                 n += 1
@@ -507,7 +512,7 @@ def run_round_cycle(info, settings, probe: bool) -> tuple[dict[str, Any], dict[s
     if not probe:
         record = run_cycle_with_lease(cycle)
         return record, None, time.time()
-    with SwapProbe(info.gateway_url) as swap_probe:
+    with SwapProbe(info.gateway_url, api_key=info.api_key) as swap_probe:
         time.sleep(3.0)  # a few steady-state requests before the cycle starts
         record = run_cycle_with_lease(cycle)
         finished = time.time()
@@ -556,7 +561,8 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
     for round_index in range(1, config.rounds + 1):
         current = registry.current("generator")
         before = preferences_on(PreferenceBuffer(store, settings.bucket_buffer), current)
-        collection = collect_votes(info.gateway_url, config.pairs_per_round, config, round_index, progress)
+        collection = collect_votes(info.gateway_url, config.pairs_per_round, config, round_index, progress,
+                                   api_key=info.api_key)
         if collection.failures:
             progress(f"round {round_index}: {len(collection.failures)} failed listener requests, first: {collection.failures[0]}")
         on_policy = wait_for_buffer(store, settings.bucket_buffer, current, before)

@@ -83,6 +83,7 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     from musicrl.stack import Stack, StackSettings
     from musicrl.stack.stack import default_components
     from musicrl.storage import ObjectStore
+    from serving.client import api_key_headers
 
     stack_settings = StackSettings()
     stack = Stack(stack_settings, default_components(stack_settings))
@@ -108,7 +109,7 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     loop_config = ClosedLoopConfig(pairs_per_round=config.pairs, clip_s=config.clip_s, concurrency=config.concurrency,
                                    seed=config.seed + int(time.time()))  # each turn hears new prompts and seeds
     progress(f"{config.pairs} simulated listeners ask for pairs from policy v{version_before} and vote")
-    collection = collect_votes(info.gateway_url, config.pairs, loop_config, 1, progress)
+    collection = collect_votes(info.gateway_url, config.pairs, loop_config, 1, progress, api_key=info.api_key)
     if collection.failures:
         raise RuntimeError(f"{len(collection.failures)} listener requests failed, first: {collection.failures[0]}")
     progress("waiting for the feedback consumer to land the votes in the buffer")
@@ -119,7 +120,7 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     if record is None:
         raise RuntimeError("the finetune loop of the stack is running a cycle (it holds the lease); try again in a minute")
     after = httpx.post(f"{info.gateway_url}/v1/generations", json={"prompt": "bright lively marimba melody", "duration_s": 2.0},
-                       timeout=120).json()
+                       headers=api_key_headers(info.api_key), timeout=120).json()
     rm = record.get("reward_model", {})
     gate = record.get("gate", {})
     version_after = registry.current("generator")

@@ -3,8 +3,8 @@
 ``local_gateway(checkpoint, work_dir)`` starts SeaweedFS, Tansu and Triton
 (``musicrl.stack``), installs the generator checkpoint as version 1, starts
 ``musicrl gateway serve`` in its own process, waits until ``/readyz`` answers,
-yields the gateway's URL and stops everything it started, so that a committed
-load-test report can be reproduced with one command.
+yields the gateway's URL and the stack's API key, and stops everything it
+started, so that a committed load-test report can be reproduced with one command.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300.0) -> Iterator[str]:
+def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300.0) -> Iterator[tuple[str, str]]:
     from musicrl.stack import Stack, free_port_settings
     from serving.model_repository import BatchingConfig, install_version, load
     from serving.settings import GatewaySettings
@@ -52,7 +52,7 @@ def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300
         )
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, gateway, ready_timeout_s, work_dir / "gateway.log")
-        yield url
+        yield url, info.api_key  # the gateway accepts the stack's key (info.env())
     finally:
         if gateway is not None:
             gateway.terminate()

@@ -8,7 +8,8 @@
 ``loadtests/locustfile_ramp.py`` adds a ramp of both. Run them with
 ``musicrl experiment locust`` (headless, CSV and HTML reports; see docs/loadtests.md)
 or with locust's own command line. Everything is configured by ``LOADTEST_*``
-environment variables (``LoadtestSettings``) so that the same file serves every run.
+environment variables (``LoadtestSettings``) so that the same file serves every run;
+the API key is ``MUSICRL_API_KEY`` (what ``musicrl stack env`` exports).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from musicrl.audio.formats import decode_audio
 from musicrl.listeners import ListenerConfig, Population
+from serving.client import api_key_headers
 
 PROMPTS = (
     "upbeat electronic dance track with bright synth leads",
@@ -84,8 +86,13 @@ def next_prompt() -> str:
     return PROMPTS[next(_prompt_numbers) % len(PROMPTS)]
 
 
-def generation_body(config: LoadtestSettings) -> dict:
-    return {"prompt": next_prompt(), "n": config.candidates, "duration_s": config.duration_s, "app_id": config.app_id}
+def generation_body(config: LoadtestSettings, **extra) -> dict:
+    return {"prompt": next_prompt(), "n": config.candidates, "duration_s": config.duration_s, "app_id": config.app_id} | extra
+
+
+@cache
+def headers() -> dict[str, str]:
+    return api_key_headers()
 
 
 class AppUser(FastHttpUser):
@@ -99,7 +106,8 @@ class AppUser(FastHttpUser):
     @task
     def generate(self) -> None:
         with self.client.post(
-            "/v1/generations", json=generation_body(settings()), name="/v1/generations", catch_response=True
+            "/v1/generations", json=generation_body(settings()), headers=headers(), name="/v1/generations",
+            catch_response=True,
         ) as response:
             if response.status_code != 201:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
@@ -124,7 +132,8 @@ class ListenerUser(FastHttpUser):
     def judge_a_pair(self) -> None:
         config = settings()
         with self.client.post(
-            "/v1/generations", json=generation_body(config), name="/v1/generations", catch_response=True
+            "/v1/generations", json=generation_body(config, user_id=self.listener.id), headers=headers(),
+            name="/v1/generations", catch_response=True,
         ) as response:
             if response.status_code != 201:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
@@ -147,8 +156,11 @@ class ListenerUser(FastHttpUser):
             "listen_b_s": vote.listen_b_s,
             "user_id": self.listener.id,
             "app_id": config.app_id,
+            "vote_token": generation["vote_token"],
         }
-        with self.client.post("/v1/feedback", json=body, name="/v1/feedback", catch_response=True) as response:
+        with self.client.post(
+            "/v1/feedback", json=body, headers=headers(), name="/v1/feedback", catch_response=True
+        ) as response:
             if response.status_code != 202:
                 response.failure(f"{response.status_code}: {response.text[:200]}")
             else:

@@ -104,7 +104,8 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
             batch = 0
             while votes_sent(votes) < config.votes_per_round:
                 batch += 1
-                collection = collect_votes(info.gateway_url, config.pairs_per_batch, config.listeners(), round_index * 1000 + batch)
+                collection = collect_votes(info.gateway_url, config.pairs_per_batch, config.listeners(), round_index * 1000 + batch,
+                                           api_key=info.api_key)
                 if collection.failures:
                     raise RuntimeError(f"{len(collection.failures)} listener requests failed, first: {collection.failures[0]}")
                 votes.update(collection.votes)

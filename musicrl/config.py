@@ -25,6 +25,10 @@ class BaseServiceSettings(BaseSettings):
     """Lowest level logged (DEBUG, INFO, WARNING, ERROR)."""
     log_json: bool = True
     """One JSON object per log line (false: coloured console lines for development)."""
+    # What "production" refuses is each service's business: the gateway will not start with the
+    # development user-hash or vote-token key, nor without API keys (GatewaySettings.production_problems).
+    env: Literal["development", "production"] = "development"
+    """`production`: refuse to start with development defaults for secrets (see docs/serving.md)."""
 
 
 class ObjectStoreConfig(BaseServiceSettings):

@@ -1,7 +1,10 @@
 """The generation gateway: ``create_app`` wires settings, clients, services and routers.
 
 Dependencies (Triton client, object store, text encoder) are built from the
-settings at startup unless given, so tests inject fakes or real clients.
+settings at startup unless given, so tests inject fakes or real clients. The
+in-memory state of authentication and limits (``state.auth``, ``state.limits``,
+``state.votes``) is built here, once per app. With ``MUSICRL_ENV=production``
+``create_app`` refuses settings that keep a development secret or have no API key.
 """
 
 from __future__ import annotations
@@ -23,13 +26,29 @@ from musicrl.metrics import instrument_app
 from serving import routes
 from serving.body_limit import BodyLimitMiddleware
 from serving.deps import close_singletons
-from serving.errors import NotFound, RequestRejected, UpstreamFailed, UpstreamUnavailable
+from serving.errors import (
+    DuplicateVote,
+    NotFound,
+    RateLimited,
+    RequestRejected,
+    Unauthorized,
+    UpstreamFailed,
+    UpstreamUnavailable,
+    VoteRefused,
+)
 from serving.routes.page import STATIC_DIR
+from serving.services.auth import Authenticator
 from serving.services.generations import GenerationService
+from serving.services.limits import PrincipalLimits
 from serving.services.triton import GeneratorClient, TritonGeneratorClient
+from serving.services.vote_tokens import VotePolicy
 from serving.settings import GatewaySettings
 
 log = get_logger(__name__)
+
+
+class InsecureSettings(RuntimeError):
+    """``MUSICRL_ENV=production`` with a development secret or without API keys."""
 
 
 def create_app(
@@ -40,6 +59,9 @@ def create_app(
     text_encoder=None,
 ) -> FastAPI:
     settings = settings or GatewaySettings()
+    problems = settings.production_problems()
+    if settings.env == "production" and problems:
+        raise InsecureSettings("refusing to serve production traffic: " + "; ".join(problems))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -52,14 +74,25 @@ def create_app(
         state.triton = triton or TritonGeneratorClient(settings.triton_grpc_url, settings.gateway_triton_timeout_s)
         state.store = store or _object_store(settings)
         state.text_encoder = text_encoder or _text_encoder(settings)
-        state.generations = GenerationService(settings, state.triton, state.store, state.text_encoder)
+        state.generations = GenerationService(
+            settings, state.triton, state.store, state.text_encoder, state.votes.tokens
+        )
         await asyncio.to_thread(state.text_encoder.embed, ["warm-up"])  # loads lazy weights before the first request
         log.info(
             "gateway.started",
             triton=settings.triton_grpc_url,
             s3=settings.s3_endpoint,
             model=settings.triton_model_name,
+            api_keys=[key.name for key in settings.gateway_api_keys],
+            env=settings.env,
         )
+        if problems:
+            log.warning("gateway.development_settings", problems=problems)
+        if not settings.gateway_api_keys:
+            log.warning(
+                "gateway.no_api_keys",
+                hint="only the listening page can call the API; make a key with `musicrl gateway new-key`",
+            )
         try:
             yield
         finally:
@@ -77,6 +110,9 @@ def create_app(
     app.state.settings = settings
     app.state.singletons = {}
     app.state.closers = []
+    app.state.auth = Authenticator(settings)
+    app.state.limits = PrincipalLimits()
+    app.state.votes = VotePolicy(settings)
     _add_error_handlers(app, settings)
     for module in sorted(m.name for m in pkgutil.iter_modules(routes.__path__)):
         app.include_router(importlib.import_module(f"{routes.__name__}.{module}").router)
@@ -114,6 +150,23 @@ def _add_error_handlers(app: FastAPI, settings: GatewaySettings) -> None:
     @app.exception_handler(RequestRejected)
     async def rejected(request: Request, exc: RequestRejected):
         return error(request, 422, [{"loc": ["body", exc.field], "msg": exc.message, "type": "value_error"}])
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, exc: Unauthorized):
+        return error(request, 401, str(exc), {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited):
+        log.info("request.rate_limited", principal=getattr(request.state, "principal", None), reason=exc.message)
+        return error(request, 429, exc.message, {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(VoteRefused)
+    async def vote_refused(request: Request, exc: VoteRefused):
+        return error(request, 403, [{"loc": ["body", exc.field], "msg": exc.message, "type": "vote_refused"}])
+
+    @app.exception_handler(DuplicateVote)
+    async def duplicate_vote(request: Request, exc: DuplicateVote):
+        return error(request, 409, str(exc))
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):

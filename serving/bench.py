@@ -106,7 +106,7 @@ class UnbatchedBaseline:
 
 
 async def _load_level(
-    url: str, prompts: list[str], concurrency: int, duration_s: float, candidates: int
+    url: str, prompts: list[str], concurrency: int, duration_s: float, candidates: int, api_key: str | None = None
 ) -> tuple[list[float], float, dict[str, float]]:
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
     for item in enumerate(prompts):
@@ -127,7 +127,9 @@ async def _load_level(
             progress.update()
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+    from serving.client import api_key_headers
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=api_key_headers(api_key)) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -206,13 +208,13 @@ def run_bench(config: BenchConfig) -> dict:
             gateway = _start_gateway(info.env(), port, data_dir)
             url = f"http://127.0.0.1:{port}"
             warmup = bench_prompts(4, seed=1)
-            asyncio.run(_load_level(url, warmup, 4, config.duration_s, config.candidates))
+            asyncio.run(_load_level(url, warmup, 4, config.duration_s, config.candidates, info.api_key))
 
             levels = []
             for concurrency in config.concurrency:
                 before = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
                 latencies, wall, breakdown = asyncio.run(
-                    _load_level(url, prompts, concurrency, config.duration_s, config.candidates)
+                    _load_level(url, prompts, concurrency, config.duration_s, config.candidates, info.api_key)
                 )
                 after = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
                 level = {"concurrency": concurrency} | latency_summary(latencies, wall, audio_s, len(prompts))

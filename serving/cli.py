@@ -1,4 +1,4 @@
-"""``musicrl gateway ...``: serve the gateway, install generator versions into Triton, benchmark."""
+"""``musicrl gateway ...``: serve the gateway, make API keys, install generator versions into Triton, benchmark."""
 
 from __future__ import annotations
 
@@ -18,18 +18,59 @@ def serve(
     import uvicorn
 
     from musicrl.logging import configure_logging
-    from serving.app import create_app
+    from serving.app import InsecureSettings, create_app
     from serving.settings import GatewaySettings
 
     settings = GatewaySettings()
     configure_logging(settings, service="gateway")
+    try:
+        app_ = create_app(settings)
+    except InsecureSettings as err:  # MUSICRL_ENV=production with development secrets or no API keys
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     uvicorn.run(
-        create_app(settings),
+        app_,
         host=host or settings.gateway_host,
         port=port or settings.gateway_port,
         log_config=None,
         timeout_graceful_shutdown=30,
     )
+
+
+@app.command("new-key")
+def new_key(
+    name: str = typer.Option(..., help="Who gets the key (letters, digits, `_.-`); shown in logs and limits."),
+    rate_per_min: int = typer.Option(None, min=1, help="Requests per minute (default MUSICRL_GATEWAY_KEY_RATE_PER_MIN)."),
+    max_concurrency: int = typer.Option(
+        None, min=1, help="Requests in flight (default MUSICRL_GATEWAY_KEY_MAX_CONCURRENCY)."
+    ),
+) -> None:
+    """Print a fresh API key and its MUSICRL_GATEWAY_API_KEYS entry (the gateway keeps only the hash)."""
+    from pydantic import ValidationError
+
+    from serving.services.auth import key_entry
+    from serving.services.auth import new_key as make_key
+
+    key = make_key()
+    try:
+        entry = key_entry(name, key, rate_per_min, max_concurrency)
+    except ValidationError as err:
+        raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--name") from None
+    typer.echo(f"key:   {key}")
+    typer.echo(f"entry: {entry}")
+    typer.echo("Give the key to the app (MUSICRL_API_KEY); add the entry to MUSICRL_GATEWAY_API_KEYS (comma-separated).", err=True)
+
+
+@app.command("hash-key")
+def hash_key(
+    key: str = typer.Argument(..., help="The API key."),
+    name: str = typer.Option(None, help="Print the whole MUSICRL_GATEWAY_API_KEYS entry for this name."),
+) -> None:
+    """Print the SHA-256 of an existing key (or its entry with --name)."""
+    from serving.services.auth import hash_key as digest
+    from serving.services.auth import key_entry
+
+    typer.echo(key_entry(name, key) if name else digest(key))
 
 
 @app.command("install-model")

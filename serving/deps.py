@@ -3,17 +3,35 @@
 ``create_app`` builds them once (or receives them, in tests). A route module
 that needs a client of its own (for example a Kafka producer) builds it on
 first use with ``app_singleton`` and gets it closed at shutdown.
+
+``Caller`` is the dependency of every write route: it authenticates the request
+(API key or page token, 401 otherwise) and holds one of the caller's slots of its
+rate and concurrency limits while the route runs (429 when none is free).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Callable
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from serving.services.auth import Authenticator
 from serving.services.generations import GenerationService
+from serving.services.limits import Principal, PrincipalLimits
+from serving.services.vote_tokens import VotePolicy
 from serving.settings import GatewaySettings
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKeyBearer",
+    description="`Authorization: Bearer KEY`: an API key (`musicrl gateway new-key`) or a listening-page token.",
+)
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, scheme_name="ApiKeyHeader", description="The API key, as a header of its own."
+)
 
 
 def get_settings(request: Request) -> GatewaySettings:
@@ -22,6 +40,27 @@ def get_settings(request: Request) -> GatewaySettings:
 
 def get_generation_service(request: Request) -> GenerationService:
     return request.app.state.generations
+
+
+def get_vote_policy(request: Request) -> VotePolicy:
+    return request.app.state.votes
+
+
+async def require_api_key(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> AsyncIterator[Principal]:
+    authenticator: Authenticator = request.app.state.auth
+    limits: PrincipalLimits = request.app.state.limits
+    principal = authenticator.authenticate(bearer.credentials if bearer is not None else api_key)
+    request.state.principal = principal.name
+    with limits.admit(principal):
+        yield principal
+
+
+# scope="function": the slot is given back when the route returns, before the answer is sent.
+Caller = Annotated[Principal, Depends(require_api_key, scope="function")]
 
 
 def app_singleton(

@@ -27,3 +27,30 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
+
+
+class Unauthorized(Exception):
+    """No credential, or one the gateway does not know: 401 with ``WWW-Authenticate: Bearer``."""
+
+
+class RateLimited(Exception):
+    """A key, the page or a user is over its rate or concurrency limit: 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+class VoteRefused(Exception):
+    """A vote its token does not allow (missing, forged, expired, for another generation, user,
+    key or clip): 403 with the field and the reason."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class DuplicateVote(Exception):
+    """A second vote (another event id) by the same user on the same generation: 409."""

@@ -34,6 +34,13 @@ class GenerationRequest(BaseModel):
     top_k: int = Field(0, ge=0, le=1 << 16, description="Top-k filtering; 0 samples from the full distribution.")
     seed: int | None = Field(None, ge=0, lt=1 << 62, description="Makes the request reproducible.")
     app_id: str = Field("web", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    user_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The app's user the pair is for: only this user may vote on it (never stored). "
+        "Without it the pair takes one vote, from any user, posted with the same API key.",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -63,6 +70,10 @@ class GenerationResponse(BaseModel):
     experiment: str | None
     clips: list[ClipOut]
     timings: Timings
+    vote_token: str | None = Field(
+        None, description="Send it back with the vote (`POST /v1/feedback`); null when there is no pair (n = 1)."
+    )
+    vote_token_expires_at: datetime | None = Field(None, description="Votes are taken until then.")
 
 
 class ClipInfo(BaseModel):
@@ -83,3 +94,18 @@ class ClipInfo(BaseModel):
 class ErrorBody(BaseModel):
     detail: str | list
     request_id: str | None = None
+
+
+# The answers of the authentication and limits every write route has (serving.deps.Caller).
+AUTH_ERRORS: dict[int | str, dict] = {
+    401: {
+        "model": ErrorBody,
+        "description": "No API key, or an unknown one (`WWW-Authenticate: Bearer`).",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    },
+    429: {
+        "model": ErrorBody,
+        "description": "The key (or the user, for votes) is over its rate or concurrency limit.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}},
+    },
+}

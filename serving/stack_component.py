@@ -15,6 +15,8 @@ def gateway_process(s: StackSettings) -> ManagedProcess:
 
     Healthy once the process answers ``/healthz``; ``/readyz`` turns 200 when Triton
     serves the generator (the finetune component deploys the current one at ``up``).
+    Its environment holds the stack's development API key, hashed
+    (``MUSICRL_GATEWAY_API_KEYS``; clients get the key as ``MUSICRL_API_KEY``).
     """
     port = s.stack_gateway_port
     return ManagedProcess(

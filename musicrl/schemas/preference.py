@@ -1,8 +1,9 @@
 """The preference event (`preference.v1`): one user's verdict on a pair of clips.
 
-Apps post a :class:`FeedbackRequest` to the gateway (``POST /v1/feedback``); the
-gateway replaces the user id by a keyed-hash pseudonym, stamps the time it
-received the request and produces a :class:`PreferenceEvent` to Kafka. The
+Apps post a :class:`FeedbackRequest` to the gateway (``POST /v1/feedback``) with the
+``vote_token`` of the generation; the gateway checks the token, replaces the user id
+by a keyed-hash pseudonym, stamps the time it received the request and produces a
+:class:`PreferenceEvent` to Kafka (the token is not part of the event). The
 feedback consumer validates every message against :class:`PreferenceEvent`.
 
 Evolving the schema: a compatible change (a new optional field) stays
@@ -59,6 +60,11 @@ class FeedbackRequest(_PairFields):
 
     user_id: str = Field(min_length=1, max_length=256, description="The app's user id; never stored, only its keyed hash.")
     client_ts: AwareDatetime | None = Field(None, description="When the user voted, ISO-8601 with a time zone.")
+    vote_token: str = Field(
+        min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The `vote_token` of the generation's answer: signed by the gateway, it binds the vote to the "
+        "generation, its clips and their durations, the API key and the user the generation named, until it expires.",
+    )
 
 
 class FeedbackAccepted(BaseModel):

@@ -60,6 +60,8 @@ def up(data_dir: DataDir = None) -> None:
         table.add_row(name, address)
     console.print(table)
     console.print(f'service environment: {stack.env_file}  (or: eval "$(musicrl stack env)")')
+    if info.settings.stack_services:
+        console.print(f"the gateway's API key: MUSICRL_API_KEY in that environment (kept in {info.api_key_file})")
 
 
 @app.command()

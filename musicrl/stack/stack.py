@@ -13,7 +13,10 @@ command line, ``StackInfo(settings).env()`` as environment, ports, health).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,11 @@ from musicrl.stack.servers import seaweedfs_process, tansu_process, triton_proce
 from musicrl.stack.settings import StackSettings
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+# The development API key of a stack: its gateway accepts it (MUSICRL_GATEWAY_API_KEYS) and its
+# clients present it (MUSICRL_API_KEY). Limits high enough that no experiment is throttled.
+STACK_KEY_NAME = "stack"
+STACK_KEY_LIMITS = ":60000:1024"  # rate_per_min, max_concurrency
 
 
 @dataclass(frozen=True)
@@ -77,9 +85,32 @@ class StackInfo:
     def data_dir(self) -> Path:
         return self.settings.data_dir
 
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "gateway-api-key"
+
+    @property
+    def api_key(self) -> str:
+        """The stack's development API key: made on first use (mode 0600), kept across ``down``/``up``."""
+        path = self.api_key_file
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = "mrl_" + secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        return key
+
     def env(self) -> dict[str, str]:
-        """The ``MUSICRL_*`` variables that point a service at this stack."""
+        """The ``MUSICRL_*`` variables that point a service (and a client: ``MUSICRL_API_KEY``) at this stack."""
         s = self.settings
+        key = self.api_key
         values = {
             "s3_endpoint": self.s3_endpoint,
             "s3_access_key": s.s3_access_key,
@@ -99,6 +130,9 @@ class StackInfo:
             "triton_model_name": s.triton_model_name,
             "gateway_url": self.gateway_url,
             "reward_url": self.reward_url,
+            # The gateway keeps only the key's hash; clients (load tests, curl) present the key.
+            "gateway_api_keys": f"{STACK_KEY_NAME}:{hashlib.sha256(key.encode()).hexdigest()}{STACK_KEY_LIMITS}",
+            "api_key": key,
         }
         return {ENV_PREFIX + key.upper(): value for key, value in values.items()}
 

@@ -1,4 +1,9 @@
-"""Feedback: validate a vote against its generation, pseudonymise the user, produce it to Kafka.
+"""Feedback: check a vote's token, validate it against its generation, pseudonymise the user, produce it to Kafka.
+
+A vote must bring the ``vote_token`` of its generation (``serving.services.vote_tokens``):
+no token, a forged or expired one, one for another generation, key, user or clip
+set, a listening time longer than the clip, a user voting too often or a second
+vote on the same generation are refused before anything is read or produced.
 
 The answer is 202 only once the broker acknowledged the event (acks=all, idempotent
 producer), so an accepted vote is durable. A broker that cannot be reached or
@@ -21,8 +26,9 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from musicrl.kafka import idempotent_producer
 from musicrl.logging import get_logger
 from musicrl.schemas.preference import FeedbackAccepted, FeedbackRequest, PreferenceEvent, utc_now
-from serving.errors import RequestRejected, UpstreamUnavailable
+from serving.errors import RateLimited, RequestRejected, UpstreamUnavailable
 from serving.services.generations import GenerationService
+from serving.services.vote_tokens import VotePolicy
 from serving.settings import GatewaySettings
 
 log = get_logger("serving.feedback")
@@ -36,7 +42,7 @@ def pseudonymise(user_id: str, key: bytes) -> str:
 class FeedbackMetrics:
     def __init__(self, registry):
         self.events = Counter(
-            "musicrl_gateway_feedback", "Feedback requests by outcome (accepted, rejected, unavailable).",
+            "musicrl_gateway_feedback", "Feedback requests by outcome (accepted, rejected, throttled, unavailable).",
             ["outcome"], registry=registry,
         )
         self.produce_seconds = Histogram(
@@ -94,28 +100,43 @@ class FeedbackProducer:
 
 
 class FeedbackService:
-    def __init__(self, settings: GatewaySettings, generations: GenerationService, producer: FeedbackProducer, metrics: FeedbackMetrics):
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        generations: GenerationService,
+        producer: FeedbackProducer,
+        metrics: FeedbackMetrics,
+        votes: VotePolicy,
+    ):
         self.settings = settings
         self.generations = generations
         self.producer = producer
         self.metrics = metrics
+        self.votes = votes
         self._key = settings.gateway_user_hash_key.get_secret_value().encode()
 
-    async def submit(self, request: FeedbackRequest) -> FeedbackAccepted:
+    async def submit(self, request: FeedbackRequest, key_name: str) -> FeedbackAccepted:
+        """Produce the vote of ``request``, posted with the API key (or page token) ``key_name``."""
+        pseudonym = pseudonymise(request.user_id, self._key)
         try:
+            claims = self.votes.admit(request, key_name, pseudonym)  # 403, 422, 429: no I/O spent on a forged vote
             record = await self.generations.get(request.generation_id)  # NotFound -> 404
             for field, clip_id in (("clip_a_id", request.clip_a_id), ("clip_b_id", request.clip_b_id)):
                 if record.clip(clip_id) is None:
                     raise RequestRejected(field, f"clip {clip_id} is not a clip of generation {request.generation_id}")
+            self.votes.claim(claims, request.event_id)  # 409 for a second vote; a retry (same event id) passes
         except UpstreamUnavailable:
             self.metrics.events.labels("unavailable").inc()
+            raise
+        except RateLimited:
+            self.metrics.events.labels("throttled").inc()
             raise
         except Exception:
             self.metrics.events.labels("rejected").inc()
             raise
         event = PreferenceEvent(
-            **request.model_dump(exclude={"user_id"}),
-            user_pseudonym=pseudonymise(request.user_id, self._key),
+            **request.model_dump(exclude={"user_id", "vote_token"}),
+            user_pseudonym=pseudonym,
             received_at=utc_now(),
         )
         started = time.perf_counter()
@@ -129,5 +150,5 @@ class FeedbackService:
         self.metrics.produce_seconds.observe(time.perf_counter() - started)
         self.metrics.events.labels("accepted").inc()
         log.info("feedback.accepted", event_id=event.event_id, generation_id=event.generation_id,
-                 choice=event.choice, partition=partition, offset=offset)
+                 choice=event.choice, key=key_name, partition=partition, offset=offset)
         return FeedbackAccepted(event_id=event.event_id, partition=partition, offset=offset)

@@ -37,6 +37,7 @@ from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM
 from serving.schemas import MEDIA_TYPES, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
 from serving.services.embedding import PromptEmbedder
 from serving.services.triton import Candidate, GeneratorClient
+from serving.services.vote_tokens import VoteTokens
 from serving.settings import GatewaySettings
 
 log = get_logger(__name__)
@@ -67,15 +68,20 @@ def candidate_models(settings: GatewaySettings, request_seed: int, n: int) -> tu
 
 
 class GenerationService:
-    def __init__(self, settings: GatewaySettings, triton: GeneratorClient, store, text_encoder):
+    def __init__(
+        self, settings: GatewaySettings, triton: GeneratorClient, store, text_encoder, vote_tokens: VoteTokens | None = None
+    ):
         self.settings = settings
         self.triton = triton
         self.store = store
         self.embedder = PromptEmbedder(text_encoder)
+        self.vote_tokens = vote_tokens or VoteTokens.from_settings(settings)
 
     # ---- create -------------------------------------------------------------------------------
 
-    async def create(self, request: GenerationRequest) -> GenerationResponse:
+    async def create(self, request: GenerationRequest, key_name: str | None = None) -> GenerationResponse:
+        """Generate, store and describe the candidates; with ``key_name`` (the caller's API key) and
+        two clips or more, the answer carries the vote token of the pair."""
         s = self.settings
         start = time.perf_counter()
         n = request.n or s.gateway_default_candidates
@@ -144,6 +150,11 @@ class GenerationService:
             policy_versions=[c.policy_version for c in clips],
             **timings.model_dump(),
         )
+        vote_token, expires_at = None, None
+        if key_name is not None and len(clips) >= 2:
+            vote_token, expires_at = self.vote_tokens.issue(
+                generation_id, [(clip.clip_id, clip.duration_s) for clip in clips], key_name, request.user_id
+            )
         return GenerationResponse(
             generation_id=generation_id,
             created_at=record.created_at,
@@ -151,6 +162,8 @@ class GenerationService:
             experiment=experiment,
             clips=[self._clip_out(clip) for clip in clips],
             timings=timings,
+            vote_token=vote_token,
+            vote_token_expires_at=expires_at,
         )
 
     def _check_limits(self, prompt: str, n: int, duration_s: float, temperature: float) -> None:

@@ -1,8 +1,32 @@
 // The listening page: ask for two candidates, play them, post the user's verdict.
+// It calls the API with a short-lived page token (GET /page-token), not an API key,
+// and sends each vote with the vote token of its generation.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let current = null; // {generationId, clipIds: [a, b]}
+let current = null; // {generationId, clipIds: [a, b], voteToken}
+let pageToken = null;
+
+async function freshPageToken() {
+  const response = await fetch("/page-token", { cache: "no-store" });
+  if (!response.ok) throw new Error(`no page token (HTTP ${response.status})`);
+  pageToken = (await response.json()).token;
+  return pageToken;
+}
+
+// POST JSON with the page token; a 401 (token expired) fetches a new token and tries once more.
+async function postJson(path, payload) {
+  for (let attempt = 0; ; attempt++) {
+    const token = pageToken || (await freshPageToken());
+    const response = await fetch(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: JSON.stringify(payload),
+    });
+    if (response.status !== 401 || attempt > 0) return response;
+    pageToken = null;
+  }
+}
 
 function hexId() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -42,14 +66,16 @@ async function generate(event) {
   $("status").textContent = "Generating…";
   $("feedback-status").textContent = "";
   try {
-    const response = await fetch("/v1/generations", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt, n: 2, duration_s: Number($("duration").value) }),
+    const response = await postJson("/v1/generations", {
+      prompt, n: 2, duration_s: Number($("duration").value), user_id: userId(),
     });
     const body = await response.json();
     if (!response.ok) throw new Error(errorText(body, response.status));
-    current = { generationId: body.generation_id, clipIds: body.clips.map((c) => c.clip_id) };
+    current = {
+      generationId: body.generation_id,
+      clipIds: body.clips.map((c) => c.clip_id),
+      voteToken: body.vote_token,
+    };
     $("audio-a").src = `${body.clips[0].download_url}?format=wav`;
     $("audio-b").src = `${body.clips[1].download_url}?format=wav`;
     $("pair").hidden = false;
@@ -77,21 +103,18 @@ async function vote(choice) {
     user_id: userId(),
     client_ts: new Date().toISOString(),
     app_id: "web",
+    vote_token: current.voteToken,
   };
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      const response = await fetch("/v1/feedback", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(feedback),
-      });
+      const response = await postJson("/v1/feedback", feedback);
       if (response.status === 202) {
         $("feedback-status").textContent = "Thanks, your vote was recorded.";
         return;
       }
       const body = await response.json().catch(() => null);
-      if (response.status !== 503) throw new Error(errorText(body, response.status));
-      const wait = Number(response.headers.get("Retry-After") || "1");
+      if (response.status !== 503 && response.status !== 429) throw new Error(errorText(body, response.status));
+      const wait = Math.min(Number(response.headers.get("Retry-After") || "1"), 10);
       await new Promise((resolve) => setTimeout(resolve, wait * 1000));
     } catch (err) {
       $("feedback-status").textContent = `Vote not recorded: ${err.message}`;

@@ -46,6 +46,7 @@ from musicrl.registry import Registry
 from reward_service.app import create_app as create_reward_app
 from reward_service.settings import RewardSettings
 from serving.app import create_app as create_gateway_app
+from serving.client import api_key_headers
 from serving.settings import GatewaySettings
 from servers import serve_in_thread
 
@@ -107,7 +108,8 @@ def world(stack, object_store, tmp_path_factory):
         finetune_checkpoint_every=4, finetune_candidate_every=5, finetune_eval_prompts=8, finetune_corpus_captions=64,
         finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.5, finetune_deploy_timeout_s=180.0,
     )
-    yield {"registry": registry, "gateway": gateway_url, "reward": reward_url, "settings": finetune, "store": object_store,
+    yield {"registry": registry, "gateway": gateway_url, "auth": api_key_headers(stack.api_key), "reward": reward_url,
+           "settings": finetune, "store": object_store,
            "names": names, "root": root}
     consumer.stop()
     consumer_thread.join(timeout=30)
@@ -167,7 +169,7 @@ def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
     return {"n_decided_pairs": len(pairs), "accuracy": accuracy, "preference_version": reward.versions.get("preference")}
 
 
-def _collect_votes(gateway: str, n: int) -> Counter:
+def _collect_votes(gateway: str, n: int, auth: dict[str, str]) -> Counter:
     """Listeners hear both clips (downloaded through the gateway) and vote through POST /v1/feedback."""
     population, prompts = _population(), _prompts()
     outcomes: Counter = Counter()
@@ -175,7 +177,7 @@ def _collect_votes(gateway: str, n: int) -> Counter:
 
     def one(i: int) -> None:
         rng = np.random.default_rng(i)
-        with httpx.Client(base_url=gateway, timeout=120) as http:
+        with httpx.Client(base_url=gateway, timeout=120, headers=auth) as http:
             body = http.post("/v1/generations", json={"prompt": prompts[i % len(prompts)], "duration_s": CLIP_S, "seed": i}).json()
             a, b = body["clips"]
             wave_a, _ = decode_audio(http.get(a["download_url"]).content)
@@ -184,7 +186,7 @@ def _collect_votes(gateway: str, n: int) -> Counter:
             response = http.post("/v1/feedback", json={
                 "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
                 "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s, "listen_b_s": vote.listen_b_s,
-                "user_id": f"listener-{i % 50}"})
+                "user_id": f"listener-{i % 50}", "vote_token": body["vote_token"]})
         with lock:
             outcomes[vote.choice if response.status_code == 202 else f"http_{response.status_code}"] += 1
 
@@ -209,13 +211,13 @@ def _wait_for_buffer(store, bucket: str, at_least: int, timeout_s: float = 120) 
 class LoadGenerator:
     """Clients requesting clips all through the cycle: every failure is counted, none may happen."""
 
-    def __init__(self, gateway: str, clients: int = 2):
-        self.gateway, self.stop, self.lock = gateway, threading.Event(), threading.Lock()
+    def __init__(self, gateway: str, auth: dict[str, str], clients: int = 2):
+        self.gateway, self.auth, self.stop, self.lock = gateway, auth, threading.Event(), threading.Lock()
         self.results: list[tuple[float, int, tuple[str, ...]]] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
     def _run(self, index: int) -> None:
-        with httpx.Client(base_url=self.gateway, timeout=120) as http:
+        with httpx.Client(base_url=self.gateway, timeout=120, headers=self.auth) as http:
             n = 0
             while not self.stop.is_set():
                 n += 1
@@ -251,18 +253,19 @@ class LoadGenerator:
 
 def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
     started = time.time()
-    outcomes = _collect_votes(world["gateway"], N_GENERATIONS)
+    outcomes = _collect_votes(world["gateway"], N_GENERATIONS, world["auth"])
     assert not [k for k in outcomes if k.startswith("http_")], outcomes
     votes = outcomes["a"] + outcomes["b"] + outcomes["tie"]
     n_buffer = _wait_for_buffer(world["store"], world["names"]["bucket_buffer"], at_least=votes // 2)
     collected_s = time.time() - started
 
-    with LoadGenerator(world["gateway"]) as load:
+    with LoadGenerator(world["gateway"], world["auth"]) as load:
         record = run_cycle_with_lease(FinetuneCycle(world["settings"]))
         load.wait_for_version(str(record.get("candidate_version")))
     requests = load.results
     failed = [r for r in requests if r[1] != 201]
-    after = httpx.post(world["gateway"] + "/v1/generations", json={"prompt": "after the swap", "duration_s": 1.0}, timeout=120).json()
+    after = httpx.post(world["gateway"] + "/v1/generations", json={"prompt": "after the swap", "duration_s": 1.0},
+                       headers=world["auth"], timeout=120).json()
 
     rm = record["reward_model"]
     results = {

@@ -44,10 +44,11 @@ def gateway(stack, object_store, tmp_path_factory):
         yield url, settings
 
 
-def test_listeners_vote_through_the_real_gateway_into_kafka(gateway, tmp_path):
+def test_listeners_vote_through_the_real_gateway_into_kafka(gateway, stack, tmp_path):
     url, settings = gateway
     app_id = f"loadtest-{uuid.uuid4().hex[:8]}"
     env = {
+        "MUSICRL_API_KEY": stack.api_key,  # the gateway has the stack's key (stack.settings_for)
         "LOADTEST_DURATION_S": "2",
         "LOADTEST_LISTEN_SPEED": "10",
         "LOADTEST_LISTENER_RATE": "1",

@@ -28,6 +28,7 @@ from musicrl.audio.formats import decode_audio
 from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 from musicrl.schemas.generation import GenerationRecord, generation_key
 from serving.app import create_app
+from serving.client import api_key_headers
 from musicrl.text import load_text_encoder
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.services.generations import candidate_seeds
@@ -98,9 +99,15 @@ def gateway_url(gateway_settings):
         yield url
 
 
+@pytest.fixture(scope="module")
+def auth(stack) -> dict[str, str]:
+    """The stack's development API key (``stack.settings_for`` gives the gateway its hash)."""
+    return api_key_headers(stack.api_key)
+
+
 @pytest.fixture()
-def http(gateway_url):
-    with httpx.Client(base_url=gateway_url, timeout=120, follow_redirects=True) as client:
+def http(gateway_url, auth):
+    with httpx.Client(base_url=gateway_url, timeout=120, follow_redirects=True, headers=auth) as client:
         yield client
 
 
@@ -146,10 +153,10 @@ def test_pairs_for_varied_prompts_decode_in_every_format(http, object_store, gat
 
 
 def test_triton_batches_concurrent_requests_and_rows_stay_independent(
-    gateway_url, stack, served_model, generator_checkpoint
+    gateway_url, stack, served_model, generator_checkpoint, auth
 ):
     async def burst():
-        async with httpx.AsyncClient(base_url=gateway_url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=120, headers=auth) as client:
             solo = await client.post("/v1/generations", json={"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
             bodies = [{"prompt": f"prompt {i}", "duration_s": DURATION_S, "seed": 100 + i} for i in range(15)]
             bodies.append({"prompt": "solo", "duration_s": DURATION_S, "seed": 11})
@@ -188,12 +195,12 @@ def _batch_counts(client, model_name: str) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
 
 
-def test_unreachable_triton_and_store_answer_503(gateway_settings):
+def test_unreachable_triton_and_store_answer_503(gateway_settings, auth):
     dead = f"127.0.0.1:{_free_port()}"
     no_triton = gateway_settings.model_copy(update={"triton_grpc_url": dead, "gateway_triton_timeout_s": 5})
     no_store = gateway_settings.model_copy(update={"s3_endpoint": dead, "gateway_store_timeout_s": 2})
     for settings in (no_triton, no_store):
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), headers=auth) as client:
             start = time.monotonic()
             response = client.post("/v1/generations", json={"prompt": "x", "duration_s": 1})
             assert response.status_code == 503 and int(response.headers["Retry-After"]) > 0, response.text
@@ -246,6 +253,7 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
             browser.close()
 
     assert vote["generation_id"] == generation["generation_id"] and vote["choice"] == "b"
+    assert vote["vote_token"] == generation["vote_token"]  # the page signs in with a page token, not a key
     assert [vote["clip_a_id"], vote["clip_b_id"]] == [c["clip_id"] for c in generation["clips"]]
     assert vote["listen_a_s"] > 0
 
@@ -263,7 +271,7 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
     assert produced, "the vote never reached the preferences topic"
 
 
-def test_experiment_pairs_current_and_challenger_versions(stack, gateway_settings, tmp_path):
+def test_experiment_pairs_current_and_challenger_versions(stack, gateway_settings, tmp_path, auth):
     """A challenger deployed as its own Triton model gives one clip of each pair."""
     torch.manual_seed(1)
     challenger_checkpoint = save_generator(
@@ -276,7 +284,7 @@ def test_experiment_pairs_current_and_challenger_versions(stack, gateway_setting
         update={"gateway_experiment_name": "v2-vs-v1", "gateway_challenger_model_name": challenger}
     )
     try:
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), headers=auth) as client:
             for seed in range(3):
                 body = client.post("/v1/generations", json={"prompt": "duel", "duration_s": 1, "seed": seed}).json()
                 assert body["experiment"] == "v2-vs-v1"

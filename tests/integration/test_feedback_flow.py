@@ -1,4 +1,8 @@
-"""POST /v1/feedback -> Tansu -> feedback consumer -> Parquet buffer, on the real servers."""
+"""POST /v1/feedback -> Tansu -> feedback consumer -> Parquet buffer, on the real servers.
+
+The records are written straight into the store, so the votes carry vote tokens issued
+here with the gateway's key, as ``POST /v1/generations`` would have for the stack's API key.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ from musicrl.buffer import PreferenceBuffer
 from musicrl.kafka import ensure_topics
 from musicrl.schemas.preference import PreferenceEvent
 from musicrl.stack.processes import free_port
+from musicrl.stack.stack import STACK_KEY_NAME
 from serving.app import create_app
+from serving.client import api_key_headers
+from serving.services.vote_tokens import VoteTokens
 from serving.settings import GatewaySettings
 
 pytestmark = pytest.mark.integration
@@ -35,13 +42,16 @@ def gateway_client(stack, topics, **overrides) -> TestClient:
         GatewaySettings, gateway_text_encoder="hashing", gateway_kafka_timeout_s=3, gateway_retry_after_s=2,
         topic_preferences=topics["topic_preferences"], topic_dead_letter=topics["topic_dead_letter"], **overrides,
     )
-    return TestClient(create_app(settings))
+    return TestClient(create_app(settings), headers=api_key_headers(stack.api_key))
 
 
 def vote(record, **overrides) -> dict:
     body = {"event_id": uuid.uuid4().hex, "generation_id": record.generation_id, "clip_a_id": record.clips[0].clip_id,
             "clip_b_id": record.clips[1].clip_id, "choice": "b", "listen_a_s": 10.0, "listen_b_s": 8.0, "user_id": "carol"}
     body.update(overrides)
+    clips = [(clip.clip_id, clip.duration_s) for clip in record.clips]
+    body["vote_token"] = VoteTokens.from_settings(GatewaySettings()).issue(
+        record.generation_id, clips, STACK_KEY_NAME, body["user_id"])[0]
     return body
 
 
@@ -54,7 +64,7 @@ def test_vote_is_acknowledged_by_the_broker_and_lands_in_the_buffer(stack, objec
     )
     ensure_topics(consumer_settings)
     with gateway_client(stack, topics) as client:
-        bodies = [vote(records[0]), vote(records[1], choice="tie"), vote(records[0], choice="none")]
+        bodies = [vote(records[0]), vote(records[1], choice="tie"), vote(records[0], choice="none", user_id="dave")]
         answers = [client.post("/v1/feedback", json=b) for b in bodies]
         retry = client.post("/v1/feedback", json=bodies[0])  # a client retry: same event id
     assert [a.status_code for a in answers] == [202, 202, 202] and retry.status_code == 202
@@ -97,8 +107,9 @@ def test_unreachable_broker_answers_503_with_retry_after(stack, object_store, to
     records = make_records(1, random.Random(6))
     store_records(object_store, records)
     with gateway_client(stack, topics, kafka_bootstrap=f"127.0.0.1:{free_port()}") as client:
-        first = client.post("/v1/feedback", json=vote(records[0]))
-        second = client.post("/v1/feedback", json=vote(records[0]))  # answered from the remembered failure
+        body = vote(records[0])
+        first = client.post("/v1/feedback", json=body)
+        second = client.post("/v1/feedback", json=body)  # the client's retry, answered from the remembered failure
     for response in (first, second):
         assert response.status_code == 503, response.text
         assert response.headers["Retry-After"] == "2" and "kafka" in response.json()["detail"]

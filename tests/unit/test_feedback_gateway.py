@@ -1,4 +1,8 @@
-"""POST /v1/feedback on the real app with an in-memory store and a recording producer."""
+"""POST /v1/feedback on the real app with an in-memory store and a recording producer.
+
+The records are written straight into the store (no generation request), so the votes
+carry vote tokens issued here with the gateway's key, as the generation route would.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from musicrl.text import load_text_encoder
 from serving.app import create_app
 from serving.errors import UpstreamUnavailable
 from serving.services.feedback import pseudonymise
+from serving.services.vote_tokens import VoteTokens
 from serving.settings import GatewaySettings
 
 from feedback_helpers import InMemoryStore, hex_id, make_record, store_record
@@ -22,6 +27,16 @@ from feedback_helpers import InMemoryStore, hex_id, make_record, store_record
 pytestmark = pytest.mark.unit
 
 KEY = "unit-test-key"
+API_KEY = "unit-test-api-key"
+API_KEY_NAME = "tests"
+VOTE_TOKEN_KEY = "unit-test-vote-token-key"
+TOKENS = VoteTokens(VOTE_TOKEN_KEY.encode(), ttl_s=3600)
+
+
+def vote_token(record, user_id="alice@example.com", key_name=API_KEY_NAME, clips=None) -> str:
+    """The token the generation route would have given for ``record`` (its clips, or ``clips``)."""
+    clips = clips if clips is not None else [(clip.clip_id, clip.duration_s) for clip in record.clips]
+    return TOKENS.issue(record.generation_id, clips, key_name, user_id)[0]
 
 
 class RecordingProducer:
@@ -52,10 +67,13 @@ def gateway():
     record = make_record()
     store_record(store, record)
     producer = RecordingProducer()
-    settings = GatewaySettings(gateway_user_hash_key=KEY, gateway_store_timeout_s=2)
+    settings = GatewaySettings(
+        gateway_user_hash_key=KEY, gateway_store_timeout_s=2, gateway_vote_token_key=VOTE_TOKEN_KEY,
+        gateway_api_keys=f"{API_KEY_NAME}:{hashlib.sha256(API_KEY.encode()).hexdigest()}",
+    )
     app = create_app(settings, triton=Unused(), store=store, text_encoder=load_text_encoder("hashing"))
     app.state.singletons["feedback_producer"] = producer
-    with TestClient(app) as client:
+    with TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         yield client, record, producer, store
 
 
@@ -64,6 +82,7 @@ def body_for(record, **overrides):
             "clip_b_id": record.clips[1].clip_id, "choice": "a", "listen_a_s": 9.5, "listen_b_s": 10.0,
             "user_id": "alice@example.com", "client_ts": "2026-01-01T12:00:00+01:00"}
     body.update(overrides)
+    body.setdefault("vote_token", vote_token(record, body["user_id"]))
     return body
 
 
@@ -78,7 +97,7 @@ def test_accepted_vote_is_produced_keyed_by_generation_with_a_pseudonym(gateway)
     event = PreferenceEvent.from_bytes(value)
     assert event.choice == "tie" and event.listen_a_s == 9.5 and event.client_ts.utcoffset().total_seconds() == 3600
     assert event.user_pseudonym == hmac.new(KEY.encode(), b"alice@example.com", hashlib.sha256).hexdigest()
-    assert b"alice" not in value
+    assert b"alice" not in value and b"vote_token" not in value  # the token is the request's, not the event's
     assert event.received_at.tzinfo is not None
 
 
@@ -91,14 +110,20 @@ def test_pseudonym_is_stable_per_user_and_depends_on_the_key():
 @pytest.mark.parametrize(
     ("mutate", "status", "needle"),
     [
-        (lambda r, b: {**b, "generation_id": hex_id()}, 404, "not found"),
-        (lambda r, b: {**b, "clip_b_id": hex_id()}, 422, "is not a clip of generation"),
+        # A token signed for a generation that has no record, and for a clip that is not in the record.
+        (lambda r, b: {**b, "generation_id": (g := hex_id()),
+                       "vote_token": TOKENS.issue(g, [(b["clip_a_id"], 10.0), (b["clip_b_id"], 10.0)], API_KEY_NAME,
+                                                  b["user_id"])[0]}, 404, "not found"),
+        (lambda r, b: {**b, "clip_b_id": (c := hex_id()),
+                       "vote_token": vote_token(r, clips=[(b["clip_a_id"], 10.0), (c, 10.0)])}, 422,
+         "is not a clip of generation"),
         (lambda r, b: {**b, "clip_b_id": b["clip_a_id"]}, 422, "two different clips"),
         (lambda r, b: {**b, "choice": "both"}, 422, "choice"),
         (lambda r, b: {**b, "listen_a_s": -3}, 422, "listen_a_s"),
         (lambda r, b: {**b, "event_id": "x"}, 422, "event_id"),
         (lambda r, b: {**b, "generation_id": "../../etc/passwd"}, 422, "generation_id"),
         (lambda r, b: {k: v for k, v in b.items() if k != "user_id"}, 422, "user_id"),
+        (lambda r, b: {k: v for k, v in b.items() if k != "vote_token"}, 422, "vote_token"),
         (lambda r, b: {**b, "user_pseudonym": "0" * 64}, 422, "user_pseudonym"),
         (lambda r, b: {**b, "client_ts": "yesterday"}, 422, "client_ts"),
     ],
@@ -161,7 +186,7 @@ def test_feedback_is_counted_in_the_gateway_metrics(gateway):
 
     before = counts()
     client.post("/v1/feedback", json=body_for(record))
-    client.post("/v1/feedback", json=body_for(record, clip_b_id=hex_id()))
+    client.post("/v1/feedback", json=body_for(record, clip_b_id=hex_id()))  # 403: not a clip of the token
     after = counts()
     assert after["accepted"] - before["accepted"] == 1 and after["rejected"] - before["rejected"] == 1
     assert "musicrl_gateway_feedback_total" in client.get("/metrics").text

@@ -33,7 +33,7 @@ def test_event_round_trips_through_bytes_and_matches_the_json_schema():
 
 def request_fields(**overrides):
     fields = dict(event_id=hex_id(), generation_id=hex_id(), clip_a_id=hex_id(), clip_b_id=hex_id(),
-                  choice="b", listen_a_s=3.0, listen_b_s=4.5, user_id="user-1")
+                  choice="b", listen_a_s=3.0, listen_b_s=4.5, user_id="user-1", vote_token="v1.payload.signature")
     fields.update(overrides)
     return fields
 
@@ -49,6 +49,8 @@ def request_fields(**overrides):
         {"listen_a_s": -1.0},
         {"listen_b_s": 7200.0},
         {"user_id": ""},
+        {"vote_token": ""},
+        {"vote_token": "v1.payload with spaces.sig"},
         {"client_ts": "2026-01-01T00:00:00"},  # no time zone
         {"app_id": "bad/app"},
         {"unexpected": 1},
@@ -57,6 +59,15 @@ def request_fields(**overrides):
 def test_request_rejects_bad_fields(overrides):
     with pytest.raises(ValidationError):
         FeedbackRequest(**request_fields(**overrides))
+
+
+def test_request_needs_the_vote_token_which_the_event_does_not_have():
+    fields = request_fields()
+    assert FeedbackRequest(**fields).vote_token == "v1.payload.signature"
+    del fields["vote_token"]
+    with pytest.raises(ValidationError, match="vote_token"):
+        FeedbackRequest(**fields)
+    assert "vote_token" not in PreferenceEvent.model_fields
 
 
 def test_request_rejects_the_same_clip_twice():

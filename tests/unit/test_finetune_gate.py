@@ -21,6 +21,16 @@ def _gate(**candidate):
     return evaluate_gate({**BASE, **candidate}, BASE, ["preference"], GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05))
 
 
+def test_the_sum_of_the_rewards_is_not_a_second_quality_check():
+    """combined = weighted sum incl. quality: a quality drop within bounds must not fail the gate through it."""
+    base = {**BASE, "reward/combined": 1.4, "reward/quality_mos": 3.4}
+    candidate = {**base, "reward": 0.6, "reward/preference": 0.6, "reward/quality": 0.56, "reward/combined": 1.3, "reward/quality_mos": 3.2}
+    config = GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05)
+    assert evaluate_gate(candidate, base, ["preference"], config).passed
+    report = evaluate_gate({**candidate, "reward/quality": 0.5}, base, ["preference"], config)
+    assert not report.passed and "reward/quality" in report.reason and "combined" not in report.reason
+
+
 def test_a_better_close_candidate_passes():
     report = _gate(reward=0.6, kl=2.0, **{"reward/preference": 0.6, "reward/text_adherence": 0.28})
     assert report.passed and report.reason == "all checks passed"

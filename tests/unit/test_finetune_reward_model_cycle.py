@@ -78,9 +78,21 @@ def test_the_second_cycle_continues_from_the_published_model_on_a_bounded_replay
 def test_a_current_model_of_another_architecture_is_not_warm_started(cycle, tmp_path):
     other = Generator(GeneratorConfig(vocab_size=16, text_dim=8, max_frames=32, n_layers=2, n_heads=2, d_model=32))
     path = save_preference_model(PreferenceRewardModel.from_generator(other), tmp_path / "other", export_onnx=False)
+    cycle.registry.set_current(PREFERENCE, cycle.registry.publish(PREFERENCE, path, lineage={"run_id": "earlier"}))
+    result = cycle.update_reward_model(_rows(300, policies=1), _state("1"))
+    assert result["warm_start_from"] is None and result["published"] == "2"
+
+
+def test_the_committed_bootstrap_model_is_not_warm_started(cycle, tmp_path):
+    """A current model no cycle trained on votes (no run in its lineage) is a prior, not these users' taste."""
+    generator = tiny_generator()
+    path = save_preference_model(PreferenceRewardModel.from_generator(generator), tmp_path / "bootstrap", export_onnx=False)
     cycle.registry.set_current(PREFERENCE, cycle.registry.publish(PREFERENCE, path))
     result = cycle.update_reward_model(_rows(300, policies=1), _state("1"))
     assert result["warm_start_from"] is None and result["published"] == "2"
+    assert cycle.registry.manifest(PREFERENCE, "2")["lineage"]["run_id"] == "r"
+    # the model it published was trained on votes: the next cycle continues from it
+    assert cycle.update_reward_model(_rows(300, policies=1), _state("1"))["warm_start_from"] == "2"
 
 
 def test_warm_start_can_be_switched_off(cycle):

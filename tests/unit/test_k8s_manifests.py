@@ -36,7 +36,16 @@ OPERATOR_SECRETS = {
     "musicrl-reward-admin",
     "musicrl-triton-admin",
     "musicrl-gateway-user-hash",
+    "musicrl-gateway-vote-token",
+    "musicrl-gateway-api-keys",
 }
+# What a Secret reference stands for when a test parses the settings; a value with a format of its own
+# needs a placeholder in that format.
+SECRET_PLACEHOLDERS = {"MUSICRL_GATEWAY_API_KEYS": "app:" + "0" * 64}
+
+
+def secret_placeholder(variable: str) -> str:
+    return SECRET_PLACEHOLDERS.get(variable, "from-a-secret")
 STRIMZI_CA_SECRET = "musicrl-cluster-ca-cert"
 
 
@@ -368,7 +377,7 @@ def test_every_environment_variable_is_a_settings_field(docs, monkeypatch):
             for name in [name for name in os.environ if name.startswith("MUSICRL_")]:
                 monkeypatch.delenv(name)
             for name, value in musicrl.items():
-                monkeypatch.setenv(name, value if value is not None else "from-a-secret")
+                monkeypatch.setenv(name, value if value is not None else secret_placeholder(name))
             settings()  # raises if a value does not parse
             checked += 1
     assert checked >= 4
@@ -546,7 +555,7 @@ def test_kafka_clients_authenticate_with_the_mounted_ca_and_their_user(docs, mon
             monkeypatch.delenv(variable)
         for variable, value in container_environment(docs, container).items():
             if variable.startswith("MUSICRL_"):
-                monkeypatch.setenv(variable, value if value is not None else "from-a-secret")
+                monkeypatch.setenv(variable, value if value is not None else secret_placeholder(variable))
         options = KafkaConfig().kafka_client_options()
         assert options["security_protocol"] == "SASL_SSL" and options["sasl_mechanism"] == "SCRAM-SHA-512"
         assert options["sasl_plain_username"] in {u["metadata"]["name"] for u in by_kind(docs, "KafkaUser")}
@@ -574,3 +583,22 @@ def test_thread_counts_fit_the_cpu_limits(docs):
                     assert 1 <= int(value) <= limit, f"{workload['metadata']['name']}: {name}={value} > {limit} CPUs"
                     checked += 1
     assert checked >= 3
+
+
+def test_the_gateway_runs_in_production_mode_with_its_secrets(docs, monkeypatch):
+    """MUSICRL_ENV=production, and the secrets it then requires (vote-token key, user-hash key, API keys) are referenced."""
+    import os
+
+    from serving.settings import GatewaySettings
+
+    (container,) = pod_template(named(docs, "Deployment", "gateway"))["spec"]["containers"]
+    environment = container_environment(docs, container)
+    assert environment["MUSICRL_ENV"] == "production"
+    for variable in ("MUSICRL_GATEWAY_USER_HASH_KEY", "MUSICRL_GATEWAY_VOTE_TOKEN_KEY", "MUSICRL_GATEWAY_API_KEYS"):
+        assert environment[variable] is None, f"{variable} must come from a Secret"
+    for variable in [v for v in os.environ if v.startswith("MUSICRL_")]:
+        monkeypatch.delenv(variable)
+    for variable, value in environment.items():
+        if variable.startswith("MUSICRL_"):
+            monkeypatch.setenv(variable, value if value is not None else secret_placeholder(variable))
+    assert GatewaySettings().production_problems() == []

@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 import pytest
 import uvicorn
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Response
 
 from loadtests.locust_runner import LocustRun, run_locust, summarize
 from musicrl.audio.formats import encode_audio
@@ -25,12 +25,14 @@ from serving.schemas import GenerationRequest
 pytestmark = pytest.mark.unit
 
 SAMPLE_RATE = 16_000
+API_KEY = "fake-gateway-key"
 
 
 class FakeGateway:
     def __init__(self, failing: bool = False):
         self.failing = failing
         self.generations: dict[str, list[str]] = {}
+        self.vote_tokens: dict[str, str] = {}  # generation id -> its token
         self.clips: dict[str, tuple[float, float]] = {}
         self.feedback: list[FeedbackRequest] = []
         self.app = self._build()
@@ -39,8 +41,13 @@ class FakeGateway:
         app = FastAPI()
         rng = np.random.default_rng(0)
 
+        def authenticate(authorization: str | None) -> None:
+            if authorization != f"Bearer {API_KEY}":
+                raise HTTPException(401, "unknown API key", headers={"WWW-Authenticate": "Bearer"})
+
         @app.post("/v1/generations", status_code=201)
-        def generate(body: GenerationRequest) -> dict:
+        def generate(body: GenerationRequest, authorization: str | None = Header(None)) -> dict:
+            authenticate(authorization)
             if self.failing:
                 raise HTTPException(503, "generator unavailable")
             generation_id = uuid.uuid4().hex
@@ -54,7 +61,9 @@ class FakeGateway:
                     "sample_rate": SAMPLE_RATE, "policy_version": "1", "model_name": "generator", "seed": index,
                 })  # fmt: skip
             self.generations[generation_id] = [clip["clip_id"] for clip in clips]
-            return {"generation_id": generation_id, "prompt": body.prompt, "clips": clips}
+            self.vote_tokens[generation_id] = f"v1.{uuid.uuid4().hex}.sig"
+            return {"generation_id": generation_id, "prompt": body.prompt, "clips": clips,
+                    "vote_token": self.vote_tokens[generation_id]}
 
         @app.get("/v1/clips/{clip_id}/audio")
         def audio(clip_id: str) -> Response:
@@ -66,9 +75,12 @@ class FakeGateway:
             return Response(encode_audio(wave.astype(np.float32), SAMPLE_RATE, "wav"), media_type="audio/wav")
 
         @app.post("/v1/feedback", status_code=202)
-        def feedback(body: FeedbackRequest) -> FeedbackAccepted:
+        def feedback(body: FeedbackRequest, authorization: str | None = Header(None)) -> FeedbackAccepted:
+            authenticate(authorization)
             if self.generations.get(body.generation_id) is None:
                 raise HTTPException(404, "unknown generation")
+            if body.vote_token != self.vote_tokens[body.generation_id]:
+                raise HTTPException(403, "not the vote token of this generation")
             if {body.clip_a_id, body.clip_b_id} - set(self.generations[body.generation_id]):
                 raise HTTPException(422, "clips are not of this generation")
             self.feedback.append(body)
@@ -107,6 +119,7 @@ FAST = {
     "LOADTEST_LISTENER_RATE": "4",
     "LOADTEST_APP_RATE": "4",
     "LOADTEST_SEED": "3",
+    "MUSICRL_API_KEY": API_KEY,  # the users present it (serving.client.api_key_headers)
 }
 
 

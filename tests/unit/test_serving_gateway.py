@@ -30,6 +30,9 @@ pytestmark = pytest.mark.unit
 
 SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = 2000
+# The write routes need an API key (serving.services.auth); every client here presents this one.
+API_KEY = "unit-test-api-key"
+API_KEY_ENTRY = f"tests:{hashlib.sha256(API_KEY.encode()).hexdigest()}"
 
 
 class FakeTextEncoder:
@@ -124,14 +127,15 @@ def make_store() -> ObjectStore:
     return store
 
 
-def make_client(triton=None, store=None, **settings) -> TestClient:
+def make_client(triton=None, store=None, headers=None, **settings) -> TestClient:
+    settings.setdefault("gateway_api_keys", API_KEY_ENTRY)
     app = create_app(
         GatewaySettings(gateway_store_timeout_s=2, **settings),
         triton=triton or FakeTriton(),
         store=store or make_store(),
         text_encoder=FakeTextEncoder(),
     )
-    return TestClient(app)
+    return TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"} if headers is None else headers)
 
 
 @pytest.fixture()
