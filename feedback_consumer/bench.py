@@ -21,12 +21,13 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,7 +43,7 @@ from feedback_consumer.workload import make_records, make_workload, produce, sto
 from musicrl.kafka import ensure_topics
 from musicrl.logging import configure_logging
 from musicrl.stack import COMPONENTS, Stack, free_port_settings
-from musicrl.stack.processes import free_port
+from musicrl.stack.processes import free_port, serve_process
 from musicrl.storage import ObjectStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,18 +91,24 @@ def bare_consumer_rate(settings: ConsumerSettings, n_messages: int) -> dict:
     return {"events": seen, "seconds": round(elapsed, 3), "events_per_s": round(seen / elapsed, 1)}
 
 
+def _wait_for_total(consumer: FeedbackConsumer, thread: threading.Thread, total: str, n: int, desc: str,
+                    poll_s: float) -> None:
+    """Show progress until ``consumer.totals[total]`` reaches ``n``; fail at once if the consumer thread died."""
+    with tqdm(total=n, desc=desc, unit="ev") as bar:
+        while consumer.totals[total] < n:
+            if not thread.is_alive():
+                raise RuntimeError("the feedback consumer stopped")
+            bar.update(consumer.totals[total] - bar.n)
+            time.sleep(poll_s)
+        bar.update(consumer.totals[total] - bar.n)
+
+
 def feedback_consumer_rate(settings: ConsumerSettings, store: ObjectStore, n_messages: int) -> dict:
     consumer = FeedbackConsumer(settings, store)
     thread = threading.Thread(target=consumer.run, name="feedback-consumer")
     thread.start()
     try:
-        with tqdm(total=n_messages, desc="feedback consumer", unit="ev") as bar:
-            while consumer.totals["events"] < n_messages:
-                if not thread.is_alive():
-                    raise RuntimeError("the feedback consumer stopped")
-                bar.update(consumer.totals["events"] - bar.n)
-                time.sleep(0.05)
-            bar.update(consumer.totals["events"] - bar.n)
+        _wait_for_total(consumer, thread, "events", n_messages, "feedback consumer", poll_s=0.05)
         elapsed = time.perf_counter() - consumer.first_record_at
     finally:
         consumer.stop()
@@ -110,8 +117,10 @@ def feedback_consumer_rate(settings: ConsumerSettings, store: ObjectStore, n_mes
             "accepted": consumer.totals["accepted"], "duplicates": consumer.totals["duplicates"], "dead_letters": consumer.totals["dead_letters"]}
 
 
-def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path,
-                  vote_token_key: str) -> tuple[subprocess.Popen, str]:
+@contextmanager
+def running_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path,
+                    vote_token_key: str) -> Iterator[str]:
+    """``musicrl gateway serve`` on a free port for the length of the block; yields its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUSICRL_")} | stack_env | {
         "MUSICRL_GATEWAY_VOTE_TOKEN_KEY": vote_token_key,  # the bench issues the votes' tokens with it
@@ -121,22 +130,10 @@ def start_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_pat
         "MUSICRL_GATEWAY_TEXT_ENCODER": "hashing",  # the feedback route embeds nothing; skip loading MiniLM
         "MUSICRL_LOG_LEVEL": "WARNING",
     }
-    log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "musicrl.cli", "gateway", "serve"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited, see {log_path}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError(f"the gateway did not start, see {log_path}")
+    with serve_process([sys.executable, "-m", "musicrl.cli", "gateway", "serve"], f"{url}/healthz", name="gateway",
+                       env=env, cwd=ROOT, log_path=log_path):
+        yield url
 
 
 async def post_feedback(url: str, bodies: list[dict], concurrency: int, headers: dict[str, str]) -> list[float]:
@@ -187,29 +184,21 @@ def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int,
             "choice": rng.choice(["a", "b", "tie"]), "listen_a_s": 10.0, "listen_b_s": 9.0, "user_id": user_id,
             "vote_token": tokens.issue(record.generation_id, clips, STACK_KEY_NAME, user_id)[0],
         })
-    gateway, url = start_gateway(stack_env, settings, workdir / "gateway.log", vote_token_key)
-    consumer = FeedbackConsumer(settings, store)
-    thread = threading.Thread(target=consumer.run, name="feedback-consumer")
-    thread.start()
-    try:
-        while not consumer.partitions:  # group joined: the clock starts with the first POST
-            time.sleep(0.05)
-        started = time.perf_counter()
-        latencies = asyncio.run(post_feedback(url, bodies, concurrency, api_key_headers(stack_env[API_KEY_ENV])))
-        posted = time.perf_counter() - started
-        with tqdm(total=n_events, desc="durable in the buffer", unit="ev") as bar:
-            while consumer.totals["accepted"] < n_events:
-                if not thread.is_alive():
-                    raise RuntimeError("the feedback consumer stopped")
-                bar.update(consumer.totals["accepted"] - bar.n)
-                time.sleep(0.02)
-            bar.update(consumer.totals["accepted"] - bar.n)
-        elapsed = time.perf_counter() - started
-    finally:
-        consumer.stop()
-        thread.join()
-        gateway.terminate()
-        gateway.wait(timeout=30)
+    with running_gateway(stack_env, settings, workdir / "gateway.log", vote_token_key) as url:
+        consumer = FeedbackConsumer(settings, store)
+        thread = threading.Thread(target=consumer.run, name="feedback-consumer")
+        thread.start()
+        try:
+            while not consumer.partitions:  # group joined: the clock starts with the first POST
+                time.sleep(0.05)
+            started = time.perf_counter()
+            latencies = asyncio.run(post_feedback(url, bodies, concurrency, api_key_headers(stack_env[API_KEY_ENV])))
+            posted = time.perf_counter() - started
+            _wait_for_total(consumer, thread, "accepted", n_events, "durable in the buffer", poll_s=0.02)
+            elapsed = time.perf_counter() - started
+        finally:
+            consumer.stop()
+            thread.join()
     ms = np.array(latencies) * 1000
     return {
         "events": n_events, "concurrency": concurrency, "seconds": round(elapsed, 3),

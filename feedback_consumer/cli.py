@@ -19,10 +19,18 @@ def run() -> None:
     from feedback_consumer.consumer import FeedbackConsumer
     from feedback_consumer.metrics import serve_metrics
     from feedback_consumer.settings import ConsumerSettings
+    from musicrl.config import InsecureSettings, refuse_development_secrets
     from musicrl.logging import configure_logging, get_logger
 
     settings = ConsumerSettings()
     configure_logging(settings, service="feedback-consumer")
+    try:  # MUSICRL_ENV=production with the development object-store credentials
+        problems = refuse_development_secrets(settings, "feedback consumer")
+    except InsecureSettings as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if problems:
+        get_logger("feedback_consumer").warning("development_settings", problems=problems)
     consumer = FeedbackConsumer(settings)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: consumer.stop())

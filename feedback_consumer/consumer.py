@@ -145,7 +145,7 @@ class FeedbackConsumer:
     def run(self) -> None:
         s = self.settings
         self._retry("ensure_topics", lambda: ensure_topics(s))
-        self._retry("ensure_buckets", self._ensure_buffer_bucket)
+        self._retry("ensure_buckets", lambda: self.store.ensure_bucket(s.bucket_buffer))
         self._dead_letters = DeadLetterWriter(s)
         self._kafka = KafkaConsumer(
             **s.kafka_client_options(),
@@ -182,17 +182,6 @@ class FeedbackConsumer:
             self._kafka.close(autocommit=False)
             self._dead_letters.close()
             self.lookup.close()
-
-    def _ensure_buffer_bucket(self) -> None:
-        from minio.error import S3Error
-
-        bucket = self.settings.bucket_buffer
-        if not self.store.client.bucket_exists(bucket):
-            try:
-                self.store.client.make_bucket(bucket)
-            except S3Error as err:
-                if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
 
     def health(self) -> dict:
         since_poll = time.monotonic() - self._last_poll

@@ -1,7 +1,9 @@
 """``musicrl finetune run-once | loop | rollback VERSION | history``.
 
 Configuration comes from ``MUSICRL_*`` variables (``FinetuneSettings``, see
-docs/finetune.md). Errors are one line on stderr and exit code 1.
+docs/finetune.md). Errors are one line on stderr and exit code 1. SIGTERM and SIGINT
+stop ``loop`` and ``run-once`` at the next safe point (``finetune_worker.shutdown``):
+``loop`` then exits 0, ``run-once`` 3; ``rollback`` finishes its deploy first.
 """
 
 from __future__ import annotations
@@ -20,12 +22,25 @@ err_console = Console(stderr=True)
 Kind = Annotated[str, typer.Option("--kind", help="Registry kind: generator, reward/preference, reward/quality, reward/text_adherence.")]
 
 
-def _settings():
+STOPPED = 3  # run-once: stopped by a signal at a safe point; the run resumes at its stage next time
+
+
+def _settings(warn: bool = False):
+    """The worker's settings; with ``MUSICRL_ENV=production`` and the development object-store credentials,
+    exit 1. ``warn``: log what production would refuse (the long-running ``loop``; not one-shot commands,
+    whose output may be JSON)."""
     from finetune_worker.settings import FinetuneSettings  # noqa: PLC0415
-    from musicrl.logging import configure_logging  # noqa: PLC0415
+    from musicrl.config import InsecureSettings, refuse_development_secrets  # noqa: PLC0415
+    from musicrl.logging import configure_logging, get_logger  # noqa: PLC0415
 
     settings = FinetuneSettings()
     configure_logging(settings, service="finetune")
+    try:
+        problems = refuse_development_secrets(settings, "finetune worker")
+    except InsecureSettings as err:
+        raise _fail(err) from None
+    if problems and warn:
+        get_logger("finetune_worker").warning("finetune.development_settings", problems=problems)
     return settings
 
 
@@ -40,11 +55,17 @@ def run_once(json_out: Annotated[bool, typer.Option("--json", help="Print the ru
 
     Exit code 0 when the candidate was deployed (or published, with auto-deploy off), 2 when it was rejected.
     """
+    from finetune_worker import shutdown  # noqa: PLC0415
     from finetune_worker.cycle import FinetuneCycle  # noqa: PLC0415
     from finetune_worker.loop import run_cycle_with_lease  # noqa: PLC0415
 
+    settings = _settings()
     try:
-        record = run_cycle_with_lease(FinetuneCycle(_settings()))
+        with shutdown.handle_signals():
+            record = run_cycle_with_lease(FinetuneCycle(settings))
+    except shutdown.ShutdownRequested as stop:
+        err_console.print(f"{stop}; the run resumes at this stage next time", highlight=False, markup=False)
+        raise typer.Exit(STOPPED) from None
     except Exception as err:  # noqa: BLE001 - one line for the operator; details are in the logs
         raise _fail(err) from err
     if record is None:
@@ -63,27 +84,35 @@ def run_once(json_out: Annotated[bool, typer.Option("--json", help="Print the ru
 def loop_command(
     max_cycles: Annotated[Optional[int], typer.Option(help="Stop after this many cycles (default: run forever).")] = None,
 ) -> None:
-    """Watch the buffer and the clock; run a cycle whenever one is due (single flight via a lease)."""
+    """Watch the buffer and the clock; run a cycle whenever one is due (single flight via a lease).
+
+    SIGTERM/SIGINT: the cycle in flight stops at its next safe point (a deploy in progress finishes first),
+    the lease is released, exit code 0.
+    """
+    from finetune_worker import shutdown  # noqa: PLC0415
     from finetune_worker.cycle import FinetuneCycle  # noqa: PLC0415
     from finetune_worker.loop import loop  # noqa: PLC0415
     from musicrl.metrics import start_metrics_server  # noqa: PLC0415
 
-    settings = _settings()
-    if settings.finetune_metrics_port:
-        start_metrics_server(settings.finetune_metrics_port, host=settings.finetune_metrics_host)
-    loop(FinetuneCycle(settings), max_cycles=max_cycles)
+    settings = _settings(warn=True)
+    with shutdown.handle_signals() as stop:
+        if settings.finetune_metrics_port:
+            start_metrics_server(settings.finetune_metrics_port, host=settings.finetune_metrics_host)
+        loop(FinetuneCycle(settings), stop=stop, max_cycles=max_cycles)
 
 
 @app.command("rollback")
 def rollback(version: Annotated[str, typer.Argument(help="Generator version to serve again.")]) -> None:
     """Serve an earlier generator version: verify it, load it in Triton, move the registry pointer."""
     from finetune_worker.deploy import Deployer  # noqa: PLC0415
+    from finetune_worker import shutdown  # noqa: PLC0415
     from musicrl.registry import Registry  # noqa: PLC0415
     from musicrl.storage import ObjectStore  # noqa: PLC0415
 
     settings = _settings()
     try:
-        result = Deployer.from_settings(settings, Registry(ObjectStore(settings))).rollback(version)
+        with shutdown.handle_signals():  # a deploy is never cut short: SIGTERM/SIGINT wait for it
+            result = Deployer.from_settings(settings, Registry(ObjectStore(settings))).rollback(version)
     except Exception as err:  # noqa: BLE001
         raise _fail(err) from err
     console.print(f"serving generator {result['version']} (was {result['previous']}) after {result['deploy_s']:.1f} s")

@@ -14,6 +14,10 @@ publish that landed before the kill is found again by its ``run_id`` (so
 nothing is published twice), and a model is published only from the directory
 the training job renames into place when it has finished every step.
 Finished runs are moved to ``<work_dir>/runs/<run_id>``.
+
+SIGTERM/SIGINT (``finetune_worker.shutdown``) stop a cycle at the next safe point: before a
+stage, between training steps (checkpointed first), between the gate's snapshots. Publish and
+deploy are never cut short: a signal during them takes effect once they are done.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,13 +39,20 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from finetune_worker import shutdown
 from finetune_worker.deploy import CheckpointRejected, Deployer, DeployError
 from finetune_worker.evaluation import evaluate_policy
 from finetune_worker.configs import gate_config, trainer_config
 from finetune_worker.gate import choose, evaluate_gate, refusal_reason, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import split_prompts
-from finetune_worker.reward_model import HELDOUT_FRACTION_KEY, load_warm_start, pairs_from_rows, select_pair_rows, train_reward_model
+from finetune_worker.reward_model import (
+    HELDOUT_FRACTION_KEY,
+    load_warm_start,
+    pairs_from_rows,
+    reward_model_from_settings,
+    select_pair_rows,
+)
 from finetune_worker.rewards import make_reward_fn
 from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
@@ -50,7 +62,6 @@ from musicrl.buffer import PreferenceBuffer
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
 from musicrl.models.generator import load_generator
-from musicrl.models.preference import PreferenceTrainingConfig
 from musicrl.registry import Registry
 from musicrl.storage import ObjectStore
 
@@ -142,15 +153,21 @@ class FinetuneCycle:
         """Run (or resume) one cycle to a terminal status; returns the run's record."""
         state = self.load_state()
         if state is None or state.status in TERMINAL:
+            shutdown.check("before a new cycle")
             state = self.prepare()
         else:
             log.info("cycle.resume", run_id=state.run_id, status=state.status)
         try:
+            # A stop request ends the cycle only here, between stages (and inside train and gate at their
+            # own safe points): the state is saved, and the next start resumes at this stage.
             if state.status == "training":
+                shutdown.check(f"before training run {state.run_id}")
                 self._timed(state, "train", self.train, state)
             if state.status == "trained":
+                shutdown.check(f"before gating run {state.run_id}")
                 self._timed(state, "gate", self.gate_and_publish, state)
             if state.status == "published" and self.settings.finetune_auto_deploy:
+                shutdown.check(f"before deploying run {state.run_id}")
                 self._timed(state, "deploy", self.deploy, state)
         finally:
             self.save_state(state)
@@ -185,6 +202,7 @@ class FinetuneCycle:
             buffer_segments=[r.key for r in segments],
         )
         if s.finetune_stage in ("U", "RU") and s.finetune_train_reward_model:
+            shutdown.check("before training the reward model")  # nothing of this run is saved yet: it starts over
             state.reward_model = self.update_reward_model(rows, state)
             if self.vote_trained_preference() is None:
                 # The committed bootstrap model encodes priors, not these users: optimising it moved one closed-loop
@@ -267,36 +285,34 @@ class FinetuneCycle:
         """
         s = self.settings
         selected = select_pair_rows(rows, state.parent_version, max_pairs=s.finetune_rm_max_pairs,
-                                    heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed)
+                                    heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed,
+                                    max_pairs_per_user=s.finetune_max_pairs_per_user or None)
         train, heldout = pairs_from_rows(selected.train, self.embed), pairs_from_rows(selected.heldout, self.embed)
         if len(train.pairs) < s.finetune_rm_min_pairs:
             log.info("reward_model.skipped", pairs=len(train.pairs), needed=s.finetune_rm_min_pairs)
             return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}", **selected.stats}
         generator, _ = load_generator(self.run_dir / "parent", device=resolve_device(s.finetune_device))
-        start, warm_start_from = self._reward_model_warm_start(generator)
-        config = PreferenceTrainingConfig(
-            learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
-            seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer,
-        )
         out_dir = self.run_dir / "reward_model"
+        start, warm_start_from = self._reward_model_warm_start(generator) if s.finetune_rm_fit == "finetune" else (None, None)
         meta = {"warm_start_from": warm_start_from, HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction,
                 "initialised_from": {"kind": PREFERENCE, "version": warm_start_from} if warm_start_from
                 else {"kind": GENERATOR, "version": state.parent_version}}
-        metrics = train_reward_model(generator, train, heldout, self.reward_fn, config, out_dir, start=start,
-                                     n_heads=s.finetune_rm_heads, disagreement_penalty=s.finetune_rm_disagreement_penalty, meta=meta)
+        metrics, config = reward_model_from_settings(s, generator, train, heldout, self.reward_fn, out_dir, start=start, meta=meta)
         metrics = {**metrics, **selected.stats, "warm_start_from": warm_start_from}
-        log.info("reward_model.cycle", warm_start_from=warm_start_from, heldout_accuracy_before=metrics["heldout_accuracy_before"],
-                 heldout_accuracy=metrics["heldout_accuracy"], n_train_pairs=metrics["n_train_pairs"])
+        log.info("reward_model.cycle", fit=config["fit"], warm_start_from=warm_start_from, heldout_accuracy=metrics["heldout_accuracy"],
+                 n_train_pairs=metrics["n_train_pairs"])
         lineage = {"generator_version": state.parent_version, "buffer_segments": state.buffer_segments, "run_id": state.run_id,
                    "code_commit": code_commit(), "warm_start_from": warm_start_from, "replay": selected.stats,
-                   "training_config": {**asdict(config), "n_heads": s.finetune_rm_heads,
-                                       "disagreement_penalty": s.finetune_rm_disagreement_penalty,
-                                       "max_pairs": s.finetune_rm_max_pairs, HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction}}
-        if warm_start_from and metrics["best_epoch"] == 0:
+                   "training_config": {**config, "max_pairs": s.finetune_rm_max_pairs,
+                                       HELDOUT_FRACTION_KEY: s.finetune_heldout_fraction}}
+        if warm_start_from and metrics.get("best_epoch") == 0:
             log.info("reward_model.kept", version=warm_start_from, reason="no epoch beat it on the held-out pairs")
             return {**metrics, "published": None, "kept": warm_start_from}
+        if metrics.get("best_epoch") == 0:  # fine-tuned from the generator: epoch 0 has random heads, whatever it scored
+            self.registry.record_rejection(PREFERENCE, {"reason": "no epoch improved on the untrained heads", "metrics": metrics, "lineage": lineage})
+            return {**metrics, "published": None}
         if not metrics["heldout_accuracy"] > 0.5:
-            self.registry.record_rejection(PREFERENCE, {"reason": "held-out accuracy not above chance", "metrics": metrics, "lineage": lineage})
+            self.registry.record_rejection(PREFERENCE, {"reason": "out-of-sample (held-out or cross-validated) accuracy not above chance", "metrics": metrics, "lineage": lineage})
             return {**metrics, "published": None}
         self.guard()
         version = self.registry.publish(PREFERENCE, out_dir, metrics=metrics, lineage=lineage)
@@ -362,11 +378,31 @@ class FinetuneCycle:
         state.status = "trained"
 
     def run_torchrun(self, job_path: Path) -> None:
+        """Train under torchrun. A stop request is passed on as SIGTERM (torchrun forwards it to every rank,
+        which checkpoints and stops before its next step); a pod's SIGTERM reaches only this process."""
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.settings.finetune_nproc}",
                    "-m", "finetune_worker.train", str(job_path)]
-        result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if result.returncode != 0:
-            raise RuntimeError(f"torchrun training exited with {result.returncode}")
+        # Its own session: signals reach it only through this process (as SIGTERM, once), and a hard
+        # interrupt can take down the whole group (torchrun and its ranks).
+        process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        forwarded = False
+        try:
+            while process.poll() is None:
+                if shutdown.requested() and not forwarded:
+                    process.send_signal(signal.SIGTERM)
+                    forwarded = True
+                try:
+                    process.wait(timeout=0.5)
+                except subprocess.TimeoutExpired:
+                    pass
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)  # interrupted for good (a second Ctrl-C): no orphaned ranks
+            process.wait()
+            raise
+        if process.returncode != 0 and forwarded:
+            shutdown.check("during data-parallel training")  # the ranks checkpointed and stopped
+        if process.returncode != 0:
+            raise RuntimeError(f"torchrun training exited with {process.returncode}")
 
     # ------------------------------------------------------------------ gate and publish
 
@@ -384,6 +420,7 @@ class FinetuneCycle:
         baseline = evaluate_policy(parent, reference, **common)
         checked = []
         for directory in self.candidate_dirs():
+            shutdown.check("between the gate's snapshots")  # nothing published yet: the next start gates again
             candidate, meta = load_generator(directory, device=device)
             scored = evaluate_policy(candidate, reference, **common)
             report = evaluate_gate(scored, baseline, list(weights), gate_config(s), candidate_weights_finite=weights_finite(candidate))

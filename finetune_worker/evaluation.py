@@ -2,6 +2,8 @@
 
 The same prompts and seeds are used for the candidate and for the policy it started
 from, so the comparison in the evaluation gate is paired, not two noisy samples.
+Either kind of policy (``musicrl.models.policy``) can be evaluated; the reference reuses
+the candidate's conditioning, since the text encoder of both is the same frozen one.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from finetune_worker.trainers.base import RewardFunction, combine_rewards
+from finetune_worker.trainers.base import RewardFunction, combine_rewards, reward_input
 from finetune_worker.trainers.reinforce import token_kl
 from musicrl.models.generator import Generator
+from musicrl.models.policy import Policy, as_policy
 
 
 @torch.no_grad()
 def evaluate_policy(
-    policy: Generator,
-    reference: Generator,
+    policy: Generator | Policy,
+    reference: Generator | Policy,
     prompts: list[str],
-    embed: Callable[[list[str]], np.ndarray],
+    embed: Callable[[list[str]], np.ndarray] | None,
     reward_fn: RewardFunction,
     weights: dict[str, float],
     n_frames: int,
@@ -31,22 +34,21 @@ def evaluate_policy(
     seed: int = 1234,
 ) -> dict[str, float]:
     """Means over ``len(prompts) * samples_per_prompt`` clips: ``reward`` (weighted target),
-    ``reward/<component>`` for every component returned, ``kl`` (per clip, summed over frames)."""
+    ``reward/<component>`` for every component returned, ``kl`` (per clip, summed over frames and codebooks).
+    ``embed``: the default generator's prompt encoder."""
     if not prompts:
         raise ValueError("evaluation needs at least one held-out prompt")
-    policy.eval()
-    reference.eval()
-    device = next(policy.parameters()).device
+    policy, reference = as_policy(policy, embed).eval(), as_policy(reference, embed).eval()
     rows = [p for p in prompts for _ in range(samples_per_prompt)]
     seeds = [seed + i for i in range(len(rows))]
     components: dict[str, list[np.ndarray]] = {}
     kls = []
     for start in range(0, len(rows), batch_size):
         batch, batch_seeds = rows[start : start + batch_size], seeds[start : start + batch_size]
-        cond = torch.from_numpy(np.asarray(embed(batch), dtype=np.float32)).to(device)
+        cond = policy.condition(batch)
         tokens, _ = policy.sample(cond, n_frames, temperature, 0, batch_seeds)
-        kls.append(token_kl(policy(cond, tokens), reference(cond, tokens)).sum(1).cpu().numpy())
-        for name, values in reward_fn(batch, tokens.cpu().numpy()).items():
+        kls.append(token_kl(policy(cond, tokens), reference(cond, tokens)).sum((1, 2)).cpu().numpy())
+        for name, values in reward_fn(batch, reward_input(tokens)).items():
             components.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
     merged = {name: np.concatenate(parts) for name, parts in components.items()}
     metrics = {"reward": float(np.mean(combine_rewards(merged, weights))), "kl": float(np.mean(np.concatenate(kls)))}

@@ -10,6 +10,11 @@ Triggers (either suffices):
 An unfinished run (a worker was killed) is resumed at once. Every cycle runs under
 the object-store lease (``finetune_worker.lease``): two workers never train at once,
 and a dead worker's lease expires so another can take over and resume.
+
+On start, a deploy a killed worker left half-done is finished or undone (under the lease,
+``Deployer.recover``). SIGTERM/SIGINT (``finetune_worker.shutdown``): the cycle in flight
+stops at its next safe point (never inside a publish or a deploy), the lease is released
+and ``loop`` returns, so ``finetune loop`` exits 0.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
+from finetune_worker import shutdown
 from finetune_worker.cycle import TERMINAL, FinetuneCycle
 from finetune_worker.lease import Lease, LeaseLost
 from musicrl.logging import get_logger
@@ -81,6 +87,7 @@ def run_cycle_with_lease(cycle: FinetuneCycle, trigger: Trigger | None = None, c
     lease.start_renewing()
     cycle.guard = lease.renew
     try:
+        _recover(cycle)
         parent = cycle.registry.current("generator")
         record = cycle.run_once()
     finally:
@@ -95,11 +102,44 @@ def run_cycle_with_lease(cycle: FinetuneCycle, trigger: Trigger | None = None, c
     return record
 
 
+def _recover(cycle: FinetuneCycle) -> dict[str, Any] | None:
+    """Finish or undo a half-done deploy (the caller holds the lease); a failure is logged, the deploy retries it."""
+    try:
+        return cycle.deployer().recover()
+    except Exception as exc:  # noqa: BLE001 - Triton or the store unreachable: the next deploy recovers first
+        log.error("loop.deploy_recovery_failed", error=str(exc))
+        return None
+
+
+def recover_deploy(cycle: FinetuneCycle) -> dict[str, Any] | None:
+    """At start: finish or undo the deploy a killed worker left half-done, under the lease.
+
+    Nothing to do (no journal) costs one stat of a local file. None when there was nothing to do
+    or another worker holds the lease (its own cycles recover before they deploy).
+    """
+    if cycle.deployer().read_journal() is None:
+        return None
+    lease = Lease(cycle.store, ttl_s=cycle.settings.finetune_lease_ttl_s)
+    if not lease.acquire():
+        log.info("loop.recovery_lease_busy", holder=lease.holder())
+        return None
+    try:
+        return _recover(cycle)
+    finally:
+        lease.release()
+
+
 def loop(cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: int | None = None) -> list[dict[str, Any]]:
+    """Run cycles whenever one is due until ``stop`` is set (``finetune loop`` passes the signal flag,
+    ``shutdown.event()``), a stop signal arrives or ``max_cycles`` cycles ran."""
     stop = stop or threading.Event()
     trigger = Trigger(cycle)
     records: list[dict[str, Any]] = []
-    while not stop.is_set() and (max_cycles is None or len(records) < max_cycles):
+    try:
+        recover_deploy(cycle)
+    except Exception as exc:  # noqa: BLE001 - the store unreachable: the first cycle's deploy recovers
+        log.error("loop.deploy_recovery_failed", error=str(exc))
+    while not stop.is_set() and not shutdown.requested() and (max_cycles is None or len(records) < max_cycles):
         try:
             due, why, count = trigger.due()
             current = cycle.registry.current("generator")
@@ -113,6 +153,9 @@ def loop(cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: 
                     log.info("loop.cycle_done", run_id=record["run_id"], status=record["status"], reason=record.get("reason"))
             else:
                 log.debug("loop.idle", why=why)
+        except shutdown.ShutdownRequested as exc:  # a safe point after SIGTERM/SIGINT; the lease is released
+            log.info("loop.stopping", reason=str(exc))
+            break
         except LeaseLost as exc:
             log.error("loop.lease_lost", error=str(exc))
         except Exception as exc:  # noqa: BLE001 - keep the worker alive; the run resumes next tick
@@ -120,4 +163,6 @@ def loop(cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: 
         if max_cycles is not None and len(records) >= max_cycles:
             break
         stop.wait(cycle.settings.finetune_poll_interval_s)
+    if shutdown.requested():
+        log.info("loop.stopped", reason=shutdown.reason(), cycles=len(records))
     return records

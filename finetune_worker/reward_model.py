@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -29,9 +29,11 @@ from musicrl.buffer import split_of
 from musicrl.logging import get_logger
 from musicrl.models.generator import Generator
 from musicrl.models.preference import (
+    DEFAULT_WINDOW_FRAMES,
     PreferencePair,
     PreferenceRewardModel,
     PreferenceTrainingConfig,
+    fit_preference_heads,
     load_preference_model,
     save_preference_model,
     train_preference_model,
@@ -74,6 +76,27 @@ def _recency(row: dict, index: int) -> tuple[float, int]:
     return (received.timestamp() if isinstance(received, datetime) else float("-inf"), index)
 
 
+def _cap_per_user(items: list[tuple[tuple[float, int], dict]], cap: int | None) -> tuple[list[tuple[tuple[float, int], dict]], int]:
+    """Keep at most ``cap`` items per ``user_pseudonym``, each user's newest; the kept items stay in their order.
+
+    ``items`` are ``(_recency(row, index), row)`` with distinct indices, so the order is total and the result
+    deterministic. A row without a pseudonym (none comes from the consumer: the event requires one) is not capped.
+    Returns the kept items and how many were dropped. O(n log n).
+    """
+    if cap is None:
+        return items, 0
+    counts: dict[str, int] = {}
+    keep: set[int] = set()
+    for key, row in sorted(items, key=lambda item: item[0], reverse=True):
+        user = row.get("user_pseudonym")
+        if user is None or counts.get(user, 0) < cap:
+            keep.add(key[1])
+            if user is not None:
+                counts[user] = counts.get(user, 0) + 1
+    kept = [item for item in items if item[0][1] in keep]
+    return kept, len(items) - len(kept)
+
+
 def select_pair_rows(
     rows: Sequence[dict],
     current_policy: str,
@@ -82,10 +105,15 @@ def select_pair_rows(
     heldout_fraction: float,
     seed: int = 0,
     min_listen_frac: float = 0.5,
+    max_pairs_per_user: int | None = None,
 ) -> PairRows:
     """The reward model's rows for one cycle, bounded whatever the size of the buffer window.
 
     Only usable rows (:func:`usable_row`) count, split by generation id (``split_of``) as always.
+    Per user: with ``max_pairs_per_user``, each ``user_pseudonym`` keeps at most that many rows in the
+    train split and as many in the held-out split, its newest (``finetune_max_pairs_per_user``): one
+    listener who floods votes weighs no more than that in the model or its held-out check. The dropped
+    rows are counted in ``stats``.
     Train: every train-split row of ``current_policy`` (if there are more than ``max_pairs``, the newest
     ``max_pairs``), then a seeded uniform sample of the older policies' train-split rows fills up to
     ``max_pairs`` (the replay; seeded by ``seed`` and the policy, so a resumed cycle picks the same rows
@@ -94,16 +122,22 @@ def select_pair_rows(
     ``policy_version`` like any other. O(n log n) in the rows; the pairs (and prompt embeddings) are
     built afterwards for the selected rows only.
     """
-    current, older, heldout = [], [], []
+    train_items, heldout_items = [], []
     for index, row in enumerate(rows):
         if not usable_row(row, min_listen_frac):
             continue
-        if split_of(row["generation_id"], heldout_fraction) == "eval":
-            heldout.append((row.get("policy_version") == current_policy, _recency(row, index), row))
-        elif row.get("policy_version") == current_policy:
-            current.append((_recency(row, index), row))
+        split = heldout_items if split_of(row["generation_id"], heldout_fraction) == "eval" else train_items
+        split.append((_recency(row, index), row))
+    n_train_available, n_heldout_available = len(train_items), len(heldout_items)
+    train_items, n_train_dropped = _cap_per_user(train_items, max_pairs_per_user)
+    heldout_items, n_heldout_dropped = _cap_per_user(heldout_items, max_pairs_per_user)
+    current, older = [], []
+    for recency, row in train_items:
+        if row.get("policy_version") == current_policy:
+            current.append((recency, row))
         else:
             older.append(row)
+    heldout = [(row.get("policy_version") == current_policy, recency, row) for recency, row in heldout_items]
     newest = [row for _, row in sorted(current, key=lambda item: item[0], reverse=True)[:max_pairs]]
     n_replay = min(len(older), max_pairs - len(newest))
     rng = np.random.default_rng([seed, zlib.crc32(str(current_policy).encode())])
@@ -113,8 +147,13 @@ def select_pair_rows(
     kept_heldout = [row for _, _, row in heldout[: max_pairs // 4]]
     stats = {
         "n_train_current_policy": len(newest), "n_train_replay": len(replay),
-        "n_train_available": len(current) + len(older), "n_heldout_available": len(heldout), "max_pairs": max_pairs,
+        "n_train_available": n_train_available, "n_heldout_available": n_heldout_available, "max_pairs": max_pairs,
+        "max_pairs_per_user": max_pairs_per_user, "n_train_dropped_user_cap": n_train_dropped,
+        "n_heldout_dropped_user_cap": n_heldout_dropped, "n_dropped_user_cap": n_train_dropped + n_heldout_dropped,
     }
+    if n_train_dropped or n_heldout_dropped:
+        log.info("reward_model.user_cap", max_pairs_per_user=max_pairs_per_user, dropped_train=n_train_dropped,
+                 dropped_heldout=n_heldout_dropped)
     return PairRows(newest + replay, kept_heldout, stats)
 
 
@@ -223,3 +262,66 @@ def train_reward_model(
     save_preference_model(model, out_dir, meta={**(meta or {}), "window_frames": config.window_frames, "metrics": metrics})
     log.info("reward_model.trained", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
+
+
+def fit_reward_model(
+    generator: Generator,
+    train: BufferPairs,
+    heldout: BufferPairs,
+    reward_fn: RewardFunction | None,
+    out_dir: Path,
+    *,
+    l2: float,
+    folds: int,
+    n_heads: int,
+    disagreement_penalty: float,
+    seed: int = 0,
+    meta: dict | None = None,
+) -> dict:
+    """The reward model as a frozen copy of ``generator`` with linear heads fitted on every selected pair
+    (``finetune_rm_fit=probe``, the default); save it (with ONNX) in ``out_dir``; returns metrics.
+
+    ``heldout_accuracy`` is the ``folds``-fold cross-validated accuracy over the train and held-out pairs
+    together (``cv_accuracy``): every pair is judged by heads that never saw it, and the number that decides
+    whether the model is used rests on all the pairs rather than a fifth of them.
+    """
+    pairs = BufferPairs(train.pairs + heldout.pairs, train.prompts + heldout.prompts, train.generation_ids + heldout.generation_ids)
+    if not pairs.pairs:
+        raise ValueError("no training pairs in the buffer")
+    device = next(generator.parameters()).device
+    model = PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty).to(device)
+    metrics = fit_preference_heads(model, pairs.pairs, l2=l2, folds=folds, seed=seed)
+    metrics["heldout_accuracy"] = metrics["cv_accuracy"]
+    if reward_fn is not None:
+        for name, accuracy in single_reward_accuracy(pairs, reward_fn, ("text_adherence", "quality")).items():
+            metrics[f"heldout_accuracy_{name}_only"] = accuracy  # fixed rewards: every pair is out of sample
+    save_preference_model(model, out_dir, meta={**(meta or {}), "window_frames": DEFAULT_WINDOW_FRAMES, "metrics": metrics})
+    log.info("reward_model.fitted", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return metrics
+
+
+def reward_model_from_settings(
+    settings,
+    generator: Generator,
+    train: BufferPairs,
+    heldout: BufferPairs,
+    reward_fn: RewardFunction | None,
+    out_dir: Path,
+    *,
+    start: PreferenceRewardModel | None = None,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """(metrics, training config as JSON) of the preference model the settings (``FinetuneSettings``) ask for:
+    the probe fit, or the paper's fine-tuning (continuing ``start`` when given)."""
+    s = settings
+    heads = {"n_heads": s.finetune_rm_heads, "disagreement_penalty": s.finetune_rm_disagreement_penalty}
+    if s.finetune_rm_fit == "probe":
+        config = {"fit": "probe", "l2": s.finetune_rm_l2, "cv_folds": s.finetune_rm_cv_folds, "seed": s.finetune_seed}
+        metrics = fit_reward_model(generator, train, heldout, reward_fn, out_dir, l2=s.finetune_rm_l2, folds=s.finetune_rm_cv_folds,
+                                   seed=s.finetune_seed, meta=meta, **heads)
+        return metrics, {**config, **heads}
+    training = PreferenceTrainingConfig(learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
+                                        seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer, progress=progress)
+    metrics = train_reward_model(generator, train, heldout, reward_fn, training, out_dir, start=start, meta=meta, **heads)
+    return metrics, {"fit": "finetune", **asdict(training), **heads}

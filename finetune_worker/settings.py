@@ -31,6 +31,9 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Triton model repository the worker deploys to (must be writable): a local directory, or an object-store repository `s3://BUCKET/PREFIX` written through the `MUSICRL_S3_*` endpoint (Triton then reads `s3://http://HOST:PORT/BUCKET/PREFIX`)."""
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
     """Wait for Triton to load a deployed version, in seconds."""
+    finetune_triton_admin_key: SecretStr | None = Field(
+        None, description="Sent as the `triton-admin-key` header with load requests, where Triton restricts its model-repository API (--http-restricted-api; the Kubernetes manifests do)."
+    )
     finetune_auto_deploy: bool = Field(True, description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).")
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
     finetune_metrics_host: str = Field("127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus).")
@@ -94,18 +97,26 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Train the preference reward model in U and RU cycles."""
     finetune_rm_min_pairs: int = Field(40, ge=2)
     """Fewest training pairs to train a preference model; fewer keeps the current one."""
+    finetune_rm_fit: Literal["probe", "finetune"] = "probe"
+    """How the preference model is fitted: `probe` (the parent generator frozen as the trunk, L2-regularised Bradley-Terry heads on its pooled states, refitted on the replay every cycle, accepted on a cross-validated accuracy) or `finetune` (the paper's: trunk and heads trained by AdamW, warm-started, accepted on the held-out split); see docs/finetune.md."""
+    finetune_rm_l2: float = Field(250.0, gt=0)
+    """`probe`: L2 penalty on the heads' weights of standardised features, against the sum of the pairs' Bradley-Terry losses."""
+    finetune_rm_cv_folds: int = Field(5, ge=2)
+    """`probe`: folds of the cross-validated accuracy that decides whether the model is used."""
     finetune_rm_lr: float = Field(3e-4, gt=0)
-    """Learning rate of the preference reward model (paper: 1e-4; 3e-4 generalised best on a few hundred pairs, see docs)."""
+    """`finetune`: learning rate of the preference reward model (paper: 1e-4; 3e-4 generalised best on a few hundred pairs, see docs)."""
     finetune_rm_epochs: int = Field(4, ge=1)
-    """Epochs of preference reward model training."""
+    """`finetune`: epochs of preference reward model training."""
     finetune_rm_batch_size: int = Field(32, ge=1)
-    """Pairs per batch of preference reward model training (the paper's)."""
+    """`finetune`: pairs per batch of preference reward model training (the paper's)."""
     finetune_rm_optimizer: Literal["adafactor", "adamw"] = "adamw"
-    """Optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` (the paper's)."""
+    """`finetune`: optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` (the paper's)."""
     finetune_rm_warm_start: bool = True
-    """Continue training the current preference model when its architecture matches the parent generator's (false: start from the generator every cycle)."""
+    """`finetune`: continue training the current preference model when its architecture matches the parent generator's (false: start from the generator every cycle)."""
     finetune_rm_max_pairs: int = Field(500, ge=4)
     """Most training pairs per cycle: all of the current policy's (newest kept), a seeded sample of older ones fills the rest; held-out pairs at most a quarter of it."""
+    finetune_max_pairs_per_user: int = Field(20, ge=0)
+    """Most reward-model pairs one user (pseudonym) contributes to a cycle, in the train and in the held-out split each; the newest are kept (0: no cap). One listener flooding votes cannot outweigh the others."""
     finetune_rm_heads: int = Field(4, ge=1)
     """Scalar heads of the preference model's ensemble, each fitted on its own bootstrap resample of the pairs."""
     finetune_rm_disagreement_penalty: float = Field(0.5, ge=0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from musicrl.logging import get_logger
 from musicrl.stack.processes import ManagedProcess
-from musicrl.stack.servers import http_ok
+from musicrl.stack.processes import http_ok
 from musicrl.stack.settings import StackSettings
 from musicrl.stack.stack import StackInfo
 

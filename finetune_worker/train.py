@@ -5,7 +5,9 @@ The cycle (``finetune_worker.cycle``) writes ``job.json`` and runs it in-process
 (data parallel; gloo on CPU, NCCL on GPU). Rank 0 writes the trained policy to
 ``output_dir`` through a temporary sibling and a rename, so ``output_dir`` exists
 only when training finished: the publisher never sees a half-trained model.
-Checkpoints in ``checkpoint_dir`` let a killed job resume where it stopped.
+Checkpoints in ``checkpoint_dir`` let a killed job resume where it stopped. A stop request
+(SIGTERM/SIGINT, ``finetune_worker.shutdown``) ends training between two steps: the state
+after the last finished step is checkpointed first, then ``ShutdownRequested`` is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from finetune_worker import shutdown
 from finetune_worker.prompts import PromptMixer
 from finetune_worker.rewards import load_object, make_reward_fn
 from finetune_worker.trainers.base import DistributedContext
@@ -31,6 +34,7 @@ from musicrl.models.generator import load_generator, save_generator_atomic
 log = get_logger(__name__)
 
 HISTORY_FILE = "train_history.json"
+STOPPED_EXIT_CODE = 3  # `python -m finetune_worker.train` stopped by a signal between steps (checkpointed)
 
 
 class TrainJob(BaseModel):
@@ -75,6 +79,29 @@ def _check_replicas_in_sync(model: torch.nn.Module, dist_ctx: DistributedContext
         raise RuntimeError(f"data-parallel replicas diverged: parameter checksums {[float(g) for g in gathered]}")
 
 
+def stop_between_steps(trainer, dist_ctx: DistributedContext) -> None:
+    """Make ``trainer`` stop before its next step once a stop was requested (on any rank: every rank agrees).
+
+    The check runs where ``OnlineTrainer.train`` calls ``step()``, i.e. after the previous step's history,
+    snapshot and checkpoint bookkeeping: the state is whole. It is checkpointed (``save_checkpoint``, atomic)
+    so the resumed job starts at exactly this step, then ``ShutdownRequested`` ends the job.
+    """
+    step = trainer.step
+
+    def guarded_step() -> dict[str, float]:
+        stop = shutdown.requested()
+        if dist_ctx.enabled:  # one rank's signal stops all of them at the same step (the collectives stay matched)
+            stop = dist_ctx.mean({"stop": float(stop)})["stop"] > 0
+        if stop:
+            if trainer.global_step > 0:
+                trainer.save_checkpoint()
+            log.info("trainer.stopped", step=trainer.global_step, reason=shutdown.reason())
+            raise shutdown.ShutdownRequested(f"training stopped after step {trainer.global_step}")
+        return step()
+
+    trainer.step = guarded_step
+
+
 def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[dict]:
     """Train; returns the per-step metrics. Rank 0 writes ``output_dir`` at the end."""
     dist_ctx = dist_ctx or DistributedContext()
@@ -91,6 +118,7 @@ def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[d
         pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]
         reference, _ = load_generator(job.policy_dir)  # the served policy that sampled the pairs
         trainer = OnlineDPOTrainer(config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir)
+    stop_between_steps(trainer, dist_ctx)
     out = trainer.train()
     _check_replicas_in_sync(trainer.model, dist_ctx)
     job.meta["world_size"] = dist_ctx.world_size
@@ -112,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         job.config["device"] = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
     dist_ctx = DistributedContext.from_env(backend="nccl" if job.config.get("device", "cpu").startswith("cuda") else "gloo")
     try:
-        run_job(job, dist_ctx)
+        with shutdown.handle_signals():  # torchrun forwards the worker's SIGTERM to every rank
+            run_job(job, dist_ctx)
+    except shutdown.ShutdownRequested as exc:
+        log.info("train.stopped", reason=str(exc))
+        raise SystemExit(STOPPED_EXIT_CODE) from None
     finally:
         if dist_ctx.enabled:
             torch.distributed.destroy_process_group()

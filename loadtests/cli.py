@@ -11,6 +11,7 @@ import typer
 
 from loadtests.closed_loop import ClosedLoopConfig  # numpy and httpx: light enough for every command
 from loadtests.demo import DemoConfig
+from loadtests.reward_model_fit import RewardModelFitConfig  # numpy only at import
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -279,6 +280,52 @@ def cycle_cost_command(
                       f"({point['train_pairs']} training pairs), x{point['ratio_to_smallest']:.2f}", highlight=False)
     console.print(f"flat within 30 %: {results['flat_within_30_percent']}; wrote {output}")
     raise typer.Exit(0 if results["flat_within_30_percent"] else 3)
+
+
+@app.command("reward-model-fit")
+def reward_model_fit_command(
+    pool_pairs: int = typer.Option(RewardModelFitConfig.pool_pairs, min=5,
+                                   help="Judged pairs (train-split prompts) the training sets are drawn from."),
+    test_pairs: int = typer.Option(RewardModelFitConfig.test_pairs, min=1,
+                                   help="Judged pairs (test-split prompts, held-out listeners) every model is tested on."),
+    sizes: str = typer.Option(",".join(map(str, RewardModelFitConfig.sizes)),
+                              help="Training-set sizes, comma-separated (110: a demo's usable preferences, "
+                                   "230: a closed-loop round's)."),
+    draws: int = typer.Option(RewardModelFitConfig.draws, min=1, help="Training sets drawn from the pool per size."),
+    seed: int = typer.Option(0, help="Seeds the listeners, prompts, clips and draws."),
+    out: Path = typer.Option(Path("results"), help="Where reward_model_fit.json and reward_model_fit.png go."),
+) -> None:
+    """Which reward-model fit (probe, finetune, finetune warm-started from the bootstrap) learns the users' taste
+    from a few hundred votes, and how often would its check wrongly refuse it (see docs/closed_loop.md)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loadtests.reward_model_fit import TABLE_COLUMNS, run_reward_model_fit, table_rows, write_results
+    from musicrl.config import BaseServiceSettings
+    from musicrl.logging import configure_logging
+
+    try:
+        config = RewardModelFitConfig(pool_pairs=pool_pairs, test_pairs=test_pairs, draws=draws, seed=seed,
+                                      sizes=tuple(sorted({int(size) for size in sizes.split(",") if size.strip()})))
+        config.validate()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    configure_logging(BaseServiceSettings(log_level="WARNING", log_json=False), service="reward-model-fit")
+    results = run_reward_model_fit(config)
+    paths = write_results(results, out)
+    data = results["data"]
+    table = Table(title=f"reward-model fits: {config.draws} draws per size, {data['test_pairs']} test pairs "
+                        f"({data['test_votes'].get('tie', 0)} ties), pool {data['pool_pairs']}")
+    for column in TABLE_COLUMNS:
+        table.add_column(column)
+    for row in table_rows(results):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    bootstrap, oracle = (results["baselines"][key] for key in ("bootstrap_as_is", "oracle_mean_listener"))
+    console.print(f"bootstrap model as is: {'-' if bootstrap is None else f'{bootstrap:.3f}'}; oracle (mean listener, "
+                  f"the ceiling): {'-' if oracle is None else f'{oracle:.3f}'}; chance 0.5", highlight=False)
+    console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)
 
 
 @app.command("hot-swap-bench")

@@ -428,6 +428,7 @@ def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: fl
     from musicrl.config import ObjectStoreConfig
     from musicrl.kafka import ensure_topics
     from musicrl.stack import Stack
+    from musicrl.stack.processes import wait_until_healthy
     from musicrl.stack.stack import SERVICES, StackInfo
     from musicrl.storage import ObjectStore
 
@@ -441,8 +442,8 @@ def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: fl
             info = stack.up()
         if serve_current_generator(settings, checkpoints or CHECKPOINTS) is None:
             raise RuntimeError("no base generator: train it first (musicrl models train-generator)")
-        wait_ready(info.gateway_url + "/readyz", ready_timeout_s)
-        wait_ready(info.reward_url + "/readyz", ready_timeout_s)
+        wait_until_healthy(info.gateway_url + "/readyz", ready_timeout_s, name="gateway", interval_s=1.0)
+        wait_until_healthy(info.reward_url + "/readyz", ready_timeout_s, name="reward service", interval_s=1.0)
         yield info
     finally:
         stack.down()
@@ -461,19 +462,6 @@ def private_loop_stack(work_dir: Path, checkpoints: Path | None = None) -> Itera
             yield services
     finally:
         servers.down()
-
-
-def wait_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
-        time.sleep(1.0)
 
 
 # --------------------------------------------------------------------------- the experiment

@@ -5,8 +5,8 @@ rollouts and held-out prompts); what grows with the buffer is the preference rew
 model: reading the buffer window, choosing its training and held-out pairs, embedding
 their prompts and training. This benchmark times exactly that path of
 ``FinetuneCycle.update_reward_model`` (``select_pair_rows`` -> ``pairs_from_rows`` ->
-``train_reward_model``, warm-started from the committed preference model, settings from
-``FinetuneSettings``) on synthetic buffers of increasing size: Parquet segments of rows
+``reward_model_from_settings``, the fit ``FinetuneSettings`` asks for: by default the
+probe's heads on a frozen copy of the generator, cross-validated) on synthetic buffers of increasing size: Parquet segments of rows
 with the buffer's schema, votes on random 5 s token clips spread over several policy
 versions, the newest holding a round's worth. Results: ``results/cycle_cost.json``.
 """
@@ -51,11 +51,9 @@ def synthetic_rows(n: int, n_frames: int, seed: int = 0) -> list[dict[str, Any]]
 
 def reward_model_cost(n_rows: int, work_dir: Path, settings, generator, embed, seed: int = 0) -> dict[str, Any]:
     """Seconds of the buffer-dependent part of one cycle on a buffer of ``n_rows`` preferences."""
-    from finetune_worker.reward_model import load_warm_start, pairs_from_rows, select_pair_rows, train_reward_model
-    from finetune_worker.stack_component import CHECKPOINTS
+    from finetune_worker.reward_model import pairs_from_rows, reward_model_from_settings, select_pair_rows
     from musicrl.audio import codec
     from musicrl.buffer import parquet_to_table, rows_to_parquet
-    from musicrl.models.preference import PreferenceTrainingConfig
 
     s = settings
     segment = rows_to_parquet(synthetic_rows(n_rows, codec.frames_for(s.finetune_duration_s), seed))
@@ -65,14 +63,10 @@ def reward_model_cost(n_rows: int, work_dir: Path, settings, generator, embed, s
                                 seed=s.finetune_seed)
     train, heldout = pairs_from_rows(selected.train, embed), pairs_from_rows(selected.heldout, embed)
     selected_s = time.perf_counter() - started
-    start, _ = load_warm_start(CHECKPOINTS / "preference", generator,
-                               s.finetune_rm_heads, s.finetune_rm_disagreement_penalty)
-    config = PreferenceTrainingConfig(learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
-                                      seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer, progress=False)
-    metrics = train_reward_model(generator, train, heldout, None, config, work_dir / f"rm_{n_rows}", start=start)
+    metrics, _ = reward_model_from_settings(s, generator, train, heldout, None, work_dir / f"rm_{n_rows}", progress=False)
     return {"buffer_preferences": n_rows, "seconds": round(time.perf_counter() - started, 2),
             "read_and_select_s": round(selected_s, 2), "train_pairs": metrics["n_train_pairs"],
-            "heldout_pairs": metrics["n_heldout_pairs"], **{k: v for k, v in selected.stats.items() if k.startswith("n_")}}
+            "heldout_pairs": len(heldout.pairs), **{k: v for k, v in selected.stats.items() if k.startswith("n_")}}
 
 
 def run_cycle_cost(sizes: list[int], work_dir: Path) -> dict[str, Any]:

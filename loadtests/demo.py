@@ -34,7 +34,6 @@ from loadtests.closed_loop import (
     overrides_warning,
     preferences_on,
     wait_for_buffer,
-    wait_ready,
 )
 
 # The size of the demo's cycle: a few minutes on 2 cores. Everything else is the worker's default
@@ -55,7 +54,7 @@ DEMO_EVAL_SAMPLES = 4
 
 @dataclass
 class DemoConfig:
-    pairs: int = 400  # about 100 preferences (240 and 400 each deployed in 3 of 5 clean runs: docs/closed_loop.md)
+    pairs: int = 400  # about 110 preferences; 5 of 5 clean runs deployed (docs/closed_loop.md)
     clip_s: float = 5.0
     concurrency: int = 4
     seed: int = 0
@@ -81,6 +80,7 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     from musicrl.buffer import PreferenceBuffer
     from musicrl.registry import Registry
     from musicrl.stack import Stack, StackSettings
+    from musicrl.stack.processes import wait_until_healthy
     from musicrl.stack.stack import default_components
     from musicrl.storage import ObjectStore
     from serving.client import api_key_headers
@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
         raise RuntimeError(f"not running or unhealthy: {', '.join(unhealthy)}; start the stack with `musicrl stack up`")
     info = stack.info
     progress(f"waiting for the gateway at {info.gateway_url} to serve the generator")
-    wait_ready(info.gateway_url + "/readyz", 300)
+    wait_until_healthy(info.gateway_url + "/readyz", 300, name="gateway", interval_s=1.0)
 
     overrides = DEMO_SIZE | {"finetune_duration_s": config.clip_s}
     work_dir = stack_settings.data_dir / "demo"

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from loadtests.closed_loop import ClosedLoopConfig, HeldOutJudge, collect_votes, machine, wait_ready
+from loadtests.closed_loop import ClosedLoopConfig, HeldOutJudge, collect_votes, machine
 
 Progress = Callable[[str], None]
 
@@ -83,6 +83,7 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
     from musicrl.config import ObjectStoreConfig
     from musicrl.registry import Registry
     from musicrl.stack import Stack, free_port_settings
+    from musicrl.stack.processes import wait_until_healthy
     from musicrl.stack.stack import default_components
     from musicrl.storage import ObjectStore
 
@@ -92,7 +93,7 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
     rounds: list[dict[str, Any]] = []
     try:
         info = stack.up()
-        wait_ready(info.gateway_url + "/readyz", 300)
+        wait_until_healthy(info.gateway_url + "/readyz", 300, name="gateway", interval_s=1.0)
         registry = Registry(ObjectStore(info.settings_for(ObjectStoreConfig)))
         base = registry.current("generator")
         progress(f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; the stack's finetune loop decides every cycle")

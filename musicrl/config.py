@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "MUSICRL_"
+
+# Development defaults of the object-store credentials (the local stack's SeaweedFS user);
+# `MUSICRL_ENV=production` refuses to start with them (refuse_development_secrets).
+DEV_S3_ACCESS_KEY = "musicrl"
+DEV_S3_SECRET_KEY = "musicrl-secret"
+
+
+class InsecureSettings(RuntimeError):
+    """``MUSICRL_ENV=production`` with a development default for a secret (or a missing required one)."""
 
 
 class BaseServiceSettings(BaseSettings):
@@ -25,10 +34,16 @@ class BaseServiceSettings(BaseSettings):
     """Lowest level logged (DEBUG, INFO, WARNING, ERROR)."""
     log_json: bool = True
     """One JSON object per log line (false: coloured console lines for development)."""
-    # What "production" refuses is each service's business: the gateway will not start with the
-    # development user-hash or vote-token key, nor without API keys (GatewaySettings.production_problems).
+    # What "production" refuses: every mixin and service lists its own development defaults in
+    # production_problems() (object-store credentials here; the gateway's user-hash and vote-token
+    # keys and API keys in GatewaySettings); refuse_development_secrets() is called by each
+    # service's startup and by ObjectStore.
     env: Literal["development", "production"] = "development"
-    """`production`: refuse to start with development defaults for secrets (see docs/serving.md)."""
+    """`production`: refuse to start with development defaults for secrets (see docs/deploy.md)."""
+
+    def production_problems(self) -> list[str]:
+        """Why this configuration must not run in production (empty when it may). Subclasses extend it."""
+        return []
 
 
 class ObjectStoreConfig(BaseServiceSettings):
@@ -36,9 +51,9 @@ class ObjectStoreConfig(BaseServiceSettings):
 
     s3_endpoint: str = "127.0.0.1:8333"
     """host:port of the S3 API."""
-    s3_access_key: str = "musicrl"
-    """S3 access key."""
-    s3_secret_key: str = "musicrl-secret"
+    s3_access_key: str = DEV_S3_ACCESS_KEY
+    """S3 access key (each service has its own user in production, docs/deploy.md)."""
+    s3_secret_key: str = DEV_S3_SECRET_KEY
     """S3 secret key."""
     s3_secure: bool = False
     """Use HTTPS for the S3 API."""
@@ -52,6 +67,20 @@ class ObjectStoreConfig(BaseServiceSettings):
     """Bucket of the on-policy preference buffer."""
     bucket_models: str = "musicrl-models"
     """Bucket of the model registry."""
+    # minio's own defaults (300 s timeouts, 5 retries) let an object-store brownout hold a
+    # request thread for up to half an hour; every call is bounded by these instead.
+    s3_timeout_s: float = Field(10.0, gt=0)
+    """Connect timeout and read timeout (longest silence on an open connection, not a whole transfer) of each S3 request, in seconds."""
+    s3_retries: int = Field(2, ge=0)
+    """Retries of an S3 request after a connection error, a read timeout or a 500/502/503/504 (0: none); at most (1 + retries) x 2 x s3_timeout_s plus backoff per call."""
+
+    def production_problems(self) -> list[str]:
+        problems = super().production_problems()
+        if self.s3_access_key == DEV_S3_ACCESS_KEY:
+            problems.append("MUSICRL_S3_ACCESS_KEY is the development default")
+        if self.s3_secret_key == DEV_S3_SECRET_KEY:
+            problems.append("MUSICRL_S3_SECRET_KEY is the development default")
+        return problems
 
 
 class KafkaConfig(BaseServiceSettings):
@@ -95,3 +124,16 @@ class TritonConfig(BaseServiceSettings):
     """host:port of Triton's HTTP API."""
     triton_model_name: str = "generator"
     """Name of the generator model in Triton."""
+
+
+def refuse_development_secrets(settings: BaseServiceSettings, service: str) -> list[str]:
+    """Raise ``InsecureSettings`` when ``settings.env`` is production and a secret is a development default.
+
+    Called by every service's startup (gateway, reward service, feedback consumer, finetune worker) and by
+    ``musicrl.storage.ObjectStore``. Returns the problems (empty in production): in development the caller
+    may log them as a warning.
+    """
+    problems = settings.production_problems()
+    if settings.env == "production" and problems:
+        raise InsecureSettings(f"{service}: refusing to start with MUSICRL_ENV=production: " + "; ".join(problems))
+    return problems

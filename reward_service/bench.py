@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from musicrl.audio import codec, formats
 from musicrl.corpus.dataset import make_corpus
-from musicrl.stack.processes import free_port
+from musicrl.stack.processes import free_port, serve_process
 from reward_service.settings import RewardSettings
 
 console = Console(stderr=True)
@@ -87,10 +86,14 @@ def _items(config: BenchConfig, settings: RewardSettings) -> list[dict]:
 
 def _store_like_the_gateway(records, settings: RewardSettings) -> list[dict]:
     """Each clip as the gateway stores it: the WAV stamped with its generation, and the record with its tokens."""
-    import io
     import uuid
 
-    from musicrl.schemas.generation import GenerationRecord, clip_audio_key, generation_key
+    from musicrl.schemas.generation import (
+        CLIP_GENERATION_ID_METADATA,
+        GenerationRecord,
+        clip_audio_key,
+        generation_key,
+    )
     from musicrl.storage import ObjectStore
 
     store = ObjectStore(settings)
@@ -98,9 +101,9 @@ def _store_like_the_gateway(records, settings: RewardSettings) -> list[dict]:
     for record in records:
         generation_id, clip_id = uuid.uuid4().hex, uuid.uuid4().hex
         wav = formats.encode_audio(record.render(), 16000)
-        store.client.put_object(
-            settings.bucket_clips, clip_audio_key(clip_id), io.BytesIO(wav), len(wav),
-            content_type="audio/wav", metadata={"generation-id": generation_id},
+        store.put_bytes(
+            settings.bucket_clips, clip_audio_key(clip_id), wav, "audio/wav",
+            metadata={CLIP_GENERATION_ID_METADATA: generation_id},
         )
         duration_s = len(record.tokens) / codec.FRAME_RATE
         generation = GenerationRecord(
@@ -134,29 +137,10 @@ def _server(settings: RewardSettings, max_batch_size: int, max_wait_ms: float) -
         "MUSICRL_REWARD_POLL_INTERVAL_S": "0",
         "MUSICRL_LOG_LEVEL": "WARNING",
     }
-    process = subprocess.Popen([sys.executable, "-m", "musicrl.cli", "reward", "serve"], env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the reward service exited with code {process.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the reward service did not become ready in 180 s")
-            time.sleep(0.3)
+    with serve_process([sys.executable, "-m", "musicrl.cli", "reward", "serve"], f"{url}/readyz",
+                       name="reward service", env=env, timeout_s=180, stop_timeout_s=20):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 _COUNTERS = (

@@ -4,6 +4,7 @@ plus the shared object-store variables. Defaults suit one 2-core machine."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -20,6 +21,15 @@ class RewardSettings(ObjectStoreConfig):
     # Reward models come from the model registry (bucket_models), following the
     # `current` pointer of reward/text_adherence, reward/quality, reward/preference.
     reward_impl: str = Field("onnx", description="Reward model implementation: onnx, torch or tiny.")
+    reward_text_adherence_impl: Literal["default", "clap"] = Field(
+        "default",
+        description="Text-adherence model: default (the project's, served with reward_impl) or clap (LAION-CLAP, docs/models.md).",
+    )
+    reward_clap_path: str | None = Field(
+        None,
+        description="CLAP weights when reward_text_adherence_impl=clap: a local save_pretrained directory or s3://BUCKET/PREFIX "
+        "(unset: the registry's current reward/text_adherence, which must then be a CLAP directory).",
+    )
     reward_text_encoder: str = Field("minilm", description="Prompt encoder name for musicrl.text.load_text_encoder.")
     reward_model_cache_dir: Path = Path(".data/reward_models")
     """Local directory where reward model versions downloaded from the registry are kept."""

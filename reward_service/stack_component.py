@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from musicrl.stack.processes import ManagedProcess
-from musicrl.stack.servers import http_ok
+from musicrl.stack.processes import http_ok
 from musicrl.stack.settings import StackSettings
 from musicrl.stack.stack import StackInfo
 

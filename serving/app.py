@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from musicrl.config import InsecureSettings, refuse_development_secrets  # noqa: F401 - InsecureSettings is re-exported
 from musicrl.logging import RequestIdMiddleware, get_logger
 from musicrl.metrics import instrument_app
 from serving import routes
@@ -28,6 +29,7 @@ from serving.body_limit import BodyLimitMiddleware
 from serving.deps import close_singletons
 from serving.errors import (
     DuplicateVote,
+    Forbidden,
     NotFound,
     RateLimited,
     RequestRejected,
@@ -47,8 +49,6 @@ from serving.settings import GatewaySettings
 log = get_logger(__name__)
 
 
-class InsecureSettings(RuntimeError):
-    """``MUSICRL_ENV=production`` with a development secret or without API keys."""
 
 
 def create_app(
@@ -59,9 +59,9 @@ def create_app(
     text_encoder=None,
 ) -> FastAPI:
     settings = settings or GatewaySettings()
-    problems = settings.production_problems()
-    if settings.env == "production" and problems:
-        raise InsecureSettings("refusing to serve production traffic: " + "; ".join(problems))
+    # MUSICRL_ENV=production: development secrets (object-store keys, user-hash and vote-token keys) or
+    # no API key refuse the start (musicrl.config.refuse_development_secrets); in development they are logged.
+    problems = refuse_development_secrets(settings, "gateway")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -154,6 +154,10 @@ def _add_error_handlers(app: FastAPI, settings: GatewaySettings) -> None:
     @app.exception_handler(Unauthorized)
     async def unauthorized(request: Request, exc: Unauthorized):
         return error(request, 401, str(exc), {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, exc: Forbidden):
+        return error(request, 403, str(exc))
 
     @app.exception_handler(RateLimited)
     async def rate_limited(request: Request, exc: RateLimited):

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,31 +157,9 @@ def _delta(after: dict[int, int], before: dict[int, int]) -> dict[str, int]:
     return {str(size): after[size] - before.get(size, 0) for size in sorted(after) if after[size] - before.get(size, 0)}
 
 
-def _start_gateway(env: dict[str, str], port: int, data_dir: Path) -> subprocess.Popen:
-    log_file = open(data_dir / "gateway.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "musicrl.cli", "gateway", "serve", "--port", str(port)],
-        env={**os.environ, **env, "MUSICRL_LOG_LEVEL": "WARNING"},
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {process.returncode}; see {data_dir / 'gateway.log'}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.terminate()
-    raise RuntimeError("the gateway did not become ready in 120 s")
-
-
 def run_bench(config: BenchConfig) -> dict:
     from musicrl.stack import COMPONENTS, Stack, free_port_settings
-    from musicrl.stack.processes import free_port
+    from musicrl.stack.processes import free_port, serve_process
     from serving.model_repository import BatchingConfig, install_version, load
     from serving.settings import GatewaySettings
 
@@ -199,34 +176,36 @@ def run_bench(config: BenchConfig) -> dict:
         data_dir = Path(tmp)
         stack = Stack(free_port_settings(data_dir), components=[c for c in COMPONENTS if c.name != "tansu"])
         info = stack.up()
-        gateway = None
         try:
             batching = BatchingConfig.from_settings(settings)
             install_version(info.triton_repo, 1, config.checkpoint, settings.triton_model_name, batching)
             load(info.triton_http_url, settings.triton_model_name)
             port = free_port("127.0.0.1")
-            gateway = _start_gateway(info.env(), port, data_dir)
             url = f"http://127.0.0.1:{port}"
-            warmup = bench_prompts(4, seed=1)
-            asyncio.run(_load_level(url, warmup, 4, config.duration_s, config.candidates, info.api_key))
+            with serve_process(
+                [sys.executable, "-m", "musicrl.cli", "gateway", "serve", "--port", str(port)],
+                f"{url}/readyz",
+                name="gateway",
+                env={**os.environ, **info.env(), "MUSICRL_LOG_LEVEL": "WARNING"},
+                log_path=data_dir / "gateway.log",
+            ):
+                warmup = bench_prompts(4, seed=1)
+                asyncio.run(_load_level(url, warmup, 4, config.duration_s, config.candidates, info.api_key))
 
-            levels = []
-            for concurrency in config.concurrency:
-                before = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
-                latencies, wall, breakdown = asyncio.run(
-                    _load_level(url, prompts, concurrency, config.duration_s, config.candidates, info.api_key)
-                )
-                after = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
-                level = {"concurrency": concurrency} | latency_summary(latencies, wall, audio_s, len(prompts))
-                level["triton_batch_sizes"] = _delta(after, before)
-                level["gateway_timings_ms"] = breakdown
-                level["load_average_1m"] = round(os.getloadavg()[0], 2)
-                levels.append(level)
-                log.info("bench.level", **level)
+                levels = []
+                for concurrency in config.concurrency:
+                    before = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
+                    latencies, wall, breakdown = asyncio.run(
+                        _load_level(url, prompts, concurrency, config.duration_s, config.candidates, info.api_key)
+                    )
+                    after = triton_batch_counts(info.triton_http_url, settings.triton_model_name)
+                    level = {"concurrency": concurrency} | latency_summary(latencies, wall, audio_s, len(prompts))
+                    level["triton_batch_sizes"] = _delta(after, before)
+                    level["gateway_timings_ms"] = breakdown
+                    level["load_average_1m"] = round(os.getloadavg()[0], 2)
+                    levels.append(level)
+                    log.info("bench.level", **level)
         finally:
-            if gateway is not None:
-                gateway.terminate()
-                gateway.wait(timeout=30)
             stack.down()
 
     baseline_after = baseline_runner.run(prompts[half:], half)

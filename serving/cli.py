@@ -75,8 +75,10 @@ def hash_key(
 
 @app.command("install-model")
 def install_model(
-    checkpoint: Path = typer.Option(
-        Path("checkpoints/generator"), exists=True, file_okay=False, help="Generator checkpoint directory."
+    checkpoint: str = typer.Option(
+        "checkpoints/generator",
+        help="Policy version directory (the default generator's checkpoint or a MusicGen save_pretrained directory), "
+        "or s3://BUCKET/PREFIX of one (downloaded into .data/weights first; docs/models.md).",
     ),
     version: int = typer.Option(None, help="Policy version (default: one above the highest installed)."),
     repo: str = typer.Option(
@@ -86,11 +88,15 @@ def install_model(
     load: bool = typer.Option(True, help="Ask Triton to load the model after installing."),
 ) -> None:
     """Install a generator checkpoint as a Triton model version, with batching from the settings, and load it."""
+    from musicrl.storage import ObjectStore
+    from musicrl.weights import fetch_weights
     from serving.model_repository import BatchingConfig, install_version, installed_versions
     from serving.model_repository import load as load_model
     from serving.settings import GatewaySettings
 
     settings = GatewaySettings()
+    store = ObjectStore(settings) if checkpoint.startswith("s3://") else None
+    checkpoint = fetch_weights(checkpoint, store, Path(".data/weights"))
     model_name = model_name or settings.triton_model_name
     if repo is None:
         from musicrl.stack.settings import StackSettings

@@ -7,6 +7,7 @@ first use with ``app_singleton`` and gets it closed at shutdown.
 ``Caller`` is the dependency of every write route: it authenticates the request
 (API key or page token, 401 otherwise) and holds one of the caller's slots of its
 rate and concurrency limits while the route runs (429 when none is free).
+``Operator`` is the same for the ops API, except that a listening-page token answers 403.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Annotated, Any, Callable
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from serving.errors import Forbidden
 from serving.services.auth import Authenticator
 from serving.services.generations import GenerationService
 from serving.services.limits import Principal, PrincipalLimits
 from serving.services.vote_tokens import VotePolicy
-from serving.settings import GatewaySettings
+from serving.settings import PAGE_PRINCIPAL, GatewaySettings
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -59,8 +61,25 @@ async def require_api_key(
         yield principal
 
 
+async def require_operator(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> AsyncIterator[Principal]:
+    """An API key, as for writes; a listening-page token (handed to any visitor) is refused with 403."""
+    authenticator: Authenticator = request.app.state.auth
+    principal = authenticator.authenticate(bearer.credentials if bearer is not None else api_key)
+    request.state.principal = principal.name
+    if principal.name == PAGE_PRINCIPAL:
+        raise Forbidden("the ops API needs an API key; listening-page tokens are not accepted")
+    with request.app.state.limits.admit(principal):
+        yield principal
+
+
 # scope="function": the slot is given back when the route returns, before the answer is sent.
 Caller = Annotated[Principal, Depends(require_api_key, scope="function")]
+# Read routes that reveal internals (serving.routes.ops): an API key, never a page token.
+Operator = Annotated[Principal, Depends(require_operator, scope="function")]
 
 
 def app_singleton(

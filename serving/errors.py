@@ -33,6 +33,10 @@ class Unauthorized(Exception):
     """No credential, or one the gateway does not know: 401 with ``WWW-Authenticate: Bearer``."""
 
 
+class Forbidden(Exception):
+    """A valid credential that may not do this (a listening-page token on the ops API): 403."""
+
+
 class RateLimited(Exception):
     """A key, the page or a user is over its rate or concurrency limit: 429 with Retry-After."""
 

@@ -191,8 +191,9 @@ class GatewaySettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
         return keys
 
     def production_problems(self) -> list[str]:
-        """Why this configuration must not serve production traffic (empty when it may)."""
-        problems = []
+        """Why this configuration must not serve production traffic (empty when it may): the shared
+        mixins' (object-store credentials) and the gateway's own secrets and API keys."""
+        problems = super().production_problems()
         if self.gateway_user_hash_key.get_secret_value() == DEV_USER_HASH_KEY:
             problems.append("MUSICRL_GATEWAY_USER_HASH_KEY is the development default")
         if self.gateway_vote_token_key.get_secret_value() == DEV_VOTE_TOKEN_KEY:

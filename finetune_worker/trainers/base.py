@@ -28,15 +28,23 @@ CHECKPOINT_FILE = "trainer_state.pt"
 class RewardFunction(Protocol):
     """Scores rollouts: prompts and their audio tokens -> one array per reward component.
 
-    Components are those of the reward service (``text_adherence``, ``quality``
-    normalised to 0..1, ``quality_mos``, ``preference``); ``versions`` names the
-    reward models that produced them, for the lineage of what gets trained.
+    Tokens are what ``reward_input`` makes of the rollouts: [B, T] for the one-codebook
+    default generator (the reward service decodes them), [B, K, T] for a multi-codebook
+    policy (MusicGen). Components are those of the reward service (``text_adherence``,
+    ``quality`` normalised to 0..1, ``quality_mos``, ``preference``); ``versions`` names
+    the reward models that produced them, for the lineage of what gets trained.
     """
 
     def __call__(self, prompts: list[str], tokens: np.ndarray) -> dict[str, np.ndarray]: ...
 
     @property
     def versions(self) -> dict[str, str]: ...
+
+
+def reward_input(tokens: torch.Tensor) -> np.ndarray:
+    """Rollout tokens [B, K, T] as a reward function takes them: [B, T] when K is 1, else as they are."""
+    tokens = tokens.detach().cpu().numpy()
+    return tokens[:, 0] if tokens.shape[1] == 1 else tokens
 
 
 def combine_rewards(components: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -227,14 +235,14 @@ class OnlineTrainer:
 
     # shared
     def save_candidate(self) -> Path | None:
-        """The policy as it is now, a complete generator checkpoint, renamed into place when written."""
-        from musicrl.models.generator import save_generator_atomic  # noqa: PLC0415 - trainers/base stays model-agnostic
+        """The policy as it is now, a complete version directory (either kind), renamed into place when written."""
+        from musicrl.models.policy import save_policy_atomic  # noqa: PLC0415 - trainers/base stays model-agnostic
 
         if self.candidates_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return None
-        target = save_generator_atomic(self.model, self.candidates_dir / f"step-{self.global_step:04d}",
-                                       {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
+        target = save_policy_atomic(self.model, self.candidates_dir / f"step-{self.global_step:04d}",
+                                    {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
         self.dist.barrier()
         return target
 

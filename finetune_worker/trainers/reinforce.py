@@ -29,6 +29,10 @@ estimate. Rollouts are sampled from the policy itself at the serving temperature
 scored in one batch per step by the reward function (the reward service over HTTP in
 production). Under ``torchrun`` every process samples its own rollouts, DDP averages
 the gradients and the controller acts on metrics averaged over processes.
+
+The policy is anything behind ``musicrl.models.policy.Policy`` (the default generator,
+given as a ``Generator``, or MusicGen): tokens are [B, K, T] and a clip's log-probability
+and KL are sums over its frames and codebooks, so "per clip" means the same for both.
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ from finetune_worker.trainers.base import (
     autocast,
     combine_rewards,
     mark_step,
+    reward_input,
     rollout_seed,
     unwrap,
     wrap_ddp,
 )
 from musicrl.device import resolve_device
 from musicrl.models.generator import Generator
+from musicrl.models.policy import Policy, as_policy, token_logprobs
 
 # Reward stages of the paper as reward weights over the reward service's components.
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
@@ -115,7 +121,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """KL(pi(.|s_t) || pi_0(.|s_t)) per position [B, T], summed over the whole codebook."""
+    """KL(pi(.|s_t) || pi_0(.|s_t)) per position ([B, T] or [B, K, T]), summed over the whole vocabulary."""
     logp = F.log_softmax(logits.float(), dim=-1)
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
@@ -188,15 +194,17 @@ class Constraints:
 
 
 class ReinforceTrainer(OnlineTrainer):
-    """Trains ``model`` (a Generator) in place; a frozen copy of its starting weights is pi_theta0."""
+    """Trains ``model`` (a Generator or any Policy) in place; a frozen copy of its starting weights is pi_theta0.
+
+    ``embed`` is the default generator's prompt encoder (a Policy such as MusicGen conditions itself)."""
 
     def __init__(
         self,
         config: ReinforceConfig,
-        model: Generator,
+        model: Generator | Policy,
         reward_fn: RewardFunction,
         prompts: Callable[[int, int, int], list[str]],
-        embed: Callable[[list[str]], np.ndarray],
+        embed: Callable[[list[str]], np.ndarray] | None,
         checkpoint_dir: str | Path | None = None,
         dist_ctx: DistributedContext | None = None,
         candidates_dir: str | Path | None = None,
@@ -205,27 +213,31 @@ class ReinforceTrainer(OnlineTrainer):
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        self.start_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
-        self.policy = wrap_ddp(model.to(self.device), self.dist, self.device)
+        self._model = model
+        # the copy is of the model, not of its wrapper: the prompt encoder is shared, never copied
+        self.start_model = as_policy(copy.deepcopy(model), embed).to(self.device).eval().requires_grad_(False)
+        self.policy = wrap_ddp(as_policy(model, embed).to(self.device), self.dist, self.device)
         self.reward_fn = reward_fn
         self.prompts = prompts  # (step, rank, n_prompts) -> prompts: deterministic, so resume is exact
-        self.embed = embed
         self.policy_optimizer = make_optimizer(config.optimizer, self.policy.parameters(), config.policy_lr)
         self.kl_control = KLController(config.alpha, config.kl_target, config.steps, config.kl_gain)
         self.constraints = Constraints(constraints_of(config.stage), config.constraint_slack, config.lagrange_lr)
 
     @property
-    def model(self) -> Generator:
-        return unwrap(self.policy)
+    def model(self) -> Generator | Policy:
+        """The model as it was handed over (trained in place): what is saved and checkpointed."""
+        return self._model
 
-    def rollout(self, step: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-        """``batch_size`` rollouts: ``group_size`` consecutive ones per prompt, each with its own seed."""
+    def rollout(self, step: int) -> tuple[list[str], Any, torch.Tensor]:
+        """``batch_size`` rollouts: ``group_size`` consecutive ones per prompt, each with its own seed.
+        Returns the prompts, their conditioning and the tokens [B, K, T]."""
         cfg = self.config
         prompts = [p for p in self.prompts(step, self.dist.rank, cfg.batch_size // cfg.group_size) for _ in range(cfg.group_size)]
-        cond = torch.from_numpy(np.asarray(self.embed(prompts), dtype=np.float32)).to(self.device)
+        policy = unwrap(self.policy)
+        cond = policy.condition(prompts)
         seeds = [rollout_seed(cfg.seed, step, self.dist.rank, i) for i in range(len(prompts))]
-        self.model.eval()
-        tokens, _ = self.model.sample(cond, cfg.n_frames, cfg.temperature, 0, seeds)
+        policy.eval()
+        tokens, _ = policy.sample(cond, cfg.n_frames, cfg.temperature, 0, seeds)
         return prompts, cond, tokens.clone()  # out of inference mode, so autograd may use it
 
     def advantages(self, reward: np.ndarray, components: dict[str, np.ndarray]) -> np.ndarray:
@@ -243,7 +255,7 @@ class ReinforceTrainer(OnlineTrainer):
     def step(self) -> dict[str, float]:
         cfg = self.config
         prompts, cond, tokens = self.rollout(self.global_step)
-        components = self.reward_fn(prompts, tokens.cpu().numpy())
+        components = self.reward_fn(prompts, reward_input(tokens))
         reward = combine_rewards(components, cfg.weights)
         advantages = torch.as_tensor(self.advantages(reward, components), dtype=torch.float32, device=self.device)
 
@@ -253,10 +265,10 @@ class ReinforceTrainer(OnlineTrainer):
             with torch.no_grad():
                 start_logits = self.start_model(cond, tokens)
         # The sampling distribution is the temperature-scaled policy; the KL compares the models themselves.
-        logprobs = F.log_softmax(logits.float() / cfg.temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        kl = token_kl(logits, start_logits)  # [B, T]
+        logprobs = token_logprobs(logits.float(), tokens, cfg.temperature)  # [B, K, T]
+        kl = token_kl(logits, start_logits)  # [B, K, T]
         alpha = self.kl_control.alpha
-        objective = (1 - alpha) * (logprobs.sum(1) * advantages) - alpha * kl.sum(1)
+        objective = (1 - alpha) * (logprobs.sum((1, 2)) * advantages) - alpha * kl.sum((1, 2))
         policy_loss = -objective.mean()
 
         self.policy_optimizer.zero_grad(set_to_none=True)
@@ -270,7 +282,7 @@ class ReinforceTrainer(OnlineTrainer):
             entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
         metrics = {
             "reward": float(np.mean(reward)),
-            "kl": float(kl.detach().sum(1).mean()),  # of the policy that sampled this batch, to pi_theta0
+            "kl": float(kl.detach().sum((1, 2)).mean()),  # of the policy that sampled this batch, to pi_theta0
             "kl_per_token": float(kl.detach().mean()),
             "kl_target": self.kl_control.target_at(self.global_step),
             "kl_budget": cfg.kl_budget,

@@ -35,6 +35,18 @@ def mel_filterbank() -> np.ndarray:
     return (filters * (2.0 / (upper - lower))).astype(np.float32)
 
 
+def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``wave`` (mono, at ``rate`` Hz) at ``target`` Hz, polyphase; the array itself when the rates agree."""
+    if int(rate) == int(target):
+        return wave
+    from math import gcd  # noqa: PLC0415
+
+    from scipy.signal import resample_poly  # noqa: PLC0415 - scipy is slow to import and rarely needed
+
+    g = gcd(int(rate), int(target))
+    return resample_poly(wave, int(target) // g, int(rate) // g).astype(np.float32)
+
+
 def n_mel_frames(n_samples: int) -> int:
     return n_samples // HOP
 

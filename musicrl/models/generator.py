@@ -299,12 +299,7 @@ class Generator(nn.Module):
         seeds = list(range(B)) if seeds is None else list(seeds)
         if len(seeds) != B:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {B}")
-        temperatures = self._per_row(temperature, B, "temperature", float)
-        top_ks = self._per_row(top_k, B, "top_k", int)
-        if (temperatures <= 0).any():
-            raise ValueError("temperature must be > 0")
-        if (top_ks < 0).any():
-            raise ValueError("top_k must be >= 0 (0 keeps the whole vocabulary)")
+        temperatures, top_ks = sampling_rows(temperature, top_k, B)
 
         device = self.bos.device
         uniforms = torch.from_numpy(np.stack([np.random.default_rng(int(s)).random(n_frames) for s in seeds])).to(device)
@@ -320,17 +315,27 @@ class Generator(nn.Module):
         x = self.bos.expand(B, 1, -1) + offsets[:, :1]
         for t in range(n_frames):
             logits = self._step(x, cache, bias)
-            tokens[:, t], logprobs[:, t] = _draw(logits, temperatures, top_ks, uniforms[:, t])
+            tokens[:, t], logprobs[:, t] = draw(logits, temperatures, top_ks, uniforms[:, t])
             if t + 1 < n_frames:
                 x = self.tok_emb(tokens[:, t : t + 1]) + offsets[:, t + 1 : t + 2]
         return tokens, logprobs
 
-    @staticmethod
-    def _per_row(value, batch_size: int, name: str, kind) -> torch.Tensor:
+
+def sampling_rows(temperature: float | Sequence[float], top_k: int | Sequence[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row temperatures [B] (float) and top-k [B] (long) from one value or one per row, checked."""
+
+    def rows(value, name: str, kind) -> torch.Tensor:
         values = [kind(value)] * batch_size if np.isscalar(value) else [kind(v) for v in value]
         if len(values) != batch_size:
             raise ValueError(f"got {len(values)} values of {name} for a batch of {batch_size}")
         return torch.tensor(values, dtype=torch.float32 if kind is float else torch.long)
+
+    temperatures, top_ks = rows(temperature, "temperature", float), rows(top_k, "top_k", int)
+    if (temperatures <= 0).any():
+        raise ValueError("temperature must be > 0")
+    if (top_ks < 0).any():
+        raise ValueError("top_k must be >= 0 (0 keeps the whole vocabulary)")
+    return temperatures, top_ks
 
 
 def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor) -> torch.Tensor:
@@ -344,7 +349,7 @@ def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torc
     return scaled.masked_fill(scaled < kth, -math.inf)
 
 
-def _draw(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling with the caller's uniforms, so each row's randomness is its own."""
     logp = F.log_softmax(filter_logits(logits, temperatures, top_ks), dim=-1)
     cdf = logp.double().exp().cumsum(dim=-1)
@@ -391,10 +396,15 @@ def save_generator_atomic(model: Generator, directory: str | Path, meta: dict | 
                           extra_files: dict[str, str] | None = None) -> Path:
     """:func:`save_generator` (plus ``extra_files``: name -> text) into a staging sibling renamed into place, so
     ``directory`` exists only complete: a reader never sees a half-written model, whatever kills the writer."""
+    return write_atomic(lambda staging: save_generator(model, staging, meta), directory, extra_files)
+
+
+def write_atomic(write, directory: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """``write(staging)`` (plus ``extra_files``: name -> text) into a staging sibling, then renamed to ``directory``."""
     directory = Path(directory)
     staging = directory.with_name(f".{directory.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    save_generator(model, staging, meta)
+    write(staging)
     for name, text in (extra_files or {}).items():
         (staging / name).write_text(text)
     shutil.rmtree(directory, ignore_errors=True)

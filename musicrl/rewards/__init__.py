@@ -5,12 +5,12 @@
     suite.score([Clip(prompt, wave=wave)])  # -> [{"text_adherence", "quality_mos", "quality", "preference", "combined"}]
 """
 
-from musicrl.rewards.interfaces import PreferenceModel, QualityModel, TextAdherenceModel
+from musicrl.rewards.interfaces import AudioTextModel, PreferenceModel, QualityModel, TextAdherenceModel
 from musicrl.rewards.loader import IMPLEMENTATIONS, RewardModels, load_component, load_reward_models
 from musicrl.rewards.suite import COMPONENTS, DEFAULT_WEIGHTS, Clip, RewardSuite
 from musicrl.rewards.windowing import edge_windows, segments
 
 __all__ = [
-    "COMPONENTS", "DEFAULT_WEIGHTS", "IMPLEMENTATIONS", "Clip", "PreferenceModel", "QualityModel", "RewardModels",
+    "AudioTextModel", "COMPONENTS", "DEFAULT_WEIGHTS", "IMPLEMENTATIONS", "Clip", "PreferenceModel", "QualityModel", "RewardModels",
     "RewardSuite", "TextAdherenceModel", "edge_windows", "load_component", "load_reward_models", "segments",
 ]

@@ -6,7 +6,8 @@ committed defaults live in `checkpoints/`), or a `musicrl.registry.Registry`
 (the `current` version of each `reward/*` kind is downloaded, sha256-checked;
 kinds with nothing published fall back to `fallback_dir`). `impl` is "onnx"
 (serving), "torch" (training, evaluation) or "tiny" (no weights: the seam
-proof), or a dict naming one per component.
+proof), or a dict naming one per component; text adherence may also be
+"clap" (a ``save_pretrained`` LAION-CLAP directory, `musicrl.rewards.clap`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 from musicrl.rewards.interfaces import PreferenceModel, QualityModel, TextAdherenceModel
 from musicrl.text import TextEncoder, load_text_encoder
 
-IMPLEMENTATIONS = ("onnx", "torch", "tiny")
+IMPLEMENTATIONS = ("onnx", "torch", "tiny", "clap")
+# Implementations of one component only: CLAP is a text-audio model, nothing else.
+ONLY_FOR = {"clap": "text_adherence"}
 COMPONENT_KINDS = {"text_adherence": "reward/text_adherence", "quality": "reward/quality",
                    "preference": "reward/preference"}
 DEFAULT_DIR = Path("checkpoints")
@@ -48,7 +51,14 @@ def _impls(impl: str | dict[str, str]) -> dict[str, str]:
     bad = {v for v in chosen.values() if v not in IMPLEMENTATIONS}
     if bad:
         raise ValueError(f"unknown reward implementation(s) {sorted(bad)}; choose from {IMPLEMENTATIONS}")
+    for component, name in chosen.items():
+        _check_scope(component, name)
     return chosen
+
+
+def _check_scope(component: str, impl: str) -> None:
+    if ONLY_FOR.get(impl, component) != component:
+        raise ValueError(f"the {impl!r} implementation is a {ONLY_FOR[impl]} model, not a {component} model")
 
 
 def load_component(component: str, directory: Path | None, impl: str = "onnx", version: str | None = None,
@@ -58,6 +68,7 @@ def load_component(component: str, directory: Path | None, impl: str = "onnx", v
         raise ValueError(f"unknown reward component {component!r}; choose from {tuple(COMPONENT_KINDS)}")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown reward implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+    _check_scope(component, impl)
     directory = Path(directory) if directory is not None else None
     if impl == "tiny":
         from musicrl.rewards import tiny
@@ -68,6 +79,10 @@ def load_component(component: str, directory: Path | None, impl: str = "onnx", v
         if component == "preference":
             return None
         raise FileNotFoundError(f"no {component} checkpoint at {directory}")
+    if impl == "clap":
+        from musicrl.rewards.clap import ClapTextAdherence
+
+        return ClapTextAdherence.load(directory, version)
     if component == "preference":
         from musicrl.models.preference import OnnxPreferenceModel, TorchPreferenceModel
 

@@ -1,8 +1,10 @@
 """The generation record (schema ``generation.v1``), stored by the gateway.
 
 One JSON object per request at ``generations/{generation_id}.json`` in the
-generations bucket. The feedback consumer joins preferences with it and the
-finetune worker reads prompts, tokens, log-probs and policy versions from it.
+generations bucket (``generation_key``); each clip's audio is at ``clips/{clip_id}.wav``
+in the clips bucket (``clip_audio_key``), stamped with its generation id
+(``CLIP_GENERATION_ID_METADATA``). The feedback consumer joins preferences with the
+record and the finetune worker reads prompts, tokens, log-probs and policy versions from it.
 Fields may be added in later versions; existing ones keep their meaning.
 """
 
@@ -22,6 +24,12 @@ def generation_key(generation_id: str) -> str:
 
 def clip_audio_key(clip_id: str) -> str:
     return f"clips/{clip_id}.wav"
+
+
+# User metadata the gateway puts on every clip's audio (``clip_audio_key``): the generation it
+# belongs to. Read back with ``ObjectStore.stat(...).metadata`` or ``get_bytes_and_metadata``
+# (S3 sends it as the header ``x-amz-meta-generation-id``; the store strips the prefix).
+CLIP_GENERATION_ID_METADATA = "generation-id"
 
 
 class SamplingParams(BaseModel):

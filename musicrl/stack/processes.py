@@ -5,6 +5,11 @@ environment, the ports it must find free, and how to tell that it is healthy.
 Each started process leads its own process group and gets a PID file holding
 its pid and start time; stopping signals that group only if the process with
 that pid is still the one we started (never by process name).
+
+The one place for "start a server and wait until it is healthy": :func:`free_port` picks a
+port, :func:`wait_until_healthy` polls a URL or a check (failing fast when the process dies),
+:func:`serve_process` runs a child process for the length of a ``with`` block. The stack, the
+benchmarks, the load tests and the test fixtures all use these.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 
 from musicrl.stack.binaries import StackError
 
 HealthCheck = Callable[[], bool]
+Health = str | HealthCheck  # a URL that must answer 200, or a check that must return true
+HEALTH_TIMEOUT_S = 2.0  # per health request
 
 
 @dataclass
@@ -53,6 +62,7 @@ class RunDir:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -68,11 +78,90 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _safe_health(check: HealthCheck) -> bool:
+def http_ok(url: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+    """``url`` answers 200."""
+    return httpx.get(url, timeout=timeout_s).status_code == 200
+
+
+def is_healthy(health: Health) -> bool:
+    """``health`` holds (a URL answers 200, a check returns true); any error means no."""
     try:
-        return bool(check())
+        return bool(http_ok(health) if isinstance(health, str) else health())
     except Exception:  # a server still starting refuses, resets or times out in many ways
         return False
+
+
+def wait_until_healthy(
+    health: Health,
+    timeout_s: float,
+    *,
+    name: str | None = None,
+    alive: Callable[[], bool] | None = None,
+    log: Path | str | None = None,
+    interval_s: float = 0.1,
+) -> None:
+    """Poll ``health`` (a URL that must answer 200, or a check) until it holds.
+
+    Raises :class:`StackError` ("NAME: exited during start-up" as soon as ``alive()`` is
+    false, "NAME: not healthy after N s" at the timeout; both end with ", see LOG" when a
+    log is given), so a server that died is reported at once, not after the timeout.
+    """
+    name = name or (health if isinstance(health, str) else "server")
+    see = f", see {log}" if log is not None else ""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise StackError(f"{name}: exited during start-up{see}")
+        if is_healthy(health):
+            return
+        time.sleep(interval_s)
+    raise StackError(f"{name}: not healthy after {timeout_s:.0f} s{see}")
+
+
+@contextmanager
+def serve_process(
+    argv: Sequence[str],
+    health: Health,
+    *,
+    name: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str | None = None,
+    log_path: Path | None = None,
+    timeout_s: float = 120.0,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` as a child for the length of the block, yielded once ``health`` holds.
+
+    ``env`` is the child's whole environment (None: this process's); its output goes to
+    ``log_path`` (appended) or else to this process's. On leaving the block, or when it never
+    becomes healthy (:class:`StackError`, see :func:`wait_until_healthy`), the child gets
+    SIGTERM, then SIGKILL after ``stop_timeout_s``.
+    """
+    log = log_path.open("ab") if log_path is not None else None
+    try:
+        process = subprocess.Popen(
+            list(argv),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+        )
+        try:
+            wait_until_healthy(
+                health, timeout_s, name=name, alive=lambda: process.poll() is None, log=log_path
+            )
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    finally:
+        if log is not None:
+            log.close()
 
 
 @dataclass
@@ -190,17 +279,12 @@ class Supervisor:
         return proc, True
 
     def wait_healthy(self, spec: ManagedProcess, proc: RunningProcess, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise StackError(f"{spec.name}: exited during start-up, see {self.run_dir.log_file(spec.name)}")
-            if _safe_health(spec.health):
-                return
-            time.sleep(0.1)
-        raise StackError(f"{spec.name}: not healthy after {timeout_s:.0f} s, see {self.run_dir.log_file(spec.name)}")
+        wait_until_healthy(
+            spec.health, timeout_s, name=spec.name, alive=proc.alive, log=self.run_dir.log_file(spec.name)
+        )
 
     def healthy(self, spec: ManagedProcess) -> bool:
-        return _safe_health(spec.health)
+        return is_healthy(spec.health)
 
     def stop(self, name: str, timeout_s: float = 20.0) -> bool:
         """Stop the process recorded under ``name``; True if one was running."""

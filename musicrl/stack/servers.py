@@ -13,17 +13,9 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-import httpx
-
 from musicrl.stack.binaries import verified_path
-from musicrl.stack.processes import ManagedProcess
+from musicrl.stack.processes import ManagedProcess, http_ok
 from musicrl.stack.settings import StackSettings
-
-HEALTH_TIMEOUT_S = 2.0
-
-
-def http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=HEALTH_TIMEOUT_S).status_code == 200
 
 
 def weed_ports(s: StackSettings) -> dict[str, int]:
@@ -143,12 +135,13 @@ def triton_env() -> dict[str, str]:
     }
 
 
-def triton_process(s: StackSettings, repository: str | None = None) -> ManagedProcess:
+def triton_process(s: StackSettings, repository: str | None = None, extra_args: tuple[str, ...] = ()) -> ManagedProcess:
     """Triton on the ``stack_triton_*`` ports, explicit model control.
 
     ``repository`` overrides ``s.triton_repo``; an ``s3://http://HOST:PORT/BUCKET/PREFIX``
     repository is read with the stack's S3 credentials (``AWS_*`` from ``s3_access_key``,
-    ``s3_secret_key``, ``s3_region``).
+    ``s3_secret_key``, ``s3_region``). ``extra_args`` go to tritonserver as they are (tests: the
+    production manifests' ``--http-restricted-api``).
     """
     env = triton_env()
     if repository is None:
@@ -179,6 +172,7 @@ def triton_process(s: StackSettings, repository: str | None = None) -> ManagedPr
         f"--backend-config=python,shm-region-prefix-name=musicrl_{s.stack_triton_grpc_port}_",
         "--backend-config=python,shm-default-byte-size=4194304",
         "--backend-config=python,shm-growth-byte-size=1048576",
+        *extra_args,
     ]
     return ManagedProcess(
         "triton",

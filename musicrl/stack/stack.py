@@ -169,8 +169,7 @@ def provision_buckets(s: StackSettings) -> None:
     while True:
         try:
             for bucket in buckets:
-                if not store.client.bucket_exists(bucket):
-                    store.client.make_bucket(bucket)
+                store.ensure_bucket(bucket)
             store.put_bytes(s.bucket_models, ".stack-probe", b"ok")
             store.delete(s.bucket_models, ".stack-probe")
             return

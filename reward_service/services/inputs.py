@@ -1,5 +1,7 @@
-"""Turn request items into clips the models can score: a 16 kHz mono waveform
-and, for the preference model, the clip's audio tokens.
+"""Turn request items into clips the models can score: a mono waveform at the
+rate it came in (the reward suite resamples it for each model: 16 kHz for the
+log-mel models, 48 kHz for CLAP, so a 32 kHz clip reaches CLAP at full
+bandwidth) and, for the preference model, the clip's audio tokens.
 
 Every way an item can be wrong ends in an ``InputError`` carrying the HTTP
 status and a message that names the item, never in an unhandled exception.
@@ -9,7 +11,7 @@ Where the preference model's tokens come from:
 - ``clip_id`` items: the tokens stored for the clip in its generation record
   (exactly what the generator sampled). The record is the item's
   ``generation_id`` or else the one the gateway stamped on the stored WAV
-  (user metadata ``generation-id``);
+  (user metadata ``musicrl.schemas.generation.CLIP_GENERATION_ID_METADATA``);
 - other audio, and clips whose record cannot be found:
   ``musicrl.audio.codec.encode`` of the waveform.
 """
@@ -19,28 +21,24 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from math import gcd
 from types import ModuleType
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 
-from minio.error import S3Error
-
+from musicrl.audio.codec import SAMPLE_RATE
 from musicrl.audio.formats import AudioLimits
+from musicrl.schemas.generation import CLIP_GENERATION_ID_METADATA, clip_audio_key, generation_key
 from musicrl.schemas.scores import ScoreItem
 from musicrl.storage import ObjectNotFound, ObjectStore
-
-# User metadata the gateway puts on every clip it stores: the generation it belongs to.
-GENERATION_ID_METADATA = "x-amz-meta-generation-id"
 
 
 @dataclass(frozen=True, eq=False)
 class Clip:
     prompt: str
-    wave: np.ndarray  # float32, mono, at the codec's sample rate
+    wave: np.ndarray  # float32, mono, at sample_rate
     tokens: np.ndarray | None  # int64; None when the preference model is not asked for
+    sample_rate: int = SAMPLE_RATE
 
 
 class InputError(Exception):
@@ -82,24 +80,21 @@ class InputResolver:
         self.codec = codec
         self.formats = formats
 
-    @property
-    def sample_rate(self) -> int:
-        return int(self.codec.SAMPLE_RATE)
-
     def resolve(self, item: ScoreItem, index: int, need_tokens: bool) -> Clip:
         where = f"items[{index}]"
         if item.tokens is not None:
             tokens = self._check_tokens(item.tokens, where)
-            return Clip(item.prompt, np.asarray(self.codec.decode(tokens), dtype=np.float32), tokens)
+            return Clip(item.prompt, np.asarray(self.codec.decode(tokens), dtype=np.float32), tokens,
+                        int(self.codec.SAMPLE_RATE))
         if item.audio_b64 is not None:
             try:
                 data = base64.b64decode(item.audio_b64, validate=True)
             except (binascii.Error, ValueError):
                 raise InputError(422, f"{where}.audio_b64 is not valid base64") from None
-            wave = self._decode_audio(data, where + ".audio_b64")
-            return Clip(item.prompt, wave, self._encode(wave) if need_tokens else None)
+            wave, rate = self._decode_audio(data, where + ".audio_b64")
+            return Clip(item.prompt, wave, self._encode(wave, rate) if need_tokens else None, rate)
         data, stamped_generation = self._fetch_clip(item.clip_id, where)
-        wave = self._decode_audio(data, f"{where} (clip {item.clip_id})")
+        wave, rate = self._decode_audio(data, f"{where} (clip {item.clip_id})")
         tokens = None
         if need_tokens:
             if item.generation_id:
@@ -110,31 +105,25 @@ class InputResolver:
                 except InputError:  # the stamp points nowhere useful; the audio is still scorable
                     tokens = None
             if tokens is None:
-                tokens = self._encode(wave)
-        return Clip(item.prompt, wave, tokens)
+                tokens = self._encode(wave, rate)
+        return Clip(item.prompt, wave, tokens, rate)
 
     # -- sources -----------------------------------------------------------------
     def _fetch_clip(self, clip_id: str, where: str) -> tuple[bytes, str | None]:
         """The clip's WAV bytes and the generation id stamped on it (if any), in one GET."""
         if self.store is None:
             raise InputError(422, f"{where}: this service has no object store configured; send audio_b64 or tokens")
-        bucket = self.store.config.bucket_clips
+        bucket, key = self.store.config.bucket_clips, clip_audio_key(clip_id)
         try:
-            response = self.store.client.get_object(bucket, f"clips/{clip_id}.wav")
-        except S3Error as err:
-            if err.code in ("NoSuchKey", "NoSuchBucket"):
-                raise InputError(404, f"{where}: clip {clip_id} not found (no {bucket}/clips/{clip_id}.wav)") from None
-            raise
-        try:
-            return response.read(), response.headers.get(GENERATION_ID_METADATA)
-        finally:
-            response.close()
-            response.release_conn()
+            data, metadata = self.store.get_bytes_and_metadata(bucket, key)
+        except ObjectNotFound:
+            raise InputError(404, f"{where}: clip {clip_id} not found (no {bucket}/{key})") from None
+        return data, metadata.get(CLIP_GENERATION_ID_METADATA)
 
     def _recorded_tokens(self, clip_id: str, generation_id: str, where: str) -> np.ndarray:
         bucket = self.store.config.bucket_generations
         try:
-            record: dict[str, Any] = self.store.get_json(bucket, f"generations/{generation_id}.json")
+            record: dict[str, Any] = self.store.get_json(bucket, generation_key(generation_id))
         except ObjectNotFound:
             raise InputError(404, f"{where}: generation {generation_id} not found") from None
         except ValueError:
@@ -163,13 +152,13 @@ class InputResolver:
         if seconds < self.limits.min_audio_s:
             raise InputError(422, f"{where}: {seconds:.2f} s of audio, at least {self.limits.min_audio_s:g} s needed")
 
-    def _decode_audio(self, data: bytes, where: str) -> np.ndarray:
+    def _decode_audio(self, data: bytes, where: str) -> tuple[np.ndarray, int]:
         if not (data[:4] in _WAV_MAGIC or data[:4] == _FLAC_MAGIC):
             raise InputError(422, f"{where}: audio must be a WAV or FLAC file")
         formats = self.formats
         # Read the header first so that a small file claiming hours of audio, a
         # megahertz sample rate or dozens of channels is refused before any
-        # sample is decoded or resampled.
+        # sample is decoded.
         try:
             header = formats.read_header(data)
         except formats.AudioFormatError:
@@ -190,10 +179,7 @@ class InputResolver:
         wave = np.asarray(wave, dtype=np.float32)  # decode_audio averages the channels
         if not np.isfinite(wave).all():
             raise InputError(422, f"{where}: the audio holds NaN or infinite samples")
-        if sample_rate != self.sample_rate:
-            g = gcd(int(sample_rate), self.sample_rate)
-            wave = resample_poly(wave, self.sample_rate // g, int(sample_rate) // g).astype(np.float32)
-        return wave
+        return wave, int(sample_rate)
 
-    def _encode(self, wave: np.ndarray) -> np.ndarray:
-        return np.asarray(self.codec.encode(wave, self.sample_rate), dtype=np.int64)
+    def _encode(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
+        return np.asarray(self.codec.encode(wave, sample_rate), dtype=np.int64)

@@ -35,15 +35,22 @@ class ModelSource(Protocol):
 
 
 class RegistrySource:
-    """Reward models from the model registry, cached on local disk by version."""
+    """Reward models from the model registry, cached on local disk by version.
 
-    def __init__(self, registry: Registry, cache_dir: Path):
+    ``pinned`` components (component -> (version, local directory)) come from configured weights
+    instead (``reward_clap_path``): always that version, whatever the registry's pointer says.
+    """
+
+    def __init__(self, registry: Registry, cache_dir: Path, pinned: Mapping[Component, tuple[str, Path]] | None = None):
         self.registry = registry
         self.cache_dir = Path(cache_dir)
+        self.pinned = dict(pinned or {})
 
     def current_versions(self) -> dict[Component, str]:
-        versions: dict[Component, str] = {}
+        versions: dict[Component, str] = {c: version for c, (version, _) in self.pinned.items()}
         for component in COMPONENTS:
+            if component in versions:
+                continue
             version = self.registry.current(REGISTRY_KINDS[component])
             if version is not None:
                 versions[component] = version
@@ -53,6 +60,8 @@ class RegistrySource:
         return versions
 
     def fetch(self, component: Component, version: str) -> Path:
+        if component in self.pinned:
+            return self.pinned[component][1]
         # Versions are immutable, so a cached download is reused once its files
         # still match the sha256 of its manifest; anything else is fetched again.
         dest = self.cache_dir / REGISTRY_KINDS[component] / version

@@ -33,7 +33,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def _store_ready(store, settings) -> bool:
     try:
         return await asyncio.wait_for(
-            asyncio.to_thread(store.client.bucket_exists, settings.bucket_clips),
+            asyncio.to_thread(store.bucket_exists, settings.bucket_clips),
             timeout=settings.gateway_store_timeout_s,
         )
     except Exception:  # noqa: BLE001 - any failure to answer means not ready

@@ -9,7 +9,6 @@ audio; the record is the single source of truth the feedback consumer joins on.
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import secrets
 import time
@@ -17,13 +16,14 @@ import uuid
 from typing import Callable, TypeVar
 
 import numpy as np
-from minio.error import MinioException, S3Error
+from minio.error import MinioException
 from urllib3.exceptions import HTTPError
 
 from musicrl.audio import codec
 from musicrl.audio.formats import decode_audio, encode_audio
 from musicrl.logging import get_logger
 from musicrl.schemas.generation import (
+    CLIP_GENERATION_ID_METADATA,
     ClipRecord,
     GenerationRecord,
     SamplingParams,
@@ -42,7 +42,6 @@ from serving.settings import GatewaySettings
 
 log = get_logger(__name__)
 T = TypeVar("T")
-GENERATION_ID_META = "generation-id"
 
 
 def candidate_seeds(request_seed: int, n: int) -> list[int]:
@@ -203,19 +202,12 @@ class GenerationService:
         wav = await asyncio.to_thread(_wav_bytes, candidate.audio, candidate.sample_rate)
         await self._store_call(
             "put_clip",
-            self._put_with_metadata,
+            self.store.put_bytes,
             self.settings.bucket_clips,
             clip.audio_key,
             wav,
             MEDIA_TYPES["wav"],
-            {GENERATION_ID_META: generation_id},
-        )
-
-    def _put_with_metadata(
-        self, bucket: str, key: str, data: bytes, content_type: str, metadata: dict[str, str]
-    ) -> None:
-        self.store.client.put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
+            {CLIP_GENERATION_ID_METADATA: generation_id},
         )
 
     def _clip_out(self, clip: ClipRecord) -> ClipOut:
@@ -246,8 +238,8 @@ class GenerationService:
         return GenerationRecord.model_validate(raw)
 
     async def get_clip(self, clip_id: str) -> tuple[GenerationRecord, ClipRecord]:
-        stat = await self._store_call("stat_clip", self._stat, self.settings.bucket_clips, clip_audio_key(clip_id))
-        generation_id = _meta(stat.metadata, GENERATION_ID_META)
+        stat = await self._store_call("stat_clip", self.store.stat, self.settings.bucket_clips, clip_audio_key(clip_id))
+        generation_id = stat.metadata.get(CLIP_GENERATION_ID_METADATA)
         if generation_id is None:
             raise NotFound(f"clip {clip_id} has no generation")
         record = await self.get(generation_id)
@@ -280,14 +272,6 @@ class GenerationService:
         if fmt == "wav":
             return wav
         return await asyncio.to_thread(_transcode, wav, fmt)
-
-    def _stat(self, bucket: str, key: str):
-        try:
-            return self.store.client.stat_object(bucket, key)
-        except S3Error as err:
-            if err.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"):
-                raise ObjectNotFound(f"{bucket}/{key}") from err
-            raise
 
     # ---- object store calls -------------------------------------------------------------------
 
@@ -324,11 +308,3 @@ def _wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
 def _transcode(wav: bytes, fmt: str) -> bytes:
     wave, sample_rate = decode_audio(wav)
     return encode_audio(wave, sample_rate, fmt)
-
-
-def _meta(metadata, name: str) -> str | None:
-    """User metadata from a stat: minio returns the raw headers (``x-amz-meta-...``)."""
-    for key, value in (metadata or {}).items():
-        if key.lower() in (name, f"x-amz-meta-{name}"):
-            return value
-    return None

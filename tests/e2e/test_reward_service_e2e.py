@@ -10,7 +10,6 @@ here. Prompts are embedded with the hashing text encoder to keep start-up fast.
 from __future__ import annotations
 
 import base64
-import io
 import threading
 import time
 import uuid
@@ -28,7 +27,7 @@ from musicrl.models.generator import GeneratorConfig
 from musicrl.models.preference import PreferenceRewardModel, save_preference_model
 from musicrl.models.quality import MosRegressor
 from musicrl.registry import Registry
-from musicrl.schemas.generation import GenerationRecord
+from musicrl.schemas.generation import CLIP_GENERATION_ID_METADATA, GenerationRecord, clip_audio_key
 from musicrl.storage import ObjectStore
 from reward_service.app import create_app
 from reward_service.settings import RewardSettings
@@ -101,9 +100,8 @@ def stored_clip(object_store: ObjectStore) -> dict:
     generation_id, clip_id = uuid.uuid4().hex, uuid.uuid4().hex
     wav = formats.encode_audio(record.render(), codec.SAMPLE_RATE, "wav")
     cfg = object_store.config
-    object_store.client.put_object(
-        cfg.bucket_clips, f"clips/{clip_id}.wav", io.BytesIO(wav), len(wav),
-        content_type="audio/wav", metadata={"generation-id": generation_id},
+    object_store.put_bytes(
+        cfg.bucket_clips, clip_audio_key(clip_id), wav, "audio/wav", metadata={CLIP_GENERATION_ID_METADATA: generation_id}
     )
     generation = GenerationRecord(
         generation_id=generation_id,

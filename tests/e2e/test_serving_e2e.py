@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import threading
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,12 +28,14 @@ from musicrl.audio import codec
 from musicrl.audio.formats import decode_audio
 from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 from musicrl.schemas.generation import GenerationRecord, generation_key
+from musicrl.stack.processes import free_port
 from serving.app import create_app
 from serving.client import api_key_headers
 from musicrl.text import load_text_encoder
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.services.generations import candidate_seeds
 from serving.settings import GatewaySettings
+from ops_helpers import seed_ops_history
 from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
@@ -61,12 +64,6 @@ PROMPTS = [
     "orchestral film score, epic brass, timpani rolls, choir " * 1,
     ("a long prompt about an evolving cinematic soundscape with strings, " * 8)[:500],
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +193,7 @@ def _batch_counts(client, model_name: str) -> dict[int, int]:
 
 
 def test_unreachable_triton_and_store_answer_503(gateway_settings, auth):
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     no_triton = gateway_settings.model_copy(update={"triton_grpc_url": dead, "gateway_triton_timeout_s": 5})
     no_store = gateway_settings.model_copy(update={"s3_endpoint": dead, "gateway_store_timeout_s": 2})
     for settings in (no_triton, no_store):
@@ -220,8 +217,20 @@ CHROMIUM_ARGS = [
 ]
 
 
-def test_listening_page_in_chromium(gateway_url, gateway_settings):
-    """Type a prompt, get two playable clips, give the trophy to B: the vote reaches Kafka."""
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+# Lit pixels of a canvas (alpha > 0): a drawn waveform has many, a flat line a few hundred.
+LIT_PIXELS = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+
+
+def screenshot_path(tmp_path: Path, name: str) -> Path:
+    """docs/NAME with MUSICRL_UPDATE_SCREENSHOTS=1 (to refresh the documentation's pictures), else a temporary file."""
+    return DOCS / name if os.environ.get("MUSICRL_UPDATE_SCREENSHOTS") == "1" else tmp_path / name
+
+
+def test_listening_page_in_chromium(gateway_url, gateway_settings, tmp_path):
+    """Type a prompt, see both waveforms, play A with its button, give the trophy to B: the page says what was
+    recorded and the vote reaches Kafka."""
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
@@ -229,7 +238,7 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
             page.goto(gateway_url)
             page.fill("#prompt", "gentle harp arpeggios «à la française»")
             page.fill("#duration", "2")
@@ -238,17 +247,31 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
             generation = generated.value.json()
             assert generated.value.status == 201, generation
             page.wait_for_selector("#pair:not([hidden])")
-            for player in ("#audio-a", "#audio-b"):
-                page.wait_for_function(f"document.querySelector('{player}').readyState >= 1")
-                assert page.eval_on_selector(player, "a => a.duration") == pytest.approx(DURATION_S, abs=0.01)
-            page.eval_on_selector("#audio-a", "a => a.play()")
+            for side in ("a", "b"):
+                page.wait_for_function(f"document.querySelector('#audio-{side}').readyState >= 1")
+                assert page.eval_on_selector(f"#audio-{side}", "a => a.duration") == pytest.approx(DURATION_S, abs=0.01)
+                # The waveform is drawn from the decoded audio (Web Audio API), not a placeholder line.
+                page.wait_for_selector(f"#wave-{side}[data-drawn='true']")
+                assert page.eval_on_selector(f"#wave-{side}", LIT_PIXELS) > 2000
+                assert page.is_enabled(f"#play-{side}")
+            assert page.text_content("#time-a").strip() == "0:00 / 0:02"
+            page.click("#play-a")
             page.wait_for_function("document.querySelector('#audio-a').currentTime > 0.2")
+            assert "Pause" in page.text_content("#play-a")
+            page.click("#play-b")  # one clip at a time: B starts, A pauses
+            page.wait_for_function("document.querySelector('#audio-a').paused && !document.querySelector('#audio-b').paused")
+            page.wait_for_function("document.querySelector('#audio-b').currentTime > 0.2")
 
             with page.expect_request(lambda r: r.url.endswith("/v1/feedback")) as voted:
                 page.click("#trophy-b")
             page.wait_for_function("document.querySelector('#feedback-status').textContent.startsWith('Thanks')")
             vote = json.loads(voted.value.post_data)
             assert page.is_disabled("#trophy-a") and page.is_disabled("#tie")
+            page.wait_for_selector("#result:not([hidden])")
+            assert "trophy to clip B" in page.text_content("#result-text")
+            assert page.eval_on_selector("#clip-b", "c => c.classList.contains('chosen')")
+            assert not page.eval_on_selector("#clip-a", "c => c.classList.contains('chosen')")
+            page.screenshot(path=str(screenshot_path(tmp_path, "listening_page.png")), full_page=True)
         finally:
             browser.close()
 
@@ -269,6 +292,65 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings):
     finally:
         consumer.close()
     assert produced, "the vote never reached the preferences topic"
+
+
+def test_dashboard_in_chromium(stack, gateway_settings, object_store, tmp_path):
+    """The operator's view of a real gateway whose registry and buffer (buckets of their own in the stack's
+    object store) hold three versions, a refused cycle and votes on three policies: the key is asked for,
+    the summary loads, every table and chart is drawn."""
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    buckets = {"bucket_models": "dashboard-e2e-models", "bucket_buffer": "dashboard-e2e-buffer"}
+    for bucket in buckets.values():
+        if object_store.client.bucket_exists(bucket):
+            for key in list(object_store.list_keys(bucket)):
+                object_store.delete(bucket, key)
+        else:
+            object_store.client.make_bucket(bucket)
+    seed_ops_history(object_store, buckets["bucket_models"], buckets["bucket_buffer"], datetime.now(timezone.utc))
+
+    with serve_in_thread(create_app(gateway_settings.model_copy(update=buckets))) as url, \
+            playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/dashboard")
+            assert page.is_hidden("#content")
+            page.fill("#api-key", "mrl_not-a-key")
+            with page.expect_response(lambda r: "/v1/ops/summary" in r.url) as refused:
+                page.click("#load")
+            assert refused.value.status == 401
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('Refused')")
+
+            page.fill("#api-key", stack.api_key)
+            with page.expect_response(lambda r: "/v1/ops/summary" in r.url) as answered:
+                page.click("#load")
+            assert answered.value.status == 200, answered.value.text()
+            page.wait_for_selector("body[data-loaded='true']")
+            assert page.text_content("#served-version") == "version 3"
+            assert page.locator("#cycles tbody tr").count() == 3
+            refused_cycle = page.locator("#cycles tbody tr.outcome-rejected")
+            assert refused_cycle.count() == 1 and "✗ reward_improved" in refused_cycle.inner_text()
+            assert page.locator("#versions tbody tr").count() == 3
+            assert page.locator("#versions tbody tr.current td").first.inner_text() == "3"
+            assert page.locator("#reward-models tbody tr").count() == 3  # two versions and a refusal
+            assert page.locator("#head-to-head tbody tr").count() == 2
+            assert page.locator("#lineage-segments li").count() == 3
+            for chart in ("votes", "buffer", "latency", "reward", "kl", "text", "quality"):
+                assert page.get_attribute(f"#chart-{chart}", "data-rendered") == "true", chart
+                assert int(page.get_attribute(f"#chart-{chart}", "data-marks")) > 0, chart
+            assert page.locator("#chart-votes svg rect.bar").count() >= 15  # policy 3's votes, one a minute
+            assert page.locator("#chart-reward svg circle.point").count() == 4  # versions 2 and 3, and their parents
+            assert page.evaluate("sessionStorage.getItem('musicrl-ops-key')") == stack.api_key
+            page.screenshot(path=str(screenshot_path(tmp_path, "dashboard.png")), full_page=True)
+
+            page.reload()  # the key is kept for the tab: the summary loads again without asking
+            page.wait_for_selector("body[data-loaded='true']")
+            page.click("#forget")
+            assert page.evaluate("sessionStorage.getItem('musicrl-ops-key')") is None and page.is_hidden("#content")
+        finally:
+            browser.close()
 
 
 def test_experiment_pairs_current_and_challenger_versions(stack, gateway_settings, tmp_path, auth):

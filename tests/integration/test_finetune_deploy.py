@@ -1,9 +1,16 @@
-"""Deploy and rollback against the real Triton and object store of the test stack."""
+"""Deploy and rollback against the real Triton and object store of the test stack; a deploy signalled or
+killed half-way (issue 16)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +19,7 @@ import tritonclient.http as httpclient
 
 from finetune_helpers import servable_generator
 from finetune_worker.deploy import CheckpointRejected, Deployer
+from serving.model_repository import installed_versions
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
 from musicrl.registry import Registry
 
@@ -102,3 +110,74 @@ def test_bad_checkpoints_are_rejected_and_the_old_version_keeps_serving(stack, d
         assert registry.current("generator") == good, damage
         assert not (stack.triton_repo / deployer.model_name / bad).exists(), damage
     assert _served_version(stack, deployer.model_name) == good
+
+
+HELPER = Path(__file__).with_name("deploy_in_subprocess.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _deploy_in_subprocess(stack, deployer: Deployer, version: str, marker: Path, pause_s: float) -> subprocess.Popen:
+    """`musicrl finetune rollback VERSION` in a process of its own, on this test's registry, model and work dir."""
+    env = {**os.environ, **stack.env(), "MUSICRL_BUCKET_MODELS": deployer.registry.bucket,
+           "MUSICRL_TRITON_MODEL_NAME": deployer.model_name, "MUSICRL_TRITON_HTTP_URL": stack.triton_http_url,
+           "MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo), "MUSICRL_FINETUNE_WORK_DIR": str(deployer.work_dir),
+           "MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S": "120", "MUSICRL_ENV": "development",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(HELPER), version, str(marker), str(pause_s)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(marker: Path, process: subprocess.Popen, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the deploy exited before installing ({process.returncode}): {process.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the deploy did not reach the install in time")
+        time.sleep(0.1)
+
+
+def test_sigterm_during_a_deploy_lets_it_finish_and_triton_serves_the_old_version_until_the_load(stack, deployer, tmp_path):
+    registry = deployer.registry
+    first, second = _publish(registry, tmp_path, 0), _publish(registry, tmp_path, 1)
+    deployer.deploy(first)
+    marker = tmp_path / "installing"
+    process = _deploy_in_subprocess(stack, deployer, second, marker, pause_s=4.0)
+    _wait_for(marker, process)
+    process.send_signal(signal.SIGTERM)
+    # Half of version 2 is written, under its staging name: Triton serves version 1, the pointer has not moved.
+    assert _served_version(stack, deployer.model_name) == first and registry.current("generator") == first
+    assert installed_versions(stack.triton_repo, deployer.model_name) == [int(first)]
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]  # the deploy was not cut short by the signal
+    assert f"serving generator {second}" in output
+    assert _served_version(stack, deployer.model_name) == second and registry.current("generator") == second
+    assert deployer.read_journal() is None
+
+
+def test_a_deploy_killed_half_way_leaves_the_old_version_serving_and_the_next_start_cleans_up(stack, deployer, tmp_path):
+    registry = deployer.registry
+    first, second = _publish(registry, tmp_path, 0), _publish(registry, tmp_path, 1)
+    deployer.deploy(first)
+    marker = tmp_path / "installing"
+    process = _deploy_in_subprocess(stack, deployer, second, marker, pause_s=120.0)
+    _wait_for(marker, process)
+    process.kill()  # SIGKILL: what is left after a grace period runs out
+    process.wait(timeout=30)
+    model_dir = stack.triton_repo / deployer.model_name
+    assert (model_dir / f".{second}.staging").is_dir() and deployer.read_journal()["version"] == second
+    assert installed_versions(stack.triton_repo, deployer.model_name) == [int(first)]
+    assert _served_version(stack, deployer.model_name) == first and registry.current("generator") == first
+
+    # The next start: the half-done deploy is undone; Triton still serves version 1, which the registry names.
+    restarted = Deployer(registry, stack.triton_repo, stack.triton_http_url, deployer.work_dir,
+                         model_name=deployer.model_name, timeout_s=120)
+    result = restarted.recover()
+    assert result["action"] == "undone" and result["staging"] == [f".{second}.staging"]
+    assert not (model_dir / f".{second}.staging").exists() and restarted.read_journal() is None
+    assert installed_versions(stack.triton_repo, deployer.model_name) == [int(first)]
+    assert _served_version(stack, deployer.model_name) == first and registry.current("generator") == first
+    # and the deploy, run again, completes.
+    restarted.deploy(second)
+    assert _served_version(stack, deployer.model_name) == second and registry.current("generator") == second

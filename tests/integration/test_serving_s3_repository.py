@@ -45,8 +45,7 @@ def s3_repo(object_store) -> str:
     object_store.client.remove_bucket(bucket)
 
 
-@pytest.fixture
-def s3_triton(stack, s3_repo, tmp_path):
+def _private_triton(stack, s3_repo, tmp_path, extra_args: tuple[str, ...] = ()):
     """A tritonserver of its own on free ports, model repository in the object store."""
     settings = stack.settings.model_copy(update={
         "stack_data_dir": tmp_path / "triton-s3",
@@ -56,13 +55,29 @@ def s3_triton(stack, s3_repo, tmp_path):
     })
     repository = s3_repository(s3_repo).triton_url(stack.s3_endpoint)
     assert repository.startswith("s3://http://")
-    spec = triton_process(settings, repository=repository)
+    spec = triton_process(settings, repository=repository, extra_args=extra_args)
     supervisor = Supervisor(RunDir(settings.data_dir), tied_to_parent=True)
     supervisor.start(spec, timeout_s=60)
     try:
         yield f"{stack.host}:{settings.stack_triton_http_port}"
     finally:
         supervisor.stop(spec.name, timeout_s=20)  # the process group
+
+
+@pytest.fixture
+def s3_triton(stack, s3_repo, tmp_path):
+    yield from _private_triton(stack, s3_repo, tmp_path)
+
+
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture
+def s3_triton_restricted(stack, s3_repo, tmp_path):
+    """As the Kubernetes manifests run Triton: model control (HTTP and gRPC) only with the admin key."""
+    restricted = f"model-repository,model-config:triton-admin-key={ADMIN_KEY}"
+    yield from _private_triton(stack, s3_repo, tmp_path, (f"--http-restricted-api={restricted}",
+                                                          f"--grpc-restricted-protocol={restricted}"))
 
 
 def _checkpoint(directory, seed: int) -> str:
@@ -134,6 +149,36 @@ def test_deployer_deploys_and_rolls_back_in_an_object_store_repository(s3_triton
     assert result["retired"] and _infer(s3_triton)[1] == first and registry.current("generator") == first
     # The newer version left the object store (kept under the work dir), so `latest 1` serves the rollback.
     assert installed_versions(s3_repo, MODEL, store=object_store) == [int(first)]
+    for key in list(object_store.list_keys(registry_bucket)):
+        object_store.delete(registry_bucket, key)
+    object_store.client.remove_bucket(registry_bucket)
+
+
+def test_model_control_needs_the_admin_key_and_versions_land_whole(s3_triton_restricted, s3_repo, object_store, tmp_path):
+    """Triton as the manifests run it: load without `triton-admin-key` is refused (the old version keeps serving),
+    with it the deploy goes through; every version in the prefix carries its completion marker."""
+    from finetune_worker.deploy import DeployError
+    from serving.model_repository import COMPLETE_MARKER, version_complete
+
+    registry_bucket = f"test-deploy-{uuid.uuid4().hex[:10]}"
+    object_store.client.make_bucket(registry_bucket)
+    registry = Registry(object_store, bucket=registry_bucket)
+    first, second = (registry.publish("generator", save_generator(servable_generator(seed), tmp_path / f"gen-{seed}"))
+                     for seed in (0, 1))
+    admin = Deployer(registry, s3_repo, s3_triton_restricted, tmp_path / "work", model_name=MODEL, timeout_s=60, admin_key=ADMIN_KEY)
+    admin.deploy(first)
+    assert _infer(s3_triton_restricted)[1] == first
+    stranger = Deployer(registry, s3_repo, s3_triton_restricted, tmp_path / "work", model_name=MODEL, timeout_s=20)
+    with pytest.raises(DeployError):
+        stranger.deploy(second)
+    assert _infer(s3_triton_restricted)[1] == first and registry.current("generator") == first
+    assert installed_versions(s3_repo, MODEL, store=object_store) == [int(first)]
+    admin.deploy(second)
+    assert _infer(s3_triton_restricted)[1] == second and registry.current("generator") == second
+    bucket, prefix = s3_repository(s3_repo).bucket, s3_repository(s3_repo).prefix
+    assert version_complete(s3_repo, second, MODEL, store=object_store)
+    assert object_store.exists(bucket, f"{prefix}/{MODEL}/{second}/{COMPLETE_MARKER}")
+    assert not [k for k in object_store.list_keys(bucket, f"{prefix}/{MODEL}/") if ".staging" in k]
     for key in list(object_store.list_keys(registry_bucket)):
         object_store.delete(registry_bucket, key)
     object_store.client.remove_bucket(registry_bucket)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -10,17 +11,22 @@ from urllib3.exceptions import MaxRetryError
 from musicrl.config import ObjectStoreConfig
 from musicrl.schemas.generation import GenerationRecord, generation_key
 from musicrl.schemas.preference import PreferenceEvent
-from musicrl.storage import ObjectNotFound, ObjectStore
+from musicrl.storage import ObjectInfo, ObjectNotFound, ObjectStore
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 class InMemoryStore(ObjectStore):
-    """The ObjectStore verbs over a dict; ``down = True`` makes every call fail like a dead server."""
+    """The ObjectStore verbs over a dict; ``down = True`` makes every call fail like a dead server.
+
+    Every bucket exists; a missing key raises ``ObjectNotFound`` like the real store.
+    """
 
     def __init__(self):
         super().__init__(ObjectStoreConfig())
         self.objects: dict[tuple[str, str], bytes] = {}
+        self.metadata: dict[tuple[str, str], dict[str, str]] = {}  # user metadata, as stat() returns it
+        self.content_types: dict[tuple[str, str], str] = {}
         self.down = False
 
     def _check(self):
@@ -30,9 +36,18 @@ class InMemoryStore(ObjectStore):
     def ensure_buckets(self):
         self._check()
 
-    def put_bytes(self, bucket, key, data, content_type="application/octet-stream"):
+    def ensure_bucket(self, bucket):
+        self._check()
+
+    def bucket_exists(self, bucket):
+        self._check()
+        return True
+
+    def put_bytes(self, bucket, key, data, content_type="application/octet-stream", metadata=None):
         self._check()
         self.objects[(bucket, key)] = bytes(data)
+        self.content_types[(bucket, key)] = content_type
+        self.metadata[(bucket, key)] = {k.lower(): v for k, v in (metadata or {}).items()}
 
     def get_bytes(self, bucket, key):
         self._check()
@@ -40,6 +55,21 @@ class InMemoryStore(ObjectStore):
             return self.objects[(bucket, key)]
         except KeyError:
             raise ObjectNotFound(f"{bucket}/{key}") from None
+
+    def get_bytes_and_metadata(self, bucket, key):
+        return self.get_bytes(bucket, key), dict(self.metadata.get((bucket, key), {}))
+
+    def stat(self, bucket, key):
+        data = self.get_bytes(bucket, key)
+        return ObjectInfo(
+            size=len(data), etag=hashlib.md5(data).hexdigest(), content_type=self.content_types.get((bucket, key)),
+            metadata=dict(self.metadata.get((bucket, key), {})),
+        )
+
+    def iter_bytes(self, bucket, key, chunk_size=8 * 1024 * 1024):
+        data = self.get_bytes(bucket, key)
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
 
     def exists(self, bucket, key):
         self._check()
@@ -52,6 +82,11 @@ class InMemoryStore(ObjectStore):
     def delete(self, bucket, key):
         self._check()
         self.objects.pop((bucket, key), None)
+        self.metadata.pop((bucket, key), None)
+        self.content_types.pop((bucket, key), None)
+
+    def copy(self, bucket, source_key, target_key):
+        self.put_bytes(bucket, target_key, self.get_bytes(bucket, source_key))
 
 
 def hex_id() -> str:

@@ -63,7 +63,8 @@ def test_rollouts_come_in_groups_of_one_prompt_with_distinct_seeds():
     trainer = _trainer(group_size=4, batch_size=16)
     prompts, _, tokens = trainer.rollout(0)
     assert len(prompts) == 16 and all(len(set(prompts[i : i + 4])) == 1 for i in range(0, 16, 4))
-    assert len({tuple(row) for row in tokens[:4].tolist()}) > 1
+    assert tokens.shape == (16, 1, trainer.config.n_frames)  # [B, K, T]: one codebook
+    assert len({tuple(row) for row in tokens[:4, 0].tolist()}) > 1
 
 
 def test_kl_controller_raises_alpha_above_target_and_lowers_it_below():

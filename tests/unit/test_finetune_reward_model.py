@@ -176,3 +176,33 @@ def test_the_reward_models_pairs_stay_capped_as_the_buffer_grows():
     # a buffer 10x larger: the same number of training pairs (the same work per cycle), held-out capped at a quarter
     assert sizes[500][0] == sizes[5000][0] == 300
     assert sizes[500][1] < 75 and sizes[5000][1] == 75
+
+
+def test_no_user_contributes_more_than_the_per_user_cap_newest_kept():
+    """One listener floods the buffer (issue 16): at most max_pairs_per_user of their votes, the newest, in each split."""
+    rows = _buffer(1200, policies=3)
+    for i, row in enumerate(rows):
+        row["user_pseudonym"] = "f" * 64 if i % 2 == 0 else f"{i % 40:064x}"  # half the votes are one user's
+    flooder = [r for r in rows if r["user_pseudonym"] == "f" * 64]
+    honest = [r for r in rows if r["user_pseudonym"] != "f" * 64]
+    selected = select_pair_rows(rows, "3", max_pairs=400, heldout_fraction=0.2, seed=0, max_pairs_per_user=20)
+    for split in (selected.train, selected.heldout):
+        users = [r["user_pseudonym"] for r in split]
+        assert max(users.count(u) for u in set(users)) <= 20
+    flooder_train = [r for r in flooder if split_of(r["generation_id"], 0.2) == "train"]
+    newest = sorted(flooder_train, key=lambda r: r["received_at"], reverse=True)[:20]
+    kept = [r for r in selected.train if r["user_pseudonym"] == "f" * 64]
+    assert {r["generation_id"] for r in kept} <= {r["generation_id"] for r in newest}  # only the newest 20 were eligible
+    assert len(kept) == 20  # and all of them are current-policy rows, kept first
+    stats = selected.stats
+    flooder_heldout = len(flooder) - len(flooder_train)
+    assert stats["n_train_dropped_user_cap"] == len(flooder_train) - 20 + sum(
+        max(0, sum(r["user_pseudonym"] == u and split_of(r["generation_id"], 0.2) == "train" for r in honest) - 20)
+        for u in {r["user_pseudonym"] for r in honest})
+    assert stats["n_heldout_dropped_user_cap"] >= flooder_heldout - 20
+    assert stats["n_dropped_user_cap"] == stats["n_train_dropped_user_cap"] + stats["n_heldout_dropped_user_cap"]
+    assert stats["max_pairs_per_user"] == 20 and len(selected.train) == 400  # the others fill the cycle's pairs
+    # deterministic; without the cap the flooder's votes make up half the training pairs
+    assert select_pair_rows(rows, "3", max_pairs=400, heldout_fraction=0.2, seed=0, max_pairs_per_user=20).train == selected.train
+    uncapped = select_pair_rows(rows, "3", max_pairs=400, heldout_fraction=0.2, seed=0)
+    assert sum(r["user_pseudonym"] == "f" * 64 for r in uncapped.train) > 150 and uncapped.stats["n_dropped_user_cap"] == 0

@@ -1,10 +1,12 @@
-"""FinetuneCycle.update_reward_model against an in-memory registry: warm start from the current
-preference model, bounded replay, lineage (no servers)."""
+"""FinetuneCycle.update_reward_model against an in-memory registry: the probe fit (the default) and its
+cross-validated check; for the paper's fine-tuning: warm start from the current preference model, bounded
+replay, lineage (no servers)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from feedback_helpers import InMemoryStore
 from finetune_helpers import embed, tiny_generator, one_thread  # noqa: F401 - fixture
@@ -44,6 +46,7 @@ def cycle(tmp_path) -> FinetuneCycle:
     settings = FinetuneSettings(
         finetune_work_dir=tmp_path, finetune_rm_min_pairs=20, finetune_rm_max_pairs=120, finetune_rm_epochs=3,
         finetune_rm_lr=3e-3, finetune_rm_heads=3, finetune_rm_disagreement_penalty=0.5, finetune_heldout_fraction=0.2,
+        finetune_rm_fit="finetune",
     )
     cycle = FinetuneCycle.__new__(FinetuneCycle)  # no servers: an in-memory registry, no reward service
     cycle.settings, cycle.registry, cycle.run_dir = settings, Registry(Store()), tmp_path / "run"
@@ -100,3 +103,56 @@ def test_warm_start_can_be_switched_off(cycle):
     assert cycle.update_reward_model(rows, _state("1"))["published"] == "1"
     cycle.settings = cycle.settings.model_copy(update={"finetune_rm_warm_start": False})
     assert cycle.update_reward_model(rows, _state("1"))["warm_start_from"] is None
+
+
+def test_the_cycle_applies_the_per_user_cap_and_reports_what_it_dropped(cycle):
+    assert FinetuneSettings().finetune_max_pairs_per_user == 20  # on by default
+    rows = _rows(300, policies=1)
+    for i, row in enumerate(rows):
+        row["user_pseudonym"] = "f" * 64 if i < 200 else f"{i:064x}"  # one listener cast two thirds of the votes
+    cycle.settings = cycle.settings.model_copy(update={"finetune_max_pairs_per_user": 10, "finetune_rm_min_pairs": 1000})
+    report = cycle.update_reward_model(rows, _state("1"))  # too few pairs left to train: skipped, with the counts
+    assert "skipped" in report and report["max_pairs_per_user"] == 10
+    assert report["n_train_dropped_user_cap"] + report["n_heldout_dropped_user_cap"] == report["n_dropped_user_cap"] == 200 - 20
+
+
+def _probe(cycle: FinetuneCycle) -> FinetuneCycle:
+    cycle.settings = cycle.settings.model_copy(update={"finetune_rm_fit": "probe", "finetune_rm_l2": 1.0})
+    return cycle
+
+
+def test_the_probe_fits_heads_on_every_selected_pair_and_reports_a_cross_validated_accuracy(cycle):
+    result = _probe(cycle).update_reward_model(_rows(300, policies=1), _state("1"))
+    assert result["published"] == "1" and result["fit"] == "probe" and result["warm_start_from"] is None
+    assert result["n_train_pairs"] == 120 + 30  # the capped train rows and the capped held-out rows, together
+    assert result["heldout_accuracy"] == result["cv_accuracy"] > 0.7  # the 7s rule is learnable from the frozen trunk
+    lineage = cycle.registry.manifest(PREFERENCE, "1")["lineage"]
+    assert lineage["training_config"]["fit"] == "probe" and lineage["training_config"]["l2"] == 1.0
+    # the trunk is the parent generator's, untouched: only the heads were fitted
+    model, _ = load_preference_model(cycle.registry.download(PREFERENCE, "1", cycle.run_dir / "check"))
+    parent = tiny_generator()
+    assert all(torch.equal(a, b) for a, b in zip(model.trunk.state_dict().values(), parent.state_dict().values()))
+    # and each head is its own bootstrap fit
+    assert model.n_heads == 3 and not torch.allclose(model.head.weight[0], model.head.weight[1])
+
+
+def test_the_probe_is_not_used_when_it_does_not_beat_chance_out_of_sample(cycle):
+    rows = _rows(300, policies=1)
+    rng = np.random.default_rng(1)
+    for row in rows:  # votes unrelated to the clips
+        row["choice"] = "a" if rng.random() < 0.5 else "b"
+    result = _probe(cycle).update_reward_model(rows, _state("1"))
+    assert result["cv_accuracy"] < 0.6 and (result["published"] is None) == (result["cv_accuracy"] <= 0.5)
+
+
+def test_a_fresh_fine_tuned_model_whose_best_epoch_is_the_untrained_one_is_not_published(cycle, monkeypatch):
+    """Epoch 0 of a model fine-tuned from the generator has random heads: a lucky score on a few
+    held-out pairs must not publish it."""
+    import finetune_worker.cycle as cycle_module
+
+    def untrained(settings, generator, train, heldout, reward_fn, out_dir, **_):
+        return {"best_epoch": 0, "heldout_accuracy": 0.75, "n_train_pairs": len(train.pairs)}, {"fit": "finetune"}
+
+    monkeypatch.setattr(cycle_module, "reward_model_from_settings", untrained)
+    result = cycle.update_reward_model(_rows(300, policies=1), _state("1"))
+    assert result["published"] is None and cycle.registry.current(PREFERENCE) is None

@@ -30,8 +30,17 @@ LONG_RUNNING = ("Deployment", "StatefulSet", "DaemonSet")
 MUSICRL_IMAGES = ("gateway", "reward", "consumer", "finetune")
 # Secrets the operator creates before applying (docs/deploy.md) or Strimzi writes
 # (one per KafkaUser, and the cluster CA).
+# The object-store user of each workload that talks to MinIO: one Secret (and one MinIO user and
+# policy) per service, never shared (docs/deploy.md, "Object-store users").
+S3_SECRETS = {
+    "gateway": "musicrl-s3-gateway",
+    "reward": "musicrl-s3-reward",
+    "feedback-consumer": "musicrl-s3-consumer",
+    "finetune": "musicrl-s3-finetune",
+    "triton": "musicrl-s3-triton",
+}
 OPERATOR_SECRETS = {
-    "musicrl-s3-credentials",
+    *S3_SECRETS.values(),
     "musicrl-minio-root",
     "musicrl-reward-admin",
     "musicrl-triton-admin",
@@ -441,8 +450,8 @@ def test_finetune_worker_and_triton_share_the_object_store_model_repository(docs
     assert f"--model-repository={repository.triton_url(finetune_env['MUSICRL_S3_ENDPOINT'])}" in triton["args"]
     assert not any("persistentVolumeClaim" in v for v in triton_pod["volumes"])
     credentials = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in triton["env"] if "valueFrom" in e}
-    assert credentials["AWS_ACCESS_KEY_ID"] == {"name": "musicrl-s3-credentials", "key": "MUSICRL_S3_ACCESS_KEY"}
-    assert credentials["AWS_SECRET_ACCESS_KEY"] == {"name": "musicrl-s3-credentials", "key": "MUSICRL_S3_SECRET_KEY"}
+    assert credentials["AWS_ACCESS_KEY_ID"] == {"name": "musicrl-s3-triton", "key": "MUSICRL_S3_ACCESS_KEY"}
+    assert credentials["AWS_SECRET_ACCESS_KEY"] == {"name": "musicrl-s3-triton", "key": "MUSICRL_S3_SECRET_KEY"}
     assert {"name": "AWS_DEFAULT_REGION", "value": finetune_env["MUSICRL_S3_REGION"]} in triton["env"]
 
 
@@ -602,3 +611,214 @@ def test_the_gateway_runs_in_production_mode_with_its_secrets(docs, monkeypatch)
         if variable.startswith("MUSICRL_"):
             monkeypatch.setenv(variable, value if value is not None else secret_placeholder(variable))
     assert GatewaySettings().production_problems() == []
+
+
+# ----------------------------------------------------------------- least privilege (issue 16)
+
+# What each service may do in which bucket (ConfigMap keys of musicrl-objectstore); docs/deploy.md has the
+# same table. Writes (PutObject, DeleteObject) appear only where the service writes.
+READ_BUCKET = {"s3:GetBucketLocation", "s3:ListBucket"}
+MULTIPART = {"s3:ListBucketMultipartUploads", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
+S3_GRANTS = {
+    "gateway": {"MUSICRL_BUCKET_CLIPS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"},
+                "MUSICRL_BUCKET_GENERATIONS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"}},
+    "reward": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | {"s3:GetObject"},
+               "MUSICRL_BUCKET_CLIPS": {"s3:GetObject"}, "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"}},
+    "consumer": {"MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+                 "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"}},
+    "finetune": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | MULTIPART | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+                 "MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject"}},
+    "triton": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | {"s3:GetObject"}},
+}
+WRITES = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+
+
+def s3_policies(docs) -> dict[str, list[dict]]:
+    """Service -> the statements of its MinIO policy (ConfigMap minio-policies)."""
+    data = named(docs, "ConfigMap", "minio-policies")["data"]
+    return {name.removesuffix(".json"): json.loads(text)["Statement"] for name, text in data.items()}
+
+
+def granted(statements: list[dict], buckets: dict[str, str]) -> dict[str, set[str]]:
+    """Bucket variable -> the actions the statements allow on it or its objects."""
+    by_name = {bucket: variable for variable, bucket in buckets.items()}
+    grants: dict[str, set[str]] = {}
+    for statement in statements:
+        assert statement["Effect"] == "Allow" and "Condition" not in statement, statement
+        for resource in statement["Resource"]:
+            match = re.fullmatch(r"arn:aws:s3:::([a-z0-9.-]+)(/.*)?", resource)
+            assert match and "*" not in match[1], f"{resource}: name one bucket, no wildcards"
+            assert match[1] in by_name, f"{resource}: not a bucket of musicrl-objectstore"
+            actions = set(statement["Action"])
+            assert not any("*" in action for action in actions), actions
+            object_actions = {a for a in actions if a.endswith("Object") or a in MULTIPART - {"s3:ListBucketMultipartUploads"}}
+            if match[2]:  # objects: only object actions
+                assert actions == object_actions, (resource, actions)
+            else:  # the bucket: no object actions
+                assert not object_actions, (resource, actions)
+            grants.setdefault(by_name[match[1]], set()).update(actions)
+    return grants
+
+
+def test_every_service_reads_the_object_store_with_its_own_secret(docs):
+    """Each workload that talks to MinIO takes its credentials from its own Secret, which nothing else mounts."""
+    readers: dict[str, set[str]] = {}
+    for workload in workloads(docs):
+        for container in containers(workload):
+            for variable in container.get("env", []):
+                reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                if reference and reference["name"].startswith("musicrl-s3-"):
+                    readers.setdefault(reference["name"], set()).add(workload["metadata"]["name"])
+                    assert reference["key"] in ("MUSICRL_S3_ACCESS_KEY", "MUSICRL_S3_SECRET_KEY"), reference
+        credentials = {
+            v["name"]: v["valueFrom"]["secretKeyRef"]["name"]
+            for c in containers(workload) for v in c.get("env", [])
+            if v["name"] in ("MUSICRL_S3_ACCESS_KEY", "MUSICRL_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        }
+        name = workload["metadata"]["name"]
+        if name in S3_SECRETS:
+            assert set(credentials.values()) == {S3_SECRETS[name]}, (name, credentials)
+            assert len(credentials) == 2, (name, credentials)
+        else:
+            assert not credentials, f"{name} has object-store credentials it does not need"
+    job = named(docs, "Job", "minio-create-buckets")["metadata"]["name"]
+    for service, secret in S3_SECRETS.items():
+        assert readers[secret] == {service, job}, (secret, readers[secret])  # the service, and the Job creating its user
+
+
+def test_object_store_policies_grant_only_the_listed_buckets_and_actions(docs):
+    buckets = {k: v for k, v in named(docs, "ConfigMap", "musicrl-objectstore")["data"].items() if k.startswith("MUSICRL_BUCKET_")}
+    policies = s3_policies(docs)
+    services = {"gateway", "reward", "consumer", "finetune", "triton"}
+    assert set(policies) == services == set(S3_GRANTS)
+    writers: dict[str, set[str]] = {}
+    for service, statements in policies.items():
+        grants = granted(statements, buckets)
+        assert grants == S3_GRANTS[service], (service, grants)
+        for bucket, actions in grants.items():
+            if actions & WRITES:
+                writers.setdefault(bucket, set()).add(service)
+    # Only the finetune worker writes models; the gateway only clips and generations; the consumer only the buffer.
+    assert writers == {"MUSICRL_BUCKET_MODELS": {"finetune"}, "MUSICRL_BUCKET_CLIPS": {"gateway"},
+                       "MUSICRL_BUCKET_GENERATIONS": {"gateway"}, "MUSICRL_BUCKET_BUFFER": {"consumer"}}
+    # Triton reads only its repository's prefix, the finetune worker's MUSICRL_FINETUNE_TRITON_REPO
+    repository = named(docs, "ConfigMap", "finetune")["data"]["MUSICRL_FINETUNE_TRITON_REPO"].removeprefix("s3://")
+    triton_objects = {r for s in policies["triton"] for r in s["Resource"] if "/" in r.removeprefix("arn:aws:s3:::")}
+    assert triton_objects == {f"arn:aws:s3:::{repository}/*"}
+
+
+def test_the_bucket_job_makes_one_user_per_service_with_its_policy(docs):
+    job = named(docs, "Job", "minio-create-buckets")
+    pod = pod_template(job)["spec"]
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    environment = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container["env"] if "valueFrom" in v}
+    for service in s3_policies(docs):
+        access, secret = f"S3_{service.upper()}_ACCESS_KEY", f"S3_{service.upper()}_SECRET_KEY"
+        assert f'user {service} "${{{access}}}" "${{{secret}}}"' in script
+        secret_name = S3_SECRETS["feedback-consumer" if service == "consumer" else service]
+        assert environment[access] == {"name": secret_name, "key": "MUSICRL_S3_ACCESS_KEY"}
+        assert environment[secret] == {"name": secret_name, "key": "MUSICRL_S3_SECRET_KEY"}
+    assert 'mc admin policy create store "musicrl-$1" "/policies/$1.json"' in script
+    assert 'mc admin policy attach store "musicrl-$1" --user "$2"' in script
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts["/policies"])
+    assert volume["configMap"]["name"] == "minio-policies"
+    assert "musicrl-*" not in script and "musicrl-services" not in script  # the old shared user is gone
+
+
+def test_disruption_budgets_cover_the_serving_path(docs):
+    labels = {w["metadata"]["name"]: pod_template(w)["metadata"]["labels"] for w in workloads(docs)}
+    covered = {name for pdb in by_kind(docs, "PodDisruptionBudget") for name, pod in labels.items()
+               if selects(pdb["spec"]["selector"], pod)}
+    assert {"gateway", "reward", "triton", "feedback-consumer"} <= covered
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        spec = pdb["spec"]
+        assert ("minAvailable" in spec) != ("maxUnavailable" in spec), pdb["metadata"]["name"]
+
+
+def development_secrets() -> set[str]:
+    from musicrl.config import DEV_S3_SECRET_KEY
+    from serving.settings import DEV_USER_HASH_KEY, DEV_VOTE_TOKEN_KEY
+
+    return {DEV_S3_SECRET_KEY, DEV_USER_HASH_KEY, DEV_VOTE_TOKEN_KEY}
+
+
+def strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_no_development_secret_in_the_manifests_and_every_service_refuses_them(docs, monkeypatch):
+    """No overlay carries a development default of a secret; every service runs with MUSICRL_ENV=production, so one
+    that lost its Secret would refuse to start; with its Secrets each one starts (refuse_development_secrets passes)."""
+    import os
+
+    from musicrl.config import DEV_S3_ACCESS_KEY, InsecureSettings, refuse_development_secrets
+
+    for doc in docs:
+        for text in strings(doc):
+            assert not any(secret in text for secret in development_secrets()), doc["metadata"]["name"]
+    checked = 0
+    for workload in workloads(docs):
+        dotted = pod_template(workload)["metadata"].get("annotations", {}).get(SETTINGS_ANNOTATION)
+        if not dotted or workload["kind"] == "Job":
+            continue
+        (container,) = pod_template(workload)["spec"]["containers"]
+        environment = container_environment(docs, container)
+        assert environment.get("MUSICRL_ENV") == "production", workload["metadata"]["name"]
+        assert environment.get("MUSICRL_S3_ACCESS_KEY", "") is None, "object-store credentials come from a Secret"
+        for variable in [v for v in os.environ if v.startswith("MUSICRL_")]:
+            monkeypatch.delenv(variable)
+        for variable, value in environment.items():
+            if variable.startswith("MUSICRL_"):
+                monkeypatch.setenv(variable, value if value is not None else secret_placeholder(variable))
+        settings = settings_class(dotted)()
+        assert refuse_development_secrets(settings, workload["metadata"]["name"]) == []
+        monkeypatch.setenv("MUSICRL_S3_ACCESS_KEY", DEV_S3_ACCESS_KEY)  # a Secret holding the development user
+        with pytest.raises(InsecureSettings):
+            refuse_development_secrets(settings_class(dotted)(), workload["metadata"]["name"])
+        checked += 1
+    assert checked == 4
+
+
+def test_triton_model_control_needs_the_admin_key_only_the_finetune_worker_holds(docs):
+    triton = named(docs, "Deployment", "triton")
+    (container,) = pod_template(triton)["spec"]["containers"]
+    args = container["args"]
+    assert "--model-control-mode=explicit" in args
+    restricted = "model-repository,model-config:triton-admin-key=$(TRITON_ADMIN_KEY)"
+    assert f"--http-restricted-api={restricted}" in args and f"--grpc-restricted-protocol={restricted}" in args
+    admin = {"name": "musicrl-triton-admin", "key": "key"}
+    assert next(v for v in container["env"] if v["name"] == "TRITON_ADMIN_KEY")["valueFrom"]["secretKeyRef"] == admin
+    holders = {w["metadata"]["name"] for w in workloads(docs) for c in containers(w) for v in c.get("env", [])
+               if v.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "musicrl-triton-admin"}
+    assert holders == {"triton", "finetune"}
+    (finetune,) = pod_template(named(docs, "Deployment", "finetune"))["spec"]["containers"]
+    keys = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in finetune["env"] if "valueFrom" in v}
+    assert keys["MUSICRL_FINETUNE_TRITON_ADMIN_KEY"] == admin
+    # The HTTP port (model control) is behind its own Service, used by the finetune worker alone.
+    services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in by_kind(docs, "Service")
+                if s["spec"]["selector"] == {"app.kubernetes.io/name": "triton"}}
+    assert services == {"triton": {8001, 8002}, "triton-control": {8000}}
+    http_users = {w["metadata"]["name"] for w in workloads(docs) for c in containers(w)
+                  if "triton-control" in str(container_environment(docs, c).get("MUSICRL_TRITON_HTTP_URL"))}
+    assert http_users == {"finetune"}
+    (gateway,) = pod_template(named(docs, "Deployment", "gateway"))["spec"]["containers"]
+    assert container_environment(docs, gateway).get("MUSICRL_TRITON_HTTP_URL") is None
+
+
+def test_the_finetune_worker_has_time_to_finish_a_deploy_after_sigterm(docs):
+    from finetune_worker.settings import FinetuneSettings
+
+    finetune = named(docs, "Deployment", "finetune")
+    (container,) = pod_template(finetune)["spec"]["containers"]
+    timeout = float(container_environment(docs, container).get("MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S")
+                    or FinetuneSettings.model_fields["finetune_deploy_timeout_s"].default)
+    assert pod_template(finetune)["spec"]["terminationGracePeriodSeconds"] >= timeout + 120

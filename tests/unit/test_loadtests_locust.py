@@ -7,20 +7,19 @@ gateway is exercised in tests/integration/test_loadtests_gateway.py.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 import uuid
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Header, HTTPException, Response
 
 from loadtests.locust_runner import LocustRun, run_locust, summarize
 from musicrl.audio.formats import encode_audio
 from musicrl.schemas.preference import FeedbackAccepted, FeedbackRequest
 from serving.schemas import GenerationRequest
+
+from servers import serve_in_thread
 
 pytestmark = pytest.mark.unit
 
@@ -91,26 +90,8 @@ class FakeGateway:
 
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(gateway: FakeGateway) -> str:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(gateway.app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.started
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with ExitStack() as servers:
+        yield lambda gateway: servers.enter_context(serve_in_thread(gateway.app, timeout_s=10, log_level="warning"))
 
 
 FAST = {

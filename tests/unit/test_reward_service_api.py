@@ -21,10 +21,8 @@ import soundfile
 from fastapi.testclient import TestClient
 
 from musicrl.audio import codec, features, formats
-from musicrl.config import ObjectStoreConfig
-from minio.error import S3Error
-
-from musicrl.storage import ObjectNotFound
+from musicrl.schemas.generation import CLIP_GENERATION_ID_METADATA
+from musicrl.stack.processes import wait_until_healthy
 from reward_service.app import Dependencies, create_app
 from reward_service.services.inputs import InputResolver, Limits
 from reward_service.services.models import ModelHolder
@@ -34,6 +32,7 @@ from reward_service.services.scorer import CachedTextEncoder, score_batch
 from reward_service.settings import RewardSettings
 
 from audio_headers import flac_header, wav_header
+from feedback_helpers import InMemoryStore
 
 pytestmark = pytest.mark.unit
 
@@ -92,44 +91,6 @@ class FakeSource:
         return Path("/fake") / component / version
 
 
-class FakeResponse:
-    def __init__(self, data: bytes, headers: dict[str, str]):
-        self.data, self.headers = data, headers
-
-    def read(self):
-        return self.data
-
-    def close(self):
-        pass
-
-    def release_conn(self):
-        pass
-
-
-class FakeStore:
-    """The few object-store calls the resolver makes, in memory (the e2e tests use SeaweedFS)."""
-
-    def __init__(self):
-        self.config = ObjectStoreConfig()
-        self.objects: dict[tuple[str, str], bytes] = {}
-        self.metadata: dict[tuple[str, str], dict[str, str]] = {}
-        self.client = self
-
-    def get_object(self, bucket, key):
-        if (bucket, key) not in self.objects:
-            raise S3Error(None, "NoSuchKey", "missing", key, "", "", bucket, key)
-        return FakeResponse(self.objects[bucket, key], self.metadata.get((bucket, key), {}))
-
-    def get_bytes(self, bucket, key):
-        try:
-            return self.objects[bucket, key]
-        except KeyError:
-            raise ObjectNotFound(f"{bucket}/{key}") from None
-
-    def get_json(self, bucket, key):
-        return json.loads(self.get_bytes(bucket, key))
-
-
 def load_fake(source: FakeSource, component: str, path: Path, version: str):
     source.loads.append((component, version))
     return FAKES[component](version)
@@ -160,7 +121,7 @@ def build(source=None, store=None, score=None, **overrides):
     )
     settings = RewardSettings(**(defaults | overrides))
     source = source or FakeSource()
-    store = store or FakeStore()
+    store = store or InMemoryStore()
     holder = ModelHolder(source, partial(load_fake, source))
     resolver = InputResolver(store, Limits.from_settings(settings), codec, formats)
     score = score or partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))
@@ -176,10 +137,7 @@ def api():
 
 
 def wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 10
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "service never became ready"
-        time.sleep(0.01)
+    wait_until_healthy(lambda: client.get("/readyz").status_code == 200, 10, name="reward service", interval_s=0.01)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -227,8 +185,8 @@ def test_clip_tokens_come_from_the_generation_stamped_on_the_stored_wav(api):
     wav = formats.encode_audio(codec.decode(np.asarray(tokens(6.0, seed=6))), SR)
     for clip_id in (stamped, unstamped, dangling):
         store.objects["musicrl-clips", f"clips/{clip_id}.wav"] = wav
-    store.metadata["musicrl-clips", f"clips/{stamped}.wav"] = {"x-amz-meta-generation-id": generation_id}
-    store.metadata["musicrl-clips", f"clips/{dangling}.wav"] = {"x-amz-meta-generation-id": "9" * 32}
+    store.metadata["musicrl-clips", f"clips/{stamped}.wav"] = {CLIP_GENERATION_ID_METADATA: generation_id}
+    store.metadata["musicrl-clips", f"clips/{dangling}.wav"] = {CLIP_GENERATION_ID_METADATA: "9" * 32}
     store.objects["musicrl-generations", f"generations/{generation_id}.json"] = json.dumps(
         {"clips": [{"clip_id": stamped, "tokens": recorded}]}
     ).encode()

@@ -323,6 +323,10 @@ def test_production_refuses_development_secrets_and_no_keys(monkeypatch):
     refused_serve = CliRunner().invoke(gateway_cli, ["serve", "--port", "1"])  # exits before it binds anything
     assert refused_serve.exit_code == 1 and "MUSICRL_GATEWAY_API_KEYS configures no API key" in refused_serve.output
     monkeypatch.setenv("MUSICRL_GATEWAY_API_KEYS", KEYS)
+    with pytest.raises(InsecureSettings, match="MUSICRL_S3_SECRET_KEY"):  # the object-store user's, too
+        create_app()
+    monkeypatch.setenv("MUSICRL_S3_ACCESS_KEY", "gateway-user")
+    monkeypatch.setenv("MUSICRL_S3_SECRET_KEY", "a-real-s3-secret")
     assert create_app().state.settings.env == "production"
     monkeypatch.delenv("MUSICRL_ENV")
     assert GatewaySettings(gateway_api_keys="").production_problems()  # development: allowed, but listed

@@ -107,11 +107,12 @@ class FakeMinio:
         return self.objects[(bucket, key)]
 
     def get_object(self, bucket, key):
-        data = self._get(bucket, key)[0]
-        return SimpleNamespace(read=lambda: data, close=lambda: None, release_conn=lambda: None)
+        data, headers = self._get(bucket, key)
+        return SimpleNamespace(read=lambda: data, headers=headers, close=lambda: None, release_conn=lambda: None)
 
     def stat_object(self, bucket, key):
-        return SimpleNamespace(metadata=self._get(bucket, key)[1])
+        data, headers = self._get(bucket, key)
+        return SimpleNamespace(size=len(data), etag='"etag"', content_type="audio/wav", metadata=headers)
 
     def bucket_exists(self, bucket):
         self._check()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from serving.model_repository import BatchingConfig, install_version, installed_versions, render_config
+from musicrl.registry import verify_dir
+from serving.model_repository import SHIM_SOURCE, BatchingConfig, install_version, installed_versions, render_config
 from serving.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
@@ -60,8 +61,10 @@ def test_one_instance_per_core_by_default(monkeypatch):
 def test_install_version_copies_backend_and_checkpoint(tmp_path, checkpoint):
     repo = tmp_path / "repo"
     target = install_version(repo, 1, checkpoint)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "meta.json", "model.py", "weights.pt"]
-    assert "class TritonPythonModel" in (target / "model.py").read_text()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "manifest.json", "meta.json", "model.py", "weights.pt"]
+    # model.py is the shim that imports the installed package's backend: no code of its own in the repository
+    assert (target / "model.py").read_text() == SHIM_SOURCE and "class TritonPythonModel" not in SHIM_SOURCE
+    assert verify_dir(target)["files"].keys() == {"config.json", "meta.json", "weights.pt"}  # a manifest of its own
     config = (repo / "generator" / "config.pbtxt").read_text()
     assert 'name: "generator"' in config
 

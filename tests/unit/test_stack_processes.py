@@ -7,7 +7,7 @@ import pytest
 
 from musicrl.stack import binaries
 from musicrl.stack.binaries import PinnedFile, StackError, sha256_of, verified_path
-from musicrl.stack.processes import ManagedProcess, RunDir, Supervisor, free_port
+from musicrl.stack.processes import ManagedProcess, RunDir, Supervisor, free_port, serve_process, wait_until_healthy
 
 pytestmark = pytest.mark.unit
 
@@ -95,3 +95,33 @@ def test_stale_pid_file_of_another_process_is_not_signalled(tmp_path):
     # Our own pid with a wrong start time: the recorded process is gone, whoever holds the pid now.
     run_dir.pid_file("web").write_text(f'{{"pid": {psutil.Process().pid}, "create_time": 1.0, "argv": []}}')
     assert Supervisor(run_dir).stop("web") is False
+
+
+def test_serve_process_yields_once_the_url_answers_and_stops_the_process_after(tmp_path):
+    port = free_port()
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    with serve_process(argv, f"http://127.0.0.1:{port}/", name="web", log_path=tmp_path / "web.log") as process:
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200
+    assert process.poll() is not None
+
+
+def test_serve_process_that_exits_during_start_is_reported_at_once(tmp_path):
+    argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(StackError, match=r"^crash: exited during start-up, see .*crash.log$"):
+        with serve_process(argv, f"http://127.0.0.1:{free_port()}/", name="crash", log_path=tmp_path / "crash.log",
+                           timeout_s=60):
+            pass
+
+
+def test_wait_until_healthy_polls_a_check_and_times_out():
+    answers = iter([False, RuntimeError("refused"), True])
+
+    def check():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    wait_until_healthy(check, 5, interval_s=0.01)
+    with pytest.raises(StackError, match=r"^nothing: not healthy after 0 s$"):
+        wait_until_healthy(lambda: False, 0.05, name="nothing", interval_s=0.01)

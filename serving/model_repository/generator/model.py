@@ -1,14 +1,24 @@
-"""Triton Python backend for the music generator.
+"""Triton Python backend for the music generator, whichever policy the version holds.
+
+The version directory says which (``musicrl.models.policy.load_policy``): the
+project's default generator (``config.json``, ``weights.pt``, ``meta.json``) or
+MusicGen (a ``save_pretrained`` directory). The prompt arrives as the gateway
+sends it for that kind: ``PROMPT_EMBEDDING`` (the frozen sentence encoder's
+vector) for the default, ``PROMPT`` (the text; MusicGen runs its own T5) for
+MusicGen. ``N_FRAMES`` counts the policy's own frames (8/s default, 50/s MusicGen).
 
 One ``execute`` call receives every request of a dynamic batch and samples
-all their rows in one ``Generator.sample`` call (per-row seed, temperature and
-top-k) at the longest requested length, then cuts each row to its own length.
-This is exact: a row's tokens depend only on its own condition, seed and
-sampling parameters, and a shorter clip is the prefix of a longer one with the
-same seed. Audio is decoded here so the gateway never needs the codec.
+all their rows in one ``sample`` call (per-row seed, temperature and top-k) at
+the longest requested length, then cuts each row to its own length. This is
+exact when the policy is ``prefix_stable`` (a row depends only on its own
+condition, seed and sampling parameters, and a shorter clip is the prefix of a
+longer one with the same seed); MusicGen's delay pattern breaks the prefix
+property, so its rows are sampled in one call per requested length. Audio is
+decoded here, at the policy's own sample rate (16 kHz default, 32 kHz MusicGen),
+so the gateway never needs the codec.
 
-The version directory holds this file and the generator checkpoint
-(``config.json``, ``weights.pt``, ``meta.json``); the Triton model version is
+Outputs: ``TOKENS`` and ``LOGPROBS`` are ``[T]`` per row for the one-codebook
+default (as before) and ``[K, T]`` for MusicGen; the Triton model version is
 reported as the policy version of every clip.
 """
 
@@ -41,14 +51,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from musicrl.audio import codec  # noqa: E402
-from musicrl.models.generator import load_generator  # noqa: E402
+from musicrl.models.policy import load_policy  # noqa: E402
 
 
 class Row(NamedTuple):
     request: int  # index of the request in this execute call
     index: int  # row inside that request
-    cond: np.ndarray
+    prompt: np.ndarray | str  # the prompt embedding (default policy) or the prompt text (MusicGen)
     seed: int
     n_frames: int
     temperature: float
@@ -60,26 +69,28 @@ class TritonPythonModel:
         # One intra-op thread per instance: instances, not threads, use the cores.
         torch.set_num_threads(1)
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.generator, _ = load_generator(version_dir)
-        self.generator.eval()
+        self.policy = load_policy(version_dir)
+        self.prompt_input = "PROMPT" if self.policy.kind == "musicgen" else "PROMPT_EMBEDDING"
         self.policy_version = str(args["model_version"]).encode()
-        self.max_frames = int(self.generator.config.max_frames)
+        self.max_frames = int(self.policy.max_frames)
 
     def execute(self, requests):
         rows: list[Row] = []
         errors: dict[int, str] = {}
         for r, request in enumerate(requests):
-            cond = pb_utils.get_input_tensor_by_name(request, "PROMPT_EMBEDDING").as_numpy()
+            prompts = pb_utils.get_input_tensor_by_name(request, self.prompt_input).as_numpy()
+            if self.prompt_input == "PROMPT":
+                prompts = [p.decode() if isinstance(p, bytes) else str(p) for p in prompts[:, 0]]
             seeds = pb_utils.get_input_tensor_by_name(request, "SEED").as_numpy()[:, 0]
             n_frames = pb_utils.get_input_tensor_by_name(request, "N_FRAMES").as_numpy()[:, 0]
             temperatures = pb_utils.get_input_tensor_by_name(request, "TEMPERATURE").as_numpy()[:, 0]
             top_ks = pb_utils.get_input_tensor_by_name(request, "TOP_K").as_numpy()[:, 0]
-            error = self._validate(cond, n_frames, temperatures, top_ks)
+            error = self._validate(prompts, n_frames, temperatures, top_ks)
             if error:
                 errors[r] = error
                 continue
             for i in range(len(seeds)):
-                rows.append(Row(r, i, cond[i], int(seeds[i]), int(n_frames[i]), float(temperatures[i]), int(top_ks[i])))
+                rows.append(Row(r, i, prompts[i], int(seeds[i]), int(n_frames[i]), float(temperatures[i]), int(top_ks[i])))
 
         try:
             results = self._sample(rows)
@@ -93,9 +104,11 @@ class TritonPythonModel:
             responses.append(self._response([results[r][i] for i in sorted(results[r])]))
         return responses
 
-    def _validate(self, cond, n_frames, temperatures, top_ks) -> str | None:
-        if not np.all(np.isfinite(cond)):
+    def _validate(self, prompts, n_frames, temperatures, top_ks) -> str | None:
+        if self.prompt_input == "PROMPT_EMBEDDING" and not np.all(np.isfinite(prompts)):
             return "PROMPT_EMBEDDING must be finite"
+        if self.prompt_input == "PROMPT" and not all(p.strip() for p in prompts):
+            return "PROMPT must not be empty"
         if len(set(n_frames.tolist())) != 1:
             return "all rows of one request must ask for the same N_FRAMES"
         if n_frames.min() < 1 or n_frames.max() > self.max_frames:
@@ -108,37 +121,46 @@ class TritonPythonModel:
 
     def _sample(self, rows: list[Row]) -> dict[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
         results: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
-        if not rows:
-            return results
-        cond = torch.from_numpy(np.stack([row.cond for row in rows]).astype(np.float32))
-        tokens, logprobs = self.generator.sample(
-            cond,
-            max(row.n_frames for row in rows),
-            temperature=[row.temperature for row in rows],
-            top_k=[row.top_k for row in rows],
-            seeds=[row.seed for row in rows],
-        )
-        for j, row in enumerate(rows):
-            results[row.request][row.index] = (
-                tokens[j, : row.n_frames].numpy().astype(np.int64),
-                logprobs[j, : row.n_frames].numpy().astype(np.float32),
+        if self.policy.prefix_stable:
+            groups = [rows] if rows else []
+        else:  # one call per length (every row of a request has the same N_FRAMES)
+            groups = [[row for row in rows if row.n_frames == n] for n in sorted({row.n_frames for row in rows})]
+        for group in groups:
+            tokens, logprobs = self.policy.sample(
+                self._condition(group),
+                max(row.n_frames for row in group),
+                temperature=[row.temperature for row in group],
+                top_k=[row.top_k for row in group],
+                seeds=[row.seed for row in group],
             )
+            for j, row in enumerate(group):
+                results[row.request][row.index] = (
+                    tokens[j, :, : row.n_frames].numpy().astype(np.int64),
+                    logprobs[j, :, : row.n_frames].numpy().astype(np.float32),
+                )
         return results
 
+    def _condition(self, rows: list[Row]):
+        if self.prompt_input == "PROMPT":
+            return self.policy.condition([row.prompt for row in rows])
+        return torch.from_numpy(np.stack([row.prompt for row in rows]).astype(np.float32))  # embedded by the gateway
+
     def _response(self, rows):
-        tokens = np.stack([t for t, _ in rows])
+        tokens = np.stack([t for t, _ in rows])  # [n, K, T]
         logprobs = np.stack([lp for _, lp in rows])
-        audio = np.stack([codec.decode(t).astype(np.float32) for t in tokens])
+        audio = self.policy.decode(tokens).astype(np.float32)
+        if tokens.shape[1] == 1:  # one codebook: [n, T], the contract of the default generator
+            tokens, logprobs = tokens[:, 0], logprobs[:, 0]
         n = len(rows)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor("TOKENS", tokens),
                 pb_utils.Tensor("LOGPROBS", logprobs),
                 pb_utils.Tensor("AUDIO", audio),
-                pb_utils.Tensor("SAMPLE_RATE", np.full((n, 1), codec.SAMPLE_RATE, dtype=np.int32)),
+                pb_utils.Tensor("SAMPLE_RATE", np.full((n, 1), self.policy.sample_rate, dtype=np.int32)),
                 pb_utils.Tensor("POLICY_VERSION", np.full((n, 1), self.policy_version, dtype=object)),
             ]
         )
 
     def finalize(self):
-        self.generator = None
+        self.policy = None
