@@ -53,6 +53,47 @@ class IntegrityError(RegistryError):
     """A downloaded file does not match the sha256 recorded in its manifest."""
 
 
+DOWNLOAD_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def download_verified(store: ObjectStore, bucket: str, prefix: str, files: dict[str, str | None], dest_dir: str | Path,
+                      label: str, *, manifest: dict | None = None) -> Path:
+    """Stream ``files`` (name -> expected sha256, or None: unverified) under ``prefix`` into ``dest_dir``.
+
+    The files land in a temporary sibling first and the directory is renamed into place only
+    when every hash matched, so ``dest_dir`` is either complete or absent (an existing one is
+    replaced); ``manifest``, when given, is written beside them. Raises ``IntegrityError`` on a
+    mismatch or an unsafe file name. Objects are streamed in chunks, so a multi-GB checkpoint
+    never sits in memory. The one downloader of the registry and of ``musicrl.weights``.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}-", dir=dest_dir.parent))
+    try:
+        for name, expected in files.items():
+            if name.startswith("/") or ".." in Path(name).parts:
+                raise IntegrityError(f"{label}: unsafe file name {name!r} in manifest")
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with target.open("wb") as handle:
+                for chunk in store.iter_bytes(bucket, f"{prefix}/{name}" if prefix else name, DOWNLOAD_CHUNK_BYTES):
+                    digest.update(chunk)
+                    handle.write(chunk)
+            actual = digest.hexdigest()
+            if expected is not None and actual != expected:
+                raise IntegrityError(f"{label}: {name} has sha256 {actual[:12]}..., manifest says {expected[:12]}...")
+        if manifest is not None:
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if dest_dir.exists():
+            shutil.rmtree(dest_dir)
+        os.replace(staging, dest_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest_dir
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -225,27 +266,8 @@ class Registry:
         An existing ``dest_dir`` is replaced. Raises ``IntegrityError`` on a mismatch.
         """
         manifest = self.manifest(kind, version)
-        dest_dir = Path(dest_dir)
-        dest_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}-", dir=dest_dir.parent))
-        try:
-            for name, expected in manifest["files"].items():
-                if name.startswith("/") or ".." in Path(name).parts:
-                    raise IntegrityError(f"{kind} {version}: unsafe file name {name!r} in manifest")
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.store.get_bytes(self.bucket, f"{kind}/{version}/{name}"))
-                actual = sha256_file(target)
-                if actual != expected:
-                    raise IntegrityError(f"{kind} {version}: {name} has sha256 {actual[:12]}..., manifest says {expected[:12]}...")
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if dest_dir.exists():
-                shutil.rmtree(dest_dir)
-            os.replace(staging, dest_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return dest_dir
+        return download_verified(self.store, self.bucket, f"{kind}/{version}", manifest["files"], dest_dir,
+                                 f"{kind} {version}", manifest=manifest)
 
 
 def verify_dir(local_dir: str | Path) -> dict[str, Any]:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from musicrl.registry import MANIFEST, IntegrityError, verify_dir
+from musicrl.registry import MANIFEST, IntegrityError, download_verified, verify_dir
 
 CHUNK_BYTES = 8 * 1024 * 1024
 log = logging.getLogger(__name__)
@@ -64,24 +61,7 @@ def fetch_weights(location: str | Path, store=None, cache_dir: str | Path = ".da
     files = manifest["files"] if manifest is not None else {name: None for name in _names(store, bucket, prefix)}
     if not files:
         raise FileNotFoundError(f"nothing under {location}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        for name, expected in files.items():
-            if name.startswith("/") or ".." in Path(name).parts:
-                raise IntegrityError(f"{location}: unsafe file name {name!r}")
-            digest = _download(store, bucket, _key(prefix, name), staging / name)
-            if expected is not None and digest != expected:
-                raise IntegrityError(f"{location}: {name} has sha256 {digest[:12]}..., the manifest says {expected[:12]}...")
-        if manifest is not None:
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+    return download_verified(store, bucket, prefix, files, dest, location, manifest=manifest)
 
 
 def directory_digest(directory: str | Path, length: int = 10) -> str:
@@ -119,14 +99,3 @@ def _verifies(directory: Path) -> bool:
     except IntegrityError:
         return False
     return True
-
-
-def _download(store, bucket: str, key: str, target: Path) -> str:
-    """Stream one object to ``target``; its sha256."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with target.open("wb") as handle:
-        for chunk in store.iter_bytes(bucket, key, CHUNK_BYTES):
-            digest.update(chunk)
-            handle.write(chunk)
-    return digest.hexdigest()

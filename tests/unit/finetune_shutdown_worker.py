@@ -46,6 +46,9 @@ class FileStore(ObjectStore):
         except FileNotFoundError:
             raise ObjectNotFound(f"{bucket}/{key}") from None
 
+    def iter_bytes(self, bucket, key, chunk_size=8 * 1024 * 1024):
+        yield self.get_bytes(bucket, key)
+
     def put_bytes(self, bucket, key, data, content_type="application/octet-stream"):
         path = self._path(bucket, key)
         path.parent.mkdir(parents=True, exist_ok=True)
