@@ -282,6 +282,63 @@ def cycle_cost_command(
     raise typer.Exit(0 if results["flat_within_30_percent"] else 3)
 
 
+@app.command("reliability")
+def reliability_command(
+    parts: str = typer.Option(",".join(("auth", "votes", "bombs", "consumer", "schemathesis")),
+                              help="Comma-separated parts to run: auth, votes, bombs, consumer, schemathesis."),
+    forged: int = typer.Option(1000, min=0, help="Forged or replayed votes sent through POST /v1/feedback."),
+    valid: int = typer.Option(40, min=1, help="Valid votes interleaved with them (one generation each)."),
+    buffer_sizes: str = typer.Option("20000,200000", help="Votes in the synthetic buffers the consumer starts on, comma-separated."),
+    chunk_events: int = typer.Option(1000, min=1, help="Votes per chunk (ledger entry and segment) of those buffers."),
+    bomb_repeats: int = typer.Option(3, min=1, help="Times each decode bomb is sent."),
+    max_examples: int = typer.Option(20, min=1, help="Schemathesis test cases per API operation (--max-examples)."),
+    seed: int = typer.Option(0, help="Seeds the vote schedule and the synthetic buffers."),
+    output: Path = typer.Option(Path("results/reliability.json"), help="Results file."),
+    work_dir: Path = typer.Option(Path(".data/reliability"), help="Private stack, consumer logs, schemathesis reports "
+                                                                  "(wiped at the start)."),
+) -> None:
+    """Auth and limits, forged votes, decode bombs, consumer state and API fuzzing on a private stack (docs/reliability.md).
+
+    Exit code 0 when every target of the parts run is met, 3 otherwise."""
+    import shutil
+    import signal
+    import sys
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from loadtests.reliability import ReliabilityConfig, run_reliability, table_rows, write_results
+    from musicrl.config import BaseServiceSettings
+    from musicrl.logging import configure_logging
+
+    try:
+        config = ReliabilityConfig(
+            parts=tuple(p.strip() for p in parts.split(",") if p.strip()), forged=forged, valid=valid,
+            buffer_sizes=tuple(int(size) for size in buffer_sizes.split(",") if size.strip()), chunk_events=chunk_events,
+            bomb_repeats=bomb_repeats, max_examples=max_examples, seed=seed)
+        config.validate()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    configure_logging(BaseServiceSettings(log_level="WARNING", log_json=False), service="reliability")
+    console = Console()
+    started = time.monotonic()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
+    results = run_reliability(config, work_dir,
+                              lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False, markup=False))
+    write_results(results, output)
+    table = Table(title=f"reliability ({results['seconds']['total']:.0f} s)")
+    for column in ("part", "measure", "value"):
+        table.add_column(column)
+    for row in table_rows(results):
+        table.add_row(*row)
+    console.print(table)
+    met = results["summary"]["all_met"]
+    console.print(f"targets {'met' if met else 'NOT met'}; wrote {output}", highlight=False)
+    raise typer.Exit(0 if met else 3)
+
+
 @app.command("reward-model-fit")
 def reward_model_fit_command(
     pool_pairs: int = typer.Option(RewardModelFitConfig.pool_pairs, min=5,

@@ -420,10 +420,29 @@ PRIVATE_SERVICE_ENV = {
 }
 
 
+ServiceEnv = dict[str, "dict[str, str] | Callable[[Any], dict[str, str]]"]
+
+
+def _with_env(component, extra):
+    """``component`` whose process also gets ``extra`` (a dict, or a function of the stack settings) in its environment."""
+    from musicrl.stack.stack import Component
+
+    def build(settings):
+        process = component.process(settings)
+        process.env = process.env | (extra(settings) if callable(extra) else extra)
+        return process
+
+    return Component(component.name, build, component.provision)
+
+
 @contextlib.contextmanager
-def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: float = 300.0) -> Iterator[Any]:
+def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: float = 300.0,
+                  service_env: ServiceEnv | None = None) -> Iterator[Any]:
     """Reward service, gateway and consumer (the stack's own components) on the servers ``settings`` name;
-    the committed defaults published (base generator as version 1) and served. Yields the ``StackInfo``."""
+    the committed defaults published (base generator as version 1) and served. Yields the ``StackInfo``.
+
+    ``service_env`` adds variables to a service's environment by component name (e.g. more API keys
+    for the gateway: ``{"gateway": {"MUSICRL_GATEWAY_API_KEYS": ...}}``), after the stack's own."""
     from finetune_worker.stack_component import CHECKPOINTS, serve_current_generator
     from musicrl.config import ObjectStoreConfig
     from musicrl.kafka import ensure_topics
@@ -436,7 +455,9 @@ def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: fl
     from feedback_consumer.settings import ConsumerSettings
 
     ensure_topics(StackInfo(settings).settings_for(ConsumerSettings))
-    stack = Stack(settings, [c for c in SERVICES if c.name in LOOP_SERVICES], tied_to_parent=True)
+    components = [c for c in SERVICES if c.name in LOOP_SERVICES]
+    components = [_with_env(c, service_env[c.name]) if c.name in (service_env or {}) else c for c in components]
+    stack = Stack(settings, components, tied_to_parent=True)
     try:
         with _environ(PRIVATE_SERVICE_ENV):
             info = stack.up()
@@ -450,7 +471,8 @@ def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: fl
 
 
 @contextlib.contextmanager
-def private_loop_stack(work_dir: Path, checkpoints: Path | None = None) -> Iterator[Any]:
+def private_loop_stack(work_dir: Path, checkpoints: Path | None = None, service_env: ServiceEnv | None = None
+                       ) -> Iterator[Any]:
     """SeaweedFS, Tansu and Triton on free ports under ``work_dir``, then ``loop_services`` on them."""
     from musicrl.stack import Stack, free_port_settings
     from musicrl.stack.stack import COMPONENTS
@@ -458,7 +480,7 @@ def private_loop_stack(work_dir: Path, checkpoints: Path | None = None) -> Itera
     servers = Stack(free_port_settings(work_dir / "stack"), COMPONENTS, tied_to_parent=True)
     try:
         info = servers.up()
-        with loop_services(info.settings, checkpoints) as services:
+        with loop_services(info.settings, checkpoints, service_env=service_env) as services:
             yield services
     finally:
         servers.down()

@@ -22,6 +22,9 @@ MEDIA_TYPES: dict[str, str] = {
 }
 ID_PATTERN = r"^[0-9a-f]{32}$"
 MAX_CANDIDATES = 4
+# Below this the sampling is greedy anyway, and far below it (about 1e-37) logits / temperature overflow
+# float32: the clip's log-probabilities become NaN (found by schemathesis, docs/reliability.md).
+MIN_TEMPERATURE = 0.01
 
 
 class GenerationRequest(BaseModel):
@@ -30,7 +33,9 @@ class GenerationRequest(BaseModel):
     prompt: str = Field(description="What the music should be like.", examples=["calm lo-fi piano with soft drums"])
     n: int | None = Field(None, ge=1, le=MAX_CANDIDATES, description="Candidates to generate (default 2).")
     duration_s: float | None = Field(None, gt=0, description="Seconds of audio per candidate (default 10).")
-    temperature: float | None = Field(None, gt=0, description="Sampling temperature (default 0.99, as in MusicRL).")
+    temperature: float | None = Field(
+        None, ge=MIN_TEMPERATURE, description="Sampling temperature (default 0.99, as in MusicRL)."
+    )
     top_k: int = Field(0, ge=0, le=1 << 16, description="Top-k filtering; 0 samples from the full distribution.")
     seed: int | None = Field(None, ge=0, lt=1 << 62, description="Makes the request reproducible.")
     app_id: str = Field("web", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
@@ -95,6 +100,11 @@ class ErrorBody(BaseModel):
     detail: str | list
     request_id: str | None = None
 
+
+# FastAPI's answer to a body it cannot even decode (not UTF-8, JSON nested too deeply); malformed JSON is 422.
+UNDECODABLE_BODY: dict[int | str, dict] = {
+    400: {"model": ErrorBody, "description": "The body cannot be decoded (not UTF-8, or JSON nested too deeply)."},
+}
 
 # The answers of the authentication and limits every write route has (serving.deps.Caller).
 AUTH_ERRORS: dict[int | str, dict] = {

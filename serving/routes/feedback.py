@@ -8,13 +8,14 @@ from fastapi import APIRouter, Depends, Request
 
 from musicrl.schemas.preference import FeedbackAccepted, FeedbackRequest
 from serving.deps import Caller, app_singleton, get_generation_service, get_settings, get_vote_policy
-from serving.schemas import AUTH_ERRORS, ErrorBody
+from serving.schemas import AUTH_ERRORS, UNDECODABLE_BODY, ErrorBody
 from serving.services.feedback import FEEDBACK_METRICS, FeedbackProducer, FeedbackService
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 # 413: a body above MUSICRL_GATEWAY_MAX_BODY_BYTES (serving.body_limit); 401 and 429 (key or user) as AUTH_ERRORS.
 ERRORS = {
     **AUTH_ERRORS,
+    **UNDECODABLE_BODY,
     403: {"model": ErrorBody, "description": "The vote token does not allow this vote: forged, expired, or for "
                                              "another generation, API key, user or clip."},
     404: {"model": ErrorBody},

@@ -8,14 +8,14 @@ from fastapi import APIRouter, Depends, Path
 
 from musicrl.schemas.generation import GenerationRecord
 from serving.deps import Caller, get_generation_service
-from serving.schemas import AUTH_ERRORS, ID_PATTERN, ErrorBody, GenerationRequest, GenerationResponse
+from serving.schemas import AUTH_ERRORS, ID_PATTERN, UNDECODABLE_BODY, ErrorBody, GenerationRequest, GenerationResponse
 from serving.services.generations import GenerationService
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 Service = Annotated[GenerationService, Depends(get_generation_service)]
 ERRORS = {404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 502: {"model": ErrorBody}, 503: {"model": ErrorBody}}
 # A body above MUSICRL_GATEWAY_MAX_BODY_BYTES (serving.body_limit); 401 and 429 of the API key.
-WRITE_ERRORS = {**ERRORS, 413: {"model": ErrorBody}, **AUTH_ERRORS}
+WRITE_ERRORS = {**ERRORS, 413: {"model": ErrorBody}, **AUTH_ERRORS, **UNDECODABLE_BODY}
 
 
 @router.post("", response_model=GenerationResponse, status_code=201, responses=WRITE_ERRORS)

@@ -34,7 +34,7 @@ from musicrl.schemas.generation import (
 from musicrl.storage import ObjectNotFound
 from serving.errors import NotFound, RequestRejected, UpstreamUnavailable
 from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM_ERRORS
-from serving.schemas import MEDIA_TYPES, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
+from serving.schemas import MEDIA_TYPES, MIN_TEMPERATURE, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
 from serving.services.embedding import PromptEmbedder
 from serving.services.triton import Candidate, GeneratorClient
 from serving.services.vote_tokens import VoteTokens
@@ -178,9 +178,9 @@ class GenerationService:
                 "duration_s",
                 f"duration_s must be between {s.gateway_min_duration_s} and {s.gateway_max_duration_s} s, got {duration_s}",
             )
-        if not 0 < temperature <= s.gateway_max_temperature:
+        if not MIN_TEMPERATURE <= temperature <= s.gateway_max_temperature:
             raise RequestRejected(
-                "temperature", f"temperature must be in (0, {s.gateway_max_temperature}], got {temperature}"
+                "temperature", f"temperature must be in [{MIN_TEMPERATURE}, {s.gateway_max_temperature}], got {temperature}"
             )
 
     async def _generate(

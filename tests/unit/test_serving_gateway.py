@@ -205,6 +205,8 @@ def test_seed_makes_candidates_reproducible_and_distinct():
         ({"prompt": "ok", "duration_s": 31}, "duration_s"),
         ({"prompt": "ok", "temperature": 0}, "temperature"),
         ({"prompt": "ok", "temperature": -1}, "temperature"),
+        ({"prompt": "ok", "temperature": 1.1754943508222875e-38}, "temperature"),  # NaN log-probs in float32
+        ({"prompt": "ok", "temperature": 0.009}, "temperature"),
         ({"prompt": "ok", "temperature": 2.5}, "temperature"),
         ({"prompt": "ok", "top_k": -1}, "top_k"),
         ({"prompt": "ok", "seed": -3}, "seed"),
