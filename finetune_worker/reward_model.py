@@ -291,7 +291,8 @@ def fit_reward_model(
     device = next(generator.parameters()).device
     model = PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty).to(device)
     metrics = fit_preference_heads(model, pairs.pairs, l2=l2, folds=folds, seed=seed)
-    metrics["heldout_accuracy"] = metrics["cv_accuracy"]
+    # The names the cycle, its reports and the fine-tune fit share: every decided pair was judged out of sample.
+    metrics["heldout_accuracy"], metrics["n_heldout_decided"] = metrics["cv_accuracy"], metrics["n_cv_decided"]
     if reward_fn is not None:
         for name, accuracy in single_reward_accuracy(pairs, reward_fn, ("text_adherence", "quality")).items():
             metrics[f"heldout_accuracy_{name}_only"] = accuracy  # fixed rewards: every pair is out of sample
