@@ -291,6 +291,7 @@ def reliability_command(
     buffer_sizes: str = typer.Option("20000,200000", help="Votes in the synthetic buffers the consumer starts on, comma-separated."),
     chunk_events: int = typer.Option(1000, min=1, help="Votes per chunk (ledger entry and segment) of those buffers."),
     bomb_repeats: int = typer.Option(3, min=1, help="Times each decode bomb is sent."),
+    consumer_repeats: int = typer.Option(3, min=1, help="Consumer starts per buffer size (medians reported)."),
     max_examples: int = typer.Option(20, min=1, help="Schemathesis test cases per API operation (--max-examples)."),
     seed: int = typer.Option(0, help="Seeds the vote schedule and the synthetic buffers."),
     output: Path = typer.Option(Path("results/reliability.json"), help="Results file."),
@@ -316,7 +317,7 @@ def reliability_command(
         config = ReliabilityConfig(
             parts=tuple(p.strip() for p in parts.split(",") if p.strip()), forged=forged, valid=valid,
             buffer_sizes=tuple(int(size) for size in buffer_sizes.split(",") if size.strip()), chunk_events=chunk_events,
-            bomb_repeats=bomb_repeats, max_examples=max_examples, seed=seed)
+            bomb_repeats=bomb_repeats, consumer_repeats=consumer_repeats, max_examples=max_examples, seed=seed)
         config.validate()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None

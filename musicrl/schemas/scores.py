@@ -67,7 +67,9 @@ class ScoreRequest(BaseModel):
 
     items: list[ScoreItem] = Field(min_length=1)
     components: list[Component] | None = Field(
-        default=None, description="Rewards to compute; all of them when omitted."
+        default=None, description="Rewards to compute; all of them when omitted.",
+        # What _unique_components checks, stated in the OpenAPI document too (it keeps its own messages).
+        json_schema_extra={"minItems": 1, "uniqueItems": True},
     )
     weights: dict[Component, float] | None = Field(
         default=None, description="Weights of the combined reward; the service defaults when omitted."

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from musicrl.logging import get_logger
+from musicrl.schemas.scores import ErrorResponse
 from reward_service.routes.deps import get_holder, get_metrics, get_settings
 from reward_service.services.metrics import RewardMetrics
 from reward_service.services.models import ModelHolder
@@ -28,7 +29,15 @@ def require_admin(
         raise HTTPException(401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 
-@router.post("/v1/admin/reload", dependencies=[Depends(require_admin)])
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "No bearer token, or not the admin token",
+          "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}},
+    403: {"model": ErrorResponse, "description": "The admin API is disabled (no MUSICRL_REWARD_ADMIN_TOKEN)"},
+    503: {"model": ErrorResponse, "description": "The reload failed; the models in use stay"},
+}
+
+
+@router.post("/v1/admin/reload", dependencies=[Depends(require_admin)], responses=_ERRORS)
 async def reload(holder: ModelHolder = Depends(get_holder), metrics: RewardMetrics = Depends(get_metrics)) -> dict:
     """Load the registry's current reward models now; requests keep flowing meanwhile."""
     try:

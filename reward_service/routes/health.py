@@ -24,6 +24,6 @@ def readyz(holder: ModelHolder = Depends(get_holder)) -> JSONResponse:
     return JSONResponse({"ready": True, "model_versions": dict(holder.snapshot().versions)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", include_in_schema=False)  # Prometheus text, not part of the JSON API (as the gateway's)
 def metrics(metrics: RewardMetrics = Depends(get_metrics)) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

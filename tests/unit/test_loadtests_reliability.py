@@ -189,8 +189,10 @@ def _results(**overrides):
                                 {"votes": 10, "chunks": 1, "rss_mb": 110, "peak_mb": 110, "healthy_s": 1, "restored_s": 2.2,
                                  "known_event_ids": 9}],
                      "rss_ratio": 1.1, "startup_ratio": 1.1},
-        "schemathesis": {"gateway": {"ran": True, "cases": 50, "failures": 0, "errors": 0},
-                         "reward_service": {"ran": True, "cases": 30, "failures": 0, "errors": 0}},
+        "schemathesis": {"gateway": {"ran": True, "cases": 50, "failures": 1, "unexpected_failures": 0, "errors": 0,
+                                     "failure_kinds": [{"code": "ST202", "operations": ["POST /v1/feedback"]}]},
+                         "reward_service": {"ran": True, "cases": 30, "failures": 0, "unexpected_failures": 0,
+                                            "errors": 0}},
     }
     for path, value in overrides.items():
         part, _, key = path.partition("__")
@@ -209,7 +211,8 @@ def test_the_summary_meets_its_targets_only_when_every_measure_does():
         "bombs__peak_ratio_to_idle": 2.5,
         "consumer__rss_ratio": 1.3,
         "consumer__startup_ratio": None,
-        "schemathesis__gateway": {"ran": True, "cases": 5, "failures": 1, "errors": 0},
+        "schemathesis__gateway": {"ran": True, "cases": 5, "failures": 1, "unexpected_failures": 1, "errors": 0},
+        "schemathesis__reward_service": {"ran": False, "note": "not installed"},
     }
     for path, value in failing.items():
         summary = summarize(_results(**{path: value}))
@@ -244,8 +247,10 @@ def test_schemathesis_report_parsing(tmp_path):
     assert parse_schemathesis(report, 2)["ran"] is False
     report.write_text(json.dumps({"operations": {"tested": 3}, "test_cases": {"generated": 41, "with_failures": 2,
                                                                               "unique_failures": 1},
-                                  "failures": [{"code": "ST201", "title": "t", "count": 2, "operations": ["POST /x"]}],
+                                  "failures": [{"code": "ST201", "title": "t", "count": 2, "operations": ["POST /x"]},
+                                               {"code": "ST202", "title": "t", "count": 1, "operations": ["POST /x"]}],
                                   "errors": []}))
     parsed = parse_schemathesis(report, 1)
     assert parsed["cases"] == 41 and parsed["failures"] == 1 and parsed["errors"] == 0
+    assert parsed["unexpected_failures"] == 2  # ST201 counts, ST202 (a rule the schema cannot state) does not
     assert parsed["failure_kinds"][0]["code"] == "ST201"
