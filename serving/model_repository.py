@@ -38,7 +38,6 @@ files only on ``load_model``, so the version files are uploaded first, then
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -219,14 +218,6 @@ def _check_config_serves(repo_dir: str | Path, model_name: str, io: PolicyIO, ba
                          "install it with batching settings to render a new config")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _version_files(checkpoint_dir: Path) -> dict[str, bytes | Path]:
     """What a version directory holds: the checkpoint's files, its manifest, the shim ``model.py``.
 
@@ -240,7 +231,9 @@ def _version_files(checkpoint_dir: Path) -> dict[str, bytes | Path]:
     files.pop(COMPLETE_MARKER, None)
     files.pop(BACKEND_FILE, None)
     if MANIFEST_FILE not in files:
-        manifest = {"files": {name: _sha256(path) for name, path in files.items()},
+        from musicrl.registry import sha256_file  # noqa: PLC0415 - the registry's hash, so the manifests agree
+
+        manifest = {"files": {name: sha256_file(path) for name, path in files.items()},
                     "source": "serving.model_repository.install_version"}
         files[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode()
     files[BACKEND_FILE] = SHIM_SOURCE.encode()

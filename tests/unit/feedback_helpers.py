@@ -11,7 +11,7 @@ from urllib3.exceptions import MaxRetryError
 from musicrl.config import ObjectStoreConfig
 from musicrl.schemas.generation import GenerationRecord, generation_key
 from musicrl.schemas.preference import PreferenceEvent
-from musicrl.storage import ObjectInfo, ObjectNotFound, ObjectStore
+from musicrl.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -48,6 +48,13 @@ class InMemoryStore(ObjectStore):
         self.objects[(bucket, key)] = bytes(data)
         self.content_types[(bucket, key)] = content_type
         self.metadata[(bucket, key)] = {k.lower(): v for k, v in (metadata or {}).items()}
+
+    def put_bytes_conditional(self, bucket, key, data, *, if_absent=False, if_match=None):
+        """The registry's create-if-absent PUT (reserving versions, the lease); ``if_match`` is not checked."""
+        if if_absent and (bucket, key) in self.objects:
+            raise PreconditionFailed(f"{bucket}/{key}")
+        self.put_bytes(bucket, key, data)
+        return "etag"
 
     def get_bytes(self, bucket, key):
         self._check()

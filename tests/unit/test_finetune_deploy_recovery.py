@@ -14,7 +14,6 @@ from feedback_helpers import InMemoryStore
 from finetune_worker import deploy as deploy_module
 from finetune_worker.deploy import Deployer, DeployInFlight
 from musicrl.registry import Registry
-from musicrl.storage import PreconditionFailed
 from serving import model_repository
 from serving.model_repository import (
     COMPLETE_MARKER,
@@ -26,14 +25,6 @@ from serving.model_repository import (
 )
 
 pytestmark = pytest.mark.unit
-
-
-class Store(InMemoryStore):
-    def put_bytes_conditional(self, bucket, key, data, *, if_absent=False, if_match=None):
-        if if_absent and (bucket, key) in self.objects:
-            raise PreconditionFailed(f"{bucket}/{key}")
-        self.put_bytes(bucket, key, data)
-        return "etag"
 
 
 class Killed(BaseException):
@@ -70,7 +61,7 @@ def _publish(registry: Registry, tmp_path, seed: int) -> str:
 
 @pytest.fixture(params=["local", "s3"])
 def setup(request, tmp_path):
-    store = Store()
+    store = InMemoryStore()
     registry = Registry(store)
     repo = tmp_path / "repo" if request.param == "local" else "s3://musicrl-models/triton"
 
@@ -256,7 +247,7 @@ def test_staging_leftovers_without_a_journal_are_removed(setup):
 
 
 def test_object_store_install_writes_the_marker_last_and_model_py_just_before(tmp_path):
-    store = Store()
+    store = InMemoryStore()
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text(json.dumps({"text_dim": 384}))

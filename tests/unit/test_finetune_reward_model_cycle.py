@@ -15,17 +15,8 @@ from finetune_worker.settings import FinetuneSettings
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
 from musicrl.models.preference import PreferenceRewardModel, load_preference_model, save_preference_model
 from musicrl.registry import Registry
-from musicrl.storage import PreconditionFailed
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
-
-
-class Store(InMemoryStore):
-    def put_bytes_conditional(self, bucket, key, data, *, if_absent=False, if_match=None):
-        if if_absent and (bucket, key) in self.objects:
-            raise PreconditionFailed(f"{bucket}/{key}")
-        self.put_bytes(bucket, key, data)
-        return "etag"
 
 
 def _rows(n: int, policies: int) -> list[dict]:
@@ -49,7 +40,7 @@ def cycle(tmp_path) -> FinetuneCycle:
         finetune_rm_fit="finetune",
     )
     cycle = FinetuneCycle.__new__(FinetuneCycle)  # no servers: an in-memory registry, no reward service
-    cycle.settings, cycle.registry, cycle.run_dir = settings, Registry(Store()), tmp_path / "run"
+    cycle.settings, cycle.registry, cycle.run_dir = settings, Registry(InMemoryStore()), tmp_path / "run"
     cycle.reward_fn, cycle._embed, cycle.guard = None, embed, lambda: None
     save_generator(tiny_generator(), cycle.run_dir / "parent")
     return cycle

@@ -15,7 +15,6 @@ from fastapi.testclient import TestClient
 
 from musicrl.buffer import segment_key
 from musicrl.registry import Registry
-from musicrl.storage import PreconditionFailed
 from ops_helpers import _reject, _segment, seed_ops_history
 from serving.app import create_app
 from serving.services.auth import hash_key
@@ -37,12 +36,6 @@ class Store(InMemoryStore):
     def __init__(self):
         super().__init__()
         self.reads: list[str] = []
-
-    def put_bytes_conditional(self, bucket, key, data, *, if_absent=False, if_match=None):
-        if if_absent and (bucket, key) in self.objects:
-            raise PreconditionFailed(f"{bucket}/{key}")
-        self.put_bytes(bucket, key, data)
-        return "etag"
 
     def get_bytes(self, bucket, key):
         self.reads.append(key)
