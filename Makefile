@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup browser test test-unit test-integration test-e2e demo demo-loop stack-up stack-down stack-status docs docs-check
+.PHONY: setup browser lint test test-unit test-integration test-e2e demo demo-loop stack-up stack-down stack-status docs docs-check
 
 setup: $(INSTALLED) browser
 
@@ -28,7 +28,12 @@ browser:
 		echo "chromium: not installed and apt-get is unavailable (or not root); browser tests will be skipped"; \
 	fi
 
-test: setup
+# ruff (configured in pyproject.toml): lint, and the format every file is kept in.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: setup

@@ -62,19 +62,33 @@ def update_results(path: Path, keys: list[str], value) -> None:
 
 def _settings(info, tag: str) -> ConsumerSettings:
     return info.settings_for(
-        ConsumerSettings, topic_preferences=f"bench-{tag}", topic_dead_letter=f"bench-{tag}.dlq", bucket_buffer=f"bench-{tag}",
-        consumer_group_id=f"bench-{tag}", consumer_session_timeout_ms=4000, consumer_heartbeat_interval_ms=1000,
-        consumer_segment_max_age_s=1.0, consumer_metrics_port=-1, log_level="WARNING", log_json=False,
+        ConsumerSettings,
+        topic_preferences=f"bench-{tag}",
+        topic_dead_letter=f"bench-{tag}.dlq",
+        bucket_buffer=f"bench-{tag}",
+        consumer_group_id=f"bench-{tag}",
+        consumer_session_timeout_ms=4000,
+        consumer_heartbeat_interval_ms=1000,
+        consumer_segment_max_age_s=1.0,
+        consumer_metrics_port=-1,
+        log_level="WARNING",
+        log_json=False,
     )
 
 
 def bare_consumer_rate(settings: ConsumerSettings, n_messages: int) -> dict:
     """Poll the topic in a fresh group and count: the floor any consumer built on kafka-python pays."""
     consumer = KafkaConsumer(
-        settings.topic_preferences, **settings.kafka_client_options(), group_id=f"{settings.consumer_group_id}-bare",
-        enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=settings.consumer_session_timeout_ms,
-        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms, max_poll_records=settings.consumer_max_poll_records,
-        fetch_max_bytes=settings.consumer_fetch_max_bytes, max_partition_fetch_bytes=settings.consumer_max_partition_fetch_bytes,
+        settings.topic_preferences,
+        **settings.kafka_client_options(),
+        group_id=f"{settings.consumer_group_id}-bare",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=settings.consumer_session_timeout_ms,
+        heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+        max_poll_records=settings.consumer_max_poll_records,
+        fetch_max_bytes=settings.consumer_fetch_max_bytes,
+        max_partition_fetch_bytes=settings.consumer_max_partition_fetch_bytes,
     )
     seen, first = 0, None
     try:
@@ -91,8 +105,9 @@ def bare_consumer_rate(settings: ConsumerSettings, n_messages: int) -> dict:
     return {"events": seen, "seconds": round(elapsed, 3), "events_per_s": round(seen / elapsed, 1)}
 
 
-def _wait_for_total(consumer: FeedbackConsumer, thread: threading.Thread, total: str, n: int, desc: str,
-                    poll_s: float) -> None:
+def _wait_for_total(
+    consumer: FeedbackConsumer, thread: threading.Thread, total: str, n: int, desc: str, poll_s: float
+) -> None:
     """Show progress until ``consumer.totals[total]`` reaches ``n``; fail at once if the consumer thread died."""
     with tqdm(total=n, desc=desc, unit="ev") as bar:
         while consumer.totals[total] < n:
@@ -113,26 +128,43 @@ def feedback_consumer_rate(settings: ConsumerSettings, store: ObjectStore, n_mes
     finally:
         consumer.stop()
         thread.join()
-    return {"events": consumer.totals["events"], "seconds": round(elapsed, 3), "events_per_s": round(consumer.totals["events"] / elapsed, 1),
-            "accepted": consumer.totals["accepted"], "duplicates": consumer.totals["duplicates"], "dead_letters": consumer.totals["dead_letters"]}
+    return {
+        "events": consumer.totals["events"],
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(consumer.totals["events"] / elapsed, 1),
+        "accepted": consumer.totals["accepted"],
+        "duplicates": consumer.totals["duplicates"],
+        "dead_letters": consumer.totals["dead_letters"],
+    }
 
 
 @contextmanager
-def running_gateway(stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path,
-                    vote_token_key: str) -> Iterator[str]:
+def running_gateway(
+    stack_env: dict[str, str], settings: ConsumerSettings, log_path: Path, vote_token_key: str
+) -> Iterator[str]:
     """``musicrl gateway serve`` on a free port for the length of the block; yields its URL."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSICRL_")} | stack_env | {
-        "MUSICRL_GATEWAY_VOTE_TOKEN_KEY": vote_token_key,  # the bench issues the votes' tokens with it
-        "MUSICRL_TOPIC_PREFERENCES": settings.topic_preferences,
-        "MUSICRL_TOPIC_DEAD_LETTER": settings.topic_dead_letter,
-        "MUSICRL_GATEWAY_PORT": str(port),
-        "MUSICRL_GATEWAY_TEXT_ENCODER": "hashing",  # the feedback route embeds nothing; skip loading MiniLM
-        "MUSICRL_LOG_LEVEL": "WARNING",
-    }
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("MUSICRL_")}
+        | stack_env
+        | {
+            "MUSICRL_GATEWAY_VOTE_TOKEN_KEY": vote_token_key,  # the bench issues the votes' tokens with it
+            "MUSICRL_TOPIC_PREFERENCES": settings.topic_preferences,
+            "MUSICRL_TOPIC_DEAD_LETTER": settings.topic_dead_letter,
+            "MUSICRL_GATEWAY_PORT": str(port),
+            "MUSICRL_GATEWAY_TEXT_ENCODER": "hashing",  # the feedback route embeds nothing; skip loading MiniLM
+            "MUSICRL_LOG_LEVEL": "WARNING",
+        }
+    )
     url = f"http://127.0.0.1:{port}"
-    with serve_process([sys.executable, "-m", "musicrl.cli", "gateway", "serve"], f"{url}/healthz", name="gateway",
-                       env=env, cwd=ROOT, log_path=log_path):
+    with serve_process(
+        [sys.executable, "-m", "musicrl.cli", "gateway", "serve"],
+        f"{url}/healthz",
+        name="gateway",
+        env=env,
+        cwd=ROOT,
+        log_path=log_path,
+    ):
         yield url
 
 
@@ -178,12 +210,19 @@ def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int,
         record = rng.choice(records)
         user_id = f"user-{i}"
         clips = [(clip.clip_id, clip.duration_s) for clip in record.clips]
-        bodies.append({
-            "event_id": uuid.uuid4().hex, "generation_id": record.generation_id,
-            "clip_a_id": record.clips[0].clip_id, "clip_b_id": record.clips[1].clip_id,
-            "choice": rng.choice(["a", "b", "tie"]), "listen_a_s": 10.0, "listen_b_s": 9.0, "user_id": user_id,
-            "vote_token": tokens.issue(record.generation_id, clips, STACK_KEY_NAME, user_id)[0],
-        })
+        bodies.append(
+            {
+                "event_id": uuid.uuid4().hex,
+                "generation_id": record.generation_id,
+                "clip_a_id": record.clips[0].clip_id,
+                "clip_b_id": record.clips[1].clip_id,
+                "choice": rng.choice(["a", "b", "tie"]),
+                "listen_a_s": 10.0,
+                "listen_b_s": 9.0,
+                "user_id": user_id,
+                "vote_token": tokens.issue(record.generation_id, clips, STACK_KEY_NAME, user_id)[0],
+            }
+        )
     with running_gateway(stack_env, settings, workdir / "gateway.log", vote_token_key) as url:
         consumer = FeedbackConsumer(settings, store)
         thread = threading.Thread(target=consumer.run, name="feedback-consumer")
@@ -201,10 +240,16 @@ def end_to_end_rate(stack_env, settings, store, n_events: int, concurrency: int,
             thread.join()
     ms = np.array(latencies) * 1000
     return {
-        "events": n_events, "concurrency": concurrency, "seconds": round(elapsed, 3),
-        "events_per_s": round(n_events / elapsed, 1), "gateway_accept_events_per_s": round(n_events / posted, 1),
-        "post_latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p95": round(float(np.percentile(ms, 95)), 2),
-                            "p99": round(float(np.percentile(ms, 99)), 2)},
+        "events": n_events,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(n_events / elapsed, 1),
+        "gateway_accept_events_per_s": round(n_events / posted, 1),
+        "post_latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 2),
+            "p95": round(float(np.percentile(ms, 95)), 2),
+            "p99": round(float(np.percentile(ms, 99)), 2),
+        },
     }
 
 
@@ -215,8 +260,11 @@ def plot_rates(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     labels = ["bare kafka-python\nconsumer (baseline)", "feedback consumer", "gateway -> buffer\n(end to end)"]
-    rates = [results["bare_kafka_python_consumer"]["events_per_s"], results["feedback_consumer"]["events_per_s"],
-             results["end_to_end_gateway_to_buffer"]["events_per_s"]]
+    rates = [
+        results["bare_kafka_python_consumer"]["events_per_s"],
+        results["feedback_consumer"]["events_per_s"],
+        results["end_to_end_gateway_to_buffer"]["events_per_s"],
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     bars = ax.bar(labels, rates, color=["#999999", "#1f77b4", "#2ca02c"])
     ax.bar_label(bars, fmt="%.0f")
@@ -235,7 +283,9 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="musicrl-feedback-bench-") as tmp:
         workdir = Path(tmp)
-        local = Stack(free_port_settings(workdir / "stack"), [c for c in COMPONENTS if c.name in ("seaweedfs", "tansu")])
+        local = Stack(
+            free_port_settings(workdir / "stack"), [c for c in COMPONENTS if c.name in ("seaweedfs", "tansu")]
+        )
         console.print("starting a private SeaweedFS + Tansu ...")
         local.up()
         try:
@@ -255,7 +305,9 @@ def run_benchmark(events: int, gateway_events: int, concurrency: int, output: Pa
             ours = feedback_consumer_rate(settings, store, len(workload.messages))
             e2e_settings = _settings(local.info, uuid.uuid4().hex[:8])
             ensure_topics(e2e_settings)
-            end_to_end = end_to_end_rate(stack_env, e2e_settings, ObjectStore(e2e_settings), gateway_events, concurrency, workdir)
+            end_to_end = end_to_end_rate(
+                stack_env, e2e_settings, ObjectStore(e2e_settings), gateway_events, concurrency, workdir
+            )
         finally:
             local.down()
 

@@ -35,7 +35,9 @@ def run() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: consumer.stop())
     if settings.consumer_metrics_port >= 0:
-        server = serve_metrics(consumer.metrics, consumer.health, settings.consumer_metrics_host, settings.consumer_metrics_port)
+        server = serve_metrics(
+            consumer.metrics, consumer.health, settings.consumer_metrics_host, settings.consumer_metrics_port
+        )
         get_logger("feedback_consumer").info("metrics_listening", port=server.server_address[1])
     consumer.run()
 
@@ -54,7 +56,9 @@ def bench(
 
 
 @app.command()
-def schema(check: bool = typer.Option(False, help="Fail if the published file is out of date instead of writing it.")) -> None:
+def schema(
+    check: bool = typer.Option(False, help="Fail if the published file is out of date instead of writing it."),
+) -> None:
     """Write the JSON Schema of preference.v1 to docs/schemas/preference.v1.json."""
     from musicrl.schemas.preference import json_schema_text
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -104,7 +105,7 @@ class PartitionState:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, consumer: "FeedbackConsumer"):
+    def __init__(self, consumer: FeedbackConsumer):
         self.consumer = consumer
 
     def on_partitions_revoked(self, revoked):
@@ -115,13 +116,18 @@ class _Rebalance(ConsumerRebalanceListener):
 
 
 class FeedbackConsumer:
-    def __init__(self, settings: ConsumerSettings, store: ObjectStore | None = None, metrics: ConsumerMetrics | None = None):
+    def __init__(
+        self, settings: ConsumerSettings, store: ObjectStore | None = None, metrics: ConsumerMetrics | None = None
+    ):
         self.settings = settings
         self.store = store or ObjectStore(settings)
         self.metrics = metrics or ConsumerMetrics()
         self.ledger = Ledger(self.store, settings.bucket_buffer, read_workers=settings.consumer_store_workers)
         self.lookup = GenerationLookup(
-            self.store, settings.bucket_generations, settings.consumer_generation_cache_size, settings.consumer_store_workers
+            self.store,
+            settings.bucket_generations,
+            settings.consumer_generation_cache_size,
+            settings.consumer_store_workers,
         )
         self.partitions: dict[int, PartitionState] = {}
         self._to_restore: set[TopicPartition] = set()
@@ -240,7 +246,9 @@ class FeedbackConsumer:
                 self._kafka.seek(tp, state.next_offset)
             self._kafka.resume(tp)
             log.info(
-                "partition_assigned", partition=tp.partition, position=state.next_offset,
+                "partition_assigned",
+                partition=tp.partition,
+                position=state.next_offset,
                 redo=None if state.redo is None else [state.redo.first_offset, state.redo.last_offset],
                 known_event_ids=len(state.seen_event_ids),
             )
@@ -306,7 +314,7 @@ class FeedbackConsumer:
                     chunk = state.pending[: s.consumer_segment_max_events]
                     first, last = chunk[0].offset, chunk[-1].offset
                 self._write_chunk(state, chunk, first, last)
-                state.pending = state.pending[len(chunk):]
+                state.pending = state.pending[len(chunk) :]
                 state.pending_since = time.monotonic() if state.pending else None
 
     def _write_chunk(self, state: PartitionState, chunk: list[Message], first: int, last: int) -> None:
@@ -318,9 +326,14 @@ class FeedbackConsumer:
         groups = outcome.rows_by_policy()
         keys = {policy: segment_key(policy, p, first, last) for policy in groups}
         entry = LedgerEntry(
-            partition=p, first_offset=first, last_offset=last, event_ids=outcome.new_event_ids,
-            segments=sorted(keys.values()), dead_letter_offsets=[d.offset for d in outcome.dead_letters],
-            duplicates=outcome.duplicates, filtered=outcome.filtered,
+            partition=p,
+            first_offset=first,
+            last_offset=last,
+            event_ids=outcome.new_event_ids,
+            segments=sorted(keys.values()),
+            dead_letter_offsets=[d.offset for d in outcome.dead_letters],
+            duplicates=outcome.duplicates,
+            filtered=outcome.filtered,
         )
         started = time.perf_counter()
         self._retry("ledger_write", lambda: self.ledger.write(entry))
@@ -329,11 +342,13 @@ class FeedbackConsumer:
         )
         for policy, rows in groups.items():
             data = rows_to_parquet(rows)
-            self._retry("segment_write", lambda: self.store.put_bytes(s.bucket_buffer, keys[policy], data))
+            self._retry(
+                "segment_write", lambda key=keys[policy], data=data: self.store.put_bytes(s.bucket_buffer, key, data)
+            )
         if state.redo is not None:
             # A first attempt may have joined differently (e.g. a record unreadable then): drop its extra segments.
             for stale in set(state.redo.segments) - set(keys.values()):
-                self._retry("segment_delete", lambda: self.store.delete(s.bucket_buffer, stale))
+                self._retry("segment_delete", lambda stale=stale: self.store.delete(s.bucket_buffer, stale))
         self.metrics.segment_write_seconds.observe(time.perf_counter() - started)
 
         state.seen_event_ids.update(outcome.new_event_ids)
@@ -351,14 +366,28 @@ class FeedbackConsumer:
         self.metrics.dead_letters.inc(sent)
         self.metrics.record_durable(len(chunk))
         self.totals.update(
-            {"events": len(chunk), "accepted": len(outcome.rows), "duplicates": outcome.duplicates,
-             "dead_letters": len(outcome.dead_letters), "segments": len(groups), "chunks": 1,
-             **{f"filtered_{k}": v for k, v in outcome.filtered.items()}}
+            {
+                "events": len(chunk),
+                "accepted": len(outcome.rows),
+                "duplicates": outcome.duplicates,
+                "dead_letters": len(outcome.dead_letters),
+                "segments": len(groups),
+                "chunks": 1,
+                **{f"filtered_{k}": v for k, v in outcome.filtered.items()},
+            }
         )
         log.info(
-            "chunk_durable", partition=p, first_offset=first, last_offset=last, events=len(chunk),
-            accepted=len(outcome.rows), duplicates=outcome.duplicates, dead_letters=len(outcome.dead_letters),
-            dead_letters_sent=sent, filtered=outcome.filtered, segments=len(groups),
+            "chunk_durable",
+            partition=p,
+            first_offset=first,
+            last_offset=last,
+            events=len(chunk),
+            accepted=len(outcome.rows),
+            duplicates=outcome.duplicates,
+            dead_letters=len(outcome.dead_letters),
+            dead_letters_sent=sent,
+            filtered=outcome.filtered,
+            segments=len(groups),
         )
 
     def _commit(self, partition: int, offset: int) -> None:
@@ -370,7 +399,11 @@ class FeedbackConsumer:
         if not self._to_commit or (self._commit_failing and time.monotonic() - self._last_commit_attempt < 1.0):
             return
         topic = self.settings.topic_preferences
-        offsets = {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in self._to_commit.items() if p in self.partitions}
+        offsets = {
+            TopicPartition(topic, p): OffsetAndMetadata(o, "", -1)
+            for p, o in self._to_commit.items()
+            if p in self.partitions
+        }
         self._last_commit_attempt = time.monotonic()
         try:
             if offsets:
@@ -391,8 +424,12 @@ class FeedbackConsumer:
     def _retry(self, operation: str, fn: Callable[[], T]) -> T:
         def before_sleep(retry_state):
             self.metrics.retries.labels(operation).inc()
-            log.warning("retrying", operation=operation, attempt=retry_state.attempt_number,
-                        error=repr(retry_state.outcome.exception())[:300])
+            log.warning(
+                "retrying",
+                operation=operation,
+                attempt=retry_state.attempt_number,
+                error=repr(retry_state.outcome.exception())[:300],
+            )
 
         retrying = Retrying(
             stop=stop_after_delay(self.settings.consumer_retry_deadline_s) | stop_when_event_set(self._stop),

@@ -27,8 +27,11 @@ class DeadLetterWriter:
         # the tail is re-read: nothing still queued can land after the re-read.
         timeout_ms = int(settings.consumer_dead_letter_timeout_s * 1000)
         self._producer = idempotent_producer(
-            settings, max_in_flight_requests_per_connection=1, max_block_ms=timeout_ms,
-            request_timeout_ms=timeout_ms // 2, delivery_timeout_ms=timeout_ms,
+            settings,
+            max_in_flight_requests_per_connection=1,
+            max_block_ms=timeout_ms,
+            request_timeout_ms=timeout_ms // 2,
+            delivery_timeout_ms=timeout_ms,
         )
         self._reader: KafkaConsumer | None = None
         self._written_up_to: dict[int, int] = {}

@@ -42,7 +42,7 @@ class LedgerEntry:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "LedgerEntry":
+    def from_bytes(cls, data: bytes) -> LedgerEntry:
         return cls(**json.loads(data))
 
 

@@ -6,8 +6,8 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,20 +17,41 @@ class ConsumerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events = Counter(
-            "musicrl_consumer_events", "Events read, by outcome (accepted, duplicate, dead_letter, filtered_*).",
-            ["outcome"], registry=r,
+            "musicrl_consumer_events",
+            "Events read, by outcome (accepted, duplicate, dead_letter, filtered_*).",
+            ["outcome"],
+            registry=r,
         )
-        self.dead_letters = Counter("musicrl_consumer_dead_letters", "Records produced to the dead-letter topic.", registry=r)
-        self.duplicates = Counter("musicrl_consumer_duplicates_dropped", "Events dropped because their event id was seen.", registry=r)
-        self.segments = Counter("musicrl_consumer_segments_written", "Parquet segments written to the buffer.", registry=r)
+        self.dead_letters = Counter(
+            "musicrl_consumer_dead_letters", "Records produced to the dead-letter topic.", registry=r
+        )
+        self.duplicates = Counter(
+            "musicrl_consumer_duplicates_dropped", "Events dropped because their event id was seen.", registry=r
+        )
+        self.segments = Counter(
+            "musicrl_consumer_segments_written", "Parquet segments written to the buffer.", registry=r
+        )
         self.segment_write_seconds = Histogram(
-            "musicrl_consumer_segment_write_seconds", "Time to make one chunk durable (ledger + segments).",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r,
+            "musicrl_consumer_segment_write_seconds",
+            "Time to make one chunk durable (ledger + segments).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
         )
-        self.lag = Gauge("musicrl_consumer_lag", "High-water mark minus the next offset to write, per partition.", ["partition"], registry=r)
-        self.events_per_second = Gauge("musicrl_consumer_events_per_second", "Events made durable per second over the last 30 s.", registry=r)
-        self.retries = Counter("musicrl_consumer_retries", "Retried object-store or broker operations.", ["operation"], registry=r)
-        self.commit_failures = Counter("musicrl_consumer_commit_failures", "Offset commits that failed (the ledger keeps progress).", registry=r)
+        self.lag = Gauge(
+            "musicrl_consumer_lag",
+            "High-water mark minus the next offset to write, per partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.events_per_second = Gauge(
+            "musicrl_consumer_events_per_second", "Events made durable per second over the last 30 s.", registry=r
+        )
+        self.retries = Counter(
+            "musicrl_consumer_retries", "Retried object-store or broker operations.", ["operation"], registry=r
+        )
+        self.commit_failures = Counter(
+            "musicrl_consumer_commit_failures", "Offset commits that failed (the ledger keeps progress).", registry=r
+        )
         self._durable: deque[tuple[float, int]] = deque()
 
     def record_durable(self, n_events: int, window_s: float = 30.0) -> None:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
@@ -47,7 +47,13 @@ class DeadLetter:
     value: bytes | None
 
     def to_json(self, topic: str) -> dict:
-        return {"reason": self.reason, "payload": payload_text(self.value), "topic": topic, "partition": self.partition, "offset": self.offset}
+        return {
+            "reason": self.reason,
+            "payload": payload_text(self.value),
+            "topic": topic,
+            "partition": self.partition,
+            "offset": self.offset,
+        }
 
 
 @dataclass
@@ -148,10 +154,13 @@ def join_row(event: PreferenceEvent, record: GenerationRecord, message: Message)
         "seed_b": clip_b.seed,
         "duration_a_s": clip_a.duration_s,
         "duration_b_s": clip_b.duration_s,
-        "tokens_a": clip_a.tokens,
-        "tokens_b": clip_b.tokens,
-        "logprobs_a": clip_a.logprobs,
-        "logprobs_b": clip_b.logprobs,
+        # Flat, codebook-major; K in codebooks_a/b (musicrl.buffer: segments of one-codebook rows omit them).
+        "tokens_a": clip_a.flat("tokens"),
+        "tokens_b": clip_b.flat("tokens"),
+        "logprobs_a": clip_a.flat("logprobs"),
+        "logprobs_b": clip_b.flat("logprobs"),
+        "codebooks_a": clip_a.num_codebooks,
+        "codebooks_b": clip_b.num_codebooks,
         "kafka_partition": message.partition,
         "kafka_offset": message.offset,
     }
@@ -187,7 +196,9 @@ def process_chunk(
         record = records.get(event.generation_id)
         if record is None:
             outcome.dead_letters.append(
-                DeadLetter(message.partition, message.offset, f"generation {event.generation_id} not found", message.value)
+                DeadLetter(
+                    message.partition, message.offset, f"generation {event.generation_id} not found", message.value
+                )
             )
             continue
         row = join_row(event, record, message)

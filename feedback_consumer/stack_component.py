@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from musicrl.stack.processes import ManagedProcess
-from musicrl.stack.processes import http_ok
+from musicrl.stack.processes import ManagedProcess, http_ok
 from musicrl.stack.settings import StackSettings
 from musicrl.stack.stack import StackInfo
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -38,28 +38,44 @@ class Workload:
 
     def counts(self) -> dict[str, int]:
         return {
-            "messages": len(self.messages), "valid_unique_kept": len(self.expected_buffer_ids),
-            "duplicates": self.duplicates, "malformed": len(self.malformed_payloads), "filtered": self.filtered,
+            "messages": len(self.messages),
+            "valid_unique_kept": len(self.expected_buffer_ids),
+            "duplicates": self.duplicates,
+            "malformed": len(self.malformed_payloads),
+            "filtered": self.filtered,
         }
 
 
-def make_records(n: int, rng: random.Random, n_tokens: int = 100, policy_versions: tuple[str, ...] = ("1", "2")) -> list[GenerationRecord]:
+def make_records(
+    n: int, rng: random.Random, n_tokens: int = 100, policy_versions: tuple[str, ...] = ("1", "2")
+) -> list[GenerationRecord]:
     records = []
     for _ in range(n):
         policy = rng.choice(policy_versions)
         clips = [
             {
-                "clip_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex, "index": i, "seed": rng.getrandbits(31),
-                "policy_version": policy, "tokens": [rng.randrange(1024) for _ in range(n_tokens)],
-                "logprobs": [round(-rng.random() * 5, 4) for _ in range(n_tokens)], "duration_s": 10.0,
-                "sample_rate": 16000, "audio_key": "clips/unused.wav",
+                "clip_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex,
+                "index": i,
+                "seed": rng.getrandbits(31),
+                "policy_version": policy,
+                "tokens": [rng.randrange(1024) for _ in range(n_tokens)],
+                "logprobs": [round(-rng.random() * 5, 4) for _ in range(n_tokens)],
+                "duration_s": 10.0,
+                "sample_rate": 16000,
+                "audio_key": "clips/unused.wav",
             }
             for i in range(2)
         ]
-        records.append(GenerationRecord.model_validate({
-            "generation_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex, "prompt": "synthetic workload",
-            "params": {"duration_s": 10.0, "temperature": 0.99}, "clips": clips,
-        }))
+        records.append(
+            GenerationRecord.model_validate(
+                {
+                    "generation_id": uuid.UUID(int=rng.getrandbits(128), version=4).hex,
+                    "prompt": "synthetic workload",
+                    "params": {"duration_s": 10.0, "temperature": 0.99},
+                    "clips": clips,
+                }
+            )
+        )
     return records
 
 
@@ -79,14 +95,18 @@ def _malformed(rng: random.Random, record: GenerationRecord, valid: dict) -> tup
 
 
 def make_workload(
-    n_messages: int, records: list[GenerationRecord], seed: int = 0,
-    duplicate_rate: float = 0.05, malformed_rate: float = 0.02, filtered_rate: float = 0.02,
+    n_messages: int,
+    records: list[GenerationRecord],
+    seed: int = 0,
+    duplicate_rate: float = 0.05,
+    malformed_rate: float = 0.02,
+    filtered_rate: float = 0.02,
     min_listen_fraction: float = 0.5,
 ) -> Workload:
     rng = random.Random(seed)
     workload = Workload(records=records)
     sent_valid: list[tuple[bytes, bytes]] = []
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     for i in range(n_messages):
         draw = rng.random()
         record = rng.choice(records)
@@ -95,17 +115,24 @@ def make_workload(
             workload.duplicates += 1
             continue
         event = PreferenceEvent(
-            event_id=uuid.UUID(int=rng.getrandbits(128), version=4).hex, generation_id=record.generation_id,
-            clip_a_id=record.clips[0].clip_id, clip_b_id=record.clips[1].clip_id,
-            choice=rng.choice(["a", "b", "a", "b", "tie"]), listen_a_s=10.0, listen_b_s=round(rng.uniform(5.0, 10.0), 2),
-            user_pseudonym=f"{rng.getrandbits(256):064x}", client_ts=start + timedelta(seconds=i),
+            event_id=uuid.UUID(int=rng.getrandbits(128), version=4).hex,
+            generation_id=record.generation_id,
+            clip_a_id=record.clips[0].clip_id,
+            clip_b_id=record.clips[1].clip_id,
+            choice=rng.choice(["a", "b", "a", "b", "tie"]),
+            listen_a_s=10.0,
+            listen_b_s=round(rng.uniform(5.0, 10.0), 2),
+            user_pseudonym=f"{rng.getrandbits(256):064x}",
+            client_ts=start + timedelta(seconds=i),
             received_at=start + timedelta(seconds=i, milliseconds=150),
         )
         if draw < duplicate_rate + malformed_rate:
             message = _malformed(rng, record, json.loads(event.to_bytes()))
             workload.malformed_payloads.append(message[1])
         elif draw < duplicate_rate + malformed_rate + filtered_rate:
-            event = event.model_copy(update={"choice": "none"} if rng.random() < 0.5 else {"listen_b_s": 10.0 * min_listen_fraction / 2})
+            event = event.model_copy(
+                update={"choice": "none"} if rng.random() < 0.5 else {"listen_b_s": 10.0 * min_listen_fraction / 2}
+            )
             message = (record.generation_id.encode(), event.to_bytes())
             sent_valid.append(message)
             workload.filtered += 1
@@ -144,8 +171,13 @@ def produce(config: KafkaConfig, topic: str, messages: list[tuple[bytes | None, 
 
 def read_topic(config: KafkaConfig, topic: str, partitions: int, timeout_s: float = 30.0) -> list:
     """Every record of a topic, read to each partition's high-water mark (no consumer group)."""
-    consumer = KafkaConsumer(**config.kafka_client_options(), group_id=None, enable_auto_commit=False,
-                             max_poll_records=10_000, fetch_max_bytes=50 << 20)
+    consumer = KafkaConsumer(
+        **config.kafka_client_options(),
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=10_000,
+        fetch_max_bytes=50 << 20,
+    )
     tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)

@@ -5,6 +5,7 @@ Heavy imports (locust, torch) stay inside the commands.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -29,7 +30,9 @@ def locust_command(
     listen_speed: float = typer.Option(1.0, help="Listening time divisor (LOADTEST_LISTEN_SPEED)."),
     seed: int = typer.Option(0, help="Seed of the listener population (LOADTEST_SEED)."),
     own_stack: Path = typer.Option(
-        None, exists=True, file_okay=False,
+        None,
+        exists=True,
+        file_okay=False,
         help="Generator checkpoint: start a private stack and gateway serving it, and test those instead of --host.",
     ),
 ) -> None:
@@ -66,7 +69,9 @@ def locust_command(
     for column in ("endpoint", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(column)
     for name, row in summary["endpoints"].items():
-        table.add_row(name, *(str(row[key]) for key in ("requests", "failures", "requests_per_s", "p50_ms", "p95_ms", "p99_ms")))
+        table.add_row(
+            name, *(str(row[key]) for key in ("requests", "failures", "requests_per_s", "p50_ms", "p95_ms", "p99_ms"))
+        )
     console.print(table)
     if summary["votes"]:
         console.print(f"votes: {summary['votes']}")
@@ -87,12 +92,11 @@ def listeners_command(
     """Calibrate the simulated listeners on corpus music: agreement, ties, abstention, reachability."""
     import json
 
+    from pydantic import ValidationError
     from rich.console import Console
 
     from loadtests.listener_report import calibrate
     from musicrl.listeners import ListenerConfig
-
-    from pydantic import ValidationError
 
     overrides = {"taste_spread": taste_spread, "temperature": temperature}
     try:
@@ -121,22 +125,39 @@ def _finetune_overrides(pairs: list[str]) -> dict[str, str]:
 @app.command("closed-loop")
 def closed_loop_command(
     rounds: int = typer.Option(ClosedLoopConfig.rounds, min=1, help="Rounds of collect -> finetune -> evaluate."),
-    pairs_per_round: int = typer.Option(ClosedLoopConfig.pairs_per_round, min=4, help="Pairs the training listeners ask for per round."),
-    clip_s: float = typer.Option(ClosedLoopConfig.clip_s, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."),
-    eval_prompts: int = typer.Option(ClosedLoopConfig.eval_prompts, min=1, help="Held-out prompts of the win-rate evaluation."),
+    pairs_per_round: int = typer.Option(
+        ClosedLoopConfig.pairs_per_round, min=4, help="Pairs the training listeners ask for per round."
+    ),
+    clip_s: float = typer.Option(
+        ClosedLoopConfig.clip_s, help="Seconds of audio per clip (collection, RL rollouts, evaluation)."
+    ),
+    eval_prompts: int = typer.Option(
+        ClosedLoopConfig.eval_prompts, min=1, help="Held-out prompts of the win-rate evaluation."
+    ),
     eval_samples: int = typer.Option(ClosedLoopConfig.eval_samples, min=1, help="Paired samples per held-out prompt."),
     concurrency: int = typer.Option(ClosedLoopConfig.concurrency, min=1, help="Listeners asking and voting at once."),
     seed: int = typer.Option(0, help="Seeds the populations, prompts and evaluation (the first run's, with --seeds)."),
-    seeds: int = typer.Option(1, min=1, help="Independent runs with seeds SEED, SEED+1, ..., each on a fresh private stack."),
-    population: str = typer.Option("default", help="Taste of the training listeners and the judges: default or opposite "
-                                                    "(musicrl.listeners.TASTES)."),
-    finetune: list[str] = typer.Option([], help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable. "
-                                                "Fields other than the size of the work are recorded as algorithm overrides."),
-    out_dir: Path = typer.Option(Path("results"), help="Where closed_loop.json, _winrate.png, _table.md (one run; with "
-                                                       "--seeds N in closed_loop_runs/POPULATION_seedK/) and "
-                                                       "closed_loop_summary.{json,md,png} go."),
-    work_dir: Path = typer.Option(Path(".data/closed_loop"), help="Private stack, registry downloads, finetune runs "
-                                                                  "(wiped before every run)."),
+    seeds: int = typer.Option(
+        1, min=1, help="Independent runs with seeds SEED, SEED+1, ..., each on a fresh private stack."
+    ),
+    population: str = typer.Option(
+        "default",
+        help="Taste of the training listeners and the judges: default or opposite (musicrl.listeners.TASTES).",
+    ),
+    finetune: list[str] = typer.Option(
+        [],
+        help="FinetuneSettings override FIELD=VALUE (e.g. steps=60); repeatable. "
+        "Fields other than the size of the work are recorded as algorithm overrides.",
+    ),
+    out_dir: Path = typer.Option(
+        Path("results"),
+        help="Where closed_loop.json, _winrate.png, _table.md (one run; with "
+        "--seeds N in closed_loop_runs/POPULATION_seedK/) and "
+        "closed_loop_summary.{json,md,png} go.",
+    ),
+    work_dir: Path = typer.Option(
+        Path(".data/closed_loop"), help="Private stack, registry downloads, finetune runs (wiped before every run)."
+    ),
 ) -> None:
     """The closed-loop experiment on a private stack of real servers and services (see docs/closed_loop.md).
 
@@ -148,7 +169,13 @@ def closed_loop_command(
 
     from rich.console import Console
 
-    from loadtests.closed_loop import overrides_warning, private_loop_stack, run_closed_loop, write_reports, write_summary
+    from loadtests.closed_loop import (
+        overrides_warning,
+        private_loop_stack,
+        run_closed_loop,
+        write_reports,
+        write_summary,
+    )
     from musicrl.listeners import TASTES
 
     if population not in TASTES:
@@ -166,17 +193,32 @@ def closed_loop_command(
 
     runs = []
     for run_seed in range(seed, seed + seeds):
-        config = ClosedLoopConfig(rounds=rounds, pairs_per_round=pairs_per_round, clip_s=clip_s, eval_prompts=eval_prompts,
-                                  eval_samples=eval_samples, concurrency=concurrency, seed=run_seed,
-                                  population=population, finetune=dict(overrides))
+        config = ClosedLoopConfig(
+            rounds=rounds,
+            pairs_per_round=pairs_per_round,
+            clip_s=clip_s,
+            eval_prompts=eval_prompts,
+            eval_samples=eval_samples,
+            concurrency=concurrency,
+            seed=run_seed,
+            population=population,
+            finetune=dict(overrides),
+        )
         run_dir = out_dir if seeds == 1 else out_dir / "closed_loop_runs" / f"{population}_seed{run_seed}"
         shutil.rmtree(work_dir, ignore_errors=True)  # every run starts from the base policy on an empty stack
-        progress(f"run {run_seed - seed + 1}/{seeds} (population {population!r}, seed {run_seed}): starting a private "
-                 "stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)")
+        progress(
+            f"run {run_seed - seed + 1}/{seeds} (population {population!r}, seed {run_seed}): starting a private "
+            "stack (SeaweedFS, Tansu, Triton, reward service, gateway, consumer)"
+        )
         with private_loop_stack(work_dir) as info:
             progress(f"stack up; gateway {info.gateway_url}, reward service {info.reward_url}")
-            results = run_closed_loop(info, config, work_dir, progress,
-                                      on_round=lambda partial, run_dir=run_dir: write_reports(partial, run_dir))
+            results = run_closed_loop(
+                info,
+                config,
+                work_dir,
+                progress,
+                on_round=lambda partial, run_dir=run_dir: write_reports(partial, run_dir),
+            )
         for path in write_reports(results, run_dir):
             console.print(f"wrote {path}")
         runs.append(results)
@@ -223,13 +265,31 @@ def demo_command(
 @app.command("stack-loop")
 def stack_loop_command(
     rounds: int = typer.Option(3, min=1, help="Rounds of votes; the stack's finetune loop decides each cycle."),
-    votes_per_round: int = typer.Option(320, min=1, help="Votes (a, b or tie) sent through POST /v1/feedback per round."),
+    votes_per_round: int = typer.Option(
+        320, min=1, help="Votes (a, b or tie) sent through POST /v1/feedback per round."
+    ),
     population: str = typer.Option("default", help="Taste of the listeners and judges: default | opposite."),
-    seed: int = typer.Option(0, help="Seeds the listeners and the evaluation."),
-    output: Path = typer.Option(Path("results/stack_loop.json"), help="Results file."),
+    seed: int = typer.Option(0, help="Seeds the listeners and the evaluation (the first seed with --seeds)."),
+    seeds: int = typer.Option(
+        1,
+        min=1,
+        help="Seeds run one after the other; more than 1 writes one file per seed in "
+        "results/stack_loop_runs/ and results/stack_loop_summary.json.",
+    ),
+    output: Path = typer.Option(Path("results/stack_loop.json"), help="Results file (one seed)."),
     work_dir: Path = typer.Option(Path(".data/stack_loop"), help="The private stack (wiped at the start)."),
 ) -> None:
-    """The whole stack as `musicrl stack up` runs it, fed votes only through the gateway: does its own loop deploy better policies?"""
+    """The whole stack as `musicrl stack up` runs it, fed votes only through the gateway: does its own loop deploy
+    better policies?"""
+    if seeds > 1:
+        paths = [Path("results/stack_loop_runs") / f"seed{seed + offset}.json" for offset in range(seeds)]
+        for offset, path in enumerate(paths):
+            try:
+                stack_loop_command(rounds, votes_per_round, population, seed + offset, 1, path, work_dir)
+            except typer.Exit:
+                pass  # a seed that misses the target is a result like any other
+        stack_loop_summary_command(paths, Path("results/stack_loop_summary.json"))
+        return
     import shutil
     import signal
     import sys
@@ -249,16 +309,97 @@ def stack_loop_command(
     shutil.rmtree(work_dir, ignore_errors=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
     config = StackLoopConfig(rounds=rounds, votes_per_round=votes_per_round, population=population, seed=seed)
-    results = run_stack_loop(work_dir, config, lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False))
+    results = run_stack_loop(
+        work_dir, config, lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False)
+    )
     write_results(results, output)
     for row in results["rounds"]:
         win = row.get("win_rate_vs_base")
-        console.print(f"round {row['round']}: {row['status']} v{row['version']}"
-                      + (f", win rate vs base {win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]" if win else ""),
-                      highlight=False)
-    console.print(f"{results['deployed']} versions deployed in {len(results['rounds'])} rounds; target "
-                  f"{'met' if results['target_met'] else 'not met'}; wrote {output}")
+        console.print(
+            f"round {row['round']}: {row['status']} v{row['version']}"
+            + (f", win rate vs base {win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]" if win else ""),
+            highlight=False,
+        )
+    console.print(
+        f"{results['deployed']} versions deployed in {len(results['rounds'])} rounds; target "
+        f"{'met' if results['target_met'] else 'not met'}; wrote {output}"
+    )
     raise typer.Exit(0 if results["target_met"] else 3)
+
+
+@app.command("stack-loop-summary")
+def stack_loop_summary_command(
+    runs: list[Path] = typer.Argument(
+        ..., help="Per-seed results of `stack-loop` (results/stack_loop_runs/seed*.json)."
+    ),
+    output: Path = typer.Option(Path("results/stack_loop_summary.json"), help="Summary file."),
+) -> None:
+    """Summarize stack-loop seeds: how many met the target, median and range of the last version's win rate."""
+    from loadtests.stack_loop import summarize_seeds, write_results
+
+    summary = summarize_seeds([json.loads(path.read_text()) for path in runs])
+    write_results(summary, output)
+    for row in summary["seeds"]:
+        typer.echo(
+            f"seed {row['seed']}: {row['deployed']}/{row['rounds']} deployed, last vs base "
+            f"{row['final_win_rate']:.1%} [{row['ci_low'] or 0:.1%}, {row['ci_high'] or 0:.1%}], "
+            f"target {'met' if row['target_met'] else 'not met'}"
+        )
+    final = summary["final_win_rate"]
+    typer.echo(
+        f"{summary['seeds_meeting_target']} of {summary['n_seeds']} seeds met the target; last version vs base: "
+        f"median {final['median']:.1%} (range {final['min']:.1%} to {final['max']:.1%}); wrote {output}"
+    )
+
+
+@app.command("canary")
+def canary_command(
+    runs: int = typer.Option(5, min=1, help="Canaries per candidate (a worse and a better one)."),
+    max_votes: int = typer.Option(400, min=1, help="Cap on decided votes per canary (the worker's default)."),
+    alpha: float = typer.Option(
+        0.05, min=0.001, max=0.49, help="Error rate of the sequential test (the worker's default)."
+    ),
+    share: float = typer.Option(
+        1.0, min=0.01, max=1.0, help="Share of pairs in the canary (the worker's default is 0.5)."
+    ),
+    train_steps: int = typer.Option(30, min=1, help="REINFORCE steps that make each candidate from the base."),
+    seed: int = typer.Option(0, help="Seeds the candidates' training and the listeners."),
+    output: Path = typer.Option(Path("results/canary.json"), help="Results file (rewritten after every run)."),
+    work_dir: Path = typer.Option(
+        Path(".data/canary"), help="The private stack and the candidates (wiped at the start)."
+    ),
+) -> None:
+    """Canary by preference on the real stack: a candidate trained to lose the listeners' votes and one trained to win
+    them, each canaried --runs times; users' votes through the gateway promote, roll back or leave it inconclusive."""
+    import shutil
+    import signal
+    import sys
+    import time
+
+    from rich.console import Console
+
+    from loadtests.canary import CanaryExperimentConfig, run_canary_experiment, write_results
+
+    console = Console()
+    started = time.monotonic()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
+    config = CanaryExperimentConfig(
+        runs=runs, max_votes=max_votes, alpha=alpha, share=share, train_steps=train_steps, seed=seed
+    )
+    results = run_canary_experiment(
+        work_dir,
+        config,
+        lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False),
+        on_run=lambda partial: write_results(partial, output),
+    )
+    write_results(results, output)
+    for kind, row in results["summary"].items():
+        console.print(
+            f"{kind}: {row['promoted']} promoted, {row['rolled_back']} rolled back, {row['inconclusive']} inconclusive "
+            f"of {row['runs']}; median {row['median_decided_votes']} decided votes, {row['median_canary_s']} s"
+        )
+    console.print(f"targets: {results['targets']}; {results['elapsed_s'] / 60:.1f} min; written to {output}")
 
 
 @app.command("cycle-cost")
@@ -276,29 +417,38 @@ def cycle_cost_command(
     write_results(results, output)
     console = Console()
     for point in results["points"]:
-        console.print(f"{point['buffer_preferences']:>6} preferences: {point['seconds']:.1f} s "
-                      f"({point['train_pairs']} training pairs), x{point['ratio_to_smallest']:.2f}", highlight=False)
+        console.print(
+            f"{point['buffer_preferences']:>6} preferences: {point['seconds']:.1f} s "
+            f"({point['train_pairs']} training pairs), x{point['ratio_to_smallest']:.2f}",
+            highlight=False,
+        )
     console.print(f"flat within 30 %: {results['flat_within_30_percent']}; wrote {output}")
     raise typer.Exit(0 if results["flat_within_30_percent"] else 3)
 
 
 @app.command("reliability")
 def reliability_command(
-    parts: str = typer.Option(",".join(("auth", "votes", "bombs", "consumer", "schemathesis")),
-                              help="Comma-separated parts to run: auth, votes, bombs, consumer, schemathesis."),
+    parts: str = typer.Option(
+        ",".join(("auth", "votes", "bombs", "consumer", "schemathesis")),
+        help="Comma-separated parts to run: auth, votes, bombs, consumer, schemathesis.",
+    ),
     forged: int = typer.Option(1000, min=0, help="Forged or replayed votes sent through POST /v1/feedback."),
     valid: int = typer.Option(40, min=1, help="Valid votes interleaved with them (one generation each)."),
-    buffer_sizes: str = typer.Option("20000,200000", help="Votes in the synthetic buffers the consumer starts on, comma-separated."),
+    buffer_sizes: str = typer.Option(
+        "20000,200000", help="Votes in the synthetic buffers the consumer starts on, comma-separated."
+    ),
     chunk_events: int = typer.Option(1000, min=1, help="Votes per chunk (ledger entry and segment) of those buffers."),
     bomb_repeats: int = typer.Option(3, min=1, help="Times each decode bomb is sent."),
     consumer_repeats: int = typer.Option(3, min=1, help="Consumer starts per buffer size (medians reported)."),
     max_examples: int = typer.Option(20, min=1, help="Schemathesis test cases per API operation (--max-examples)."),
     seed: int = typer.Option(0, help="Seeds the vote schedule and the synthetic buffers."),
     output: Path = typer.Option(Path("results/reliability.json"), help="Results file."),
-    work_dir: Path = typer.Option(Path(".data/reliability"), help="Private stack, consumer logs, schemathesis reports "
-                                                                  "(wiped at the start)."),
+    work_dir: Path = typer.Option(
+        Path(".data/reliability"), help="Private stack, consumer logs, schemathesis reports (wiped at the start)."
+    ),
 ) -> None:
-    """Auth and limits, forged votes, decode bombs, consumer state and API fuzzing on a private stack (docs/reliability.md).
+    """Auth and limits, forged votes, decode bombs, consumer state and API fuzzing on a private stack
+    (docs/reliability.md).
 
     Exit code 0 when every target of the parts run is met, 3 otherwise."""
     import shutil
@@ -315,9 +465,16 @@ def reliability_command(
 
     try:
         config = ReliabilityConfig(
-            parts=tuple(p.strip() for p in parts.split(",") if p.strip()), forged=forged, valid=valid,
-            buffer_sizes=tuple(int(size) for size in buffer_sizes.split(",") if size.strip()), chunk_events=chunk_events,
-            bomb_repeats=bomb_repeats, consumer_repeats=consumer_repeats, max_examples=max_examples, seed=seed)
+            parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+            forged=forged,
+            valid=valid,
+            buffer_sizes=tuple(int(size) for size in buffer_sizes.split(",") if size.strip()),
+            chunk_events=chunk_events,
+            bomb_repeats=bomb_repeats,
+            consumer_repeats=consumer_repeats,
+            max_examples=max_examples,
+            seed=seed,
+        )
         config.validate()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -326,8 +483,11 @@ def reliability_command(
     started = time.monotonic()
     shutil.rmtree(work_dir, ignore_errors=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the private stack is stopped
-    results = run_reliability(config, work_dir,
-                              lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False, markup=False))
+    results = run_reliability(
+        config,
+        work_dir,
+        lambda m: console.print(f"[{time.monotonic() - started:7.1f} s] {m}", highlight=False, markup=False),
+    )
     write_results(results, output)
     table = Table(title=f"reliability ({results['seconds']['total']:.0f} s)")
     for column in ("part", "measure", "value"):
@@ -342,13 +502,20 @@ def reliability_command(
 
 @app.command("reward-model-fit")
 def reward_model_fit_command(
-    pool_pairs: int = typer.Option(RewardModelFitConfig.pool_pairs, min=5,
-                                   help="Judged pairs (train-split prompts) the training sets are drawn from."),
-    test_pairs: int = typer.Option(RewardModelFitConfig.test_pairs, min=1,
-                                   help="Judged pairs (test-split prompts, held-out listeners) every model is tested on."),
-    sizes: str = typer.Option(",".join(map(str, RewardModelFitConfig.sizes)),
-                              help="Training-set sizes, comma-separated (110: a demo's usable preferences, "
-                                   "230: a closed-loop round's)."),
+    pool_pairs: int = typer.Option(
+        RewardModelFitConfig.pool_pairs,
+        min=5,
+        help="Judged pairs (train-split prompts) the training sets are drawn from.",
+    ),
+    test_pairs: int = typer.Option(
+        RewardModelFitConfig.test_pairs,
+        min=1,
+        help="Judged pairs (test-split prompts, held-out listeners) every model is tested on.",
+    ),
+    sizes: str = typer.Option(
+        ",".join(map(str, RewardModelFitConfig.sizes)),
+        help="Training-set sizes, comma-separated (110: a demo's usable preferences, 230: a closed-loop round's).",
+    ),
     draws: int = typer.Option(RewardModelFitConfig.draws, min=1, help="Training sets drawn from the pool per size."),
     seed: int = typer.Option(0, help="Seeds the listeners, prompts, clips and draws."),
     out: Path = typer.Option(Path("results"), help="Where reward_model_fit.json and reward_model_fit.png go."),
@@ -363,8 +530,13 @@ def reward_model_fit_command(
     from musicrl.logging import configure_logging
 
     try:
-        config = RewardModelFitConfig(pool_pairs=pool_pairs, test_pairs=test_pairs, draws=draws, seed=seed,
-                                      sizes=tuple(sorted({int(size) for size in sizes.split(",") if size.strip()})))
+        config = RewardModelFitConfig(
+            pool_pairs=pool_pairs,
+            test_pairs=test_pairs,
+            draws=draws,
+            seed=seed,
+            sizes=tuple(sorted({int(size) for size in sizes.split(",") if size.strip()})),
+        )
         config.validate()
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -372,8 +544,10 @@ def reward_model_fit_command(
     results = run_reward_model_fit(config)
     paths = write_results(results, out)
     data = results["data"]
-    table = Table(title=f"reward-model fits: {config.draws} draws per size, {data['test_pairs']} test pairs "
-                        f"({data['test_votes'].get('tie', 0)} ties), pool {data['pool_pairs']}")
+    table = Table(
+        title=f"reward-model fits: {config.draws} draws per size, {data['test_pairs']} test pairs "
+        f"({data['test_votes'].get('tie', 0)} ties), pool {data['pool_pairs']}"
+    )
     for column in TABLE_COLUMNS:
         table.add_column(column)
     for row in table_rows(results):
@@ -381,8 +555,11 @@ def reward_model_fit_command(
     console = Console()
     console.print(table)
     bootstrap, oracle = (results["baselines"][key] for key in ("bootstrap_as_is", "oracle_mean_listener"))
-    console.print(f"bootstrap model as is: {'-' if bootstrap is None else f'{bootstrap:.3f}'}; oracle (mean listener, "
-                  f"the ceiling): {'-' if oracle is None else f'{oracle:.3f}'}; chance 0.5", highlight=False)
+    console.print(
+        f"bootstrap model as is: {'-' if bootstrap is None else f'{bootstrap:.3f}'}; oracle (mean listener, "
+        f"the ceiling): {'-' if oracle is None else f'{oracle:.3f}'}; chance 0.5",
+        highlight=False,
+    )
     console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)
 
 
@@ -393,7 +570,9 @@ def hot_swap_bench_command(
     output: Path = typer.Option(Path("results/hot_swap.json"), help="Results file."),
     work_dir: Path = typer.Option(Path(".data/hot_swap_bench"), help="Private stack and finetune run."),
     from_closed_loop: Path = typer.Option(
-        None, exists=True, dir_okay=False,
+        None,
+        exists=True,
+        dir_okay=False,
         help="Summarise the swap of an existing closed-loop run (results/closed_loop.json) instead of running one.",
     ),
 ) -> None:
@@ -410,9 +589,19 @@ def hot_swap_bench_command(
 
     console = Console()
     # Only the size of the work differs from the closed loop's (the worker's defaults otherwise).
-    config = ClosedLoopConfig(rounds=1, pairs_per_round=pairs, eval_prompts=8, eval_samples=2, reward_eval_prompts=4,
-                              finetune={"finetune_steps": steps, "finetune_rm_min_pairs": 10,
-                                        "finetune_eval_prompts": 8, "finetune_corpus_captions": 64})
+    config = ClosedLoopConfig(
+        rounds=1,
+        pairs_per_round=pairs,
+        eval_prompts=8,
+        eval_samples=2,
+        reward_eval_prompts=4,
+        finetune={
+            "finetune_steps": steps,
+            "finetune_rm_min_pairs": 10,
+            "finetune_eval_prompts": 8,
+            "finetune_corpus_captions": 64,
+        },
+    )
     if from_closed_loop is not None:
         results = json.loads(from_closed_loop.read_text())
     else:
@@ -433,7 +622,9 @@ def bench_all_command(
     only: list[str] = typer.Option([], help="Run only these (serving, rewards, feedback, hot_swap); repeatable."),
     timeout_s: float = typer.Option(1800.0, help="Longest one benchmark may run."),
     log_dir: Path = typer.Option(Path("results/bench_logs"), help="Output of each benchmark command."),
-    skip_existing: bool = typer.Option(False, help="Keep a benchmark's results file when it exists instead of rerunning it."),
+    skip_existing: bool = typer.Option(
+        False, help="Keep a benchmark's results file when it exists instead of rerunning it."
+    ),
 ) -> None:
     """Run every benchmark, then write BENCHMARKS.md and results/benchmarks.json with the machine's description."""
     import time
@@ -444,9 +635,14 @@ def bench_all_command(
 
     console = Console()
     started = time.monotonic()
-    report = run_suite(quick, only or None, timeout_s, log_dir,
-                       lambda message: console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False),
-                       skip_existing)
+    report = run_suite(
+        quick,
+        only or None,
+        timeout_s,
+        log_dir,
+        lambda message: console.print(f"[{time.monotonic() - started:7.1f} s] {message}", highlight=False),
+        skip_existing,
+    )
     console.print("wrote BENCHMARKS.md and results/benchmarks.json")
     failed = [row["name"] for row in report["benchmarks"] if row["exit"] not in (0, "kept")]
     if failed:

@@ -94,10 +94,17 @@ class ClosedLoopConfig:
 
 # The only FinetuneSettings fields a harness (closed loop, demo, benchmarks) may change without saying so:
 # how much work a cycle does, never how it learns. Anything else is an algorithm override.
-SIZE_FIELDS: frozenset[str] = frozenset({
-    "finetune_steps", "finetune_duration_s", "finetune_eval_prompts", "finetune_corpus_captions",
-    "finetune_torch_threads", "finetune_rm_min_pairs", "finetune_checkpoint_every",
-})
+SIZE_FIELDS: frozenset[str] = frozenset(
+    {
+        "finetune_steps",
+        "finetune_duration_s",
+        "finetune_eval_prompts",
+        "finetune_corpus_captions",
+        "finetune_torch_threads",
+        "finetune_rm_min_pairs",
+        "finetune_checkpoint_every",
+    }
+)
 
 # The size of the experiment's cycles on 2 CPU cores; everything else is the worker's default.
 # finetune_duration_s follows ClosedLoopConfig.clip_s.
@@ -130,9 +137,13 @@ def effective_finetune_settings(settings) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
-    return {key: plain(value) for key, value in settings.model_dump().items()
-            if key.startswith("finetune_") and not isinstance(value, SecretStr | SecretBytes)
-            and not any(word in key for word in ("token", "secret", "password"))}
+    return {
+        key: plain(value)
+        for key, value in settings.model_dump().items()
+        if key.startswith("finetune_")
+        and not isinstance(value, SecretStr | SecretBytes)
+        and not any(word in key for word in ("token", "secret", "password"))
+    }
 
 
 # --------------------------------------------------------------------------- statistics
@@ -163,8 +174,15 @@ class WinRate:
 
     def to_dict(self) -> dict[str, float]:
         low, high = wilson_interval(self.wins, self.wins + self.losses)
-        return {"win_rate": round(self.rate, 4), "ci_low": round(low, 4), "ci_high": round(high, 4), "wins": self.wins,
-                "losses": self.losses, "ties": self.ties, "expected_win_rate": round(self.expected, 4)}
+        return {
+            "win_rate": round(self.rate, 4),
+            "ci_low": round(low, 4),
+            "ci_high": round(high, 4),
+            "wins": self.wins,
+            "losses": self.losses,
+            "ties": self.ties,
+            "expected_win_rate": round(self.expected, 4),
+        }
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -184,10 +202,14 @@ class HeldOutJudge:
 
         self.config = config
         self.embed = embed
-        prompts = [r.caption for r in make_corpus(config.eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)]
+        prompts = [
+            r.caption for r in make_corpus(config.eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)
+        ]
         self.prompts = [p for p in prompts for _ in range(config.eval_samples)]
         self.seeds = [5_000_000 + i for i in range(len(self.prompts))]
-        judges = Population(ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed).held_out()
+        judges = Population(
+            ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed
+        ).held_out()
         rng = np.random.default_rng([config.seed, 77])
         self.judges = [judges[int(i)] for i in rng.integers(len(judges), size=len(self.prompts))]
         self.base_first = rng.random(len(self.prompts)) < 0.5
@@ -241,11 +263,23 @@ def policy_rewards(policy_dir: Path, base_dir: Path, config: ClosedLoopConfig, e
     from musicrl.corpus.dataset import make_corpus
     from musicrl.models.generator import load_generator
 
-    prompts = [r.caption for r in make_corpus(config.reward_eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)]
+    prompts = [
+        r.caption
+        for r in make_corpus(config.reward_eval_prompts, seed=config.seed + 1000, split="test", duration_s=1.0)
+    ]
     policy, _ = load_generator(policy_dir)
     base, _ = load_generator(base_dir)
-    scores = evaluate_policy(policy, base, prompts, embed, reward_fn, {"preference": 1.0}, codec.frames_for(config.clip_s),
-                             samples_per_prompt=2, seed=config.seed + 4242)
+    scores = evaluate_policy(
+        policy,
+        base,
+        prompts,
+        embed,
+        reward_fn,
+        {"preference": 1.0},
+        codec.frames_for(config.clip_s),
+        samples_per_prompt=2,
+        seed=config.seed + 4242,
+    )
     return {key: round(float(value), 4) for key, value in scores.items()}
 
 
@@ -261,21 +295,68 @@ class Collection:
     last_vote_sent_at: float
 
 
-def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, round_index: int,
-                  progress: Progress | None = None, api_key: str | None = None) -> Collection:
+def hear_pair(http: httpx.Client, prompt: str, clip_s: float, seed: int, app_id: str) -> tuple[dict, list[np.ndarray]]:
+    """A listener's app asks the gateway for a pair and downloads both clips: (the answer, the two waveforms)."""
+    from musicrl.audio.formats import decode_audio
+
+    response = http.post(
+        "/v1/generations", json={"prompt": prompt, "duration_s": clip_s, "seed": seed, "app_id": app_id}
+    )
+    response.raise_for_status()
+    body = response.json()
+    waves = []
+    for clip in body["clips"][:2]:
+        audio = http.get(clip["download_url"])
+        audio.raise_for_status()
+        waves.append(decode_audio(audio.content)[0])
+    return body, waves
+
+
+def send_vote(
+    http: httpx.Client, body: dict, choice: str, listen_a_s: float, listen_b_s: float, user_id: str, app_id: str
+) -> None:
+    """``POST /v1/feedback`` for the first two clips of the answer ``body``, with its vote token."""
+    a, b = body["clips"][:2]
+    feedback = http.post(
+        "/v1/feedback",
+        json={
+            "event_id": uuid.uuid4().hex,
+            "generation_id": body["generation_id"],
+            "clip_a_id": a["clip_id"],
+            "clip_b_id": b["clip_id"],
+            "choice": choice,
+            "listen_a_s": listen_a_s,
+            "listen_b_s": listen_b_s,
+            "user_id": user_id,
+            "app_id": app_id,
+            "vote_token": body["vote_token"],
+        },
+    )
+    feedback.raise_for_status()
+
+
+def collect_votes(
+    gateway_url: str,
+    n_pairs: int,
+    config: ClosedLoopConfig,
+    round_index: int,
+    progress: Progress | None = None,
+    api_key: str | None = None,
+) -> Collection:
     """Training listeners ask for pairs, hear both clips and vote, all through the gateway.
 
     Listening time is simulated (the listener says how long it listened) rather than
     waited for, so a round takes as long as generating its clips. Requests carry
     ``api_key`` (default ``$MUSICRL_API_KEY``); each vote carries its pair's vote token.
     """
-    from musicrl.audio.formats import decode_audio
     from musicrl.corpus.dataset import make_corpus
     from musicrl.listeners import ListenerConfig, Population
     from serving.client import api_key_headers
 
     population = Population(ListenerConfig.for_taste(config.population, size=config.population_size), seed=config.seed)
-    prompts = [r.caption for r in make_corpus(config.listener_prompts, seed=config.seed + 100, split="train", duration_s=1.0)]
+    prompts = [
+        r.caption for r in make_corpus(config.listener_prompts, seed=config.seed + 100, split="train", duration_s=1.0)
+    ]
     votes: Counter[str] = Counter()
     failures: list[str] = []
     lock = threading.Lock()
@@ -289,23 +370,9 @@ def collect_votes(gateway_url: str, n_pairs: int, config: ClosedLoopConfig, roun
         prompt = prompts[int(rng.integers(len(prompts)))]
         try:
             with httpx.Client(base_url=gateway_url, timeout=180, headers=api_key_headers(api_key)) as http:
-                response = http.post("/v1/generations", json={"prompt": prompt, "duration_s": config.clip_s,
-                                                              "seed": int(rng.integers(1 << 40)), "app_id": "closed-loop"})
-                response.raise_for_status()
-                body = response.json()
-                a, b = body["clips"][:2]
-                waves = []
-                for clip in (a, b):
-                    audio = http.get(clip["download_url"])
-                    audio.raise_for_status()
-                    waves.append(decode_audio(audio.content)[0])
+                body, waves = hear_pair(http, prompt, config.clip_s, int(rng.integers(1 << 40)), "closed-loop")
                 vote = listener.judge(waves[0], waves[1], rng)
-                feedback = http.post("/v1/feedback", json={
-                    "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
-                    "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s,
-                    "listen_b_s": vote.listen_b_s, "user_id": listener.id, "app_id": "closed-loop",
-                    "vote_token": body["vote_token"]})
-                feedback.raise_for_status()
+                send_vote(http, body, vote.choice, vote.listen_a_s, vote.listen_b_s, listener.id, "closed-loop")
             with lock:
                 votes[vote.choice] += 1
                 last_vote[0] = time.time()
@@ -327,8 +394,9 @@ def preferences_on(buffer, policy_version: str) -> int:
     return buffer.counts_by_policy().get(policy_version, 0) if buffer.segments() else 0
 
 
-def wait_for_buffer(store, bucket: str, policy_version: str, previous: int, timeout_s: float = 180.0,
-                    settle_s: float = 8.0) -> int:
+def wait_for_buffer(
+    store, bucket: str, policy_version: str, previous: int, timeout_s: float = 180.0, settle_s: float = 8.0
+) -> int:
     """Preferences on ``policy_version`` once the count has grown past ``previous`` and stopped changing."""
     from musicrl.buffer import PreferenceBuffer
 
@@ -363,7 +431,9 @@ class SwapProbe:
                 n += 1
                 started = time.time()
                 try:
-                    response = http.post("/v1/generations", json={"prompt": f"probe {n}", "duration_s": 1.0, "app_id": "probe"})
+                    response = http.post(
+                        "/v1/generations", json={"prompt": f"probe {n}", "duration_s": 1.0, "app_id": "probe"}
+                    )
                     status = response.status_code
                     version = response.json()["clips"][0]["policy_version"] if status == 201 else ""
                 except httpx.HTTPError as err:
@@ -371,7 +441,7 @@ class SwapProbe:
                 self.samples.append((started, time.time() - started, status, version))
                 self.stop.wait(self.interval_s)
 
-    def __enter__(self) -> "SwapProbe":
+    def __enter__(self) -> SwapProbe:
         self.thread.start()
         return self
 
@@ -382,15 +452,21 @@ class SwapProbe:
     def summary(self, swap_window: tuple[float, float] | None) -> dict[str, Any]:
         def stats(rows):
             latencies = [r[1] * 1000 for r in rows]
-            return {"requests": len(rows), "failed": sum(r[2] != 201 for r in rows),
-                    "p50_ms": round(float(np.percentile(latencies, 50)), 1) if rows else None,
-                    "p99_ms": round(float(np.percentile(latencies, 99)), 1) if rows else None}
+            return {
+                "requests": len(rows),
+                "failed": sum(r[2] != 201 for r in rows),
+                "p50_ms": round(float(np.percentile(latencies, 50)), 1) if rows else None,
+                "p99_ms": round(float(np.percentile(latencies, 99)), 1) if rows else None,
+            }
 
         during = [r for r in self.samples if swap_window and r[0] + r[1] >= swap_window[0] and r[0] <= swap_window[1]]
         steady = [r for r in self.samples if r not in during]
-        return {"steady": stats(steady), "during_swap": stats(during),
-                "versions_seen": sorted({r[3] for r in self.samples if r[2] == 201}),
-                "swap_window_s": round(swap_window[1] - swap_window[0], 2) if swap_window else None}
+        return {
+            "steady": stats(steady),
+            "during_swap": stats(during),
+            "versions_seen": sorted({r[3] for r in self.samples if r[2] == 201}),
+            "swap_window_s": round(swap_window[1] - swap_window[0], 2) if swap_window else None,
+        }
 
 
 # --------------------------------------------------------------------------- the stack
@@ -424,7 +500,8 @@ ServiceEnv = dict[str, "dict[str, str] | Callable[[Any], dict[str, str]]"]
 
 
 def _with_env(component, extra):
-    """``component`` whose process also gets ``extra`` (a dict, or a function of the stack settings) in its environment."""
+    """``component`` whose process also gets ``extra`` (a dict, or a function of the stack settings) in its
+    environment."""
     from musicrl.stack.stack import Component
 
     def build(settings):
@@ -436,8 +513,9 @@ def _with_env(component, extra):
 
 
 @contextlib.contextmanager
-def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: float = 300.0,
-                  service_env: ServiceEnv | None = None) -> Iterator[Any]:
+def loop_services(
+    settings, checkpoints: Path | None = None, ready_timeout_s: float = 300.0, service_env: ServiceEnv | None = None
+) -> Iterator[Any]:
     """Reward service, gateway and consumer (the stack's own components) on the servers ``settings`` name;
     the committed defaults published (base generator as version 1) and served. Yields the ``StackInfo``.
 
@@ -471,8 +549,9 @@ def loop_services(settings, checkpoints: Path | None = None, ready_timeout_s: fl
 
 
 @contextlib.contextmanager
-def private_loop_stack(work_dir: Path, checkpoints: Path | None = None, service_env: ServiceEnv | None = None
-                       ) -> Iterator[Any]:
+def private_loop_stack(
+    work_dir: Path, checkpoints: Path | None = None, service_env: ServiceEnv | None = None
+) -> Iterator[Any]:
     """SeaweedFS, Tansu and Triton on free ports under ``work_dir``, then ``loop_services`` on them."""
     from musicrl.stack import Stack, free_port_settings
     from musicrl.stack.stack import COMPONENTS
@@ -492,8 +571,13 @@ def private_loop_stack(work_dir: Path, checkpoints: Path | None = None, service_
 def finetune_settings(info, work_dir: Path, overrides: dict[str, Any]):
     from finetune_worker.settings import FinetuneSettings
 
-    return info.settings_for(FinetuneSettings, reward_url=info.reward_url, finetune_triton_repo=info.triton_repo,
-                             finetune_work_dir=work_dir / "finetune", **overrides)
+    return info.settings_for(
+        FinetuneSettings,
+        reward_url=info.reward_url,
+        finetune_triton_repo=info.triton_repo,
+        finetune_work_dir=work_dir / "finetune",
+        **overrides,
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -506,8 +590,14 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def run_round_cycle(info, settings, probe: bool) -> tuple[dict[str, Any], dict[str, Any] | None, float]:
@@ -532,8 +622,13 @@ def run_round_cycle(info, settings, probe: bool) -> tuple[dict[str, Any], dict[s
     return record, swap_probe.summary(window), finished
 
 
-def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Progress = print,
-                    on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_closed_loop(
+    info,
+    config: ClosedLoopConfig,
+    work_dir: Path,
+    progress: Progress = print,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """K rounds of collect -> finetune -> evaluate on a running stack (see the module docstring).
 
     ``on_round`` gets the results so far after every round (the CLI writes the reports each time,
@@ -562,54 +657,97 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
     sanity = judge.base_sanity(base_dir).to_dict()
     progress(f"base vs base (other seeds): {sanity['win_rate']:.3f} [{sanity['ci_low']:.3f}, {sanity['ci_high']:.3f}]")
     base_scores = policy_rewards(base_dir, base_dir, config, embed, reward_fn)
-    rounds: list[dict[str, Any]] = [{
-        "round": 0, "policy_version": base_version, "preferences_total": 0, "win_rate": None,
-        "checkpoint_sha256": registry.manifest("generator", base_version).get("files", {}),
-        "base_vs_base": sanity, "rewards": base_scores, "elapsed_s": round(time.monotonic() - started, 1),
-    }]
+    rounds: list[dict[str, Any]] = [
+        {
+            "round": 0,
+            "policy_version": base_version,
+            "preferences_total": 0,
+            "win_rate": None,
+            "checkpoint_sha256": registry.manifest("generator", base_version).get("files", {}),
+            "base_vs_base": sanity,
+            "rewards": base_scores,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+    ]
     preferences_total = 0
     for round_index in range(1, config.rounds + 1):
         current = registry.current("generator")
         before = preferences_on(PreferenceBuffer(store, settings.bucket_buffer), current)
-        collection = collect_votes(info.gateway_url, config.pairs_per_round, config, round_index, progress,
-                                   api_key=info.api_key)
+        collection = collect_votes(
+            info.gateway_url, config.pairs_per_round, config, round_index, progress, api_key=info.api_key
+        )
         if collection.failures:
-            progress(f"round {round_index}: {len(collection.failures)} failed listener requests, first: {collection.failures[0]}")
+            progress(
+                f"round {round_index}: {len(collection.failures)} failed listener requests, "
+                f"first: {collection.failures[0]}"
+            )
         on_policy = wait_for_buffer(store, settings.bucket_buffer, current, before)
         landed_at = time.time()
         preferences_total += on_policy - before
         progress(f"round {round_index}: {on_policy - before} preferences on policy {current} in the buffer; finetuning")
         record, swap, deployed_at = run_round_cycle(info, settings, config.hot_swap_probe)
         served = registry.current("generator")
-        served_dir = registry.download("generator", served, policies / served) if not (policies / served).is_dir() else policies / served
+        served_dir = (
+            registry.download("generator", served, policies / served)
+            if not (policies / served).is_dir()
+            else policies / served
+        )
         win = judge.win_rate(served_dir).to_dict()
         scores = policy_rewards(served_dir, base_dir, config, embed, reward_fn)
-        base_now = policy_rewards(base_dir, base_dir, config, embed, reward_fn)  # the base under this round's reward model
+        base_now = policy_rewards(
+            base_dir, base_dir, config, embed, reward_fn
+        )  # the base under this round's reward model
         rm = (record or {}).get("reward_model", {})
         row = {
-            "round": round_index, "policy_version": served, "parent_version": current,
-            "preferences_round": on_policy - before, "preferences_total": preferences_total,
-            "votes": dict(collection.votes), "listener_failures": len(collection.failures),
+            "round": round_index,
+            "policy_version": served,
+            "parent_version": current,
+            "preferences_round": on_policy - before,
+            "preferences_total": preferences_total,
+            "votes": dict(collection.votes),
+            "listener_failures": len(collection.failures),
             "collect_s": round(collection.seconds, 1),
-            "cycle": {k: (record or {}).get(k) for k in ("run_id", "status", "reason", "candidate_version", "timings_s", "n_preferences")},
-            "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "heldout_accuracy",
-                                                    "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
-                                                    "heldout_accuracy_quality_only", "train_accuracy", "skipped")},
-            "gate": {k: (record or {}).get("gate", {}).get(k) for k in ("passed", "candidate", "baseline", "chosen_step")},
+            "cycle": {
+                k: (record or {}).get(k)
+                for k in ("run_id", "status", "reason", "candidate_version", "timings_s", "n_preferences")
+            },
+            "reward_model": {
+                k: rm.get(k)
+                for k in (
+                    "published",
+                    "n_train_pairs",
+                    "n_heldout_pairs",
+                    "heldout_accuracy",
+                    "heldout_accuracy_before",
+                    "heldout_accuracy_text_adherence_only",
+                    "heldout_accuracy_quality_only",
+                    "train_accuracy",
+                    "skipped",
+                )
+            },
+            "gate": {
+                k: (record or {}).get("gate", {}).get(k) for k in ("passed", "candidate", "baseline", "chosen_step")
+            },
             "train_last_step": (record or {}).get("train_history_last"),
-            "win_rate": win, "rewards": scores, "base_rewards_same_rm": base_now,
+            "win_rate": win,
+            "rewards": scores,
+            "base_rewards_same_rm": base_now,
             "hot_swap": swap,
             "preference_to_deployed_s": round(deployed_at - collection.last_vote_sent_at, 1)
-            if record and record.get("status") == "deployed" else None,
+            if record and record.get("status") == "deployed"
+            else None,
             "buffer_landed_s": round(landed_at - collection.last_vote_sent_at, 1),
             "elapsed_s": round(time.monotonic() - started, 1),
         }
         rounds.append(row)
         if on_round is not None:
             on_round(_summary(config, base_version, rounds, started, settings))
-        progress(f"round {round_index}: cycle {row['cycle']['status']}, serving {served}, win rate vs base "
-                 f"{win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] ({win['wins']}-{win['losses']}-{win['ties']}), "
-                 f"RM accuracy {rm.get('heldout_accuracy')}, KL {scores.get('kl')}, elapsed {row['elapsed_s']:.0f} s")
+        progress(
+            f"round {round_index}: cycle {row['cycle']['status']}, serving {served}, win rate vs base "
+            f"{win['win_rate']:.3f} [{win['ci_low']:.3f}, {win['ci_high']:.3f}] "
+            f"({win['wins']}-{win['losses']}-{win['ties']}), "
+            f"RM accuracy {rm.get('heldout_accuracy')}, KL {scores.get('kl')}, elapsed {row['elapsed_s']:.0f} s"
+        )
     return _summary(config, base_version, rounds, started, settings)
 
 
@@ -617,20 +755,30 @@ def run_closed_loop(info, config: ClosedLoopConfig, work_dir: Path, progress: Pr
 RUN_TARGET = {"default": 0.70, "opposite": 0.65}
 
 
-def _summary(config: ClosedLoopConfig, base_version: str, rounds: list[dict[str, Any]], started: float,
-             settings) -> dict[str, Any]:
+def _summary(
+    config: ClosedLoopConfig, base_version: str, rounds: list[dict[str, Any]], started: float, settings
+) -> dict[str, Any]:
     final = rounds[-1]["win_rate"] or {}
     target = RUN_TARGET.get(config.population, 0.70)
     return {
-        "experiment": "closed_loop", "population": config.population, "seed": config.seed, "config": asdict(config),
+        "experiment": "closed_loop",
+        "population": config.population,
+        "seed": config.seed,
+        "config": asdict(config),
         "finetune_settings": effective_finetune_settings(settings),
         "algorithm_overrides": algorithm_overrides(config.finetune_overrides()),
-        "machine": machine(), "base_version": base_version, "rounds": rounds,
-        "final": {"policy_version": rounds[-1]["policy_version"], **final, "target_win_rate": target,
-                  "target_met": bool(final and final["win_rate"] >= target and final["ci_low"] > 0.5)},
+        "machine": machine(),
+        "base_version": base_version,
+        "rounds": rounds,
+        "final": {
+            "policy_version": rounds[-1]["policy_version"],
+            **final,
+            "target_win_rate": target,
+            "target_met": bool(final and final["win_rate"] >= target and final["ci_low"] > 0.5),
+        },
         "elapsed_s": round(time.monotonic() - started, 1),
         "evaluation": "held-out population (same taste distribution, other individuals), full listens, a verdict on "
-                      "every pair; policy and base sampled in-process from registry checkpoints with identical seeds",
+        "every pair; policy and base sampled in-process from registry checkpoints with identical seeds",
     }
 
 
@@ -675,21 +823,28 @@ def results_table(results: dict[str, Any]) -> str:
         win, rewards = row.get("win_rate"), row.get("rewards", {})
         base_pref = row.get("base_rewards_same_rm", {}).get("reward/preference")
         name = "base" if row["round"] == 0 else f"MusicRL-U round {row['round']}"
-        win_text = "50% (reference)" if win is None else f"{win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]"
+        win_text = (
+            "50% (reference)" if win is None else f"{win['win_rate']:.1%} [{win['ci_low']:.1%}, {win['ci_high']:.1%}]"
+        )
         record = "-" if win is None else f"{win['wins']}-{win['losses']}-{win['ties']}"
         lines.append(
             f"| {name} (v{row['policy_version']}) | {row['round']} | {row['preferences_total']} | {win_text} | "
             f"{record} | "
             f"{_fmt(row.get('reward_model', {}).get('heldout_accuracy'))} | {_fmt(rewards.get('kl'), 2)} | "
             f"{_fmt(rewards.get('reward/text_adherence'))} | {_fmt(rewards.get('reward/quality_mos'), 2)} | "
-            f"{_fmt(rewards.get('reward/preference'))} ({_fmt(base_pref)}) | {row.get('cycle', {}).get('status', '-')} |"
+            f"{_fmt(rewards.get('reward/preference'))} ({_fmt(base_pref)}) | "
+            f"{row.get('cycle', {}).get('status', '-')} |"
         )
     final = results["final"]
-    lines += ["", f"Final policy v{final.get('policy_version')}: win rate {_fmt(final.get('win_rate'))} "
-              f"(95% CI {_fmt(final.get('ci_low'))} to {_fmt(final.get('ci_high'))}); "
-              f"target (>= {final.get('target_win_rate', 0.70):.2f}, CI above 0.5) "
-              f"{'met' if final.get('target_met') else 'not met'}. Run took {results['elapsed_s'] / 60:.1f} min on "
-              f"{results['machine']['cores']} cores ({results['machine']['cpu']}).", ""]
+    lines += [
+        "",
+        f"Final policy v{final.get('policy_version')}: win rate {_fmt(final.get('win_rate'))} "
+        f"(95% CI {_fmt(final.get('ci_low'))} to {_fmt(final.get('ci_high'))}); "
+        f"target (>= {final.get('target_win_rate', 0.70):.2f}, CI above 0.5) "
+        f"{'met' if final.get('target_met') else 'not met'}. Run took {results['elapsed_s'] / 60:.1f} min on "
+        f"{results['machine']['cores']} cores ({results['machine']['cpu']}).",
+        "",
+    ]
     if "population" in results:
         lines.insert(-1, f"Listener population {results['population']!r}, seed {results.get('seed')}.")
     warning = overrides_warning(results.get("algorithm_overrides") or {})
@@ -711,7 +866,13 @@ def plot_win_rate(results: dict[str, Any], path: Path) -> None:
     high = [0.0] + [r["win_rate"]["ci_high"] - r["win_rate"]["win_rate"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.errorbar(x, y, yerr=[low, high], marker="o", capsize=4, label="held-out listeners (95% Wilson CI)")
-    ax.plot(x, [0.5] + [r["win_rate"]["expected_win_rate"] for r in rows], "--", color="grey", label="expected (no vote noise)")
+    ax.plot(
+        x,
+        [0.5] + [r["win_rate"]["expected_win_rate"] for r in rows],
+        "--",
+        color="grey",
+        label="expected (no vote noise)",
+    )
     ax.axhline(0.5, color="black", linewidth=0.8)
     ax.axhline(0.7, color="green", linestyle=":", label="target 70%")
     for xi, yi, row in zip(x[1:], y[1:], rows):
@@ -732,8 +893,9 @@ def plot_win_rate(results: dict[str, Any], path: Path) -> None:
 ACCEPTED = ("deployed", "published")  # a cycle whose candidate passed the gate
 
 
-def _targets(population: str, median: float | None, good_runs: int, n_runs: int, accepted_share: float | None
-             ) -> dict[str, bool]:
+def _targets(
+    population: str, median: float | None, good_runs: int, n_runs: int, accepted_share: float | None
+) -> dict[str, bool]:
     """The issue's targets for a sweep (default: 5 runs; "4 of 5" scales to 80 % of the runs, rounded up)."""
     if population not in RUN_TARGET:
         return {}
@@ -762,22 +924,30 @@ def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
         final = result.get("final") or {}
         cycles = [row for row in result["rounds"] if row["round"] > 0]
         accepted = sum((row.get("cycle") or {}).get("status") in ACCEPTED for row in cycles)
-        runs.append({
-            "seed": result.get("seed", result.get("config", {}).get("seed")),
-            "population": population,
-            "final_win_rate": final.get("win_rate"), "ci_low": final.get("ci_low"), "ci_high": final.get("ci_high"),
-            "expected_win_rate": final.get("expected_win_rate"),
-            "final_policy_version": final.get("policy_version"),
-            "cycles_accepted": accepted, "cycles_total": len(cycles),
-            "cycle_status": [(row.get("cycle") or {}).get("status") for row in cycles],
-            "candidate_kl": [((row.get("gate") or {}).get("candidate") or {}).get("kl") for row in cycles],
-            "win_rate_by_round": [(row.get("win_rate") or {}).get("win_rate") for row in cycles],
-            "elapsed_min": round(result.get("elapsed_s", 0.0) / 60, 2),
-        })
-    finals = np.array([r["final_win_rate"] for r in runs if r["final_win_rate"] is not None
-                       and np.isfinite(r["final_win_rate"])], dtype=float)
-    good = sum(r["final_win_rate"] is not None and r["final_win_rate"] >= 0.65 and (r["ci_low"] or 0.0) > 0.5
-               for r in runs)
+        runs.append(
+            {
+                "seed": result.get("seed", result.get("config", {}).get("seed")),
+                "population": population,
+                "final_win_rate": final.get("win_rate"),
+                "ci_low": final.get("ci_low"),
+                "ci_high": final.get("ci_high"),
+                "expected_win_rate": final.get("expected_win_rate"),
+                "final_policy_version": final.get("policy_version"),
+                "cycles_accepted": accepted,
+                "cycles_total": len(cycles),
+                "cycle_status": [(row.get("cycle") or {}).get("status") for row in cycles],
+                "candidate_kl": [((row.get("gate") or {}).get("candidate") or {}).get("kl") for row in cycles],
+                "win_rate_by_round": [(row.get("win_rate") or {}).get("win_rate") for row in cycles],
+                "elapsed_min": round(result.get("elapsed_s", 0.0) / 60, 2),
+            }
+        )
+    finals = np.array(
+        [r["final_win_rate"] for r in runs if r["final_win_rate"] is not None and np.isfinite(r["final_win_rate"])],
+        dtype=float,
+    )
+    good = sum(
+        r["final_win_rate"] is not None and r["final_win_rate"] >= 0.65 and (r["ci_low"] or 0.0) > 0.5 for r in runs
+    )
     total_cycles = sum(r["cycles_total"] for r in runs)
     accepted_cycles = sum(r["cycles_accepted"] for r in runs)
     accepted_share = accepted_cycles / total_cycles if total_cycles else None
@@ -786,21 +956,30 @@ def summarize_runs(results: list[dict[str, Any]]) -> dict[str, Any]:
         return round(float(value), 4)
 
     median = stat(np.median(finals)) if finals.size else None
-    q25, q75 = (np.percentile(finals, [25, 75]) if finals.size else (None, None))
+    q25, q75 = np.percentile(finals, [25, 75]) if finals.size else (None, None)
     targets = _targets(population, median, good, len(runs), accepted_share)
     return {
-        "experiment": "closed_loop_summary", "population": population, "n_runs": len(runs), "runs": runs,
-        "final_win_rate": {"median": median, "min": stat(finals.min()) if finals.size else None,
-                           "max": stat(finals.max()) if finals.size else None,
-                           "q25": stat(q25) if finals.size else None, "q75": stat(q75) if finals.size else None,
-                           "iqr": stat(q75 - q25) if finals.size else None},
+        "experiment": "closed_loop_summary",
+        "population": population,
+        "n_runs": len(runs),
+        "runs": runs,
+        "final_win_rate": {
+            "median": median,
+            "min": stat(finals.min()) if finals.size else None,
+            "max": stat(finals.max()) if finals.size else None,
+            "q25": stat(q25) if finals.size else None,
+            "q75": stat(q75) if finals.size else None,
+            "iqr": stat(q75 - q25) if finals.size else None,
+        },
         "runs_ge_65_ci_above_50": good,
-        "cycles_accepted": accepted_cycles, "cycles_total": total_cycles,
+        "cycles_accepted": accepted_cycles,
+        "cycles_total": total_cycles,
         "accepted_share": round(accepted_share, 4) if accepted_share is not None else None,
         "median_elapsed_min": round(float(np.median([r["elapsed_min"] for r in runs])), 2),
         "median_target": RUN_TARGET.get(population),
         "algorithm_overrides": results[0].get("algorithm_overrides") or {},
-        "targets": targets, "targets_met": bool(targets) and all(targets.values()),
+        "targets": targets,
+        "targets_met": bool(targets) and all(targets.values()),
     }
 
 
@@ -817,23 +996,33 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for run in summary["runs"]:
-        win = "-" if run["final_win_rate"] is None else (
-            f"{run['final_win_rate']:.1%} [{_pct(run['ci_low'])}, {_pct(run['ci_high'])}]")
+        win = (
+            "-"
+            if run["final_win_rate"] is None
+            else (f"{run['final_win_rate']:.1%} [{_pct(run['ci_low'])}, {_pct(run['ci_high'])}]")
+        )
         lines.append(
-            f"| {run['seed']} | {win} | {_fmt(run['expected_win_rate'])} | {run['cycles_accepted']}/{run['cycles_total']} | "
+            f"| {run['seed']} | {win} | {_fmt(run['expected_win_rate'])} | "
+            f"{run['cycles_accepted']}/{run['cycles_total']} | "
             f"{', '.join(_fmt(kl, 2) for kl in run['candidate_kl']) or '-'} | "
-            f"{', '.join(_fmt(w) for w in run['win_rate_by_round']) or '-'} | {run['elapsed_min']:.1f} |")
+            f"{', '.join(_fmt(w) for w in run['win_rate_by_round']) or '-'} | {run['elapsed_min']:.1f} |"
+        )
     finals = summary["final_win_rate"]
     lines += [
         "",
-        f"Final win rate over runs: median {_fmt(finals['median'])}, min {_fmt(finals['min'])}, max {_fmt(finals['max'])}, "
+        f"Final win rate over runs: median {_fmt(finals['median'])}, min {_fmt(finals['min'])}, "
+        f"max {_fmt(finals['max'])}, "
         f"interquartile range {_fmt(finals['iqr'])} ({_fmt(finals['q25'])} to {_fmt(finals['q75'])}).",
         f"Runs >= 0.65 with the interval above 0.5: {summary['runs_ge_65_ci_above_50']} of {summary['n_runs']}. "
         f"Cycles accepted (deployed or published): {summary['cycles_accepted']} of {summary['cycles_total']} "
         f"({_fmt(summary['accepted_share'], 2)}). Median run time {summary['median_elapsed_min']:.1f} min.",
         "",
-        "Targets: " + ("; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in summary["targets"].items())
-                       or "none for this population") + f". Overall: {'met' if summary['targets_met'] else 'not met'}.",
+        "Targets: "
+        + (
+            "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in summary["targets"].items())
+            or "none for this population"
+        )
+        + f". Overall: {'met' if summary['targets_met'] else 'not met'}.",
     ]
     warning = overrides_warning(summary.get("algorithm_overrides") or {})
     if warning:
@@ -856,11 +1045,20 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", alpha=0.8, label=f"seed {run['seed']}")
     median = summary["final_win_rate"]["median"]
     if median is not None:
-        ax.plot([last], [median], marker="D", markersize=10, color="black", linestyle="none",
-                label=f"median final {median:.1%}")
+        ax.plot(
+            [last],
+            [median],
+            marker="D",
+            markersize=10,
+            color="black",
+            linestyle="none",
+            label=f"median final {median:.1%}",
+        )
     ax.axhline(0.5, color="black", linewidth=0.8)
     if summary.get("median_target") is not None:
-        ax.axhline(summary["median_target"], color="green", linestyle=":", label=f"target {summary['median_target']:.0%}")
+        ax.axhline(
+            summary["median_target"], color="green", linestyle=":", label=f"target {summary['median_target']:.0%}"
+        )
     ax.set_xlabel("round")
     ax.set_ylabel("win rate against the base policy")
     ax.set_xticks(range(last + 1))
@@ -872,8 +1070,9 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_summary(results: list[dict[str, Any]], out_dir: Path, prefix: str = "closed_loop_summary"
-                  ) -> tuple[dict[str, Any], list[Path]]:
+def write_summary(
+    results: list[dict[str, Any]], out_dir: Path, prefix: str = "closed_loop_summary"
+) -> tuple[dict[str, Any], list[Path]]:
     """``summarize_runs`` written as ``<prefix>.json``, ``.md`` and ``.png`` in ``out_dir``."""
     summary = _finite(summarize_runs([_finite(r) for r in results]))
     out_dir.mkdir(parents=True, exist_ok=True)

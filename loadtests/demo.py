@@ -60,21 +60,25 @@ class DemoConfig:
     seed: int = 0
 
 
-def judge_against_previous(store, version_before: str, version_after: str, config: DemoConfig, embed, work_dir: Path
-                           ) -> dict[str, Any]:
+def judge_against_previous(
+    store, version_before: str, version_after: str, config: DemoConfig, embed, work_dir: Path
+) -> dict[str, Any]:
     """Win rate of ``version_after`` against ``version_before`` (the judge's base), by held-out listeners."""
     from musicrl.registry import Registry
 
     registry = Registry(store)
     before_dir = registry.download("generator", version_before, work_dir / "policies" / version_before)
     after_dir = registry.download("generator", version_after, work_dir / "policies" / version_after)
-    judge_config = ClosedLoopConfig(eval_prompts=DEMO_EVAL_PROMPTS, eval_samples=DEMO_EVAL_SAMPLES, clip_s=config.clip_s,
-                                    seed=config.seed)
+    judge_config = ClosedLoopConfig(
+        eval_prompts=DEMO_EVAL_PROMPTS, eval_samples=DEMO_EVAL_SAMPLES, clip_s=config.clip_s, seed=config.seed
+    )
     judge = HeldOutJudge(before_dir, judge_config, embed)
     return judge.win_rate(after_dir).to_dict()
 
 
-def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Path("results/demo.json")) -> dict[str, Any]:
+def run_demo(
+    config: DemoConfig, progress=print, results_path: Path | None = Path("results/demo.json")
+) -> dict[str, Any]:
     from finetune_worker.cycle import FinetuneCycle
     from finetune_worker.loop import run_cycle_with_lease
     from musicrl.buffer import PreferenceBuffer
@@ -106,8 +110,12 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     preference_before = registry.current("reward/preference")
     before = preferences_on(buffer, version_before)
 
-    loop_config = ClosedLoopConfig(pairs_per_round=config.pairs, clip_s=config.clip_s, concurrency=config.concurrency,
-                                   seed=config.seed + int(time.time()))  # each turn hears new prompts and seeds
+    loop_config = ClosedLoopConfig(
+        pairs_per_round=config.pairs,
+        clip_s=config.clip_s,
+        concurrency=config.concurrency,
+        seed=config.seed + int(time.time()),
+    )  # each turn hears new prompts and seeds
     progress(f"{config.pairs} simulated listeners ask for pairs from policy v{version_before} and vote")
     collection = collect_votes(info.gateway_url, config.pairs, loop_config, 1, progress, api_key=info.api_key)
     if collection.failures:
@@ -118,9 +126,15 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     progress("one finetune cycle: reward model, REINFORCE on the user-preference reward, gate, hot swap")
     record = run_cycle_with_lease(FinetuneCycle(settings))
     if record is None:
-        raise RuntimeError("the finetune loop of the stack is running a cycle (it holds the lease); try again in a minute")
-    after = httpx.post(f"{info.gateway_url}/v1/generations", json={"prompt": "bright lively marimba melody", "duration_s": 2.0},
-                       headers=api_key_headers(info.api_key), timeout=120).json()
+        raise RuntimeError(
+            "the finetune loop of the stack is running a cycle (it holds the lease); try again in a minute"
+        )
+    after = httpx.post(
+        f"{info.gateway_url}/v1/generations",
+        json={"prompt": "bright lively marimba melody", "duration_s": 2.0},
+        headers=api_key_headers(info.api_key),
+        timeout=120,
+    ).json()
     rm = record.get("reward_model", {})
     gate = record.get("gate", {})
     version_after = registry.current("generator")
@@ -128,27 +142,41 @@ def run_demo(config: DemoConfig, progress=print, results_path: Path | None = Pat
     if version_after != version_before:
         from finetune_worker.train import make_embed
 
-        progress(f"held-out listeners judge v{version_after} against v{version_before} "
-                 f"({DEMO_EVAL_PROMPTS} prompts x {DEMO_EVAL_SAMPLES} samples)")
-        win_rate = judge_against_previous(store, version_before, version_after, config,
-                                          make_embed(settings.finetune_text_encoder), work_dir)
+        progress(
+            f"held-out listeners judge v{version_after} against v{version_before} "
+            f"({DEMO_EVAL_PROMPTS} prompts x {DEMO_EVAL_SAMPLES} samples)"
+        )
+        win_rate = judge_against_previous(
+            store, version_before, version_after, config, make_embed(settings.finetune_text_encoder), work_dir
+        )
     else:
-        no_win_rate = (f"no new policy deployed (cycle {record['status']}"
-                       + (f": {record['reason']}" if record.get("reason") else "") + ")")
+        no_win_rate = (
+            f"no new policy deployed (cycle {record['status']}"
+            + (f": {record['reason']}" if record.get("reason") else "")
+            + ")"
+        )
     summary = {
         "listen_at": info.gateway_url + "/",
         "votes": dict(collection.votes),
         "buffer_rows_new": on_policy - before,
         "buffer_rows_total": sum(buffer.counts_by_policy().values()),
-        "reward_model": {"version_before": preference_before, "published": rm.get("published"),
-                         "heldout_accuracy": rm.get("heldout_accuracy"), "train_pairs": rm.get("n_train_pairs"),
-                         "skipped": rm.get("skipped")},
+        "reward_model": {
+            "version_before": preference_before,
+            "published": rm.get("published"),
+            "heldout_accuracy": rm.get("heldout_accuracy"),
+            "train_pairs": rm.get("n_train_pairs"),
+            "skipped": rm.get("skipped"),
+        },
         "policy_before": version_before,
         "policy_after": version_after,
         "served_now": sorted({clip["policy_version"] for clip in after["clips"]}),
         "cycle": {"status": record["status"], "reason": record.get("reason"), "timings_s": record.get("timings_s")},
-        "gate": {"passed": gate.get("passed"), "reward_candidate": gate.get("candidate", {}).get("reward"),
-                 "reward_parent": gate.get("baseline", {}).get("reward"), "kl": gate.get("candidate", {}).get("kl")},
+        "gate": {
+            "passed": gate.get("passed"),
+            "reward_candidate": gate.get("candidate", {}).get("reward"),
+            "reward_parent": gate.get("baseline", {}).get("reward"),
+            "kl": gate.get("candidate", {}).get("kl"),
+        },
         "win_rate_vs_previous": win_rate,
         "win_rate_vs_previous_reason": no_win_rate,
         "finetune_settings": effective_finetune_settings(settings),
@@ -172,12 +200,22 @@ def describe(summary: dict[str, Any]) -> list[str]:
     lines = [
         f"votes sent through POST /v1/feedback: {summary['votes']}",
         f"preferences landed in the buffer: {summary['buffer_rows_new']} new, {summary['buffer_rows_total']} in total",
-        "reward model: " + (f"v{rm['published']} published, held-out accuracy {accuracy:.3f} on {rm['train_pairs']} training pairs"
-                            if rm.get("published") else f"v{rm['version_before']} kept ({rm.get('skipped') or _accuracy_text(accuracy)})"),
-        f"finetune cycle: {cycle['status']}" + (f" ({cycle['reason']})" if cycle.get("reason") else "")
-        + (f"; gate {'passed' if gate['passed'] else 'failed'}: preference reward {gate['reward_parent']:.3f} -> "
-           f"{gate['reward_candidate']:.3f}, KL {gate['kl']:.2f} nats/clip" if gate.get("passed") is not None else ""),
-        f"policy: v{summary['policy_before']} before, v{summary['policy_after']} now (the gateway serves v{', v'.join(summary['served_now'])})",
+        "reward model: "
+        + (
+            f"v{rm['published']} published, held-out accuracy {accuracy:.3f} on {rm['train_pairs']} training pairs"
+            if rm.get("published")
+            else f"v{rm['version_before']} kept ({rm.get('skipped') or _accuracy_text(accuracy)})"
+        ),
+        f"finetune cycle: {cycle['status']}"
+        + (f" ({cycle['reason']})" if cycle.get("reason") else "")
+        + (
+            f"; gate {'passed' if gate['passed'] else 'failed'}: preference reward {gate['reward_parent']:.3f} -> "
+            f"{gate['reward_candidate']:.3f}, KL {gate['kl']:.2f} nats/clip"
+            if gate.get("passed") is not None
+            else ""
+        ),
+        f"policy: v{summary['policy_before']} before, v{summary['policy_after']} now "
+        f"(the gateway serves v{', v'.join(summary['served_now'])})",
         win_rate_line(summary),
         f"listen: {summary['listen_at']}   (stop everything with `musicrl stack down`)",
     ]
@@ -187,13 +225,19 @@ def describe(summary: dict[str, Any]) -> list[str]:
 def win_rate_line(summary: dict[str, Any]) -> str:
     win = summary.get("win_rate_vs_previous")
     if not win:
-        return f"held-out listeners: nothing to compare, {summary.get('win_rate_vs_previous_reason') or 'no new policy'}"
+        return (
+            f"held-out listeners: nothing to compare, {summary.get('win_rate_vs_previous_reason') or 'no new policy'}"
+        )
     if win.get("win_rate") is None or win["win_rate"] != win["win_rate"]:  # every comparison a tie (NaN, null in JSON)
-        return (f"held-out listeners prefer neither v{summary['policy_after']} nor v{summary['policy_before']}: "
-                f"all ties ({win['wins']}-{win['losses']}-{win['ties']})")
-    return (f"held-out listeners prefer v{summary['policy_after']} over v{summary['policy_before']}: "
-            f"{win['win_rate']:.1%} [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
-            f"({win['wins']}-{win['losses']}-{win['ties']})")
+        return (
+            f"held-out listeners prefer neither v{summary['policy_after']} nor v{summary['policy_before']}: "
+            f"all ties ({win['wins']}-{win['losses']}-{win['ties']})"
+        )
+    return (
+        f"held-out listeners prefer v{summary['policy_after']} over v{summary['policy_before']}: "
+        f"{win['win_rate']:.1%} [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
+        f"({win['wins']}-{win['losses']}-{win['ties']})"
+    )
 
 
 def summarize_demo_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -201,12 +245,22 @@ def summarize_demo_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     deployed = [r for r in runs if r["policy_after"] != r["policy_before"]]
     rates = [r["win_rate_vs_previous"]["win_rate"] for r in deployed if r.get("win_rate_vs_previous")]
     return {
-        "runs": len(runs), "deployed": len(deployed),
+        "runs": len(runs),
+        "deployed": len(deployed),
         "target_met": len(runs) >= 5 and len(deployed) >= 4,  # issue 14: a new policy in at least 4 of 5 runs
-        "win_rate_vs_previous": rates, "median_win_rate_vs_previous": float(np.median(rates)) if rates else None,
-        "per_run": [{"status": r["cycle"]["status"], "reason": r["cycle"].get("reason"), "policy_after": r["policy_after"],
-                     "win_rate_vs_previous": r.get("win_rate_vs_previous"), "reward_model": r["reward_model"],
-                     "timings_s": r["cycle"].get("timings_s")} for r in runs],
+        "win_rate_vs_previous": rates,
+        "median_win_rate_vs_previous": float(np.median(rates)) if rates else None,
+        "per_run": [
+            {
+                "status": r["cycle"]["status"],
+                "reason": r["cycle"].get("reason"),
+                "policy_after": r["policy_after"],
+                "win_rate_vs_previous": r.get("win_rate_vs_previous"),
+                "reward_model": r["reward_model"],
+                "timings_s": r["cycle"].get("timings_s"),
+            }
+            for r in runs
+        ],
     }
 
 
@@ -219,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m loadtests.demo SUMMARY.json RUN.json [RUN.json ...]")
     summary = summarize_demo_runs([json.loads(Path(path).read_text()) for path in argv[1:]])
     Path(argv[0]).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{summary['deployed']} of {summary['runs']} runs deployed a new policy; held-out win rate against the previous "
-          f"policy: {', '.join(f'{r:.1%}' for r in summary['win_rate_vs_previous'])}")
+    print(
+        f"{summary['deployed']} of {summary['runs']} runs deployed a new policy; held-out win rate against the "
+        f"previous policy: {', '.join(f'{r:.1%}' for r in summary['win_rate_vs_previous'])}"
+    )
 
 
 if __name__ == "__main__":

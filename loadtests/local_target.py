@@ -34,8 +34,14 @@ def local_gateway(checkpoint: Path, work_dir: Path, ready_timeout_s: float = 300
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "musicrl.cli", "gateway", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        with serve_process(argv, f"{url}/readyz", name="gateway", env={**os.environ, **info.env()},
-                           log_path=work_dir / "gateway.log", timeout_s=ready_timeout_s):
+        with serve_process(
+            argv,
+            f"{url}/readyz",
+            name="gateway",
+            env={**os.environ, **info.env()},
+            log_path=work_dir / "gateway.log",
+            timeout_s=ready_timeout_s,
+        ):
             yield url, info.api_key  # the gateway accepts the stack's key (info.env())
     finally:
         stack.down()

@@ -87,7 +87,12 @@ def next_prompt() -> str:
 
 
 def generation_body(config: LoadtestSettings, **extra) -> dict:
-    return {"prompt": next_prompt(), "n": config.candidates, "duration_s": config.duration_s, "app_id": config.app_id} | extra
+    return {
+        "prompt": next_prompt(),
+        "n": config.candidates,
+        "duration_s": config.duration_s,
+        "app_id": config.app_id,
+    } | extra
 
 
 @cache
@@ -106,7 +111,10 @@ class AppUser(FastHttpUser):
     @task
     def generate(self) -> None:
         with self.client.post(
-            "/v1/generations", json=generation_body(settings()), headers=headers(), name="/v1/generations",
+            "/v1/generations",
+            json=generation_body(settings()),
+            headers=headers(),
+            name="/v1/generations",
             catch_response=True,
         ) as response:
             if response.status_code != 201:
@@ -132,8 +140,11 @@ class ListenerUser(FastHttpUser):
     def judge_a_pair(self) -> None:
         config = settings()
         with self.client.post(
-            "/v1/generations", json=generation_body(config, user_id=self.listener.id), headers=headers(),
-            name="/v1/generations", catch_response=True,
+            "/v1/generations",
+            json=generation_body(config, user_id=self.listener.id),
+            headers=headers(),
+            name="/v1/generations",
+            catch_response=True,
         ) as response:
             if response.status_code != 201:
                 response.failure(f"{response.status_code}: {response.text[:200]}")

@@ -55,8 +55,10 @@ FIT_LABELS = {
 }
 DEMO_PREFERENCES = 110  # usable preferences of one `make demo`
 ROUND_PREFERENCES = 230  # usable preferences one closed-loop round lands on the current policy
-QUESTION = ("which reward-model fit learns the users' taste from a few hundred votes, "
-            "and how often would its check wrongly refuse it")
+QUESTION = (
+    "which reward-model fit learns the users' taste from a few hundred votes, "
+    "and how often would its check wrongly refuse it"
+)
 _STREAMS = {"train": 1, "test": 2}  # random streams (prompts, clip seeds, listeners) of the pool and the test pairs
 _BATCH = 32
 
@@ -79,7 +81,9 @@ class RewardModelFitConfig:
         if not self.sizes:
             raise ValueError("no sizes given")
         if min(self.sizes) < 5:
-            raise ValueError(f"sizes must be at least 5 pairs (the probe's 5-fold cross-validation), got {min(self.sizes)}")
+            raise ValueError(
+                f"sizes must be at least 5 pairs (the probe's 5-fold cross-validation), got {min(self.sizes)}"
+            )
         if max(self.sizes) > self.pool_pairs:
             raise ValueError(f"size {max(self.sizes)} is larger than the training pool ({self.pool_pairs} pairs)")
         if self.draws < 1 or self.test_pairs < 1:
@@ -101,9 +105,13 @@ class JudgedPairs:
 
     def subset(self, indices: Sequence[int]) -> JudgedPairs:
         picked = [int(i) for i in indices]
-        return JudgedPairs([self.pairs[i] for i in picked], [self.prompts[i] for i in picked],
-                           [self.generation_ids[i] for i in picked], [self.oracle_margins[i] for i in picked],
-                           Counter("tie" if self.pairs[i].tie else "decided" for i in picked))
+        return JudgedPairs(
+            [self.pairs[i] for i in picked],
+            [self.prompts[i] for i in picked],
+            [self.generation_ids[i] for i in picked],
+            [self.oracle_margins[i] for i in picked],
+            Counter("tie" if self.pairs[i].tie else "decided" for i in picked),
+        )
 
 
 def full_listen_vote(listener, utility_a: float, utility_b: float, draw: float) -> str:
@@ -113,8 +121,15 @@ def full_listen_vote(listener, utility_a: float, utility_b: float, draw: float) 
     return "tie" if draw < p["tie"] else "a" if draw < p["tie"] + p["a"] else "b"
 
 
-def judged_pairs(generator, embed: Callable[[list[str]], np.ndarray], split: str, n: int, population,
-                 config: RewardModelFitConfig, progress=None) -> JudgedPairs:
+def judged_pairs(
+    generator,
+    embed: Callable[[list[str]], np.ndarray],
+    split: str,
+    n: int,
+    population,
+    config: RewardModelFitConfig,
+    progress=None,
+) -> JudgedPairs:
     """``n`` pairs of base-generator clips on prompts of the corpus ``split``, judged by ``population``."""
     import torch
 
@@ -142,13 +157,18 @@ def judged_pairs(generator, embed: Callable[[list[str]], np.ndarray], split: str
                 ta, tb = tokens_a[i].cpu().numpy(), tokens_b[i].cpu().numpy()
                 wave_a, wave_b = codec.decode(ta), codec.decode(tb)
                 listener = population.sample(rng)
-                choice = full_listen_vote(listener, listener.utility(wave_a), listener.utility(wave_b), float(rng.random()))
+                choice = full_listen_vote(
+                    listener, listener.utility(wave_a), listener.utility(wave_b), float(rng.random())
+                )
                 (win, u_win), (lose, u_lose) = (
-                    ((tb, mean.utility(wave_b)), (ta, mean.utility(wave_a))) if choice == "b"
+                    ((tb, mean.utility(wave_b)), (ta, mean.utility(wave_a)))
+                    if choice == "b"
                     else ((ta, mean.utility(wave_a)), (tb, mean.utility(wave_b)))
                 )
                 index = start + i
-                out.pairs.append(PreferencePair(cond_all[index], win.astype(np.int64), lose.astype(np.int64), choice == "tie"))
+                out.pairs.append(
+                    PreferencePair(cond_all[index], win.astype(np.int64), lose.astype(np.int64), choice == "tie")
+                )
                 out.prompts.append(prompts[index])
                 out.generation_ids.append(f"rm-fit-{config.seed}-{split}-{index}")
                 out.oracle_margins.append(float(u_win - u_lose))
@@ -186,11 +206,14 @@ def split_like_the_cycle(sample: JudgedPairs, heldout_fraction: float):
 
 def fit_settings(base, fit: str, draw: int, seed: int):
     """The settings of one fit: ``base`` (``FinetuneSettings``) with the fit and a seed per draw."""
-    return base.model_copy(update={"finetune_rm_fit": "probe" if fit == "probe" else "finetune",
-                                   "finetune_seed": seed + draw})
+    return base.model_copy(
+        update={"finetune_rm_fit": "probe" if fit == "probe" else "finetune", "finetune_seed": seed + draw}
+    )
 
 
-def fit_once(fit: str, settings, generator, train, heldout, test: list, bootstrap_dir: Path, out_dir: Path) -> dict[str, Any]:
+def fit_once(
+    fit: str, settings, generator, train, heldout, test: list, bootstrap_dir: Path, out_dir: Path
+) -> dict[str, Any]:
     """Fit one reward model as the cycle would; its test accuracy, the accuracy the cycle decides on, seconds."""
     from finetune_worker.reward_model import load_warm_start, reward_model_from_settings
     from musicrl.models.preference import evaluate_pairs, load_preference_model
@@ -199,12 +222,27 @@ def fit_once(fit: str, settings, generator, train, heldout, test: list, bootstra
     started = time.perf_counter()
     start = None
     if fit == "finetune_warm_bootstrap":
-        start, why = load_warm_start(bootstrap_dir, generator, s.finetune_rm_heads, s.finetune_rm_disagreement_penalty,
-                                     heldout_fraction=s.finetune_heldout_fraction, seed=s.finetune_seed)
+        start, why = load_warm_start(
+            bootstrap_dir,
+            generator,
+            s.finetune_rm_heads,
+            s.finetune_rm_disagreement_penalty,
+            heldout_fraction=s.finetune_heldout_fraction,
+            seed=s.finetune_seed,
+        )
         if start is None:
             return {"skipped": why}
-    metrics, _ = reward_model_from_settings(s, generator, train, heldout, None, out_dir, start=start,
-                                            meta={"benchmark": "reward_model_fit", "fit": fit}, progress=False)
+    metrics, _ = reward_model_from_settings(
+        s,
+        generator,
+        train,
+        heldout,
+        None,
+        out_dir,
+        start=start,
+        meta={"benchmark": "reward_model_fit", "fit": fit},
+        progress=False,
+    )
     seconds = time.perf_counter() - started
     model, _ = load_preference_model(out_dir)  # the saved model, as the reward service would load it
     test_accuracy = evaluate_pairs(model, test)["accuracy"]
@@ -213,10 +251,15 @@ def fit_once(fit: str, settings, generator, train, heldout, test: list, bootstra
     passes = bool(decision > 0.5)  # NaN (no decided held-out pair) does not pass, as in the cycle
     # FinetuneCycle.update_reward_model: a warm start no epoch improved on is kept; otherwise the check decides
     kept = start is not None and metrics.get("best_epoch") == 0
-    row = {"test_accuracy": float(test_accuracy), "decision_accuracy": decision, "passes": passes,
-           "cycle_decision": "keep start" if kept else "publish" if passes else "refuse",
-           "seconds": round(seconds, 2), "n_train_pairs": int(metrics["n_train_pairs"]),
-           "train_accuracy": float(metrics.get("train_accuracy", float("nan")))}
+    row = {
+        "test_accuracy": float(test_accuracy),
+        "decision_accuracy": decision,
+        "passes": passes,
+        "cycle_decision": "keep start" if kept else "publish" if passes else "refuse",
+        "seconds": round(seconds, 2),
+        "n_train_pairs": int(metrics["n_train_pairs"]),
+        "train_accuracy": float(metrics.get("train_accuracy", float("nan"))),
+    }
     if "best_epoch" in metrics:
         row["best_epoch"] = int(metrics["best_epoch"])
     return row
@@ -243,18 +286,27 @@ def summarize(rows: list[dict[str, Any]], sizes: Sequence[int], fits: Sequence[s
             decisions = [r["decision_accuracy"] for r in done]
             finite = [d for d in decisions if d is not None and math.isfinite(d)]
             n = len(done)
-            out.append({
-                "size": size, "fit": fit, "draws": n, "skipped": len(mine) - n,
-                "test_accuracy_mean": _mean(accuracies),
-                "test_accuracy_std": float(np.std(accuracies)) if accuracies else None,
-                "test_accuracy_min": float(min(accuracies)) if accuracies else None,
-                "decision_accuracy_mean": _mean(decisions),
-                "decision_accuracy_min": float(min(finite)) if finite else None,
-                "pass_rate": sum(r["passes"] for r in done) / n if n else None,
-                "wrong_refusal_rate": sum((not r["passes"]) and r["test_accuracy"] > 0.5 for r in done) / n if n else None,
-                "wrong_pass_rate": sum(r["passes"] and not r["test_accuracy"] > 0.5 for r in done) / n if n else None,
-                "seconds_mean": _mean([r["seconds"] for r in done]),
-            })
+            out.append(
+                {
+                    "size": size,
+                    "fit": fit,
+                    "draws": n,
+                    "skipped": len(mine) - n,
+                    "test_accuracy_mean": _mean(accuracies),
+                    "test_accuracy_std": float(np.std(accuracies)) if accuracies else None,
+                    "test_accuracy_min": float(min(accuracies)) if accuracies else None,
+                    "decision_accuracy_mean": _mean(decisions),
+                    "decision_accuracy_min": float(min(finite)) if finite else None,
+                    "pass_rate": sum(r["passes"] for r in done) / n if n else None,
+                    "wrong_refusal_rate": sum((not r["passes"]) and r["test_accuracy"] > 0.5 for r in done) / n
+                    if n
+                    else None,
+                    "wrong_pass_rate": sum(r["passes"] and not r["test_accuracy"] > 0.5 for r in done) / n
+                    if n
+                    else None,
+                    "seconds_mean": _mean([r["seconds"] for r in done]),
+                }
+            )
     return out
 
 
@@ -313,14 +365,19 @@ def run_reward_model_fit(
     data_s = time.perf_counter() - started
     test_ties = [p.tie for p in test.pairs]
     bootstrap, _ = load_preference_model(bootstrap_dir)
-    baselines = {"bootstrap_as_is": float(evaluate_pairs(bootstrap, test.pairs)["accuracy"]),
-                 "oracle_mean_listener": margin_accuracy(test.oracle_margins, test_ties), "chance": 0.5}
+    baselines = {
+        "bootstrap_as_is": float(evaluate_pairs(bootstrap, test.pairs)["accuracy"]),
+        "oracle_mean_listener": margin_accuracy(test.oracle_margins, test_ties),
+        "chance": 0.5,
+    }
     del bootstrap
 
     rows: list[dict[str, Any]] = []
     sizes = list(config.sizes)
-    with tempfile.TemporaryDirectory(prefix="musicrl-rm-fit-") as work, \
-            tqdm(total=len(sizes) * config.draws * len(FITS), desc="reward-model fits", disable=not progress) as bar:
+    with (
+        tempfile.TemporaryDirectory(prefix="musicrl-rm-fit-") as work,
+        tqdm(total=len(sizes) * config.draws * len(FITS), desc="reward-model fits", disable=not progress) as bar,
+    ):
         for size in sizes:
             for draw in range(config.draws):
                 rng = np.random.default_rng([config.seed, size, draw])
@@ -331,33 +388,76 @@ def run_reward_model_fit(
                     # a fresh model's heads are drawn from torch's global generator before training seeds it:
                     # seed it here so that a rerun fits the same models
                     torch.manual_seed(int(np.random.default_rng([config.seed, size, draw, k]).integers(2**31)))
-                    result = fit_once(fit, s, generator, train, heldout, test.pairs, bootstrap_dir,
-                                      Path(work) / f"{fit}_{size}_{draw}")
-                    rows.append({"size": size, "draw": draw, "fit": fit, "finetune_seed": s.finetune_seed,
-                                 "n_heldout_split": len(heldout.pairs), **result})
+                    result = fit_once(
+                        fit,
+                        s,
+                        generator,
+                        train,
+                        heldout,
+                        test.pairs,
+                        bootstrap_dir,
+                        Path(work) / f"{fit}_{size}_{draw}",
+                    )
+                    rows.append(
+                        {
+                            "size": size,
+                            "draw": draw,
+                            "fit": fit,
+                            "finetune_seed": s.finetune_seed,
+                            "n_heldout_split": len(heldout.pairs),
+                            **result,
+                        }
+                    )
                     bar.update(1)
 
-    settings_used = {k: getattr(base, k) for k in (
-        "finetune_rm_l2", "finetune_rm_cv_folds", "finetune_rm_lr", "finetune_rm_epochs", "finetune_rm_batch_size",
-        "finetune_rm_optimizer", "finetune_rm_heads", "finetune_rm_disagreement_penalty", "finetune_heldout_fraction",
-        "finetune_text_encoder")}
-    return _finite({
-        "benchmark": "reward_model_fit",
-        "question": QUESTION,
-        "machine": machine(),
-        "config": {**asdict(config), "sizes": sizes, "generator": str(generator_dir), "bootstrap": str(bootstrap_dir),
-                   "settings": settings_used, "fits": {fit: FIT_LABELS[fit] for fit in FITS}},
-        "data": {"pool_pairs": len(pool.pairs), "test_pairs": len(test.pairs), "pool_votes": dict(pool.votes),
-                 "test_votes": dict(test.votes), "pool_prompts": len(set(pool.prompts)),
-                 "test_prompts": len(set(test.prompts)), "shared_prompts": len(set(pool.prompts) & set(test.prompts)),
-                 "seconds": round(data_s, 1)},
-        "baselines": baselines,
-        "rows": rows,
-        "summary": summarize(rows, sizes),
-        "note": ("test accuracy: pairwise accuracy on the decided test pairs (held-out listeners, test-split prompts); "
-                 "decision accuracy: what the cycle decides on (probe: 5-fold cross-validated; finetune: held-out "
-                 "fifth); passes: decision accuracy > 0.5; wrong refusal: refused though test accuracy > 0.5"),
-    })
+    settings_used = {
+        k: getattr(base, k)
+        for k in (
+            "finetune_rm_l2",
+            "finetune_rm_cv_folds",
+            "finetune_rm_lr",
+            "finetune_rm_epochs",
+            "finetune_rm_batch_size",
+            "finetune_rm_optimizer",
+            "finetune_rm_heads",
+            "finetune_rm_disagreement_penalty",
+            "finetune_heldout_fraction",
+            "finetune_text_encoder",
+        )
+    }
+    return _finite(
+        {
+            "benchmark": "reward_model_fit",
+            "question": QUESTION,
+            "machine": machine(),
+            "config": {
+                **asdict(config),
+                "sizes": sizes,
+                "generator": str(generator_dir),
+                "bootstrap": str(bootstrap_dir),
+                "settings": settings_used,
+                "fits": {fit: FIT_LABELS[fit] for fit in FITS},
+            },
+            "data": {
+                "pool_pairs": len(pool.pairs),
+                "test_pairs": len(test.pairs),
+                "pool_votes": dict(pool.votes),
+                "test_votes": dict(test.votes),
+                "pool_prompts": len(set(pool.prompts)),
+                "test_prompts": len(set(test.prompts)),
+                "shared_prompts": len(set(pool.prompts) & set(test.prompts)),
+                "seconds": round(data_s, 1),
+            },
+            "baselines": baselines,
+            "rows": rows,
+            "summary": summarize(rows, sizes),
+            "note": (
+                "test accuracy: pairwise accuracy on the decided test pairs (held-out listeners, test-split prompts); "
+                "decision accuracy: what the cycle decides on (probe: 5-fold cross-validated; finetune: held-out "
+                "fifth); passes: decision accuracy > 0.5; wrong refusal: refused though test accuracy > 0.5"
+            ),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- reports
@@ -375,13 +475,17 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         if not n:
             lines.append([str(point["size"]), FIT_LABELS[point["fit"]], "skipped", "-", "-", "-", "-"])
             continue
-        lines.append([
-            str(point["size"]), FIT_LABELS[point["fit"]],
-            f"{pct(point['test_accuracy_mean'])} ± {pct(point['test_accuracy_std'])}",
-            f"{pct(point['decision_accuracy_mean'])} (min {pct(point['decision_accuracy_min'])})",
-            f"{round(point['pass_rate'] * n)}/{n}", f"{round(point['wrong_refusal_rate'] * n)}/{n}",
-            "-" if point["seconds_mean"] is None else f"{point['seconds_mean']:.1f}",
-        ])
+        lines.append(
+            [
+                str(point["size"]),
+                FIT_LABELS[point["fit"]],
+                f"{pct(point['test_accuracy_mean'])} ± {pct(point['test_accuracy_std'])}",
+                f"{pct(point['decision_accuracy_mean'])} (min {pct(point['decision_accuracy_min'])})",
+                f"{round(point['pass_rate'] * n)}/{n}",
+                f"{round(point['wrong_refusal_rate'] * n)}/{n}",
+                "-" if point["seconds_mean"] is None else f"{point['seconds_mean']:.1f}",
+            ]
+        )
     return lines
 
 
@@ -402,11 +506,19 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     lowest, highest = 0.45, max(0.7, baselines.get("oracle_mean_listener") or 0.0)
     if baselines.get("oracle_mean_listener") is not None:
-        ax.axhline(baselines["oracle_mean_listener"], color="green", linestyle=":",
-                   label=f"oracle (mean listener) {baselines['oracle_mean_listener']:.3f}")
+        ax.axhline(
+            baselines["oracle_mean_listener"],
+            color="green",
+            linestyle=":",
+            label=f"oracle (mean listener) {baselines['oracle_mean_listener']:.3f}",
+        )
     if baselines.get("bootstrap_as_is") is not None:
-        ax.axhline(baselines["bootstrap_as_is"], color="grey", linestyle="--",
-                   label=f"bootstrap model as is {baselines['bootstrap_as_is']:.3f}")
+        ax.axhline(
+            baselines["bootstrap_as_is"],
+            color="grey",
+            linestyle="--",
+            label=f"bootstrap model as is {baselines['bootstrap_as_is']:.3f}",
+        )
         lowest = min(lowest, baselines["bootstrap_as_is"])
     ax.axhline(0.5, color="black", linewidth=0.8, label="chance")
     for k, fit in enumerate(FITS):
@@ -417,8 +529,13 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
         ax.errorbar(xs, means, yerr=stds, fmt="o", capsize=4, markersize=6, label=FIT_LABELS[fit])
         for x, mean, std, p in zip(xs, means, stds, points):
             if p["draws"] and np.isfinite(mean):
-                ax.annotate(f"{round(p['pass_rate'] * p['draws'])}/{p['draws']} pass", (x, mean - std - 0.006),
-                            ha="center", va="top", fontsize=6)
+                ax.annotate(
+                    f"{round(p['pass_rate'] * p['draws'])}/{p['draws']} pass",
+                    (x, mean - std - 0.006),
+                    ha="center",
+                    va="top",
+                    fontsize=6,
+                )
                 lowest, highest = min(lowest, mean - std), max(highest, mean + std)
     ax.set_xticks(range(len(sizes)))
     ax.set_xticklabels([f"{size} training pairs" for size in sizes])
@@ -426,8 +543,10 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(math.floor((lowest - 0.04) * 20) / 20, math.ceil((highest + 0.1) * 20) / 20)
     ax.set_ylabel("accuracy on the test pairs (held-out listeners)")
     draws, data = results["config"]["draws"], results["data"]
-    ax.set_title(f"Reward-model fits: {draws} draw{'s' if draws != 1 else ''} per size, {data['test_pairs']} test pairs",
-                 fontsize=10)
+    ax.set_title(
+        f"Reward-model fits: {draws} draw{'s' if draws != 1 else ''} per size, {data['test_pairs']} test pairs",
+        fontsize=10,
+    )
     ax.legend(loc="upper center", ncol=2, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,17 +13,21 @@ to train and what to deploy. This harness only plays the users and watches:
 4. at the end, held-out listeners judge every deployed version against the base
    (``HeldOutJudge``: same prompts and seeds for both, full listens, a verdict on every pair).
 
-Results: ``results/stack_loop.json``.
+Results: ``results/stack_loop.json`` for one seed; with ``--seeds N`` one file per seed in
+``results/stack_loop_runs/`` and their summary (``summarize_seeds``: how many seeds met the target,
+the median and range of the last version's win rate) in ``results/stack_loop_summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loadtests.closed_loop import ClosedLoopConfig, HeldOutJudge, collect_votes, machine
 
@@ -41,8 +45,13 @@ class StackLoopConfig:
     cycle_timeout_s: float = 900.0  # per round: from the last vote to a deployed or refused cycle
 
     def listeners(self) -> ClosedLoopConfig:
-        return ClosedLoopConfig(pairs_per_round=self.pairs_per_batch, clip_s=self.clip_s, population=self.population,
-                                seed=self.seed, hot_swap_probe=False)
+        return ClosedLoopConfig(
+            pairs_per_round=self.pairs_per_batch,
+            clip_s=self.clip_s,
+            population=self.population,
+            seed=self.seed,
+            hot_swap_probe=False,
+        )
 
 
 def votes_sent(votes: Counter) -> int:
@@ -68,11 +77,17 @@ def wait_for_cycle(runs_dir: Path, seen: set[str], timeout_s: float, poll_s: flo
         if new:
             run_id, record = sorted(new.items(), key=lambda item: item[1].get("created_at", ""))[0]
             seen.add(run_id)
-            return {"status": record["status"], "run_id": run_id, "reason": record.get("reason"),
-                    "version": record.get("candidate_version") or record.get("parent_version"),
-                    "gate": {k: record.get("gate", {}).get(k) for k in ("passed", "chosen_step", "candidate", "baseline")},
-                    "reward_model": {k: record.get("reward_model", {}).get(k) for k in ("published", "heldout_accuracy", "n_train_pairs")},
-                    "timings_s": record.get("timings_s")}
+            return {
+                "status": record["status"],
+                "run_id": run_id,
+                "reason": record.get("reason"),
+                "version": record.get("candidate_version") or record.get("parent_version"),
+                "gate": {k: record.get("gate", {}).get(k) for k in ("passed", "chosen_step", "candidate", "baseline")},
+                "reward_model": {
+                    k: record.get("reward_model", {}).get(k) for k in ("published", "heldout_accuracy", "n_train_pairs")
+                },
+                "timings_s": record.get("timings_s"),
+            }
         time.sleep(poll_s)
     return {"status": "timeout", "reason": f"no cycle finished within {timeout_s:.0f} s"}
 
@@ -96,7 +111,10 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
         wait_until_healthy(info.gateway_url + "/readyz", 300, name="gateway", interval_s=1.0)
         registry = Registry(ObjectStore(info.settings_for(ObjectStoreConfig)))
         base = registry.current("generator")
-        progress(f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; the stack's finetune loop decides every cycle")
+        progress(
+            f"stack up in {time.monotonic() - started:.0f} s, serving v{base}; "
+            "the stack's finetune loop decides every cycle"
+        )
         runs_dir = finetune_work_dir(settings) / "runs"  # the stack's finetune loop archives every cycle here
         seen = set(finished_runs(runs_dir))
         for round_index in range(1, config.rounds + 1):
@@ -105,40 +123,69 @@ def run_stack_loop(work_dir: Path, config: StackLoopConfig, progress: Progress =
             batch = 0
             while votes_sent(votes) < config.votes_per_round:
                 batch += 1
-                collection = collect_votes(info.gateway_url, config.pairs_per_batch, config.listeners(), round_index * 1000 + batch,
-                                           api_key=info.api_key)
+                collection = collect_votes(
+                    info.gateway_url,
+                    config.pairs_per_batch,
+                    config.listeners(),
+                    round_index * 1000 + batch,
+                    api_key=info.api_key,
+                )
                 if collection.failures:
-                    raise RuntimeError(f"{len(collection.failures)} listener requests failed, first: {collection.failures[0]}")
+                    raise RuntimeError(
+                        f"{len(collection.failures)} listener requests failed, first: {collection.failures[0]}"
+                    )
                 votes.update(collection.votes)
             last_vote = time.monotonic()
-            progress(f"round {round_index}: {votes_sent(votes)} votes on v{parent} sent ({dict(votes)}); waiting for the loop")
+            progress(
+                f"round {round_index}: {votes_sent(votes)} votes on v{parent} sent ({dict(votes)}); "
+                "waiting for the loop"
+            )
             outcome = wait_for_cycle(runs_dir, seen, config.cycle_timeout_s)
-            outcome.update({"round": round_index, "parent": parent, "votes": dict(votes),
-                            "vote_to_outcome_s": round(time.monotonic() - last_vote, 1)})
+            outcome.update(
+                {
+                    "round": round_index,
+                    "parent": parent,
+                    "votes": dict(votes),
+                    "vote_to_outcome_s": round(time.monotonic() - last_vote, 1),
+                }
+            )
             rounds.append(outcome)
-            progress(f"round {round_index}: {outcome['status']} v{outcome.get('version')} "
-                     f"({outcome['vote_to_outcome_s']:.0f} s after the last vote){' - ' + str(outcome.get('reason')) if outcome.get('reason') else ''}")
+            progress(
+                f"round {round_index}: {outcome['status']} v{outcome.get('version')} "
+                f"({outcome['vote_to_outcome_s']:.0f} s after the last vote)"
+                f"{' - ' + str(outcome.get('reason')) if outcome.get('reason') else ''}"
+            )
             if outcome["status"] == "timeout":
                 break
         policies = work_dir / "policies"
         base_dir = registry.download("generator", base, policies / base)
-        judge = HeldOutJudge(base_dir, ClosedLoopConfig(clip_s=config.clip_s, population=config.population, seed=config.seed),
-                             make_embed("minilm"))
+        judge = HeldOutJudge(
+            base_dir,
+            ClosedLoopConfig(clip_s=config.clip_s, population=config.population, seed=config.seed),
+            make_embed("minilm"),
+        )
         for row in rounds:
             if row["status"] == "deployed":
-                row["win_rate_vs_base"] = judge.win_rate(registry.download("generator", row["version"], policies / row["version"])).to_dict()
+                row["win_rate_vs_base"] = judge.win_rate(
+                    registry.download("generator", row["version"], policies / row["version"])
+                ).to_dict()
     finally:
         stack.down()
     deployed = [r for r in rounds if r["status"] == "deployed"]
     final = deployed[-1]["win_rate_vs_base"] if deployed else None
     return {
-        "experiment": "stack_loop", "config": asdict(config), "machine": machine(), "base_version": rounds[0]["parent"] if rounds else None,
-        "rounds": rounds, "deployed": len(deployed), "final_version": deployed[-1]["version"] if deployed else None,
+        "experiment": "stack_loop",
+        "config": asdict(config),
+        "machine": machine(),
+        "base_version": rounds[0]["parent"] if rounds else None,
+        "rounds": rounds,
+        "deployed": len(deployed),
+        "final_version": deployed[-1]["version"] if deployed else None,
         "final_win_rate_vs_base": final,
         "target_met": bool(len(deployed) >= 2 and final and final["ci_low"] > 0.5),
         "elapsed_s": round(time.monotonic() - started, 1),
         "note": "finetune cycles run by the stack's own `finetune loop` service with FinetuneSettings defaults; "
-                "votes only through POST /v1/feedback",
+        "votes only through POST /v1/feedback",
     }
 
 
@@ -146,3 +193,44 @@ def write_results(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return path
+
+
+def summarize_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the seeds' results: per seed the deployed versions and the last one's win rate against the base,
+    then how many seeds met the target (at least 2 deployed, the last one's interval above 50 %), and the
+    median and range of the last version's win rate (a seed that deployed nothing counts as 50 %: the base)."""
+    seeds = []
+    for run in sorted(runs, key=lambda r: r["config"]["seed"]):
+        final = run.get("final_win_rate_vs_base") or {}
+        seeds.append(
+            {
+                "seed": run["config"]["seed"],
+                "deployed": run["deployed"],
+                "rounds": len(run["rounds"]),
+                "final_version": run.get("final_version"),
+                "final_win_rate": final.get("win_rate", 0.5),
+                "ci_low": final.get("ci_low"),
+                "ci_high": final.get("ci_high"),
+                "win_rate_by_round": [r.get("win_rate_vs_base", {}).get("win_rate") for r in run["rounds"]],
+                "reward_model_check": [r.get("reward_model", {}).get("heldout_accuracy") for r in run["rounds"]],
+                "target_met": run["target_met"],
+                "elapsed_min": round(run["elapsed_s"] / 60, 1),
+            }
+        )
+    finals = [s["final_win_rate"] for s in seeds]
+    return {
+        "experiment": "stack_loop_summary",
+        "n_seeds": len(seeds),
+        "seeds": seeds,
+        "target": "per seed: at least 2 new versions deployed in 3 rounds of 320 votes and the last one's "
+        "95 % interval against the base above 50 % for held-out listeners",
+        "seeds_meeting_target": sum(s["target_met"] for s in seeds),
+        "final_win_rate": {
+            "median": statistics.median(finals) if finals else None,
+            "min": min(finals, default=None),
+            "max": max(finals, default=None),
+        },
+        "deployed_total": sum(s["deployed"] for s in seeds),
+        "rounds_total": sum(s["rounds"] for s in seeds),
+        "max_elapsed_min": max((s["elapsed_min"] for s in seeds), default=None),
+    }

@@ -14,6 +14,15 @@ Segments are immutable and keyed by their Kafka offset range, so rewriting one
 after a crash replaces it. The reader still drops repeated ``event_id`` values
 (keeping the lowest partition/offset), a second line of defence against a
 zombie consumer that wrote a different offset range for the same events.
+
+Multi-codebook clips (MusicGen: K codebooks per frame) are stored flat: ``tokens_a``
+and ``logprobs_a`` hold the K x T values codebook-major (codebook 0's frames first,
+``np.reshape(K, T)`` gives them back), and ``codebooks_a`` / ``codebooks_b`` say K.
+Those two columns are written only in segments that hold a clip with K > 1
+(``CODEBOOK_SCHEMA``); a segment of one-codebook clips is exactly what it always was
+(``ROW_SCHEMA``), so existing segments and readers are unaffected. ``PreferenceBuffer``
+adds the columns, 1 for those rows, whenever one segment it reads has them
+(``clip_codes`` turns a row's tokens back into ``[K, T]``).
 """
 
 from __future__ import annotations
@@ -22,10 +31,10 @@ import hashlib
 import io
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -78,6 +87,19 @@ ROW_SCHEMA = pa.schema(
     metadata={"schema": "buffer.preference.v1"},
 )
 
+# Codebooks per clip (K), only in segments holding a clip with K > 1 (see the module docstring).
+CODEBOOK_COLUMNS = ("codebooks_a", "codebooks_b")
+CODEBOOK_SCHEMA = pa.schema(
+    [*ROW_SCHEMA, *(pa.field(name, pa.int32()) for name in CODEBOOK_COLUMNS)], metadata=ROW_SCHEMA.metadata
+)
+
+
+def clip_codes(tokens: Sequence[int], codebooks: int | None = 1):
+    """A buffer row's flat, codebook-major ``tokens_a`` (or ``tokens_b``, or log-probs) as a ``[K, T]`` array."""
+    import numpy as np  # noqa: PLC0415
+
+    return np.asarray(tokens).reshape(int(codebooks or 1), -1)
+
 
 @dataclass(frozen=True, order=True)
 class SegmentRef:
@@ -104,7 +126,9 @@ def is_valid_policy_version(version: str) -> bool:
 def segment_key(policy_version: str, partition: int, first_offset: int, last_offset: int) -> str:
     if not is_valid_policy_version(policy_version):
         raise ValueError(f"policy version {policy_version!r} cannot be part of an object key")
-    return f"{SEGMENT_PREFIX}policy={policy_version}/partition={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
+    return (
+        f"{SEGMENT_PREFIX}policy={policy_version}/partition={partition}/{first_offset:020d}-{last_offset:020d}.parquet"
+    )
 
 
 def parse_segment_key(key: str) -> SegmentRef | None:
@@ -120,8 +144,17 @@ def parse_segment_key(key: str) -> SegmentRef | None:
 
 
 def rows_to_parquet(rows: Sequence[dict]) -> bytes:
-    """Serialise buffer rows (dicts with the ``ROW_SCHEMA`` columns) to Parquet bytes."""
-    table = pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA)
+    """Serialise buffer rows (dicts with the ``ROW_SCHEMA`` columns) to Parquet bytes.
+
+    Rows may carry ``codebooks_a`` / ``codebooks_b``; the segment gets those columns
+    (``CODEBOOK_SCHEMA``, missing values 1) only when one of them is above 1.
+    """
+    rows = list(rows)
+    if any((row.get(name) or 1) != 1 for row in rows for name in CODEBOOK_COLUMNS):
+        rows = [row | {name: row.get(name) or 1 for name in CODEBOOK_COLUMNS} for row in rows]
+        table = pa.Table.from_pylist(rows, schema=CODEBOOK_SCHEMA)
+    else:
+        table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", compression_level=1)
     return sink.getvalue()
@@ -165,9 +198,7 @@ class PreferenceBuffer:
 
     def segments(self, policy_versions: Iterable[str] | None = None) -> list[SegmentRef]:
         prefixes = (
-            [SEGMENT_PREFIX]
-            if policy_versions is None
-            else [f"{SEGMENT_PREFIX}policy={v}/" for v in policy_versions]
+            [SEGMENT_PREFIX] if policy_versions is None else [f"{SEGMENT_PREFIX}policy={v}/" for v in policy_versions]
         )
         refs = []
         for prefix in prefixes:
@@ -177,7 +208,9 @@ class PreferenceBuffer:
                     refs.append(ref)
         return sorted(refs)
 
-    def _segments_in_window(self, min_policy: str | None, max_policy: str | None, last_policies: int | None) -> list[SegmentRef]:
+    def _segments_in_window(
+        self, min_policy: str | None, max_policy: str | None, last_policies: int | None
+    ) -> list[SegmentRef]:
         refs = self.segments()
         versions = sorted({r.policy_version for r in refs}, key=_policy_sort_key)
         if min_policy is not None:
@@ -191,15 +224,15 @@ class PreferenceBuffer:
 
     def _read_segments(self, refs: Sequence[SegmentRef], columns: list[str] | None = None) -> pa.Table:
         if not refs:
-            return ROW_SCHEMA.empty_table() if columns is None else ROW_SCHEMA.empty_table().select(columns)
+            return ROW_SCHEMA.empty_table() if columns is None else CODEBOOK_SCHEMA.empty_table().select(columns)
 
         def read(ref: SegmentRef) -> pa.Table:
             table = parquet_to_table(self.store.get_bytes(self.bucket, ref.key))
-            return table.select(columns) if columns is not None else table
+            return table.select([c for c in columns if c in table.column_names]) if columns is not None else table
 
         with ThreadPoolExecutor(max_workers=self.read_workers) as pool:
             tables = list(pool.map(read, refs))
-        return pa.concat_tables(tables)
+        return _with_codebooks(tables, columns)
 
     def read(
         self,
@@ -222,7 +255,9 @@ class PreferenceBuffer:
         """
         needed = None
         if columns is not None:
-            needed = list(dict.fromkeys([*columns, "event_id", "kafka_partition", "kafka_offset", "received_at", "is_tie"]))
+            needed = list(
+                dict.fromkeys([*columns, "event_id", "kafka_partition", "kafka_offset", "received_at", "is_tie"])
+            )
         table = self._read_segments(self._segments_in_window(min_policy, max_policy, last_policies), needed)
         if since is not None:
             table = table.filter(pc.greater_equal(table["received_at"], pa.scalar(since, type=_TS)))
@@ -234,9 +269,13 @@ class PreferenceBuffer:
             table = deduplicate_events(table)
         return table.select(columns) if columns is not None else table
 
-    def split(self, table: pa.Table, eval_fraction: float = 0.1, salt: str = "musicrl-buffer-split") -> tuple[pa.Table, pa.Table]:
+    def split(
+        self, table: pa.Table, eval_fraction: float = 0.1, salt: str = "musicrl-buffer-split"
+    ) -> tuple[pa.Table, pa.Table]:
         """Deterministic (train, eval) split of ``table`` by generation id."""
-        is_eval = pa.array([split_of(g, eval_fraction, salt) == "eval" for g in table["generation_id"].to_pylist()], pa.bool_())
+        is_eval = pa.array(
+            [split_of(g, eval_fraction, salt) == "eval" for g in table["generation_id"].to_pylist()], pa.bool_()
+        )
         return table.filter(pc.invert(is_eval)), table.filter(is_eval)
 
     def counts_by_policy(self) -> dict[str, int]:
@@ -247,6 +286,29 @@ class PreferenceBuffer:
 
     def event_ids(self) -> set[str]:
         return set(self.read(columns=["event_id"])["event_id"].to_pylist())
+
+
+def _with_codebooks(tables: list[pa.Table], columns: list[str] | None) -> pa.Table:
+    """Concatenate segment tables. Where one of them has the codebook columns (or ``columns`` asks for them),
+    every table gets them, 1 for its one-codebook rows; buffers of one-codebook segments read as they always did."""
+    if columns is None:
+        wanted = [c for c in CODEBOOK_COLUMNS if any(c in t.column_names for t in tables)]
+    else:
+        wanted = [c for c in CODEBOOK_COLUMNS if c in columns]
+    if not wanted:
+        return pa.concat_tables(tables)
+    filled = []
+    for table in tables:
+        for name in wanted:
+            if name not in table.column_names:
+                table = table.append_column(pa.field(name, pa.int32()), pa.array([1] * table.num_rows, pa.int32()))
+        order = (
+            [*(n for n in table.column_names if n not in CODEBOOK_COLUMNS), *wanted]
+            if columns is None
+            else [c for c in columns if c in table.column_names]
+        )
+        filled.append(table.select(order))
+    return pa.concat_tables(filled)
 
 
 def deduplicate_events(table: pa.Table) -> pa.Table:

@@ -70,9 +70,11 @@ class ObjectStoreConfig(BaseServiceSettings):
     # minio's own defaults (300 s timeouts, 5 retries) let an object-store brownout hold a
     # request thread for up to half an hour; every call is bounded by these instead.
     s3_timeout_s: float = Field(10.0, gt=0)
-    """Connect timeout and read timeout (longest silence on an open connection, not a whole transfer) of each S3 request, in seconds."""
+    """Connect timeout and read timeout (longest silence on an open connection, not a whole transfer) of each
+    S3 request, in seconds."""
     s3_retries: int = Field(2, ge=0)
-    """Retries of an S3 request after a connection error, a read timeout or a 500/502/503/504 (0: none); at most (1 + retries) x 2 x s3_timeout_s plus backoff per call."""
+    """Retries of an S3 request after a connection error, a read timeout or a 500/502/503/504 (0: none);
+    at most (1 + retries) x 2 x s3_timeout_s plus backoff per call."""
 
     def production_problems(self) -> list[str]:
         problems = super().production_problems()
@@ -111,7 +113,9 @@ class KafkaConfig(BaseServiceSettings):
         if self.kafka_security_protocol.startswith("SASL"):
             options["sasl_mechanism"] = self.kafka_sasl_mechanism
             options["sasl_plain_username"] = self.kafka_sasl_username
-            options["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
         if self.kafka_ssl_cafile:
             options["ssl_cafile"] = self.kafka_ssl_cafile
         return options

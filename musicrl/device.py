@@ -18,7 +18,10 @@ def resolve_device(setting: str = "cpu") -> torch.device:
     name = setting.strip().lower()
     kind = name.split(":", 1)[0]
     if kind not in DEVICE_CHOICES:
-        raise ValueError(f"unknown device {setting!r}; expected one of {', '.join(DEVICE_CHOICES)} (cuda may carry an index, e.g. cuda:1)")
+        raise ValueError(
+            f"unknown device {setting!r}; expected one of {', '.join(DEVICE_CHOICES)} "
+            "(cuda may carry an index, e.g. cuda:1)"
+        )
     if kind == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
@@ -29,7 +32,9 @@ def resolve_device(setting: str = "cpu") -> torch.device:
         try:
             import torch_xla.core.xla_model as xm  # noqa: PLC0415 - optional extra, initialises the TPU runtime
         except ImportError as exc:
-            raise ValueError("device 'xla' requested but torch_xla is not installed (pip install 'musicrl[tpu]')") from exc
+            raise ValueError(
+                "device 'xla' requested but torch_xla is not installed (pip install 'musicrl[tpu]')"
+            ) from exc
         return xm.xla_device()
     return torch.device("cpu")
 

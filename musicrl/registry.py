@@ -7,6 +7,8 @@ Layout in the models bucket (``bucket_models``)::
     {kind}/{version}/.reservation             claims the version number (conditional PUT)
     {kind}/current                            {"version", "previous", "updated_at"}, one PUT
     {kind}/rejected/{created_at}-{id}.json    candidates that failed the evaluation gate
+    {kind}/canary                             the newest canary's record (docs/canary.md); the gateway polls it
+    {kind}/canaries/{canary_id}.json          every canary's record: decision and the votes behind it
 
 Kinds are ``generator``, ``reward/text_adherence``, ``reward/quality`` and
 ``reward/preference``. Versions are positive integers written as strings for every
@@ -33,7 +35,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from musicrl.storage import ObjectNotFound, ObjectStore, PreconditionFailed
 
 MANIFEST = "manifest.json"
 RESERVATION = ".reservation"
+CANARY_POINTER = "canary"  # {kind}/canary: the newest canary record (the gateway polls it)
+CANARY_RECORDS = "canaries"  # {kind}/canaries/{canary_id}.json: every canary record
 KINDS = ("generator", "reward/text_adherence", "reward/quality", "reward/preference")
 _VERSION_RE = re.compile(r"^[1-9][0-9]*$")
 
@@ -56,8 +60,16 @@ class IntegrityError(RegistryError):
 DOWNLOAD_CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def download_verified(store: ObjectStore, bucket: str, prefix: str, files: dict[str, str | None], dest_dir: str | Path,
-                      label: str, *, manifest: dict | None = None) -> Path:
+def download_verified(
+    store: ObjectStore,
+    bucket: str,
+    prefix: str,
+    files: dict[str, str | None],
+    dest_dir: str | Path,
+    label: str,
+    *,
+    manifest: dict | None = None,
+) -> Path:
     """Stream ``files`` (name -> expected sha256, or None: unverified) under ``prefix`` into ``dest_dir``.
 
     The files land in a temporary sibling first and the directory is renamed into place only
@@ -103,7 +115,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _check_kind(kind: str) -> str:
@@ -143,7 +155,7 @@ class Registry:
         prefix = f"{_check_kind(kind)}/"
         found = set()
         for key in self.store.list_keys(self.bucket, prefix=prefix):
-            rest = key[len(prefix):].split("/")
+            rest = key[len(prefix) :].split("/")
             if len(rest) == 2 and rest[1] == MANIFEST and _VERSION_RE.match(rest[0]):
                 found.add(rest[0])
         return sorted(found, key=int)
@@ -178,7 +190,9 @@ class Registry:
 
     def rejections(self, kind: str) -> list[dict[str, Any]]:
         prefix = f"{_check_kind(kind)}/rejected/"
-        return [self.store.get_json(self.bucket, key) for key in sorted(self.store.list_keys(self.bucket, prefix=prefix))]
+        return [
+            self.store.get_json(self.bucket, key) for key in sorted(self.store.list_keys(self.bucket, prefix=prefix))
+        ]
 
     # -- writing -------------------------------------------------------------------
 
@@ -231,6 +245,39 @@ class Registry:
         self.store.put_json(self.bucket, key, {"recorded_at": _utcnow(), **report})
         return key
 
+    # -- canaries (docs/canary.md) --------------------------------------------------
+
+    def canary(self, kind: str) -> dict[str, Any] | None:
+        """The newest canary's record (``{kind}/canary``), running or decided; None if there never was one."""
+        try:
+            return self.store.get_json(self.bucket, f"{_check_kind(kind)}/{CANARY_POINTER}")
+        except ObjectNotFound:
+            return None
+
+    def record_canary(self, kind: str, record: dict[str, Any]) -> None:
+        """Write a canary's record: its own ``{kind}/canaries/{canary_id}.json`` first (with ``event_ids``, the
+        votes behind the decision), then the pointer the gateway polls (one PUT each, so a reader sees a whole
+        record, old or new)."""
+        canary_id = str(record.get("canary_id", ""))
+        if not re.match(r"^[A-Za-z0-9_.-]{1,80}$", canary_id):
+            raise RegistryError(f"invalid canary id {canary_id!r}")
+        record = {**record, "updated_at": _utcnow()}
+        self.store.put_json(self.bucket, f"{_check_kind(kind)}/{CANARY_RECORDS}/{canary_id}.json", record)
+        # The pointer is polled by every gateway replica: the same record without the list of vote ids.
+        self.store.put_json(
+            self.bucket, f"{kind}/{CANARY_POINTER}", {k: v for k, v in record.items() if k != "event_ids"}
+        )
+
+    def canaries(self, kind: str) -> list[dict[str, Any]]:
+        """Every canary's record, oldest first (by start time)."""
+        prefix = f"{_check_kind(kind)}/{CANARY_RECORDS}/"
+        records = [
+            self.store.get_json(self.bucket, key)
+            for key in self.store.list_keys(self.bucket, prefix=prefix)
+            if key.endswith(".json")
+        ]
+        return sorted(records, key=lambda r: (str(r.get("started_at", "")), str(r.get("canary_id", ""))))
+
     def _reserve(self, kind: str, version: str | None) -> str:
         if version is not None:
             version = _check_version(version)
@@ -242,7 +289,9 @@ class Registry:
         candidate = self._highest_claimed(kind) + 1
         while True:
             try:
-                self.store.put_bytes_conditional(self.bucket, f"{kind}/{candidate}/{RESERVATION}", b"{}", if_absent=True)
+                self.store.put_bytes_conditional(
+                    self.bucket, f"{kind}/{candidate}/{RESERVATION}", b"{}", if_absent=True
+                )
                 return str(candidate)
             except PreconditionFailed:
                 candidate += 1
@@ -251,7 +300,7 @@ class Registry:
         prefix = f"{kind}/"
         highest = 0
         for key in self.store.list_keys(self.bucket, prefix=prefix):
-            head = key[len(prefix):].split("/", 1)[0]
+            head = key[len(prefix) :].split("/", 1)[0]
             if _VERSION_RE.match(head):
                 highest = max(highest, int(head))
         return highest
@@ -266,8 +315,15 @@ class Registry:
         An existing ``dest_dir`` is replaced. Raises ``IntegrityError`` on a mismatch.
         """
         manifest = self.manifest(kind, version)
-        return download_verified(self.store, self.bucket, f"{kind}/{version}", manifest["files"], dest_dir,
-                                 f"{kind} {version}", manifest=manifest)
+        return download_verified(
+            self.store,
+            self.bucket,
+            f"{kind}/{version}",
+            manifest["files"],
+            dest_dir,
+            f"{kind} {version}",
+            manifest=manifest,
+        )
 
 
 def verify_dir(local_dir: str | Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import hashlib
 import os
 import re
 import threading
-from functools import lru_cache
+from functools import cache
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -70,8 +70,9 @@ class MiniLMTextEncoder:
         texts = _check(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self._load().encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
-                                      normalize_embeddings=True, show_progress_bar=False)
+        vectors = self._load().encode(
+            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+        )
         return _normalise(vectors)
 
 
@@ -102,7 +103,7 @@ class HashingTextEncoder:
 TEXT_ENCODERS = {"minilm": MiniLMTextEncoder, "hashing": HashingTextEncoder}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_text_encoder(name: str = "minilm") -> TextEncoder:
     """The text encoder called `name` ("minilm" or "hashing"), cached per process."""
     if name not in TEXT_ENCODERS:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from musicrl import openapi
 from musicrl.logging import RequestIdMiddleware, get_logger
+from reward_service.openapi import state_limits
 from reward_service.routes import admin, health, scores
 from reward_service.services.batcher import BatcherStopped, QueueFull
 from reward_service.services.inputs import InputError, InputResolver
@@ -103,6 +105,7 @@ def create_app(settings: RewardSettings | None = None, dependencies: Dependencie
     app.include_router(scores.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    openapi.install(app, lambda document: state_limits(document, dependencies.resolver, settings.reward_max_items))
     app.add_middleware(RequestIdMiddleware)
 
     @app.middleware("http")

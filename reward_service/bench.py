@@ -19,10 +19,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 from rich.console import Console
@@ -102,7 +102,10 @@ def _store_like_the_gateway(records, settings: RewardSettings) -> list[dict]:
         generation_id, clip_id = uuid.uuid4().hex, uuid.uuid4().hex
         wav = formats.encode_audio(record.render(), 16000)
         store.put_bytes(
-            settings.bucket_clips, clip_audio_key(clip_id), wav, "audio/wav",
+            settings.bucket_clips,
+            clip_audio_key(clip_id),
+            wav,
+            "audio/wav",
             metadata={CLIP_GENERATION_ID_METADATA: generation_id},
         )
         duration_s = len(record.tokens) / codec.FRAME_RATE
@@ -110,11 +113,19 @@ def _store_like_the_gateway(records, settings: RewardSettings) -> list[dict]:
             generation_id=generation_id,
             prompt=record.caption,
             params={"duration_s": duration_s, "temperature": 0.99},
-            clips=[{
-                "clip_id": clip_id, "index": 0, "seed": record.seed, "policy_version": "1",
-                "tokens": record.tokens.tolist(), "logprobs": [0.0] * len(record.tokens), "duration_s": duration_s,
-                "sample_rate": 16000, "audio_key": clip_audio_key(clip_id),
-            }],
+            clips=[
+                {
+                    "clip_id": clip_id,
+                    "index": 0,
+                    "seed": record.seed,
+                    "policy_version": "1",
+                    "tokens": record.tokens.tolist(),
+                    "logprobs": [0.0] * len(record.tokens),
+                    "duration_s": duration_s,
+                    "sample_rate": 16000,
+                    "audio_key": clip_audio_key(clip_id),
+                }
+            ],
         )
         store.put_json(settings.bucket_generations, generation_key(generation_id), generation.to_json())
         items.append({"prompt": record.caption, "clip_id": clip_id})
@@ -138,8 +149,14 @@ def _server(settings: RewardSettings, max_batch_size: int, max_wait_ms: float) -
         "MUSICRL_LOG_LEVEL": "WARNING",
     }
     url = f"http://127.0.0.1:{port}"
-    with serve_process([sys.executable, "-m", "musicrl.cli", "reward", "serve"], f"{url}/readyz",
-                       name="reward service", env=env, timeout_s=180, stop_timeout_s=20):
+    with serve_process(
+        [sys.executable, "-m", "musicrl.cli", "reward", "serve"],
+        f"{url}/readyz",
+        name="reward service",
+        env=env,
+        timeout_s=180,
+        stop_timeout_s=20,
+    ):
         yield url
 
 
@@ -163,7 +180,9 @@ def _counters(url: str) -> dict[str, float]:
     return values
 
 
-async def _load(url: str, items: list[dict], clients: int, warmup_s: float, seconds: float) -> tuple[int, int, list[float], float]:
+async def _load(
+    url: str, items: list[dict], clients: int, warmup_s: float, seconds: float
+) -> tuple[int, int, list[float], float]:
     latencies: list[float] = []
     done = errors = 0
     measuring = False
@@ -255,7 +274,9 @@ def _private_store(checkpoints: Path) -> Iterator[RewardSettings]:
             stack.down()
 
 
-def _model_stage(settings: RewardSettings, items: list[dict], batch_sizes: list[int], seconds: float) -> tuple[dict, dict]:
+def _model_stage(
+    settings: RewardSettings, items: list[dict], batch_sizes: list[int], seconds: float
+) -> tuple[dict, dict]:
     """Clips/s of the batch thread's work alone (features + models, no HTTP), by batch size.
 
     This isolates what micro-batching can change: everything outside the models
@@ -290,7 +311,9 @@ def _model_stage(settings: RewardSettings, items: list[dict], batch_sizes: list[
     return rates, _stage_breakdown(snapshot.models, settings.reward_text_encoder, items, batch_sizes)
 
 
-def _stage_breakdown(models, text_encoder: str, items: list[dict], batch_sizes: list[int]) -> dict[str, dict[str, float]]:
+def _stage_breakdown(
+    models, text_encoder: str, items: list[dict], batch_sizes: list[int]
+) -> dict[str, dict[str, float]]:
     """Milliseconds per clip of each step of scoring, one thread, at each batch size.
 
     Says which work batching can shrink (per-call overheads) and which it cannot (the
@@ -330,12 +353,26 @@ def _stage_breakdown(models, text_encoder: str, items: list[dict], batch_sizes: 
     for size in batch_sizes:
         chunks = [range(start, min(start + size, len(tokens))) for start in range(0, len(tokens), size)]
         row = per_item | {
-            "text_embedding_uncached": per_clip(lambda: [encoder.embed([prompts[i] for i in c]) for c in chunks], len(prompts), 1),
-            "text_adherence": per_clip(lambda: [models["text_adherence"].embed_audio(np.stack([mels[i] for i in c])) for c in chunks], len(mels)),
-            "quality": per_clip(lambda: [models["quality"].mos(np.stack([mels[i] for i in c])) for c in chunks], len(mels)),
+            "text_embedding_uncached": per_clip(
+                lambda chunks=chunks: [encoder.embed([prompts[i] for i in c]) for c in chunks], len(prompts), 1
+            ),
+            "text_adherence": per_clip(
+                lambda chunks=chunks: [
+                    models["text_adherence"].embed_audio(np.stack([mels[i] for i in c])) for c in chunks
+                ],
+                len(mels),
+            ),
+            "quality": per_clip(
+                lambda chunks=chunks: [models["quality"].mos(np.stack([mels[i] for i in c])) for c in chunks], len(mels)
+            ),
         }
         if "preference" in models:
-            row["preference"] = per_clip(lambda: [models["preference"].score(cond[list(c)], [tokens[i] for i in c]) for c in chunks], len(tokens))
+            row["preference"] = per_clip(
+                lambda chunks=chunks: [
+                    models["preference"].score(cond[list(c)], [tokens[i] for i in c]) for c in chunks
+                ],
+                len(tokens),
+            )
         stages[str(size)] = row
         console.print(f"  stages, batch {size:>3}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()) + " ms/clip")
     return stages
@@ -358,7 +395,9 @@ def run_bench(config: BenchConfig) -> dict:
                 urls[mode] = servers.enter_context(_server(settings, size, config.max_wait_ms))
                 # Every prompt embedded and every session run once before anything is timed.
                 for start in range(0, len(items), 16):
-                    httpx.post(f"{urls[mode]}/v1/scores", json={"items": items[start : start + 16]}, timeout=300).raise_for_status()
+                    httpx.post(
+                        f"{urls[mode]}/v1/scores", json={"items": items[start : start + 16]}, timeout=300
+                    ).raise_for_status()
             model_versions = httpx.get(f"{urls['batched']}/readyz", timeout=10).json()["model_versions"]
             runs = [(c, r, mode) for c in config.clients for r in range(config.rounds) for mode in urls]
             for clients, round_, mode in tqdm(runs, desc="measurements", file=sys.stderr):
@@ -367,7 +406,8 @@ def run_bench(config: BenchConfig) -> dict:
                 console.print(
                     f"  {mode:>10} {clients:>3} clients, round {round_}: {point.clips_per_s:8.2f} clips/s, "
                     f"p50 {point.latency_p50_ms} ms, mean batch {point.mean_batch_size}, "
-                    f"models {point.model_ms_per_clip} ms/clip, inputs {point.input_ms_per_clip} ms/clip, errors {point.errors}"
+                    f"models {point.model_ms_per_clip} ms/clip, inputs {point.input_ms_per_clip} ms/clip, "
+                    f"errors {point.errors}"
                 )
     summary = _summarise(points)
     by = {(row["mode"], row["clients"]): row for row in summary}
@@ -415,33 +455,50 @@ def _summarise(points: list[Point]) -> list[dict]:
     rows = []
     for mode, clients in dict.fromkeys((p.mode, p.clients) for p in points):
         runs = [p for p in points if p.mode == mode and p.clients == clients]
-        median = lambda name: round(statistics.median(getattr(p, name) for p in runs), 2)  # noqa: E731
-        rows.append({
-            "mode": mode,
-            "clients": clients,
-            "clips_per_s": median("clips_per_s"),
-            "clips_per_s_rounds": [p.clips_per_s for p in runs],
-            "errors": sum(p.errors for p in runs),
-            "mean_batch_size": median("mean_batch_size"),
-            "model_ms_per_clip": median("model_ms_per_clip"),
-            "input_ms_per_clip": median("input_ms_per_clip"),
-            "server_cpu_ms_per_clip": median("server_cpu_ms_per_clip"),
-            "latency_p50_ms": median("latency_p50_ms"),
-            "latency_p95_ms": median("latency_p95_ms"),
-        })
+
+        def median(name: str, runs: list[Point] = runs) -> float:
+            return round(statistics.median(getattr(p, name) for p in runs), 2)
+
+        rows.append(
+            {
+                "mode": mode,
+                "clients": clients,
+                "clips_per_s": median("clips_per_s"),
+                "clips_per_s_rounds": [p.clips_per_s for p in runs],
+                "errors": sum(p.errors for p in runs),
+                "mean_batch_size": median("mean_batch_size"),
+                "model_ms_per_clip": median("model_ms_per_clip"),
+                "input_ms_per_clip": median("input_ms_per_clip"),
+                "server_cpu_ms_per_clip": median("server_cpu_ms_per_clip"),
+                "latency_p50_ms": median("latency_p50_ms"),
+                "latency_p95_ms": median("latency_p95_ms"),
+            }
+        )
     return rows
 
 
 def _table(summary: list[dict], speedup: dict[str, float]) -> None:
     table = Table(title="reward service: clips/s (median over rounds)")
-    for column in ("clients", "one-by-one", "batched", "speedup", "mean batch", "server CPU ms/clip (1 / batched)", "p50 ms (1 / batched)"):
+    for column in (
+        "clients",
+        "one-by-one",
+        "batched",
+        "speedup",
+        "mean batch",
+        "server CPU ms/clip (1 / batched)",
+        "p50 ms (1 / batched)",
+    ):
         table.add_column(column, justify="right")
     by = {(row["mode"], row["clients"]): row for row in summary}
     for clients in sorted({row["clients"] for row in summary}):
         one, batched = by["one_by_one", clients], by["batched", clients]
         table.add_row(
-            str(clients), f"{one['clips_per_s']:.1f}", f"{batched['clips_per_s']:.1f}", f"{speedup.get(str(clients), 0):.2f}x",
-            f"{batched['mean_batch_size']:.1f}", f"{one['server_cpu_ms_per_clip']:.1f} / {batched['server_cpu_ms_per_clip']:.1f}",
+            str(clients),
+            f"{one['clips_per_s']:.1f}",
+            f"{batched['clips_per_s']:.1f}",
+            f"{speedup.get(str(clients), 0):.2f}x",
+            f"{batched['mean_batch_size']:.1f}",
+            f"{one['server_cpu_ms_per_clip']:.1f} / {batched['server_cpu_ms_per_clip']:.1f}",
             f"{one['latency_p50_ms']:.0f} / {batched['latency_p50_ms']:.0f}",
         )
     Console().print(table)

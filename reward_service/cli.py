@@ -41,7 +41,9 @@ def bench(
     rounds: int = typer.Option(3, help="Alternating rounds per client count; the summary takes the median."),
     clip_s: float = typer.Option(10.0, help="Duration of each scored clip."),
     max_batch_size: int = typer.Option(32, help="Micro-batch size of the batched mode."),
-    max_wait_ms: float = typer.Option(None, help="MUSICRL_REWARD_MAX_WAIT_MS of the batched mode (default: the service's)."),
+    max_wait_ms: float = typer.Option(
+        None, help="MUSICRL_REWARD_MAX_WAIT_MS of the batched mode (default: the service's)."
+    ),
     source: str = typer.Option("tokens", help="How clips are sent: tokens, audio_b64 or clip_id."),
     out: Path = typer.Option(Path("results/rewards.json"), help="Where the results are written."),
     private_store: bool = typer.Option(

@@ -23,12 +23,14 @@ class RewardSettings(ObjectStoreConfig):
     reward_impl: str = Field("onnx", description="Reward model implementation: onnx, torch or tiny.")
     reward_text_adherence_impl: Literal["default", "clap"] = Field(
         "default",
-        description="Text-adherence model: default (the project's, served with reward_impl) or clap (LAION-CLAP, docs/models.md).",
+        description="Text-adherence model: default (the project's, served with reward_impl) "
+        "or clap (LAION-CLAP, docs/models.md).",
     )
     reward_clap_path: str | None = Field(
         None,
-        description="CLAP weights when reward_text_adherence_impl=clap: a local save_pretrained directory or s3://BUCKET/PREFIX "
-        "(unset: the registry's current reward/text_adherence, which must then be a CLAP directory).",
+        description="CLAP weights when reward_text_adherence_impl=clap: a local save_pretrained directory "
+        "or s3://BUCKET/PREFIX (unset: the registry's current reward/text_adherence, which must then be a "
+        "CLAP directory).",
     )
     reward_text_encoder: str = Field("minilm", description="Prompt encoder name for musicrl.text.load_text_encoder.")
     reward_model_cache_dir: Path = Path(".data/reward_models")
@@ -51,8 +53,12 @@ class RewardSettings(ObjectStoreConfig):
     reward_min_audio_s: float = Field(0.25, ge=0, description="Shortest clip accepted, in seconds (422 below).")
     # Read from a WAV/FLAC header before any sample is decoded: a few KB can claim a
     # megahertz rate or dozens of channels. The codec resamples to 16 kHz; 48 kHz covers CLAP.
-    reward_min_sample_rate: int = Field(8_000, ge=1, description="Lowest audio sample rate accepted, in Hz (422 below).")
-    reward_max_sample_rate: int = Field(48_000, ge=1, description="Highest audio sample rate accepted, in Hz (422 above).")
+    reward_min_sample_rate: int = Field(
+        8_000, ge=1, description="Lowest audio sample rate accepted, in Hz (422 below)."
+    )
+    reward_max_sample_rate: int = Field(
+        48_000, ge=1, description="Highest audio sample rate accepted, in Hz (422 above)."
+    )
     reward_max_channels: int = Field(2, ge=1, description="Most audio channels accepted (422 above).")
     reward_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Request body size (413 above).")
 
@@ -69,7 +75,7 @@ class RewardSettings(ObjectStoreConfig):
     )
 
     @model_validator(mode="after")
-    def _sample_rate_range(self) -> "RewardSettings":
+    def _sample_rate_range(self) -> RewardSettings:
         if self.reward_min_sample_rate > self.reward_max_sample_rate:
             raise ValueError("reward_min_sample_rate must not exceed reward_max_sample_rate")
         return self

@@ -6,8 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from musicrl.stack.processes import ManagedProcess
-from musicrl.stack.processes import http_ok
+from musicrl.stack.processes import ManagedProcess, http_ok
 from musicrl.stack.settings import StackSettings
 from musicrl.stack.stack import StackInfo
 

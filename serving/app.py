@@ -10,8 +10,6 @@ in-memory state of authentication and limits (``state.auth``, ``state.limits``,
 from __future__ import annotations
 
 import asyncio
-import importlib
-import pkgutil
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -21,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from musicrl import openapi
 from musicrl.config import InsecureSettings, refuse_development_secrets  # noqa: F401 - InsecureSettings is re-exported
 from musicrl.logging import RequestIdMiddleware, get_logger
 from musicrl.metrics import instrument_app
-from serving import routes
 from serving.body_limit import BodyLimitMiddleware
 from serving.deps import close_singletons
 from serving.errors import (
@@ -38,6 +36,8 @@ from serving.errors import (
     UpstreamUnavailable,
     VoteRefused,
 )
+from serving.openapi import state_limits
+from serving.routes import clips, feedback, generations, health, ops, page
 from serving.routes.page import STATIC_DIR
 from serving.services.auth import Authenticator
 from serving.services.generations import GenerationService
@@ -47,8 +47,6 @@ from serving.services.vote_tokens import VotePolicy
 from serving.settings import GatewaySettings
 
 log = get_logger(__name__)
-
-
 
 
 def create_app(
@@ -114,8 +112,9 @@ def create_app(
     app.state.limits = PrincipalLimits()
     app.state.votes = VotePolicy(settings)
     _add_error_handlers(app, settings)
-    for module in sorted(m.name for m in pkgutil.iter_modules(routes.__path__)):
-        app.include_router(importlib.import_module(f"{routes.__name__}.{module}").router)
+    for module in (clips, feedback, generations, health, ops, page):
+        app.include_router(module.router)
+    openapi.install(app, lambda document: state_limits(document, settings))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Innermost of the middlewares: a 413 is counted in the metrics and carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.gateway_max_body_bytes)

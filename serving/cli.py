@@ -40,7 +40,9 @@ def serve(
 @app.command("new-key")
 def new_key(
     name: str = typer.Option(..., help="Who gets the key (letters, digits, `_.-`); shown in logs and limits."),
-    rate_per_min: int = typer.Option(None, min=1, help="Requests per minute (default MUSICRL_GATEWAY_KEY_RATE_PER_MIN)."),
+    rate_per_min: int = typer.Option(
+        None, min=1, help="Requests per minute (default MUSICRL_GATEWAY_KEY_RATE_PER_MIN)."
+    ),
     max_concurrency: int = typer.Option(
         None, min=1, help="Requests in flight (default MUSICRL_GATEWAY_KEY_MAX_CONCURRENCY)."
     ),
@@ -58,7 +60,10 @@ def new_key(
         raise typer.BadParameter(err.errors()[0]["msg"], param_hint="--name") from None
     typer.echo(f"key:   {key}")
     typer.echo(f"entry: {entry}")
-    typer.echo("Give the key to the app (MUSICRL_API_KEY); add the entry to MUSICRL_GATEWAY_API_KEYS (comma-separated).", err=True)
+    typer.echo(
+        "Give the key to the app (MUSICRL_API_KEY); add the entry to MUSICRL_GATEWAY_API_KEYS (comma-separated).",
+        err=True,
+    )
 
 
 @app.command("hash-key")
@@ -132,3 +137,29 @@ def bench(
     config = BenchConfig(checkpoint, concurrency, requests_per_level, duration_s, candidates, output)
     results = run_bench(config)
     typer.echo(f"wrote {output}: ratio at {max(concurrency)} clients = {results['ratio_at_max_concurrency']:.2f}")
+
+
+@app.command("bench-musicgen")
+def bench_musicgen(
+    checkpoint: Path = typer.Option(
+        None,
+        exists=True,
+        file_okay=False,
+        help="MusicGen directory; default: a tiny random MusicGen built for the run.",
+    ),
+    concurrency: list[int] = typer.Option([1, 8], help="Concurrent clients to measure."),
+    clips_per_level: int = typer.Option(32, help="Clips per concurrency level and model."),
+    duration_s: float = typer.Option(1.0, help="Seconds of audio per clip."),
+    output: Path = typer.Option(Path("results/musicgen.json"), help="Where to write the results."),
+) -> None:
+    """A MusicGen policy through Triton with dynamic batching against the same model without, in one run,
+    with the policy in this process as the baseline (serving/bench_musicgen.py)."""
+    from serving.bench_musicgen import MusicgenBenchConfig, run_musicgen_bench
+
+    results = run_musicgen_bench(MusicgenBenchConfig(checkpoint, concurrency, clips_per_level, duration_s, output))
+    for level in results["levels"]:
+        typer.echo(
+            f"{level['concurrency']:>3} clients: batched {level['triton_batched']['clips_per_s']} clips/s, "
+            f"unbatched {level['triton_unbatched']['clips_per_s']} clips/s, ratio {level['batched_vs_unbatched']}"
+        )
+    typer.echo(f"in process: {results['in_process_unbatched']['clips_per_s']} clips/s; wrote {output}")

@@ -13,8 +13,8 @@ rate and concurrency limits while the route runs (429 when none is free).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
-from typing import Annotated, Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer

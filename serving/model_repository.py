@@ -86,7 +86,7 @@ class BatchingConfig:
     instance_count: int = 1
 
     @classmethod
-    def from_settings(cls, settings) -> "BatchingConfig":
+    def from_settings(cls, settings) -> BatchingConfig:
         return cls(
             max_batch_size=settings.gateway_triton_max_batch_size,
             preferred_batch_sizes=list(settings.gateway_triton_preferred_batch_sizes),
@@ -111,7 +111,7 @@ class PolicyIO:
     num_codebooks: int = 1
 
     @classmethod
-    def of(cls, checkpoint_dir: Path) -> "PolicyIO":
+    def of(cls, checkpoint_dir: Path) -> PolicyIO:
         from musicrl.models.policy import policy_kind  # noqa: PLC0415 - imports torch
 
         config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
@@ -131,7 +131,10 @@ class PolicyIO:
 
     def declared_in(self, config_text: str) -> bool:
         """Does a rendered ``config.pbtxt`` declare these inputs and outputs?"""
-        return self.prompt_input in config_text and f'name: "TOKENS", data_type: TYPE_INT64, dims: [ {self.token_dims} ]' in config_text
+        return (
+            self.prompt_input in config_text
+            and f'name: "TOKENS", data_type: TYPE_INT64, dims: [ {self.token_dims} ]' in config_text
+        )
 
 
 def render_config(model_name: str, batching: BatchingConfig, io: PolicyIO = PolicyIO()) -> str:
@@ -163,7 +166,9 @@ class S3Repository:
 
     def triton_url(self, s3_endpoint: str, secure: bool = False) -> str:
         """The ``--model-repository`` Triton reads this repository from (endpoint ``host:port``)."""
-        return f"s3://{'https' if secure else 'http'}://{s3_endpoint}/{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        return f"s3://{'https' if secure else 'http'}://{s3_endpoint}/{self.bucket}" + (
+            f"/{self.prefix}" if self.prefix else ""
+        )
 
 
 def s3_repository(repo: str | Path) -> S3Repository | None:
@@ -195,12 +200,15 @@ def _check_checkpoint(version: str | int, checkpoint_dir: str | Path) -> tuple[s
         raise FileNotFoundError(f"{checkpoint_dir} is not a generator checkpoint (no config.json)")
     weights = MUSICGEN_WEIGHTS if PolicyIO.of(checkpoint_dir).kind == "musicgen" else ("weights.pt",)
     if not any((checkpoint_dir / name).is_file() for name in weights):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a generator checkpoint (config.json and {' or '.join(weights)})")
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is not a generator checkpoint (config.json and {' or '.join(weights)})"
+        )
     return version, checkpoint_dir
 
 
-def _check_config_serves(repo_dir: str | Path, model_name: str, io: PolicyIO, batching: BatchingConfig | None,
-                         store) -> None:
+def _check_config_serves(
+    repo_dir: str | Path, model_name: str, io: PolicyIO, batching: BatchingConfig | None, store
+) -> None:
     """Refuse, before anything is written, a version whose inputs and outputs the model's kept ``config.pbtxt``
     does not declare (a MusicGen version into a model configured for the default generator, or the reverse):
     switching kinds is an install with ``batching``, which renders a new config."""
@@ -214,8 +222,10 @@ def _check_config_serves(repo_dir: str | Path, model_name: str, io: PolicyIO, ba
         key = s3.key(model_name, "config.pbtxt")
         existing = store.get_bytes(s3.bucket, key).decode() if store.exists(s3.bucket, key) else None
     if existing is not None and not io.declared_in(existing):
-        raise ValueError(f"{model_name}'s config.pbtxt declares another kind of policy than this {io.kind} version; "
-                         "install it with batching settings to render a new config")
+        raise ValueError(
+            f"{model_name}'s config.pbtxt declares another kind of policy than this {io.kind} version; "
+            "install it with batching settings to render a new config"
+        )
 
 
 def _version_files(checkpoint_dir: Path) -> dict[str, bytes | Path]:
@@ -233,8 +243,10 @@ def _version_files(checkpoint_dir: Path) -> dict[str, bytes | Path]:
     if MANIFEST_FILE not in files:
         from musicrl.registry import sha256_file  # noqa: PLC0415 - the registry's hash, so the manifests agree
 
-        manifest = {"files": {name: sha256_file(path) for name, path in files.items()},
-                    "source": "serving.model_repository.install_version"}
+        manifest = {
+            "files": {name: sha256_file(path) for name, path in files.items()},
+            "source": "serving.model_repository.install_version",
+        }
         files[MANIFEST_FILE] = json.dumps(manifest, indent=2).encode()
     files[BACKEND_FILE] = SHIM_SOURCE.encode()
     return files
@@ -291,8 +303,15 @@ def install_version(
     return target
 
 
-def _install_s3(s3: S3Repository, store, version: str, checkpoint_dir: Path, files: dict[str, bytes | Path],
-                model_name: str, batching: BatchingConfig | None) -> str:
+def _install_s3(
+    s3: S3Repository,
+    store,
+    version: str,
+    checkpoint_dir: Path,
+    files: dict[str, bytes | Path],
+    model_name: str,
+    batching: BatchingConfig | None,
+) -> str:
     staging = s3.key(model_name, f".{version}.staging")
     final = s3.key(model_name, version)
     for key in list(store.list_keys(s3.bucket, staging + "/")):  # a killed install's leftovers
@@ -329,7 +348,8 @@ def version_complete(repo_dir: str | Path, version: str | int, model_name: str =
 
 
 def clean_staging(repo_dir: str | Path, model_name: str = "generator", store=None) -> list[str]:
-    """Remove what killed installs left under ``repo_dir/model_name`` (``.N.staging``, ``.N.old-*``); returns their names."""
+    """Remove what killed installs left under ``repo_dir/model_name`` (``.N.staging``, ``.N.old-*``);
+    returns their names."""
     s3 = s3_repository(repo_dir)
     removed: set[str] = set()
     if s3 is None:
@@ -378,13 +398,16 @@ def remove_version(repo_dir: str | Path, version: str | int, model_name: str = "
     store = _default_store(store)
     prefix = s3.key(model_name, str(version)) + "/"
     if store.exists(s3.bucket, prefix + COMPLETE_MARKER):
-        store.delete(s3.bucket, prefix + COMPLETE_MARKER)  # first: a removal cut short leaves a version marked incomplete
+        store.delete(
+            s3.bucket, prefix + COMPLETE_MARKER
+        )  # first: a removal cut short leaves a version marked incomplete
     for key in list(store.list_keys(s3.bucket, prefix)):
         store.delete(s3.bucket, key)
 
 
-def export_version(repo_dir: str | Path, version: str | int, target: Path, model_name: str = "generator",
-                   store=None) -> Path:
+def export_version(
+    repo_dir: str | Path, version: str | int, target: Path, model_name: str = "generator", store=None
+) -> Path:
     """Copy ``repo_dir/model_name/version`` to the local directory ``target``."""
     s3 = s3_repository(repo_dir)
     target = Path(target)
@@ -406,8 +429,11 @@ def installed_versions(repo_dir: str | Path, model_name: str = "generator", stor
     s3 = s3_repository(repo_dir)
     if s3 is not None:
         prefix = s3.key(model_name) + "/"
-        names = {k.removeprefix(prefix).split("/", 1)[0] for k in _default_store(store).list_keys(s3.bucket, prefix)
-                 if "/" in k.removeprefix(prefix)}
+        names = {
+            k.removeprefix(prefix).split("/", 1)[0]
+            for k in _default_store(store).list_keys(s3.bucket, prefix)
+            if "/" in k.removeprefix(prefix)
+        }
         return sorted(int(n) for n in names if n.isdigit())
     model_dir = Path(repo_dir) / model_name
     if not model_dir.is_dir():

@@ -7,9 +7,9 @@ Hard bounds live here (what no deployment may exceed); the configurable limits
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from musicrl.schemas.generation import Timings
 
@@ -25,19 +25,35 @@ MAX_CANDIDATES = 4
 # Below this the sampling is greedy anyway, and far below it (about 1e-37) logits / temperature overflow
 # float32: the clip's log-probabilities become NaN (found by schemathesis, docs/reliability.md).
 MIN_TEMPERATURE = 0.01
+# The largest integer every JSON parser reads exactly (RFC 8259, section 6): a larger seed could come back
+# from a client as another number.
+MAX_SEED = (1 << 53) - 1
+
+
+def _json_integer(value):
+    """A JSON Schema integer: a number with no fractional part (``3`` or ``3.0``), never a boolean or a string
+    (pydantic's lax mode would take ``true`` and ``"3"``; schemathesis found ``"seed": false`` accepted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be an integer")
+    return value
+
+
+def json_int(**bounds):
+    """An integer field's type: JSON integers only (``_json_integer``), within ``bounds`` (``ge``, ``le``)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_integer)]
 
 
 class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="What the music should be like.", examples=["calm lo-fi piano with soft drums"])
-    n: int | None = Field(None, ge=1, le=MAX_CANDIDATES, description="Candidates to generate (default 2).")
+    n: json_int(ge=1, le=MAX_CANDIDATES) | None = Field(None, description="Candidates to generate (default 2).")
     duration_s: float | None = Field(None, gt=0, description="Seconds of audio per candidate (default 10).")
     temperature: float | None = Field(
         None, ge=MIN_TEMPERATURE, description="Sampling temperature (default 0.99, as in MusicRL)."
     )
-    top_k: int = Field(0, ge=0, le=1 << 16, description="Top-k filtering; 0 samples from the full distribution.")
-    seed: int | None = Field(None, ge=0, lt=1 << 62, description="Makes the request reproducible.")
+    top_k: json_int(ge=0, le=1 << 16) = Field(0, description="Top-k filtering; 0 samples from the full distribution.")
+    seed: json_int(ge=0, le=MAX_SEED) | None = Field(None, description="Makes the request reproducible.")
     app_id: str = Field("web", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     user_id: str | None = Field(
         None,
@@ -62,7 +78,12 @@ class ClipOut(BaseModel):
     download_url: str = Field(description="Gateway path; add ?format=wav|flac|ogg|mp3.")
     format: AudioFormat = "wav"
     duration_s: float
-    sample_rate: int
+    sample_rate: int = Field(description="Of the audio, the served model's own (16000 default, 32000 MusicGen).")
+    num_codebooks: int = Field(
+        1,
+        description="Tokens per frame of the clip (1 default, 4 MusicGen): the record's "
+        "`tokens` is [T] for 1, [K][T] for more.",
+    )
     policy_version: str
     model_name: str
     seed: int
@@ -91,6 +112,7 @@ class ClipInfo(BaseModel):
     seed: int
     duration_s: float
     sample_rate: int
+    num_codebooks: int = 1
     audio_url: str
     download_url: str
     created_at: datetime

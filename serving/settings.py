@@ -33,9 +33,13 @@ class ApiKeySpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Who holds the key (logs, limits, vote tokens).")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key; the key itself is never configured.")
+    sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the key; the key itself is never configured."
+    )
     rate_per_min: int | None = Field(None, ge=1, description="Requests per minute (default gateway_key_rate_per_min).")
-    max_concurrency: int | None = Field(None, ge=1, description="Requests in flight (default gateway_key_max_concurrency).")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests in flight (default gateway_key_max_concurrency)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +114,13 @@ class GatewaySettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
         "generator_challenger", description="Triton model serving the challenger."
     )
     gateway_experiment_share: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of requests in the experiment.")
+    gateway_canary_poll_s: float = Field(
+        5.0,
+        ge=0.0,
+        description="How often the gateway reads the registry's canary record (`generator/canary` in the models "
+        "bucket): while the finetune worker runs a canary, it replaces the experiment above with current vs "
+        "candidate in the canary's share of pairs (docs/canary.md). 0: never read it (the settings' experiment only).",
+    )
 
     # Authentication and limits of the write routes (serving/services/auth.py, docs/serving.md "Authentication").
     # The limits are per process: with N replicas a key may do N times as much.

@@ -255,7 +255,9 @@ def encode(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     similarity = _spectrum(frames) @ _templates().T
     shortlist = np.argsort(-similarity, axis=1)[:, :_SHORTLIST]
-    glitches = [(token, w[:_ANALYSIS]) for token, w in zip(GLITCH_TOKENS, synth.glitch_waves(SAMPLES_PER_FRAME), strict=True)]
+    glitches = [
+        (token, w[:_ANALYSIS]) for token, w in zip(GLITCH_TOKENS, synth.glitch_waves(SAMPLES_PER_FRAME), strict=True)
+    ]
     tokens = np.full(n_frames, REST, dtype=np.int64)
     sounding: tuple[Note, int] | None = None  # note and its onset frame
     for i, x in enumerate(frames):
@@ -265,7 +267,9 @@ def encode(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         hypotheses: list[tuple[int, np.ndarray]] = list(glitches)
         if sounding is not None:
             note, onset = sounding
-            held = synth.render_note(note.family, note.pitch, note.velocity == 0, (i - onset) * SAMPLES_PER_FRAME, _ANALYSIS)
+            held = synth.render_note(
+                note.family, note.pitch, note.velocity == 0, (i - onset) * SAMPLES_PER_FRAME, _ANALYSIS
+            )
             hypotheses.append((HOLD, held))
         hypotheses += [(NOTE_OFFSET + int(index), _onset_wave(NOTE_OFFSET + int(index))) for index in shortlist[i]]
         errors = [np.sum((x - y) ** 2) for _, y in hypotheses]

@@ -75,7 +75,11 @@ def detune(wave: np.ndarray, strength: float, rng: np.random.Generator) -> np.nd
 
 
 WAVE_DEGRADATIONS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]] = {
-    "noise": add_noise, "clipping": clip, "dropouts": dropouts, "band_limit": band_limit, "detune": detune,
+    "noise": add_noise,
+    "clipping": clip,
+    "dropouts": dropouts,
+    "band_limit": band_limit,
+    "detune": detune,
 }
 DEGRADATIONS = (*WAVE_DEGRADATIONS, "glitches")
 DEGRADATIONS_VERSION = 2  # bump when a degradation changes: training caches are keyed by it

@@ -9,7 +9,7 @@ re-synthesise hypotheses exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -39,18 +39,47 @@ def _harmonics(n: int, power: float, odd_only: bool = False) -> tuple[tuple[floa
 
 INSTRUMENTS: tuple[Instrument, ...] = (
     Instrument("piano", *_harmonics(8, 1.6), attack_s=0.004, decay_s=0.6, sustain=0.25, partial_damping=0.5),
-    Instrument("strings", *_harmonics(8, 1.0), attack_s=0.06, decay_s=1.0, sustain=0.85,
-               vibrato_hz=5.5, vibrato_depth=0.004),
-    Instrument("brass", (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
-               (0.55, 1.0, 0.8, 0.6, 0.4, 0.25, 0.15, 0.08), attack_s=0.03, decay_s=0.5, sustain=0.8),
-    Instrument("flute", (1.0, 2.0, 3.0), (1.0, 0.18, 0.06), attack_s=0.04, decay_s=1.0, sustain=0.9,
-               vibrato_hz=4.5, vibrato_depth=0.003),
+    Instrument(
+        "strings", *_harmonics(8, 1.0), attack_s=0.06, decay_s=1.0, sustain=0.85, vibrato_hz=5.5, vibrato_depth=0.004
+    ),
+    Instrument(
+        "brass",
+        (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
+        (0.55, 1.0, 0.8, 0.6, 0.4, 0.25, 0.15, 0.08),
+        attack_s=0.03,
+        decay_s=0.5,
+        sustain=0.8,
+    ),
+    Instrument(
+        "flute",
+        (1.0, 2.0, 3.0),
+        (1.0, 0.18, 0.06),
+        attack_s=0.04,
+        decay_s=1.0,
+        sustain=0.9,
+        vibrato_hz=4.5,
+        vibrato_depth=0.003,
+    ),
     Instrument("guitar", *_harmonics(8, 1.1), attack_s=0.002, decay_s=0.35, sustain=0.15, partial_damping=1.0),
-    Instrument("organ", (1.0, 2.0, 3.0, 4.0, 6.0, 8.0), (1.0, 0.8, 0.5, 0.45, 0.3, 0.25),
-               attack_s=0.01, decay_s=1.0, sustain=1.0, soft_brightness=0.8),
+    Instrument(
+        "organ",
+        (1.0, 2.0, 3.0, 4.0, 6.0, 8.0),
+        (1.0, 0.8, 0.5, 0.45, 0.3, 0.25),
+        attack_s=0.01,
+        decay_s=1.0,
+        sustain=1.0,
+        soft_brightness=0.8,
+    ),
     Instrument("synth", *_harmonics(7, 1.0, odd_only=True), attack_s=0.005, decay_s=0.3, sustain=0.7),
-    Instrument("bells", (1.0, 2.756, 5.404, 8.933), (1.0, 0.6, 0.35, 0.2), attack_s=0.002, decay_s=0.45,
-               sustain=0.2, partial_damping=1.5),
+    Instrument(
+        "bells",
+        (1.0, 2.756, 5.404, 8.933),
+        (1.0, 0.6, 0.35, 0.2),
+        attack_s=0.002,
+        decay_s=0.45,
+        sustain=0.2,
+        partial_damping=1.5,
+    ),
 )
 FAMILIES: tuple[str, ...] = tuple(i.name for i in INSTRUMENTS)
 
@@ -61,7 +90,7 @@ def midi_to_hz(pitch: float) -> float:
     return 440.0 * 2.0 ** ((pitch - 69) / 12.0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _partials(family: int, pitch: int, soft: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     inst = INSTRUMENTS[family]
     f0 = midi_to_hz(pitch)
@@ -96,7 +125,7 @@ def _fade(n: int) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, n))
 
 
-@lru_cache(maxsize=None)
+@cache
 def glitch_waves(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed (position-independent) waveforms of the two glitch tokens: a noise burst and crackle."""
     rng = np.random.default_rng(20261121)

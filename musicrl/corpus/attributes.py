@@ -27,10 +27,23 @@ GENRE_INSTRUMENTS = {
     "lullaby": ("bells", "piano", "flute"),
 }
 # Probability of the major mode given the mood; the rest is minor.
-MOOD_MAJOR = {"happy": 0.95, "sad": 0.05, "calm": 0.6, "energetic": 0.6, "mysterious": 0.1, "triumphant": 0.95, "playful": 0.9}
+MOOD_MAJOR = {
+    "happy": 0.95,
+    "sad": 0.05,
+    "calm": 0.6,
+    "energetic": 0.6,
+    "mysterious": 0.1,
+    "triumphant": 0.95,
+    "playful": 0.9,
+}
 MOOD_BPM = {
-    "happy": (100, 140), "sad": (56, 84), "calm": (56, 90), "energetic": (120, 160),
-    "mysterious": (60, 96), "triumphant": (90, 130), "playful": (110, 150),
+    "happy": (100, 140),
+    "sad": (56, 84),
+    "calm": (56, 90),
+    "energetic": (120, 160),
+    "mysterious": (60, 96),
+    "triumphant": (90, 130),
+    "playful": (110, 150),
 }
 SLOW_BELOW, FAST_ABOVE = 80, 115  # BPM thresholds of the tempo words
 TEMPO_BPM = {"slow": (56, SLOW_BELOW - 1), "moderate": (SLOW_BELOW, FAST_ABOVE), "fast": (FAST_ABOVE + 1, 160)}
@@ -39,9 +52,13 @@ BPM_BIN_WIDTH = 5
 BPM_BINS = tuple((low, min(low + BPM_BIN_WIDTH - 1, 160)) for low in range(56, 161, BPM_BIN_WIDTH))  # 56-60 .. 156-160
 BPM_BIN_CENTRES = tuple((low + high) / 2 for low, high in BPM_BINS)
 # Categorical attributes a model may be taught to read off a caption (the generator's attribute head).
-LABELLED_ATTRIBUTES = {"mode": MODES, "tempo": TEMPOS, "tonic": PITCH_CLASSES,
-                       "key": tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASSES),
-                       "bpm": tuple(f"{low}-{high}" for low, high in BPM_BINS)}
+LABELLED_ATTRIBUTES = {
+    "mode": MODES,
+    "tempo": TEMPOS,
+    "tonic": PITCH_CLASSES,
+    "key": tuple(f"{tonic} {mode}" for mode in MODES for tonic in PITCH_CLASSES),
+    "bpm": tuple(f"{low}-{high}" for low, high in BPM_BINS),
+}
 # Attributes whose words move a caption's sentence embedding least (cosine ~0.98 when swapped):
 # the generator learns to follow them from counterfactual captions (corpus.counterfactual_captions).
 COUNTERFACTUAL_ATTRIBUTES = ("mode", "tempo")
@@ -113,4 +130,9 @@ def attribute_labels(attributes: Attributes | dict, names: tuple[str, ...]) -> l
     if unknown:
         raise ValueError(f"no labels for {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}")
     values = attributes if isinstance(attributes, dict) else attributes.to_dict()
-    return [(values["bpm"] - BPM_BINS[0][0]) // BPM_BIN_WIDTH if name == "bpm" else LABELLED_ATTRIBUTES[name].index(values[name]) for name in names]
+    return [
+        (values["bpm"] - BPM_BINS[0][0]) // BPM_BIN_WIDTH
+        if name == "bpm"
+        else LABELLED_ATTRIBUTES[name].index(values[name])
+        for name in names
+    ]

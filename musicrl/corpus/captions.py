@@ -35,14 +35,26 @@ INSTRUMENT_WORDS = {
     "synth": ("synth lead", "synthesizer", "analog synth"),
     "bells": ("bells", "glockenspiel", "music box"),
 }
-TEMPO_WORDS = {"slow": ("slow", "unhurried", "slow-paced"), "moderate": ("mid-tempo", "moderate", "steady"),
-               "fast": ("fast", "quick", "up-tempo")}
-REGISTER_WORDS = {"low": ("low", "deep", "bass"), "middle": ("mid-range", "middle", "central"),
-                  "high": ("high", "upper", "bright high")}
-DYNAMICS_WORDS = {"soft": ("soft", "gentle", "quiet"), "loud": ("loud", "powerful", "bold"),
-                  "varied": ("dynamic", "with changing dynamics", "alternating soft and loud")}
-TEXTURE_WORDS = {"legato": ("smooth legato", "flowing", "sustained"), "staccato": ("staccato", "detached", "short, plucky"),
-                 "sparse": ("sparse", "minimal", "airy, with long pauses")}
+TEMPO_WORDS = {
+    "slow": ("slow", "unhurried", "slow-paced"),
+    "moderate": ("mid-tempo", "moderate", "steady"),
+    "fast": ("fast", "quick", "up-tempo"),
+}
+REGISTER_WORDS = {
+    "low": ("low", "deep", "bass"),
+    "middle": ("mid-range", "middle", "central"),
+    "high": ("high", "upper", "bright high"),
+}
+DYNAMICS_WORDS = {
+    "soft": ("soft", "gentle", "quiet"),
+    "loud": ("loud", "powerful", "bold"),
+    "varied": ("dynamic", "with changing dynamics", "alternating soft and loud"),
+}
+TEXTURE_WORDS = {
+    "legato": ("smooth legato", "flowing", "sustained"),
+    "staccato": ("staccato", "detached", "short, plucky"),
+    "sparse": ("sparse", "minimal", "airy, with long pauses"),
+}
 
 
 def _instruments(attributes: Attributes, rng: random.Random) -> str:
@@ -51,13 +63,23 @@ def _instruments(attributes: Attributes, rng: random.Random) -> str:
 
 
 def _key(attributes: Attributes, rng: random.Random) -> str:
-    return rng.choice((f"in {attributes.tonic} {attributes.mode}", f"in a {attributes.mode} key",
-                       f"in the key of {attributes.tonic} {attributes.mode}"))
+    return rng.choice(
+        (
+            f"in {attributes.tonic} {attributes.mode}",
+            f"in a {attributes.mode} key",
+            f"in the key of {attributes.tonic} {attributes.mode}",
+        )
+    )
 
 
 def _tempo(attributes: Attributes, rng: random.Random) -> str:
-    return rng.choice((rng.choice(TEMPO_WORDS[attributes.tempo]), f"{attributes.bpm} BPM",
-                       f"{rng.choice(TEMPO_WORDS[attributes.tempo])} ({attributes.bpm} bpm)"))
+    return rng.choice(
+        (
+            rng.choice(TEMPO_WORDS[attributes.tempo]),
+            f"{attributes.bpm} BPM",
+            f"{rng.choice(TEMPO_WORDS[attributes.tempo])} ({attributes.bpm} bpm)",
+        )
+    )
 
 
 def caption(attributes: Attributes, rng: random.Random) -> str:
@@ -73,9 +95,18 @@ def caption(attributes: Attributes, rng: random.Random) -> str:
     texture = rng.choice(TEXTURE_WORDS[a.texture])
     phrasings = (
         f"a {tempo}, {mood} {instruments} {genre} {key}, {texture} and {dynamics}, in a {register} register",
-        f"{mood.capitalize()} {genre} played on {instruments}: {tempo}, {key}, {register} register, {dynamics}, {texture}.",
-        f"{a.genre}; {a.mood}; {a.bpm} bpm; {', '.join(a.instruments)}; {a.tonic} {a.mode}; {a.register}; {a.dynamics}; {a.texture}",
+        (
+            f"{mood.capitalize()} {genre} played on {instruments}: {tempo}, {key}, {register} register, "
+            f"{dynamics}, {texture}."
+        ),
+        (
+            f"{a.genre}; {a.mood}; {a.bpm} bpm; {', '.join(a.instruments)}; {a.tonic} {a.mode}; {a.register}; "
+            f"{a.dynamics}; {a.texture}"
+        ),
         f"{texture.capitalize()} {dynamics} {instruments} in a {register} register, a {mood} {genre} {key} at {tempo}",
-        f"I want a {mood} {genre} with {instruments}, {tempo}, {key}. Keep it {dynamics}, {texture}, in the {register} register.",
+        (
+            f"I want a {mood} {genre} with {instruments}, {tempo}, {key}. "
+            f"Keep it {dynamics}, {texture}, in the {register} register."
+        ),
     )
     return rng.choice(phrasings)

@@ -69,8 +69,11 @@ def compose(attributes: Attributes, n_frames: int, rng: random.Random) -> tuple[
                 strong = k == 0
                 position = min(max(position + rng.choice(STEPS), 0), len(pitches) - 1)
                 if strong or rng.random() < 0.3:  # land on the tonic triad: the mode is audible
-                    nearby = [i for i in range(max(0, position - 2), min(len(pitches), position + 3))
-                              if pitches[i] % 12 in triad_pcs]
+                    nearby = [
+                        i
+                        for i in range(max(0, position - 2), min(len(pitches), position + 3))
+                        if pitches[i] % 12 in triad_pcs
+                    ]
                     position = rng.choice(nearby) if nearby else position
                 if bar == 1 and k == len(beats) - 1 and tonics:  # phrases end home
                     position = min(tonics, key=lambda i: abs(i - position))

@@ -31,8 +31,15 @@ class Record:
         return codec.decode(self.tokens)
 
     def to_dict(self) -> dict:
-        return {"caption": self.caption, "attributes": self.attributes, "tokens": self.tokens.tolist(),
-                "split": self.split, "seed": self.seed, "index": self.index, "glitches": self.glitches}
+        return {
+            "caption": self.caption,
+            "attributes": self.attributes,
+            "tokens": self.tokens.tolist(),
+            "split": self.split,
+            "seed": self.seed,
+            "index": self.index,
+            "glitches": self.glitches,
+        }
 
 
 def split_of(attributes: Attributes) -> str:
@@ -40,7 +47,9 @@ def split_of(attributes: Attributes) -> str:
     return next(name for name, (low, high) in SPLITS.items() if low <= u < high)
 
 
-def _draw_music(index: int, seed: int, split: str, duration_s: float) -> tuple[random.Random, Attributes, list[int], int]:
+def _draw_music(
+    index: int, seed: int, split: str, duration_s: float
+) -> tuple[random.Random, Attributes, list[int], int]:
     """The attribute set and tokens of record `index`, and its generator in the state its captions start from."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
@@ -53,25 +62,41 @@ def _draw_music(index: int, seed: int, split: str, duration_s: float) -> tuple[r
     return rng, attributes, tokens, glitches
 
 
-def make_record(index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0,
-                n_captions: int = 1) -> Record:
+def make_record(
+    index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0, n_captions: int = 1
+) -> Record:
     """Record `index` of (seed, split): the same arguments always give the same record."""
     rng, attributes, tokens, glitches = _draw_music(index, seed, split, duration_s)
     captions = [caption(attributes, rng) for _ in range(max(1, n_captions))]
-    return Record(caption=captions[0], attributes=attributes.to_dict(), tokens=np.asarray(tokens, dtype=np.int64),
-                  split=split, seed=seed, index=index, glitches=glitches, extra_captions=captions[1:])
+    return Record(
+        caption=captions[0],
+        attributes=attributes.to_dict(),
+        tokens=np.asarray(tokens, dtype=np.int64),
+        split=split,
+        seed=seed,
+        index=index,
+        glitches=glitches,
+        extra_captions=captions[1:],
+    )
 
 
-def make_corpus(n: int, seed: int = 0, split: str = "train", duration_s: float = 10.0,
-                n_captions: int = 1, start: int = 0) -> list[Record]:
+def make_corpus(
+    n: int, seed: int = 0, split: str = "train", duration_s: float = 10.0, n_captions: int = 1, start: int = 0
+) -> list[Record]:
     """`n` records (indices start..start+n-1) of the split; deterministic in (seed, split, index)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     return [make_record(i, seed, split, duration_s, n_captions) for i in range(start, start + n)]
 
 
-def counterfactual_captions(index: int, seed: int = 0, split: str = "train", duration_s: float = 10.0, n_captions: int = 1,
-                            attributes: tuple[str, ...] = COUNTERFACTUAL_ATTRIBUTES) -> tuple[dict[str, Attributes], list[dict[str, str]]]:
+def counterfactual_captions(
+    index: int,
+    seed: int = 0,
+    split: str = "train",
+    duration_s: float = 10.0,
+    n_captions: int = 1,
+    attributes: tuple[str, ...] = COUNTERFACTUAL_ATTRIBUTES,
+) -> tuple[dict[str, Attributes], list[dict[str, str]]]:
     """Record `index` with one attribute changed: the changed attribute sets, and each caption rephrased for them.
 
     The arguments are those of the record's `make_record` call (the duration too: composing

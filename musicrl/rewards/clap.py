@@ -31,8 +31,10 @@ from musicrl.weights import directory_digest
 class ClapTextAdherence:
     def __init__(self, model, tokenizer, feature_extractor, version: str, batch_size: int = 16) -> None:
         if feature_extractor.max_length_s < TEXT_SEGMENT_S:
-            raise ValueError(f"CLAP's feature extractor takes at most {feature_extractor.max_length_s} s, "
-                             f"the text-adherence windows are {TEXT_SEGMENT_S} s")
+            raise ValueError(
+                f"CLAP's feature extractor takes at most {feature_extractor.max_length_s} s, "
+                f"the text-adherence windows are {TEXT_SEGMENT_S} s"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
@@ -54,8 +56,9 @@ class ClapTextAdherence:
     @torch.no_grad()
     def embed_text(self, prompts: Sequence[str]) -> np.ndarray:
         inputs = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
-        output = self.model.get_text_features(input_ids=inputs["input_ids"].to(self.device),
-                                              attention_mask=inputs["attention_mask"].to(self.device))
+        output = self.model.get_text_features(
+            input_ids=inputs["input_ids"].to(self.device), attention_mask=inputs["attention_mask"].to(self.device)
+        )
         return output.pooler_output.float().cpu().numpy()  # transformers 5: an output whose pooler is the unit vector
 
     @torch.no_grad()
@@ -64,7 +67,8 @@ class ClapTextAdherence:
         for start in range(0, len(waves), self.batch_size):
             batch = [np.asarray(w, dtype=np.float32) for w in waves[start : start + self.batch_size]]
             inputs = self.feature_extractor(batch, sampling_rate=self.sample_rate, return_tensors="pt")
-            output = self.model.get_audio_features(input_features=inputs["input_features"].to(self.device),
-                                                   is_longer=inputs["is_longer"].to(self.device))
+            output = self.model.get_audio_features(
+                input_features=inputs["input_features"].to(self.device), is_longer=inputs["is_longer"].to(self.device)
+            )
             rows.append(output.pooler_output.float().cpu().numpy())
         return np.concatenate(rows)

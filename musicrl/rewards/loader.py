@@ -24,8 +24,11 @@ from musicrl.text import TextEncoder, load_text_encoder
 IMPLEMENTATIONS = ("onnx", "torch", "tiny", "clap")
 # Implementations of one component only: CLAP is a text-audio model, nothing else.
 ONLY_FOR = {"clap": "text_adherence"}
-COMPONENT_KINDS = {"text_adherence": "reward/text_adherence", "quality": "reward/quality",
-                   "preference": "reward/preference"}
+COMPONENT_KINDS = {
+    "text_adherence": "reward/text_adherence",
+    "quality": "reward/quality",
+    "preference": "reward/preference",
+}
 DEFAULT_DIR = Path("checkpoints")
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,22 @@ class RewardModels:
 
     @property
     def versions(self) -> dict[str, str]:
-        versions = {"text_adherence": self.text_adherence.version, "quality": self.quality.version,
-                    "text_encoder": self.text_encoder.name}
+        versions = {
+            "text_adherence": self.text_adherence.version,
+            "quality": self.quality.version,
+            "text_encoder": self.text_encoder.name,
+        }
         if self.preference is not None:
             versions["preference"] = self.preference.version
         return versions
 
 
 def _impls(impl: str | dict[str, str]) -> dict[str, str]:
-    chosen = {c: impl for c in COMPONENT_KINDS} if isinstance(impl, str) else {c: impl.get(c, "onnx") for c in COMPONENT_KINDS}
+    chosen = (
+        {c: impl for c in COMPONENT_KINDS}
+        if isinstance(impl, str)
+        else {c: impl.get(c, "onnx") for c in COMPONENT_KINDS}
+    )
     bad = {v for v in chosen.values() if v not in IMPLEMENTATIONS}
     if bad:
         raise ValueError(f"unknown reward implementation(s) {sorted(bad)}; choose from {IMPLEMENTATIONS}")
@@ -61,8 +71,9 @@ def _check_scope(component: str, impl: str) -> None:
         raise ValueError(f"the {impl!r} implementation is a {ONLY_FOR[impl]} model, not a {component} model")
 
 
-def load_component(component: str, directory: Path | None, impl: str = "onnx", version: str | None = None,
-                   threads: int = 1):
+def load_component(
+    component: str, directory: Path | None, impl: str = "onnx", version: str | None = None, threads: int = 1
+):
     """One reward model from its checkpoint directory (None for a missing preference checkpoint)."""
     if component not in COMPONENT_KINDS:
         raise ValueError(f"unknown reward component {component!r}; choose from {tuple(COMPONENT_KINDS)}")
@@ -73,8 +84,11 @@ def load_component(component: str, directory: Path | None, impl: str = "onnx", v
     if impl == "tiny":
         from musicrl.rewards import tiny
 
-        return {"text_adherence": tiny.TinyTextAdherence, "quality": tiny.TinyQuality,
-                "preference": tiny.TinyPreference}[component]()
+        return {
+            "text_adherence": tiny.TinyTextAdherence,
+            "quality": tiny.TinyQuality,
+            "preference": tiny.TinyPreference,
+        }[component]()
     if directory is None or not directory.is_dir():
         if component == "preference":
             return None
@@ -86,7 +100,11 @@ def load_component(component: str, directory: Path | None, impl: str = "onnx", v
     if component == "preference":
         from musicrl.models.preference import OnnxPreferenceModel, TorchPreferenceModel
 
-        return OnnxPreferenceModel.load(directory, version, threads) if impl == "onnx" else TorchPreferenceModel.load(directory, version)
+        return (
+            OnnxPreferenceModel.load(directory, version, threads)
+            if impl == "onnx"
+            else TorchPreferenceModel.load(directory, version)
+        )
     if impl == "onnx":
         from musicrl.rewards.onnx_impl import OnnxQuality, OnnxTextAdherence
 
@@ -110,16 +128,28 @@ def _resolve(source: Any, component: str, fallback_dir: Path, cache_dir: Path) -
     return source.download(kind, version, Path(cache_dir) / kind / version), version
 
 
-def load_reward_models(source: Any = DEFAULT_DIR, impl: str | dict[str, str] = "onnx", text_encoder: str | None = None,
-                       threads: int = 1, fallback_dir: Path = DEFAULT_DIR,
-                       cache_dir: Path = Path(".data/reward_models")) -> RewardModels:
+def load_reward_models(
+    source: Any = DEFAULT_DIR,
+    impl: str | dict[str, str] = "onnx",
+    text_encoder: str | None = None,
+    threads: int = 1,
+    fallback_dir: Path = DEFAULT_DIR,
+    cache_dir: Path = Path(".data/reward_models"),
+) -> RewardModels:
     impls = _impls(impl)
     models, directories = {}, {}
     for component, chosen in impls.items():
-        directory, version = (None, None) if chosen == "tiny" else _resolve(source, component, Path(fallback_dir), cache_dir)
-        models[component], directories[component] = load_component(component, directory, chosen, version, threads), directory
+        directory, version = (
+            (None, None) if chosen == "tiny" else _resolve(source, component, Path(fallback_dir), cache_dir)
+        )
+        models[component], directories[component] = (
+            load_component(component, directory, chosen, version, threads),
+            directory,
+        )
     if text_encoder is None:
-        text_encoder = "hashing" if set(impls.values()) == {"tiny"} else _trained_text_encoder(directories["text_adherence"])
+        text_encoder = (
+            "hashing" if set(impls.values()) == {"tiny"} else _trained_text_encoder(directories["text_adherence"])
+        )
     return RewardModels(text_encoder=load_text_encoder(text_encoder), **models)
 
 

@@ -83,8 +83,9 @@ class RewardSuite:
     def available(self) -> tuple[str, ...]:
         return tuple(c for c in COMPONENTS if c != "preference" or self.models.preference is not None)
 
-    def score(self, clips: Sequence[Clip], components: Sequence[str] | None = None,
-              weights: dict[str, float] | None = None) -> list[dict]:
+    def score(
+        self, clips: Sequence[Clip], components: Sequence[str] | None = None, weights: dict[str, float] | None = None
+    ) -> list[dict]:
         components = tuple(components or self.available())
         unknown = set(components) - set(COMPONENTS)
         if unknown:
@@ -97,7 +98,9 @@ class RewardSuite:
             if len(wave) < MIN_DURATION_S * rate:
                 raise ValueError(f"clip shorter than {MIN_DURATION_S} s cannot be scored")
         waves = [resample(wave, rate, codec.SAMPLE_RATE) for wave, rate in native]
-        results: list[dict] = [{c: None for c in ("text_adherence", "quality_mos", "quality", "preference")} for _ in clips]
+        results: list[dict] = [
+            {c: None for c in ("text_adherence", "quality_mos", "quality", "preference")} for _ in clips
+        ]
         if not clips:
             return results
         audio_text = isinstance(self.models.text_adherence, AudioTextModel)

@@ -10,10 +10,11 @@ Fields may be added in later versions; existing ones keep their meaning.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_ID = "generation.v1"
 
@@ -51,11 +52,48 @@ class ClipRecord(BaseModel):
     model_name: str = Field(
         "generator", description="Triton model that served the clip (the challenger in experiments)."
     )
-    tokens: list[int]
-    logprobs: list[float]
+    # One codebook (the default generator): [T], as always. K > 1 codebooks (MusicGen): [K][T], codebook k's
+    # frames in row k, exactly the Triton TOKENS/LOGPROBS of the clip (docs/contracts.md, docs/models.md).
+    tokens: list[int] | list[list[int]]
+    logprobs: list[float] | list[list[float]]
     duration_s: float
     sample_rate: int
     audio_key: str
+
+    @model_validator(mode="after")
+    def _same_shape(self) -> ClipRecord:
+        shape = _shape(self.tokens, "tokens")
+        if _shape(self.logprobs, "logprobs") != shape:
+            raise ValueError(f"logprobs must have the shape of tokens {shape}, got {_shape(self.logprobs, 'logprobs')}")
+        return self
+
+    @property
+    def num_codebooks(self) -> int:
+        """K: 1 for a flat token list, the number of rows of a nested one."""
+        return _shape(self.tokens, "tokens")[0]
+
+    def flat(self, field: Literal["tokens", "logprobs"]) -> list:
+        """``tokens`` or ``logprobs`` as one flat, codebook-major list (the buffer's columns), values as stored."""
+        values = getattr(self, field)
+        return [v for row in values for v in row] if values and isinstance(values[0], list) else list(values)
+
+    def codes(self) -> np.ndarray:
+        """The tokens as int64 [K, T], whichever way they are stored."""
+        return np.asarray(self.tokens, dtype=np.int64).reshape(self.num_codebooks, -1)
+
+    def code_logprobs(self) -> np.ndarray:
+        """The log-probs as float32 [K, T]."""
+        return np.asarray(self.logprobs, dtype=np.float32).reshape(self.num_codebooks, -1)
+
+
+def _shape(values: list, name: str) -> tuple[int, int]:
+    """(K, T) of a flat list (K = 1) or a rectangular list of K >= 1 rows."""
+    if not values or not isinstance(values[0], list):
+        return 1, len(values)
+    lengths = {len(row) for row in values}
+    if len(lengths) != 1:
+        raise ValueError(f"{name}: every codebook must have the same number of frames, got {sorted(lengths)}")
+    return len(values), lengths.pop()
 
 
 class Timings(BaseModel):
@@ -72,7 +110,7 @@ class GenerationRecord(BaseModel):
 
     schema_id: Literal["generation.v1"] = Field(SCHEMA_ID, alias="schema")
     generation_id: str
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     prompt: str
     app_id: str = "web"
     experiment: str | None = None

@@ -17,7 +17,7 @@ with ``musicrl consumer schema``).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -48,20 +48,18 @@ class _PairFields(BaseModel):
     listen_b_s: float = Field(ge=0.0, le=MAX_LISTEN_S, description="Seconds of clip b the user listened to.")
     app_id: str = Field("web", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
 
-    @model_validator(mode="after")
-    def _distinct_clips(self):
-        if self.clip_a_id == self.clip_b_id:
-            raise ValueError("clip_a_id and clip_b_id must be two different clips")
-        return self
-
 
 class FeedbackRequest(_PairFields):
     """Body of ``POST /v1/feedback``."""
 
-    user_id: str = Field(min_length=1, max_length=256, description="The app's user id; never stored, only its keyed hash.")
+    user_id: str = Field(
+        min_length=1, max_length=256, description="The app's user id; never stored, only its keyed hash."
+    )
     client_ts: AwareDatetime | None = Field(None, description="When the user voted, ISO-8601 with a time zone.")
     vote_token: str = Field(
-        min_length=1, max_length=4096, pattern=r"^[A-Za-z0-9_.-]+$",
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[A-Za-z0-9_.-]+$",
         description="The `vote_token` of the generation's answer: signed by the gateway, it binds the vote to the "
         "generation, its clips and their durations, the API key and the user the generation named, until it expires.",
     )
@@ -80,22 +78,32 @@ class PreferenceEvent(_PairFields):
     """The Kafka message on ``topic_preferences``, keyed by ``generation_id``."""
 
     schema_id: Literal["preference.v1"] = Field(SCHEMA_ID, alias="schema")
-    user_pseudonym: str = Field(pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the user id under the gateway's key.")
+    user_pseudonym: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="HMAC-SHA256 of the user id under the gateway's key."
+    )
     client_ts: AwareDatetime | None = None
     received_at: AwareDatetime = Field(description="When the gateway accepted the request (UTC).")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _distinct_clips(self):
+        # The gateway refuses such a vote after its token check (serving.services.feedback); the consumer
+        # sends one that reaches the topic another way to the dead-letter topic.
+        if self.clip_a_id == self.clip_b_id:
+            raise ValueError("clip_a_id and clip_b_id must be two different clips")
+        return self
+
     def to_bytes(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PreferenceEvent":
+    def from_bytes(cls, data: bytes) -> PreferenceEvent:
         return cls.model_validate_json(data)
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def json_schema() -> dict:

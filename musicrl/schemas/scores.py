@@ -22,21 +22,58 @@ REGISTRY_KINDS: dict[Component, str] = {
 }
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# The OpenAPI format of ``audio_b64``: base64 of a WAV or FLAC file (reward_service/openapi.py).
+AUDIO_FORMAT = "audio-base64"
+SOURCES = ("clip_id", "audio_b64", "tokens")
+_SOURCE_TYPES = {"clip_id": {"type": "string"}, "audio_b64": {"type": "string"}, "tokens": {"type": "array"}}
+
+
+def _one_source(source: str) -> dict:
+    """JSON Schema of an item whose only source is ``source`` (the others absent or null); only a
+    ``clip_id`` item may name a ``generation_id``."""
+    nulls = [name for name in SOURCES if name != source] + ([] if source == "clip_id" else ["generation_id"])
+    return {
+        "required": [source],
+        "properties": {source: _SOURCE_TYPES[source]} | {name: {"type": "null"} for name in nulls},
+    }
+
+
+def _weights_need_components() -> list[dict]:
+    """JSON Schema of ``_weights_of_computed_components``: a weight's component is among ``components`` when given."""
+    return [
+        {
+            "if": {
+                "required": ["weights", "components"],
+                "properties": {"weights": {"type": "object", "required": [name]}, "components": {"type": "array"}},
+            },
+            "then": {"properties": {"components": {"contains": {"const": name}}}},
+        }
+        for name in COMPONENTS
+    ]
 
 
 class ScoreItem(BaseModel):
     """One clip to score: the prompt it was generated from and exactly one audio source."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The validators' rules stated in the OpenAPI document too, so that clients (and schemathesis) know them.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [_one_source(name) for name in SOURCES]})
 
     prompt: str = Field(min_length=1, max_length=2000)
-    clip_id: str | None = Field(default=None, description="Clip stored at clips/{clip_id}.wav in the clips bucket.")
+    # The pattern is stated in the document; _hex_id checks it with its own message.
+    clip_id: str | None = Field(
+        default=None,
+        description="Clip stored at clips/{clip_id}.wav in the clips bucket.",
+        json_schema_extra={"pattern": _HEX32.pattern},
+    )
     generation_id: str | None = Field(
         default=None,
         description="With clip_id: the generation record whose tokens the preference model scores "
         "(otherwise the tokens are re-estimated from the audio).",
+        json_schema_extra={"pattern": _HEX32.pattern},
     )
-    audio_b64: str | None = Field(default=None, description="Base64 of a WAV or FLAC file.")
+    audio_b64: str | None = Field(
+        default=None, description="Base64 of a WAV or FLAC file.", json_schema_extra={"format": AUDIO_FORMAT}
+    )
     tokens: list[int] | None = Field(default=None, description="Audio tokens, decoded by the service's codec.")
 
     @field_validator("clip_id", "generation_id")
@@ -47,8 +84,8 @@ class ScoreItem(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _exactly_one_source(self) -> "ScoreItem":
-        given = [name for name in ("clip_id", "audio_b64", "tokens") if getattr(self, name) is not None]
+    def _exactly_one_source(self) -> ScoreItem:
+        given = [name for name in SOURCES if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of clip_id, audio_b64, tokens (got {given or 'none'})")
         if self.generation_id is not None and self.clip_id is None:
@@ -63,11 +100,12 @@ class ScoreItem(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"allOf": _weights_need_components()})
 
     items: list[ScoreItem] = Field(min_length=1)
     components: list[Component] | None = Field(
-        default=None, description="Rewards to compute; all of them when omitted.",
+        default=None,
+        description="Rewards to compute; all of them when omitted.",
         # What _unique_components checks, stated in the OpenAPI document too (it keeps its own messages).
         json_schema_extra={"minItems": 1, "uniqueItems": True},
     )
@@ -86,7 +124,7 @@ class ScoreRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _weights_of_computed_components(self) -> "ScoreRequest":
+    def _weights_of_computed_components(self) -> ScoreRequest:
         if self.weights is not None:
             unknown = set(self.weights) - set(self.requested_components)
             if unknown:

@@ -148,9 +148,7 @@ def serve_process(
             stderr=subprocess.STDOUT if log is not None else None,
         )
         try:
-            wait_until_healthy(
-                health, timeout_s, name=name, alive=lambda: process.poll() is None, log=log_path
-            )
+            wait_until_healthy(health, timeout_s, name=name, alive=lambda: process.poll() is None, log=log_path)
             yield process
         finally:
             process.terminate()

@@ -51,8 +51,8 @@ class StackSettings(ObjectStoreConfig, KafkaConfig, TritonConfig):
 
     stack_services: bool = Field(
         True,
-        description="`up` also starts the project's services (reward service, finetune loop, gateway, feedback consumer) "
-        "after the servers; false starts only the servers.",
+        description="`up` also starts the project's services (reward service, finetune loop, gateway, "
+        "feedback consumer) after the servers; false starts only the servers.",
     )
     stack_gateway_port: int = Field(8080, description="Port of the generation gateway started by `up`.")
     stack_reward_port: int = Field(8090, description="Port of the reward service started by `up`.")

@@ -151,7 +151,10 @@ class StackInfo:
             "triton-metrics": self.triton_metrics_url,
             "triton-repo": str(self.triton_repo),
             **(
-                {"gateway": f"{self.gateway_url}/  (listening page; API under /v1, docs at /docs)", "reward": self.reward_url}
+                {
+                    "gateway": f"{self.gateway_url}/  (listening page; API under /v1, docs at /docs)",
+                    "reward": self.reward_url,
+                }
                 if self.settings.stack_services
                 else {}
             ),

@@ -30,8 +30,11 @@ def require_admin(
 
 
 _ERRORS = {
-    401: {"model": ErrorResponse, "description": "No bearer token, or not the admin token",
-          "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}},
+    401: {
+        "model": ErrorResponse,
+        "description": "No bearer token, or not the admin token",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}},
+    },
     403: {"model": ErrorResponse, "description": "The admin API is disabled (no MUSICRL_REWARD_ADMIN_TOKEN)"},
     503: {"model": ErrorResponse, "description": "The reload failed; the models in use stay"},
 }
@@ -49,4 +52,7 @@ async def reload(holder: ModelHolder = Depends(get_holder), metrics: RewardMetri
         raise HTTPException(503, f"reload failed ({err}); still serving {serving or 'no models'}") from err
     metrics.observe_reload("admin", result)
     log.info("models.reloaded", trigger="admin", changed={c: new for c, (_, new) in result.changed.items()})
-    return {"changed": {c: {"from": old, "to": new} for c, (old, new) in result.changed.items()}, "model_versions": result.versions}
+    return {
+        "changed": {c: {"from": old, "to": new} for c, (old, new) in result.changed.items()},
+        "model_versions": result.versions,
+    }

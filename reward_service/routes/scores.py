@@ -9,7 +9,10 @@ from reward_service.services.service import RewardService
 router = APIRouter(tags=["scores"])
 
 _ERRORS = {
-    400: {"model": ErrorResponse, "description": "A body that cannot be decoded (not UTF-8, or JSON nested too deeply)"},
+    400: {
+        "model": ErrorResponse,
+        "description": "A body that cannot be decoded (not UTF-8, or JSON nested too deeply)",
+    },
     404: {"model": ErrorResponse, "description": "A clip or generation id that does not exist"},
     413: {"model": ErrorResponse, "description": "Too many items, too long audio or too large a body"},
     422: {"model": ErrorResponse, "description": "An item that cannot be scored (bad audio, tokens, ids)"},

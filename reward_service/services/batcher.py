@@ -17,9 +17,10 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 P = TypeVar("P")  # what is scored (one clip)
 R = TypeVar("R")  # its result
@@ -187,6 +188,4 @@ class MicroBatcher(Generic[P, R, S]):
                 job.remaining -= 1
                 if job.remaining == 0 and not job.future.done():
                     job.future.set_result((job.results, job.snapshot))
-        self._on_batch(
-            BatchStats(len(batch), time.monotonic() - started, [started - s.enqueued_at for s in batch])
-        )
+        self._on_batch(BatchStats(len(batch), time.monotonic() - started, [started - s.enqueued_at for s in batch]))

@@ -55,7 +55,7 @@ class Limits:
     audio: AudioLimits  # what a WAV/FLAC header may ask for; checked before a sample is decoded
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Limits":
+    def from_settings(cls, settings: Any) -> Limits:
         """The limits of a ``RewardSettings``."""
         return cls(
             max_audio_s=settings.reward_max_audio_s,
@@ -84,8 +84,12 @@ class InputResolver:
         where = f"items[{index}]"
         if item.tokens is not None:
             tokens = self._check_tokens(item.tokens, where)
-            return Clip(item.prompt, np.asarray(self.codec.decode(tokens), dtype=np.float32), tokens,
-                        int(self.codec.SAMPLE_RATE))
+            return Clip(
+                item.prompt,
+                np.asarray(self.codec.decode(tokens), dtype=np.float32),
+                tokens,
+                int(self.codec.SAMPLE_RATE),
+            )
         if item.audio_b64 is not None:
             try:
                 data = base64.b64decode(item.audio_b64, validate=True)

@@ -25,7 +25,10 @@ class RewardMetrics:
             "musicrl_reward_batch_seconds", "Time to score one batch", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_wait_seconds = Histogram(
-            "musicrl_reward_queue_wait_seconds", "Time a clip waited before its batch started", buckets=_LATENCY_BUCKETS, registry=r
+            "musicrl_reward_queue_wait_seconds",
+            "Time a clip waited before its batch started",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.input_seconds = Histogram(
             "musicrl_reward_input_seconds",
@@ -36,11 +39,17 @@ class RewardMetrics:
         )
         self.queue_depth = Gauge("musicrl_reward_queue_depth", "Clips waiting to be scored", registry=r)
         self.request_seconds = Histogram(
-            "musicrl_reward_request_seconds", "Latency of HTTP requests", ["route", "status"], buckets=_LATENCY_BUCKETS, registry=r
+            "musicrl_reward_request_seconds",
+            "Latency of HTTP requests",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.clips_scored = Counter("musicrl_reward_clips_scored_total", "Clips scored", ["source"], registry=r)
         self.rejected = Counter("musicrl_reward_requests_rejected_total", "Requests refused", ["reason"], registry=r)
-        self.reloads = Counter("musicrl_reward_model_reloads_total", "Model reload attempts", ["trigger", "result"], registry=r)
+        self.reloads = Counter(
+            "musicrl_reward_model_reloads_total", "Model reload attempts", ["trigger", "result"], registry=r
+        )
         self.model_version = Gauge(
             "musicrl_reward_model_version", "1 for the model version in use", ["component", "version"], registry=r
         )

@@ -10,13 +10,13 @@ set. Components whose version did not change keep their loaded model.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
 
 from musicrl.registry import IntegrityError, Registry, verify_dir
 from musicrl.schemas.scores import COMPONENTS, REGISTRY_KINDS, Component
-
 
 # The preference model appears once users have voted; the others serve from the start.
 REQUIRED: tuple[Component, ...] = ("text_adherence", "quality")

@@ -12,8 +12,8 @@ prompt embeddings are cached across batches (finetuning repeats prompts).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -72,8 +72,15 @@ def score_batch(snapshot: ModelSnapshot, tasks: Sequence[Task], *, text_encoder:
     for i, task in enumerate(tasks):
         groups.setdefault(task.components, []).append(i)
     for components, indices in groups.items():
-        clips = [SuiteClip(tasks[i].clip.prompt, wave=tasks[i].clip.wave, tokens=tasks[i].clip.tokens,
-                           sample_rate=tasks[i].clip.sample_rate) for i in indices]
+        clips = [
+            SuiteClip(
+                tasks[i].clip.prompt,
+                wave=tasks[i].clip.wave,
+                tokens=tasks[i].clip.tokens,
+                sample_rate=tasks[i].clip.sample_rate,
+            )
+            for i in indices
+        ]
         for i, scores in zip(indices, suite.score(clips, components)):
             results[i] = {name: float(scores[name]) for name in RAW_FIELDS if scores[name] is not None}
     return results

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 from musicrl.schemas.scores import Component, ItemScores, ScoreItem, ScoreRequest, ScoreResponse
 from reward_service.services.batcher import MicroBatcher

@@ -16,8 +16,11 @@ router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
 ERRORS = {
     **AUTH_ERRORS,
     **UNDECODABLE_BODY,
-    403: {"model": ErrorBody, "description": "The vote token does not allow this vote: forged, expired, or for "
-                                             "another generation, API key, user or clip."},
+    403: {
+        "model": ErrorBody,
+        "description": "The vote token does not allow this vote: forged, expired, or for "
+        "another generation, API key, user or clip.",
+    },
     404: {"model": ErrorBody},
     409: {"model": ErrorBody, "description": "The user already voted on this generation (with another event_id)."},
     413: {"model": ErrorBody},
@@ -29,7 +32,9 @@ ERRORS = {
 def get_feedback_service(request: Request) -> FeedbackService:
     settings = get_settings(request)
     producer = app_singleton(request, "feedback_producer", lambda: FeedbackProducer(settings), lambda p: p.close())
-    return FeedbackService(settings, get_generation_service(request), producer, FEEDBACK_METRICS, get_vote_policy(request))
+    return FeedbackService(
+        settings, get_generation_service(request), producer, FEEDBACK_METRICS, get_vote_policy(request)
+    )
 
 
 @router.post("", response_model=FeedbackAccepted, status_code=202, responses=ERRORS)

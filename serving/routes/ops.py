@@ -34,12 +34,17 @@ async def dashboard_page() -> FileResponse:
 
 @router.get(
     "/v1/ops/summary",
-    responses={**AUTH_ERRORS, 403: {"model": ErrorBody, "description": "A listening-page token: the ops API needs an API key."}},
+    responses={
+        **AUTH_ERRORS,
+        403: {"model": ErrorBody, "description": "A listening-page token: the ops API needs an API key."},
+    },
 )
 async def ops_summary(
     caller: Operator,
     service: Annotated[OpsService, Depends(get_ops_service)],
-    window_minutes: Annotated[int, Query(ge=1, le=MAX_WINDOW_MINUTES, description="Span of the votes-per-minute series.")] = 60,
+    window_minutes: Annotated[
+        int, Query(ge=1, le=MAX_WINDOW_MINUTES, description="Span of the votes-per-minute series.")
+    ] = 60,
 ) -> JSONResponse:
     """The served generator and its lineage, every version's gate metrics, every finetune cycle with its
     checks, the reward models, and the buffer's votes by policy version (docs/dashboard.md)."""

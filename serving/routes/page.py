@@ -31,6 +31,4 @@ async def page_token(request: Request) -> JSONResponse:
     if authenticator.page_tokens is None:
         raise NotFound("the listening page is disabled (MUSICRL_GATEWAY_PAGE_ENABLED=false)")
     token, expires_at = authenticator.page_tokens.mint()
-    return JSONResponse(
-        {"token": token, "expires_at": expires_at.isoformat()}, headers={"Cache-Control": "no-store"}
-    )
+    return JSONResponse({"token": token, "expires_at": expires_at.isoformat()}, headers={"Cache-Control": "no-store"})

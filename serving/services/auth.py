@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from serving.errors import Unauthorized
 from serving.services.limits import Principal
@@ -89,7 +89,7 @@ class PageTokens:
     def mint(self) -> tuple[str, datetime]:
         expires = int(self.clock()) + self.ttl_s
         token = self._signer.sign({"e": expires, "n": secrets.token_hex(8)})
-        return token, datetime.fromtimestamp(expires, timezone.utc)
+        return token, datetime.fromtimestamp(expires, UTC)
 
     def valid(self, token: str) -> bool:
         try:
@@ -110,7 +110,9 @@ class Authenticator:
         page = Principal(PAGE_PRINCIPAL, settings.gateway_page_rate_per_min, settings.gateway_page_max_concurrency)
         secret = settings.gateway_vote_token_key.get_secret_value().encode()
         self.page_tokens = (
-            PageTokens(secret, settings.gateway_page_token_ttl_s, page, clock) if settings.gateway_page_enabled else None
+            PageTokens(secret, settings.gateway_page_token_ttl_s, page, clock)
+            if settings.gateway_page_enabled
+            else None
         )
 
     def authenticate(self, credential: str | None) -> Principal:

@@ -42,12 +42,16 @@ def pseudonymise(user_id: str, key: bytes) -> str:
 class FeedbackMetrics:
     def __init__(self, registry):
         self.events = Counter(
-            "musicrl_gateway_feedback", "Feedback requests by outcome (accepted, rejected, throttled, unavailable).",
-            ["outcome"], registry=registry,
+            "musicrl_gateway_feedback",
+            "Feedback requests by outcome (accepted, rejected, throttled, unavailable).",
+            ["outcome"],
+            registry=registry,
         )
         self.produce_seconds = Histogram(
-            "musicrl_gateway_feedback_produce_seconds", "Time from send to the broker's acknowledgement.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=registry,
+            "musicrl_gateway_feedback_produce_seconds",
+            "Time from send to the broker's acknowledgement.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
         )
 
 
@@ -74,8 +78,12 @@ class FeedbackProducer:
             timeout_ms = int(self.settings.gateway_kafka_timeout_s * 1000)
             try:
                 self._producer = idempotent_producer(
-                    self.settings, bootstrap_timeout_ms=timeout_ms, max_block_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                    delivery_timeout_ms=max(2 * timeout_ms, 10_000), client_id="musicrl-gateway-feedback",
+                    self.settings,
+                    bootstrap_timeout_ms=timeout_ms,
+                    max_block_ms=timeout_ms,
+                    request_timeout_ms=timeout_ms,
+                    delivery_timeout_ms=max(2 * timeout_ms, 10_000),
+                    client_id="musicrl-gateway-feedback",
                 )
             except KafkaError as err:
                 self._failed_at = time.monotonic()
@@ -120,6 +128,9 @@ class FeedbackService:
         pseudonym = pseudonymise(request.user_id, self._key)
         try:
             claims = self.votes.admit(request, key_name, pseudonym)  # 403, 422, 429: no I/O spent on a forged vote
+            if request.clip_a_id == request.clip_b_id:
+                # After the token: whoever cannot vote learns 403, not which bodies would pass (docs/reliability.md).
+                raise RequestRejected("clip_b_id", "clip_a_id and clip_b_id must be two different clips")
             record = await self.generations.get(request.generation_id)  # NotFound -> 404
             for field, clip_id in (("clip_a_id", request.clip_a_id), ("clip_b_id", request.clip_b_id)):
                 if record.clip(clip_id) is None:
@@ -149,6 +160,13 @@ class FeedbackService:
             raise
         self.metrics.produce_seconds.observe(time.perf_counter() - started)
         self.metrics.events.labels("accepted").inc()
-        log.info("feedback.accepted", event_id=event.event_id, generation_id=event.generation_id,
-                 choice=event.choice, key=key_name, partition=partition, offset=offset)
+        log.info(
+            "feedback.accepted",
+            event_id=event.event_id,
+            generation_id=event.generation_id,
+            choice=event.choice,
+            key=key_name,
+            partition=partition,
+            offset=offset,
+        )
         return FeedbackAccepted(event_id=event.event_id, partition=partition, offset=offset)

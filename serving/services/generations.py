@@ -13,13 +13,13 @@ import random
 import secrets
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from minio.error import MinioException
 from urllib3.exceptions import HTTPError
 
-from musicrl.audio import codec
 from musicrl.audio.formats import decode_audio, encode_audio
 from musicrl.logging import get_logger
 from musicrl.schemas.generation import (
@@ -32,11 +32,20 @@ from musicrl.schemas.generation import (
     generation_key,
 )
 from musicrl.storage import ObjectNotFound
-from serving.errors import NotFound, RequestRejected, UpstreamUnavailable
+from serving.errors import NotFound, RequestRejected, UpstreamFailed, UpstreamUnavailable
 from serving.metrics import CHALLENGER_FALLBACKS, CLIPS, STORE_SECONDS, UPSTREAM_ERRORS
-from serving.schemas import MEDIA_TYPES, MIN_TEMPERATURE, ClipInfo, ClipOut, GenerationRequest, GenerationResponse
+from serving.schemas import (
+    MAX_SEED,
+    MEDIA_TYPES,
+    MIN_TEMPERATURE,
+    ClipInfo,
+    ClipOut,
+    GenerationRequest,
+    GenerationResponse,
+)
 from serving.services.embedding import PromptEmbedder
-from serving.services.triton import Candidate, GeneratorClient
+from serving.services.experiments import ExperimentArm, LiveExperiment
+from serving.services.triton import Candidate, FramesOutOfRange, GeneratorClient
 from serving.services.vote_tokens import VoteTokens
 from serving.settings import GatewaySettings
 
@@ -50,31 +59,42 @@ def candidate_seeds(request_seed: int, n: int) -> list[int]:
     return [int(child.generate_state(1, dtype=np.uint32)[0] >> 1) for child in children]
 
 
-def candidate_models(settings: GatewaySettings, request_seed: int, n: int) -> tuple[str | None, list[str]]:
+def candidate_models(
+    settings: GatewaySettings, request_seed: int, n: int, arm: ExperimentArm | None = None
+) -> tuple[str | None, list[str]]:
     """The Triton model of each candidate: in an experiment, half current and half challenger.
 
-    Whether a request takes part and which positions the challenger gets are
-    drawn from the request seed, so replays assign the same arms and neither
-    arm always sits in the first player.
+    ``arm`` is the experiment running now (``LiveExperiment.current()``: the finetune worker's
+    canary while one runs); None means the settings' experiment, if any. Whether a request
+    takes part and which positions the challenger gets are drawn from the request seed, so
+    replays assign the same arms and neither arm always sits in the first player.
     """
     current = settings.triton_model_name
+    arm = arm if arm is not None else ExperimentArm.from_settings(settings)
     rng = random.Random(request_seed)
-    if not settings.gateway_experiment_name or n < 2 or rng.random() >= settings.gateway_experiment_share:
+    if arm is None or n < 2 or rng.random() >= arm.share:
         return None, [current] * n
-    models = [current, settings.gateway_challenger_model_name] * (n // 2) + [current] * (n % 2)
+    models = [current, arm.challenger_model] * (n // 2) + [current] * (n % 2)
     rng.shuffle(models)
-    return settings.gateway_experiment_name, models
+    return arm.name, models
 
 
 class GenerationService:
     def __init__(
-        self, settings: GatewaySettings, triton: GeneratorClient, store, text_encoder, vote_tokens: VoteTokens | None = None
+        self,
+        settings: GatewaySettings,
+        triton: GeneratorClient,
+        store,
+        text_encoder,
+        vote_tokens: VoteTokens | None = None,
     ):
         self.settings = settings
         self.triton = triton
         self.store = store
         self.embedder = PromptEmbedder(text_encoder)
         self.vote_tokens = vote_tokens or VoteTokens.from_settings(settings)
+        # The settings' experiment, or the finetune worker's canary while one runs (serving/services/experiments.py).
+        self.experiments = LiveExperiment(settings, store)
 
     # ---- create -------------------------------------------------------------------------------
 
@@ -87,16 +107,23 @@ class GenerationService:
         duration_s = request.duration_s if request.duration_s is not None else s.gateway_default_duration_s
         temperature = request.temperature if request.temperature is not None else s.gateway_default_temperature
         self._check_limits(request.prompt, n, duration_s, temperature)
-        request_seed = request.seed if request.seed is not None else secrets.randbits(62)
-        n_frames = codec.frames_for(duration_s)
+        request_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = candidate_seeds(request_seed, n)
-        experiment, models = candidate_models(s, request_seed, n)
+        experiment, models = candidate_models(s, request_seed, n, await self.experiments.current())
 
-        embedding = await self.embedder.embed(request.prompt)
+        # What each model takes comes from Triton (ModelSpec): the default generator the gateway's embedding of
+        # the prompt (computed once per request), MusicGen the text. A model that cannot say is embedded for,
+        # in case its candidates fall back to the current model.
+        specs = await asyncio.gather(
+            *(self.triton.model_spec(m) for m in dict.fromkeys(models)), return_exceptions=True
+        )
+        embedding = None
+        if any(isinstance(spec, BaseException) or not spec.takes_text for spec in specs):
+            embedding = await self.embedder.embed(request.prompt)
         embedded = time.perf_counter()
         candidates = await asyncio.gather(
             *(
-                self._generate(model, embedding, seed, n_frames, temperature, request.top_k)
+                self._generate(model, request.prompt, embedding, seed, duration_s, temperature, request.top_k)
                 for model, seed in zip(models, seeds)
             )
         )
@@ -113,7 +140,7 @@ class GenerationService:
                 seed=seed,
                 policy_version=c.policy_version,
                 model_name=c.model_name,
-                tokens=c.tokens.tolist(),
+                tokens=c.tokens.tolist(),  # [T] for one codebook (as always), [K][T] for K (MusicGen)
                 logprobs=c.logprobs.tolist(),
                 duration_s=len(c.audio) / c.sample_rate,
                 sample_rate=c.sample_rate,
@@ -176,27 +203,60 @@ class GenerationService:
         if not s.gateway_min_duration_s <= duration_s <= s.gateway_max_duration_s:
             raise RequestRejected(
                 "duration_s",
-                f"duration_s must be between {s.gateway_min_duration_s} and {s.gateway_max_duration_s} s, got {duration_s}",
+                f"duration_s must be between {s.gateway_min_duration_s} and {s.gateway_max_duration_s} s, "
+                f"got {duration_s}",
             )
         if not MIN_TEMPERATURE <= temperature <= s.gateway_max_temperature:
             raise RequestRejected(
-                "temperature", f"temperature must be in [{MIN_TEMPERATURE}, {s.gateway_max_temperature}], got {temperature}"
+                "temperature",
+                f"temperature must be in [{MIN_TEMPERATURE}, {s.gateway_max_temperature}], got {temperature}",
             )
 
     async def _generate(
-        self, model: str, embedding, seed: int, n_frames: int, temperature: float, top_k: int
+        self, model: str, prompt: str, embedding, seed: int, duration_s: float, temperature: float, top_k: int
     ) -> Candidate:
         try:
-            return await self.triton.generate(model, embedding, seed, n_frames, temperature, top_k)
+            return await self._generate_on(model, prompt, embedding, seed, duration_s, temperature, top_k)
         except UpstreamUnavailable:
             if model == self.settings.triton_model_name:
                 raise
             # An experiment must never cost the user their clip: fall back to the current policy.
             CHALLENGER_FALLBACKS.inc()
             log.warning("experiment.challenger_unavailable", model=model)
-            return await self.triton.generate(
-                self.settings.triton_model_name, embedding, seed, n_frames, temperature, top_k
+            return await self._generate_on(
+                self.settings.triton_model_name, prompt, embedding, seed, duration_s, temperature, top_k
             )
+
+    async def _generate_on(
+        self, model: str, prompt: str, embedding, seed: int, duration_s: float, temperature: float, top_k: int
+    ) -> Candidate:
+        """One clip from ``model``, sent what it takes (``ModelSpec``) and ``duration_s`` in its own frames.
+
+        A model that changed kind since its spec was learnt (a new config loaded) refuses the request;
+        the spec is then learnt again and the request sent once more.
+        """
+        for attempt in (0, 1):
+            spec = await self.triton.model_spec(model)
+            n_frames = spec.frames_for(duration_s)
+            if spec.max_frames is not None and n_frames > spec.max_frames:
+                raise _too_long(model, spec.max_frames / spec.frame_rate, duration_s)
+            if spec.takes_text:
+                conditioning = prompt
+            else:
+                conditioning = embedding if embedding is not None else await self.embedder.embed(prompt)
+            try:
+                return await self.triton.generate(model, conditioning, seed, n_frames, temperature, top_k)
+            except FramesOutOfRange as err:
+                raise _too_long(model, err.max_frames / spec.frame_rate, duration_s) from err
+            except UpstreamFailed:
+                fresh = None
+                if attempt == 0:
+                    self.triton.forget(model)
+                    fresh = await self.triton.model_spec(model)
+                if fresh is None or fresh == spec:
+                    raise
+                log.info("triton.model_changed", model=model, before=spec.prompt_input, after=fresh.prompt_input)
+        raise AssertionError("unreachable")
 
     async def _store_clip(self, generation_id: str, clip: ClipRecord, candidate: Candidate) -> None:
         wav = await asyncio.to_thread(_wav_bytes, candidate.audio, candidate.sample_rate)
@@ -218,6 +278,7 @@ class GenerationService:
             download_url=f"/v1/clips/{clip.clip_id}/audio",
             duration_s=clip.duration_s,
             sample_rate=clip.sample_rate,
+            num_codebooks=clip.num_codebooks,
             policy_version=clip.policy_version,
             model_name=clip.model_name,
             seed=clip.seed,
@@ -260,6 +321,7 @@ class GenerationService:
             seed=clip.seed,
             duration_s=clip.duration_s,
             sample_rate=clip.sample_rate,
+            num_codebooks=clip.num_codebooks,
             audio_url=self._presign(clip.audio_key),
             download_url=f"/v1/clips/{clip.clip_id}/audio",
             created_at=record.created_at,
@@ -290,6 +352,13 @@ class GenerationService:
             raise UpstreamUnavailable("object_store", f"{operation}: {type(err).__name__}: {err}") from err
         finally:
             STORE_SECONDS.labels(operation, outcome).observe(time.perf_counter() - start)
+
+
+def _too_long(model: str, max_s: float, duration_s: float) -> RequestRejected:
+    return RequestRejected(
+        "duration_s",
+        f"duration_s {duration_s} s is longer than the served model {model} can make ({max_s:.2f} s at most)",
+    )
 
 
 def _timings(start: float, embedded: float, generated: float, stored: float) -> Timings:

@@ -11,6 +11,8 @@
   deployed policy;
 - ``cycles``: every finetune cycle the registry knows of, newest first: published ones
   (they passed every gate check) and refused ones with each check and each snapshot;
+- ``canaries``: every canary by preference (docs/canary.md), newest first, with its decision,
+  wins, losses and confidence bounds; each cycle carries its own canary's outcome too;
 - ``reward_models``: the ``reward/preference`` versions and refusals;
 - ``buffer``: rows per policy version, votes per minute by policy version over a window,
   and head-to-head win rates from pairs whose two clips came from different versions.
@@ -36,7 +38,7 @@ import time
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -73,14 +75,14 @@ def _epoch(value: Any) -> float | None:
     except ValueError:
         return None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 
 def _iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _number(value: Any) -> float | None:
@@ -128,7 +130,9 @@ def summarise_segment(ref: SegmentRef, data: bytes) -> SegmentSummary:
         summary.per_minute.update(int(t // 60) for t in received)
     summary.ties = sum(1 for tie in table["is_tie"].to_pylist() if tie)
     choices = table["choice"].to_pylist()
-    for choice, version_a, version_b in zip(choices, table["policy_version_a"].to_pylist(), table["policy_version_b"].to_pylist()):
+    for choice, version_a, version_b in zip(
+        choices, table["policy_version_a"].to_pylist(), table["policy_version_b"].to_pylist()
+    ):
         if not version_a or not version_b or version_a == version_b or choice not in ("a", "b", "tie"):
             continue
         for version, opponent, won in ((version_a, version_b, choice == "a"), (version_b, version_a, choice == "b")):
@@ -165,9 +169,13 @@ class OpsService:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings, store: ObjectStore) -> "OpsService":
-        return cls(store, bucket_models=settings.bucket_models, bucket_buffer=settings.bucket_buffer,
-                   model_name=settings.triton_model_name)
+    def from_settings(cls, settings, store: ObjectStore) -> OpsService:
+        return cls(
+            store,
+            bucket_models=settings.bucket_models,
+            bucket_buffer=settings.bucket_buffer,
+            model_name=settings.triton_model_name,
+        )
 
     # ------------------------------------------------------------------ the summary
 
@@ -204,25 +212,63 @@ class OpsService:
         by_key = {s.key: s for s in segments or []}
         buffer = self._buffer_section(segments, window_minutes, now) if segments is not None else None
         versions = self._versions(history, pointer, rejected, by_key)
-        cycles = self._cycles(history, rejected)
+        canaries = attempt("canaries", lambda: self._canaries(), [])
+        cycles = self._with_canaries(self._cycles(history, rejected), canaries)
         served = next((v for v in versions if v["is_current"]), None)
-        return _json_safe({
-            "generated_at": _iso(now),
-            "window_minutes": window_minutes,
-            "model_name": self.model_name,
-            "served": {
-                "version": pointer.get("version") if pointer else None,
-                "previous": pointer.get("previous") if pointer else None,
-                "updated_at": pointer.get("updated_at") if pointer else None,
-                "details": served,
-            },
-            "versions": versions,
-            "cycles": cycles,
-            "cycles_since_accepted": self._cycles_since_accepted(cycles),
-            "reward_models": self._reward_models(reward_history, reward_rejected, reward_pointer),
-            "buffer": buffer,
-            "errors": errors,
-        })
+        return _json_safe(
+            {
+                "generated_at": _iso(now),
+                "window_minutes": window_minutes,
+                "model_name": self.model_name,
+                "served": {
+                    "version": pointer.get("version") if pointer else None,
+                    "previous": pointer.get("previous") if pointer else None,
+                    "updated_at": pointer.get("updated_at") if pointer else None,
+                    "details": served,
+                },
+                "versions": versions,
+                "cycles": cycles,
+                "cycles_since_accepted": self._cycles_since_accepted(cycles),
+                "canaries": canaries,
+                "reward_models": self._reward_models(reward_history, reward_rejected, reward_pointer),
+                "buffer": buffer,
+                "errors": errors,
+            }
+        )
+
+    def _canaries(self) -> list[dict[str, Any]]:
+        """Every canary by preference (docs/canary.md), newest first: its decision and the counts behind it
+        (the list of vote ids stays in the registry)."""
+        fields = (
+            "canary_id",
+            "run_id",
+            "version",
+            "baseline_version",
+            "state",
+            "started_at",
+            "updated_at",
+            "share",
+            "alpha",
+            "max_votes",
+            "votes",
+            "win_rate",
+            "lower",
+            "upper",
+            "decision_reason",
+        )
+        records = [{k: record.get(k) for k in fields} for record in self.registry.canaries(GENERATOR)]
+        return list(reversed(records))
+
+    @staticmethod
+    def _with_canaries(cycles: list[dict], canaries: list[dict]) -> list[dict]:
+        """Each cycle with the outcome of its canary (``None`` when it had none)."""
+        by_run = {c["run_id"]: c for c in reversed(canaries) if c.get("run_id")}  # newest canary of a run wins
+        for cycle in cycles:
+            canary = by_run.get(cycle.get("run_id"))
+            cycle["canary"] = (
+                None if canary is None else {k: canary.get(k) for k in ("state", "win_rate", "lower", "upper", "votes")}
+            )
+        return cycles
 
     def _read_registry(self, kind: str) -> tuple[dict | None, list[dict], list[dict]]:
         return self.registry.pointer(kind), self.registry.history(kind), self.registry.rejections(kind)
@@ -254,13 +300,24 @@ class OpsService:
     def _buffer_section(self, segments: list[SegmentSummary], window_minutes: int, now: float) -> dict[str, Any]:
         by_policy: dict[str, dict[str, Any]] = {}
         for s in segments:
-            row = by_policy.setdefault(s.policy_version, {"policy_version": s.policy_version, "votes": 0, "ties": 0,
-                                                          "segments": 0, "first_vote_at": None, "last_vote_at": None})
+            row = by_policy.setdefault(
+                s.policy_version,
+                {
+                    "policy_version": s.policy_version,
+                    "votes": 0,
+                    "ties": 0,
+                    "segments": 0,
+                    "first_vote_at": None,
+                    "last_vote_at": None,
+                },
+            )
             row["votes"] += s.rows
             row["ties"] += s.ties
             row["segments"] += 1
             if s.first_at is not None:
-                row["first_vote_at"] = s.first_at if row["first_vote_at"] is None else min(row["first_vote_at"], s.first_at)
+                row["first_vote_at"] = (
+                    s.first_at if row["first_vote_at"] is None else min(row["first_vote_at"], s.first_at)
+                )
                 row["last_vote_at"] = s.last_at if row["last_vote_at"] is None else max(row["last_vote_at"], s.last_at)
         policies = sorted(by_policy, key=_version_key)
         last_minute = int(now // 60)
@@ -276,7 +333,11 @@ class OpsService:
             "total_votes": sum(row["votes"] for row in by_policy.values()),
             "segments": len(segments),
             "by_policy": [
-                {**by_policy[v], "first_vote_at": _iso(by_policy[v]["first_vote_at"]), "last_vote_at": _iso(by_policy[v]["last_vote_at"])}
+                {
+                    **by_policy[v],
+                    "first_vote_at": _iso(by_policy[v]["first_vote_at"]),
+                    "last_vote_at": _iso(by_policy[v]["last_vote_at"]),
+                }
                 for v in policies
             ],
             "votes_per_minute": {
@@ -299,16 +360,27 @@ class OpsService:
                 for i in range(3):
                     total[i] += counts[i]
         rows = []
-        for (version, opponent), (wins, losses, ties) in sorted(merged.items(), key=lambda kv: (_version_key(kv[0][0]), _version_key(kv[0][1]))):
+        for (version, opponent), (wins, losses, ties) in sorted(
+            merged.items(), key=lambda kv: (_version_key(kv[0][0]), _version_key(kv[0][1]))
+        ):
             decided = wins + losses
-            rows.append({"version": version, "opponent": opponent, "wins": wins, "losses": losses, "ties": ties,
-                         "win_rate": round(wins / decided, 4) if decided else None})
+            rows.append(
+                {
+                    "version": version,
+                    "opponent": opponent,
+                    "wins": wins,
+                    "losses": losses,
+                    "ties": ties,
+                    "win_rate": round(wins / decided, 4) if decided else None,
+                }
+            )
         return rows
 
     # ------------------------------------------------------------------ registry
 
-    def _versions(self, history: list[dict], pointer: dict | None, rejected: list[dict],
-                  segments: dict[str, SegmentSummary]) -> list[dict[str, Any]]:
+    def _versions(
+        self, history: list[dict], pointer: dict | None, rejected: list[dict], segments: dict[str, SegmentSummary]
+    ) -> list[dict[str, Any]]:
         current = str(pointer["version"]) if pointer else None
         served_policies = {s.policy_version for s in segments.values()}
         parents = {str(m.get("lineage", {}).get("parent_version")) for m in history}
@@ -320,8 +392,12 @@ class OpsService:
             lineage, metrics = manifest.get("lineage", {}) or {}, manifest.get("metrics", {}) or {}
             gate = metrics.get("gate", {}) or {}
             candidate, baseline = gate.get("candidate", {}) or {}, gate.get("baseline", {}) or {}
-            deployed = (version == current or version == str((pointer or {}).get("previous")) or version in parents
-                        or version in served_policies)
+            deployed = (
+                version == current
+                or version == str((pointer or {}).get("previous"))
+                or version in parents
+                or version in served_policies
+            )
             if version == current:
                 status = "serving"
             elif deployed:
@@ -333,7 +409,9 @@ class OpsService:
                 status = "published"
             keys = [str(k) for k in lineage.get("buffer_segments", []) or []]
             trained_on = [segments[k] for k in keys if k in segments]
-            policies = sorted({ref.policy_version for ref in map(parse_segment_key, keys) if ref is not None}, key=_version_key)
+            policies = sorted(
+                {ref.policy_version for ref in map(parse_segment_key, keys) if ref is not None}, key=_version_key
+            )
             votes = sum(s.rows for s in trained_on)
             published_at = _epoch(manifest.get("created_at"))
             if version == current and pointer:
@@ -347,45 +425,59 @@ class OpsService:
             win = metrics.get("win_rate", candidate.get("win_rate"))
             parent = str(lineage.get("parent_version")) if lineage.get("parent_version") is not None else None
             versus_parent = next((h for h in head_to_head if h["version"] == version and h["opponent"] == parent), None)
-            rows.append({
-                "version": version,
-                "is_current": version == current,
-                "status": status,
-                "created_at": manifest.get("created_at"),
-                "parent_version": parent,
-                "reference_version": lineage.get("reference_version"),
-                "stage": lineage.get("stage"),
-                "trainer": lineage.get("trainer"),
-                "run_id": lineage.get("run_id"),
-                "chosen_step": gate.get("chosen_step", lineage.get("chosen_step")),
-                "code_commit": lineage.get("code_commit"),
-                "reward_model_versions": lineage.get("reward_model_versions") or {},
-                "reward_model": _reward_model_of_cycle(metrics.get("reward_model")),
-                "n_preferences": lineage.get("n_preferences"),
-                "training": {
-                    "segments": len(keys),
-                    "segment_keys": keys[:MAX_SEGMENT_KEYS],
-                    "segments_truncated": len(keys) > MAX_SEGMENT_KEYS,
-                    "segments_in_buffer": len(trained_on),
-                    "policy_versions": policies,
-                    "votes": votes,
-                    "first_vote_at": _iso(min((s.first_at for s in trained_on if s.first_at is not None), default=None)),
-                    "newest_vote_at": _iso(newest),
-                },
-                "metrics": {name: _number(candidate.get(key)) for name, key in GATE_METRICS.items()},
-                "baseline": {name: _number(baseline.get(key)) for name, key in GATE_METRICS.items()},
-                "train": {k: _number(v) for k, v in (metrics.get("train") or {}).items() if _number(v) is not None},
-                "win_rate": {"source": "registry", "value": _number(win)} if _number(win) is not None else (
-                    {"source": "votes", "value": versus_parent["win_rate"], "opponent": parent,
-                     "wins": versus_parent["wins"], "losses": versus_parent["losses"]} if versus_parent else None),
-                "latency": {
-                    "published_at": manifest.get("created_at"),
-                    "deployed_at": _iso(deployed_at),
-                    "deployed_at_basis": basis,
-                    "newest_vote_to_deploy_s": round(deployed_at - newest, 1) if deployed_at and newest else None,
-                    "median_vote_to_deploy_s": round(deployed_at - median, 1) if deployed_at and median else None,
-                },
-            })
+            rows.append(
+                {
+                    "version": version,
+                    "is_current": version == current,
+                    "status": status,
+                    "created_at": manifest.get("created_at"),
+                    "parent_version": parent,
+                    "reference_version": lineage.get("reference_version"),
+                    "stage": lineage.get("stage"),
+                    "trainer": lineage.get("trainer"),
+                    "run_id": lineage.get("run_id"),
+                    "chosen_step": gate.get("chosen_step", lineage.get("chosen_step")),
+                    "code_commit": lineage.get("code_commit"),
+                    "reward_model_versions": lineage.get("reward_model_versions") or {},
+                    "reward_model": _reward_model_of_cycle(metrics.get("reward_model")),
+                    "n_preferences": lineage.get("n_preferences"),
+                    "training": {
+                        "segments": len(keys),
+                        "segment_keys": keys[:MAX_SEGMENT_KEYS],
+                        "segments_truncated": len(keys) > MAX_SEGMENT_KEYS,
+                        "segments_in_buffer": len(trained_on),
+                        "policy_versions": policies,
+                        "votes": votes,
+                        "first_vote_at": _iso(
+                            min((s.first_at for s in trained_on if s.first_at is not None), default=None)
+                        ),
+                        "newest_vote_at": _iso(newest),
+                    },
+                    "metrics": {name: _number(candidate.get(key)) for name, key in GATE_METRICS.items()},
+                    "baseline": {name: _number(baseline.get(key)) for name, key in GATE_METRICS.items()},
+                    "train": {k: _number(v) for k, v in (metrics.get("train") or {}).items() if _number(v) is not None},
+                    "win_rate": {"source": "registry", "value": _number(win)}
+                    if _number(win) is not None
+                    else (
+                        {
+                            "source": "votes",
+                            "value": versus_parent["win_rate"],
+                            "opponent": parent,
+                            "wins": versus_parent["wins"],
+                            "losses": versus_parent["losses"],
+                        }
+                        if versus_parent
+                        else None
+                    ),
+                    "latency": {
+                        "published_at": manifest.get("created_at"),
+                        "deployed_at": _iso(deployed_at),
+                        "deployed_at_basis": basis,
+                        "newest_vote_to_deploy_s": round(deployed_at - newest, 1) if deployed_at and newest else None,
+                        "median_vote_to_deploy_s": round(deployed_at - median, 1) if deployed_at and median else None,
+                    },
+                }
+            )
         return rows
 
     @staticmethod
@@ -397,51 +489,68 @@ class OpsService:
                 continue  # the base version, published by hand or by `stack up`
             gate = metrics.get("gate", {}) or {}
             candidate, baseline = gate.get("candidate", {}) or {}, gate.get("baseline", {}) or {}
-            cycles.append({
-                "at": manifest.get("created_at"),
-                "run_id": lineage.get("run_id"),
-                "outcome": "published",
-                "version": str(manifest["version"]),
-                "parent_version": lineage.get("parent_version"),
-                "stage": lineage.get("stage"),
-                "passed": True,
-                # The registry keeps the chosen snapshot's numbers; it passed every check, or it would not be there.
-                "checks": gate.get("checks"),
-                "checkpoints": gate.get("checkpoints"),
-                "chosen_step": gate.get("chosen_step"),
-                "reward": _number(candidate.get("reward")),
-                "baseline_reward": _number(baseline.get("reward")),
-                "kl": _number(candidate.get("kl")),
-                "reason": None,
-            })
+            cycles.append(
+                {
+                    "at": manifest.get("created_at"),
+                    "run_id": lineage.get("run_id"),
+                    "outcome": "published",
+                    "version": str(manifest["version"]),
+                    "parent_version": lineage.get("parent_version"),
+                    "stage": lineage.get("stage"),
+                    "passed": True,
+                    # The registry keeps the chosen snapshot's numbers; it passed every check, or it would not be there.
+                    "checks": gate.get("checks"),
+                    "checkpoints": gate.get("checkpoints"),
+                    "chosen_step": gate.get("chosen_step"),
+                    "reward": _number(candidate.get("reward")),
+                    "baseline_reward": _number(baseline.get("reward")),
+                    "kl": _number(candidate.get("kl")),
+                    "reason": None,
+                }
+            )
         for record in rejected:
             lineage, gate = record.get("lineage", {}) or {}, record.get("gate")
             if gate is not None:
-                cycles.append({
-                    "at": record.get("recorded_at"),
-                    "run_id": lineage.get("run_id"),
-                    "outcome": "rejected",
-                    "version": None,
-                    "parent_version": lineage.get("parent_version"),
-                    "stage": lineage.get("stage"),
-                    "passed": False,
-                    "checks": gate.get("checks"),
-                    "checkpoints": gate.get("checkpoints"),
-                    "chosen_step": None,
-                    "reward": _number((gate.get("candidate") or {}).get("reward")),
-                    "baseline_reward": _number((gate.get("baseline") or {}).get("reward")),
-                    "kl": _number((gate.get("candidate") or {}).get("kl")),
-                    "reason": record.get("reason"),
-                })
+                cycles.append(
+                    {
+                        "at": record.get("recorded_at"),
+                        "run_id": lineage.get("run_id"),
+                        "outcome": "rejected",
+                        "version": None,
+                        "parent_version": lineage.get("parent_version"),
+                        "stage": lineage.get("stage"),
+                        "passed": False,
+                        "checks": gate.get("checks"),
+                        "checkpoints": gate.get("checkpoints"),
+                        "chosen_step": None,
+                        "reward": _number((gate.get("candidate") or {}).get("reward")),
+                        "baseline_reward": _number((gate.get("baseline") or {}).get("reward")),
+                        "kl": _number((gate.get("candidate") or {}).get("kl")),
+                        "reason": record.get("reason"),
+                    }
+                )
             else:  # refused after publishing: the checkpoint check before deploy, or the deploy itself
                 reason = record.get("reason") or ""
-                cycles.append({
-                    "at": record.get("recorded_at"), "run_id": record.get("run_id"),
-                    "outcome": "rejected_at_deploy" if reason.startswith("checkpoint rejected") else "deploy_failed",
-                    "version": record.get("version"), "parent_version": None, "stage": None, "passed": True,
-                    "checks": None, "checkpoints": None, "chosen_step": None, "reward": None, "baseline_reward": None,
-                    "kl": None, "reason": reason,
-                })
+                cycles.append(
+                    {
+                        "at": record.get("recorded_at"),
+                        "run_id": record.get("run_id"),
+                        "outcome": "rejected_at_deploy"
+                        if reason.startswith("checkpoint rejected")
+                        else "deploy_failed",
+                        "version": record.get("version"),
+                        "parent_version": None,
+                        "stage": None,
+                        "passed": True,
+                        "checks": None,
+                        "checkpoints": None,
+                        "chosen_step": None,
+                        "reward": None,
+                        "baseline_reward": None,
+                        "kl": None,
+                        "reason": reason,
+                    }
+                )
         cycles.sort(key=lambda c: _epoch(c["at"]) or 0.0, reverse=True)
         return cycles
 
@@ -509,5 +618,3 @@ def _median_minute(segments: list[SegmentSummary]) -> float | None:
         if seen * 2 >= total:
             return minute * 60 + 30.0
     return None  # unreachable
-
-

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from musicrl.schemas.preference import FeedbackRequest
 from serving.errors import DuplicateVote, RateLimited, RequestRejected, VoteRefused
@@ -66,8 +66,10 @@ class VoteTokens:
         self.clock = clock
 
     @classmethod
-    def from_settings(cls, settings: GatewaySettings, clock=time.time) -> "VoteTokens":
-        return cls(settings.gateway_vote_token_key.get_secret_value().encode(), settings.gateway_vote_token_ttl_s, clock)
+    def from_settings(cls, settings: GatewaySettings, clock=time.time) -> VoteTokens:
+        return cls(
+            settings.gateway_vote_token_key.get_secret_value().encode(), settings.gateway_vote_token_ttl_s, clock
+        )
 
     def user_digest(self, user_id: str) -> str:
         """128 bits of HMAC-SHA256 of the user id: binds the token without showing the buffer's pseudonym."""
@@ -85,7 +87,7 @@ class VoteTokens:
             "c": [[clip_id, round(float(duration_s), 3)] for clip_id, duration_s in clips],
             "e": expires,
         }
-        return self._signer.sign(payload), datetime.fromtimestamp(expires, timezone.utc)
+        return self._signer.sign(payload), datetime.fromtimestamp(expires, UTC)
 
     def verify(self, token: str) -> VoteClaims:
         """The claims of a valid, unexpired token; VoteRefused (403) otherwise."""
@@ -101,8 +103,9 @@ class VoteTokens:
         except BadToken as err:
             raise VoteRefused("vote_token", f"invalid vote token: {err}") from None
         if self.clock() >= claims.expires_at:
-            raise VoteRefused("vote_token", "the vote token has expired: votes are taken for "
-                                            f"{self.ttl_s} s after the generation")
+            raise VoteRefused(
+                "vote_token", f"the vote token has expired: votes are taken for {self.ttl_s} s after the generation"
+            )
         return claims
 
 
@@ -164,7 +167,9 @@ class VotePolicy:
     def __init__(self, settings: GatewaySettings, clock=time.time, monotonic=time.monotonic):
         self.tokens = VoteTokens.from_settings(settings, clock)
         self.ledger = VoteLedger(settings.gateway_vote_ledger_size, clock)
-        self.per_user = KeyedBuckets(settings.gateway_votes_per_user_per_min, settings.gateway_vote_ledger_size, monotonic)
+        self.per_user = KeyedBuckets(
+            settings.gateway_votes_per_user_per_min, settings.gateway_vote_ledger_size, monotonic
+        )
         self.tolerance_s = settings.gateway_listen_tolerance_s
         self.votes_per_min = settings.gateway_votes_per_user_per_min
 
@@ -191,7 +196,9 @@ class VotePolicy:
                 )
         wait = self.per_user.take(user_pseudonym)
         if wait > 0:
-            raise RateLimited(f"this user is over the limit of {self.votes_per_min} votes per minute", retry_after(wait))
+            raise RateLimited(
+                f"this user is over the limit of {self.votes_per_min} votes per minute", retry_after(wait)
+            )
         return claims
 
     def claim(self, claims: VoteClaims, event_id: str) -> None:

@@ -289,10 +289,36 @@ function checkChips(cycle) {
   return h("span", {}, "–");
 }
 
+const CANARY_CLASS = { promoted: "pass", rolled_back: "fail", deploy_failed: "fail", inconclusive: "", running: "" };
+
+function canaryChip(canary) {
+  if (!canary) return h("span", {}, "–");
+  const bounds = canary.lower === null || canary.lower === undefined ? "" : ` [${pct(canary.lower)}, ${pct(canary.upper)}]`;
+  return h("span", { class: `chip ${CANARY_CLASS[canary.state] ?? ""}` }, `${canary.state.replaceAll("_", " ")} ${pct(canary.win_rate)}${bounds}`);
+}
+
+function renderCanaries(summary) {
+  const body = $("canaries").querySelector("tbody");
+  const canaries = summary.canaries || [];
+  if (canaries.length === 0) {
+    body.replaceChildren(h("tr", {}, h("td", { colspan: 7, class: "empty" },
+      "No canary yet (MUSICRL_FINETUNE_PROMOTION=canary or both serves a candidate to a share of pairs first).")));
+    return;
+  }
+  body.replaceChildren(...canaries.map((c) => {
+    const v = c.votes || {};
+    return h("tr", {}, h("td", {}, when(c.started_at)), h("td", {}, c.version), h("td", {}, c.baseline_version),
+      h("td", {}, h("span", { class: `chip ${CANARY_CLASS[c.state] ?? ""}` }, c.state.replaceAll("_", " "))),
+      h("td", {}, v.decided === undefined ? "–" : `${v.wins} / ${v.losses} / ${v.ties}`),
+      h("td", {}, c.win_rate === null || c.win_rate === undefined ? "–" : `${pct(c.win_rate)} [${pct(c.lower)}, ${pct(c.upper)}]`),
+      h("td", {}, c.decision_reason || ""));
+  }));
+}
+
 function renderCycles(summary) {
   const body = $("cycles").querySelector("tbody");
   if (summary.cycles.length === 0) {
-    body.replaceChildren(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No cycle has been recorded in the registry yet.")));
+    body.replaceChildren(h("tr", {}, h("td", { colspan: 9, class: "empty" }, "No cycle has been recorded in the registry yet.")));
     return;
   }
   body.replaceChildren(...summary.cycles.map((c) => {
@@ -304,14 +330,15 @@ function renderCycles(summary) {
       h("td", {}, c.parent_version || "–"),
       h("td", {}, c.reward === null ? "–" : `${fmt(c.baseline_reward)} → ${fmt(c.reward)}`),
       h("td", {}, fmt(c.kl, 2)),
-      h("td", {}, checkChips(c)));
+      h("td", {}, checkChips(c)),
+      h("td", {}, canaryChip(c.canary)));
     const notes = [];
     if (c.reason) notes.push(h("div", { class: "reason" }, c.reason));
     if (c.checkpoints && c.checkpoints.length) {
       notes.push(h("div", { class: "snapshots" }, "snapshots: ", c.checkpoints.map((p) =>
         h("span", { class: `chip ${p.passed ? "pass" : "fail"}`, title: p.reason || "" }, `step ${p.step}: ${fmt(p.reward)} / KL ${fmt(p.kl, 1)}`))));
     }
-    if (notes.length) row.lastChild.append(...notes);
+    if (notes.length) row.children[7].append(...notes);
     return row;
   }));
 }
@@ -381,6 +408,7 @@ function render(summary) {
   renderLatency(summary);
   renderGateCharts(summary);
   renderCycles(summary);
+  renderCanaries(summary);
   renderVersions(summary);
   renderRewardModels(summary);
   renderHeadToHead(summary);

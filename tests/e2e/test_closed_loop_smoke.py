@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from finetune_helpers import servable_generator
+
 from loadtests.closed_loop import ClosedLoopConfig, loop_services, run_closed_loop, write_reports
 from musicrl.models.generator import save_generator
 from musicrl.stack.processes import free_port
@@ -36,25 +36,44 @@ def loop_settings(stack, tmp_path, monkeypatch):
     save_generator(servable_generator(0), tmp_path / "checkpoints" / "generator")
     tag = uuid.uuid4().hex[:8]
     monkeypatch.setenv("MUSICRL_CONSUMER_GROUP_ID", f"loop-{tag}")
-    settings = stack.settings.model_copy(update={
-        "bucket_models": f"loop-models-{tag}", "bucket_buffer": f"loop-buffer-{tag}",
-        "topic_preferences": f"loop-prefs-{tag}", "topic_dead_letter": f"loop-prefs-{tag}.dlq",
-        "triton_model_name": f"loop_{tag}",
-        "stack_gateway_port": free_port(), "stack_reward_port": free_port(), "stack_consumer_metrics_port": free_port(),
-    })
+    settings = stack.settings.model_copy(
+        update={
+            "bucket_models": f"loop-models-{tag}",
+            "bucket_buffer": f"loop-buffer-{tag}",
+            "topic_preferences": f"loop-prefs-{tag}",
+            "topic_dead_letter": f"loop-prefs-{tag}.dlq",
+            "triton_model_name": f"loop_{tag}",
+            "stack_gateway_port": free_port(),
+            "stack_reward_port": free_port(),
+            "stack_consumer_metrics_port": free_port(),
+        }
+    )
     return settings, tmp_path / "checkpoints"
 
 
 def test_one_round_votes_train_swap_and_judge(loop_settings, tmp_path):
     settings, checkpoints = loop_settings
     config = ClosedLoopConfig(
-        rounds=1, pairs_per_round=16, clip_s=2.0, eval_prompts=6, eval_samples=2, reward_eval_prompts=3,
-        finetune={"finetune_steps": 3, "finetune_batch_size": 4, "finetune_duration_s": 2.0, "finetune_rm_min_pairs": 3,
-                  "finetune_eval_prompts": 4, "finetune_corpus_captions": 16, "finetune_optimizer": "adamw",
-                  "finetune_policy_lr": 1e-3, "finetune_gate_max_kl": 500.0,
-                  # a handful of votes cannot pass the reward model's held-out check, and then a cycle is skipped;
-                  # this test is about the plumbing of a whole round, so RL uses the committed preference model
-                  "finetune_train_reward_model": False},
+        rounds=1,
+        pairs_per_round=16,
+        clip_s=2.0,
+        eval_prompts=6,
+        eval_samples=2,
+        reward_eval_prompts=3,
+        finetune={
+            "finetune_steps": 3,
+            "finetune_batch_size": 4,
+            "finetune_duration_s": 2.0,
+            "finetune_rm_min_pairs": 3,
+            "finetune_eval_prompts": 4,
+            "finetune_corpus_captions": 16,
+            "finetune_optimizer": "adamw",
+            "finetune_policy_lr": 1e-3,
+            "finetune_gate_max_kl": 500.0,
+            # a handful of votes cannot pass the reward model's held-out check, and then a cycle is skipped;
+            # this test is about the plumbing of a whole round, so RL uses the committed preference model
+            "finetune_train_reward_model": False,
+        },
     )
     with loop_services(settings, checkpoints) as info:
         results = run_closed_loop(info, config, tmp_path / "work", progress=lambda message: None)
@@ -63,8 +82,13 @@ def test_one_round_votes_train_swap_and_judge(loop_settings, tmp_path):
     assert results["population"] == "default" and results["seed"] == 0
     settings = results["finetune_settings"]  # the effective settings, not only the overrides
     assert settings["finetune_steps"] == 3 and settings["finetune_duration_s"] == 2.0 and "finetune_stage" in settings
-    assert set(results["algorithm_overrides"]) == {"finetune_batch_size", "finetune_optimizer", "finetune_policy_lr",
-                                                   "finetune_gate_max_kl", "finetune_train_reward_model"}
+    assert set(results["algorithm_overrides"]) == {
+        "finetune_batch_size",
+        "finetune_optimizer",
+        "finetune_policy_lr",
+        "finetune_gate_max_kl",
+        "finetune_train_reward_model",
+    }
     base, round_1 = results["rounds"]
     assert base["policy_version"] == "1" and base["base_vs_base"]["wins"] + base["base_vs_base"]["losses"] > 0
     assert round_1["listener_failures"] == 0 and sum(round_1["votes"].values()) == 16

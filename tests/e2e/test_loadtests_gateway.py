@@ -12,6 +12,7 @@ import uuid
 import pytest
 import torch
 from kafka import KafkaConsumer
+from servers import serve_in_thread
 
 from loadtests.locust_runner import LocustRun, run_locust
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
@@ -19,7 +20,6 @@ from musicrl.schemas.preference import PreferenceEvent
 from serving.app import create_app
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.settings import GatewaySettings
-from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from servers import serve_in_thread
 
 from musicrl.audio import codec, formats
 from musicrl.corpus.dataset import make_corpus
@@ -31,7 +32,6 @@ from musicrl.schemas.generation import CLIP_GENERATION_ID_METADATA, GenerationRe
 from musicrl.storage import ObjectStore
 from reward_service.app import create_app
 from reward_service.settings import RewardSettings
-from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -101,21 +101,39 @@ def stored_clip(object_store: ObjectStore) -> dict:
     wav = formats.encode_audio(record.render(), codec.SAMPLE_RATE, "wav")
     cfg = object_store.config
     object_store.put_bytes(
-        cfg.bucket_clips, clip_audio_key(clip_id), wav, "audio/wav", metadata={CLIP_GENERATION_ID_METADATA: generation_id}
+        cfg.bucket_clips,
+        clip_audio_key(clip_id),
+        wav,
+        "audio/wav",
+        metadata={CLIP_GENERATION_ID_METADATA: generation_id},
     )
     generation = GenerationRecord(
         generation_id=generation_id,
         prompt=record.caption,
         params={"duration_s": 24.0, "temperature": 0.99},
-        clips=[{
-            "clip_id": clip_id, "index": 0, "seed": 1, "policy_version": "1", "tokens": record.tokens.tolist(),
-            "logprobs": [-1.0] * len(record.tokens), "duration_s": 24.0, "sample_rate": codec.SAMPLE_RATE,
-            "audio_key": f"clips/{clip_id}.wav",
-        }],
+        clips=[
+            {
+                "clip_id": clip_id,
+                "index": 0,
+                "seed": 1,
+                "policy_version": "1",
+                "tokens": record.tokens.tolist(),
+                "logprobs": [-1.0] * len(record.tokens),
+                "duration_s": 24.0,
+                "sample_rate": codec.SAMPLE_RATE,
+                "audio_key": f"clips/{clip_id}.wav",
+            }
+        ],
     )
     object_store.put_json(cfg.bucket_generations, f"generations/{generation_id}.json", generation.to_json())
-    return {"clip_id": clip_id, "generation_id": generation_id, "prompt": record.caption,
-            "tokens": record.tokens.tolist(), "wav": wav, "wave": record.render()}
+    return {
+        "clip_id": clip_id,
+        "generation_id": generation_id,
+        "prompt": record.caption,
+        "tokens": record.tokens.tolist(),
+        "wav": wav,
+        "wave": record.render(),
+    }
 
 
 def _score(http: httpx.Client, items: list[dict], **extra) -> dict:
@@ -127,12 +145,15 @@ def _score(http: httpx.Client, items: list[dict], **extra) -> dict:
 def test_clip_id_inline_audio_and_tokens_score_the_same_clip_alike(http, stored_clip):
     prompt = stored_clip["prompt"]
     flac = formats.encode_audio(stored_clip["wave"], codec.SAMPLE_RATE, "flac")
-    out = _score(http, [
-        {"prompt": prompt, "clip_id": stored_clip["clip_id"]},
-        {"prompt": prompt, "audio_b64": base64.b64encode(stored_clip["wav"]).decode()},
-        {"prompt": prompt, "audio_b64": base64.b64encode(flac).decode()},
-        {"prompt": prompt, "tokens": stored_clip["tokens"]},
-    ])
+    out = _score(
+        http,
+        [
+            {"prompt": prompt, "clip_id": stored_clip["clip_id"]},
+            {"prompt": prompt, "audio_b64": base64.b64encode(stored_clip["wav"]).decode()},
+            {"prompt": prompt, "audio_b64": base64.b64encode(flac).decode()},
+            {"prompt": prompt, "tokens": stored_clip["tokens"]},
+        ],
+    )
     assert set(out["model_versions"]) == {"text_adherence", "quality", "preference"}
     by_id, wav, flac_, tokens = out["scores"]
     for name in ("text_adherence", "quality_mos"):
@@ -148,8 +169,10 @@ def test_clip_id_inline_audio_and_tokens_score_the_same_clip_alike(http, stored_
 
 
 def test_same_input_and_versions_give_the_same_scores(http, stored_clip):
-    items = [{"prompt": stored_clip["prompt"], "clip_id": stored_clip["clip_id"]},
-             {"prompt": "a different prompt", "tokens": stored_clip["tokens"][:80]}]
+    items = [
+        {"prompt": stored_clip["prompt"], "clip_id": stored_clip["clip_id"]},
+        {"prompt": "a different prompt", "tokens": stored_clip["tokens"][:80]},
+    ]
     first, second = _score(http, items), _score(http, items)
     assert first["model_versions"] == second["model_versions"]  # nothing is published before the reload tests
     assert first["scores"] == second["scores"]

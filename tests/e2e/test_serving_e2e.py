@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,8 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
+from ops_helpers import seed_ops_history
+from servers import serve_in_thread
 from tritonclient.utils import InferenceServerException
 
 from musicrl.audio import codec
@@ -29,14 +31,12 @@ from musicrl.audio.formats import decode_audio
 from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 from musicrl.schemas.generation import GenerationRecord, generation_key
 from musicrl.stack.processes import free_port
+from musicrl.text import load_text_encoder
 from serving.app import create_app
 from serving.client import api_key_headers
-from musicrl.text import load_text_encoder
 from serving.model_repository import BatchingConfig, install_version, load
 from serving.services.generations import candidate_seeds
 from serving.settings import GatewaySettings
-from ops_helpers import seed_ops_history
-from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -259,7 +259,9 @@ def test_listening_page_in_chromium(gateway_url, gateway_settings, tmp_path):
             page.wait_for_function("document.querySelector('#audio-a').currentTime > 0.2")
             assert "Pause" in page.text_content("#play-a")
             page.click("#play-b")  # one clip at a time: B starts, A pauses
-            page.wait_for_function("document.querySelector('#audio-a').paused && !document.querySelector('#audio-b').paused")
+            page.wait_for_function(
+                "document.querySelector('#audio-a').paused && !document.querySelector('#audio-b').paused"
+            )
             page.wait_for_function("document.querySelector('#audio-b').currentTime > 0.2")
 
             with page.expect_request(lambda r: r.url.endswith("/v1/feedback")) as voted:
@@ -308,10 +310,12 @@ def test_dashboard_in_chromium(stack, gateway_settings, object_store, tmp_path):
                 object_store.delete(bucket, key)
         else:
             object_store.client.make_bucket(bucket)
-    seed_ops_history(object_store, buckets["bucket_models"], buckets["bucket_buffer"], datetime.now(timezone.utc))
+    seed_ops_history(object_store, buckets["bucket_models"], buckets["bucket_buffer"], datetime.now(UTC))
 
-    with serve_in_thread(create_app(gateway_settings.model_copy(update=buckets))) as url, \
-            playwright_api.sync_playwright() as pw:
+    with (
+        serve_in_thread(create_app(gateway_settings.model_copy(update=buckets))) as url,
+        playwright_api.sync_playwright() as pw,
+    ):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -333,6 +337,10 @@ def test_dashboard_in_chromium(stack, gateway_settings, object_store, tmp_path):
             refused_cycle = page.locator("#cycles tbody tr.outcome-rejected")
             assert refused_cycle.count() == 1 and "✗ reward_improved" in refused_cycle.inner_text()
             assert page.locator("#versions tbody tr").count() == 3
+            assert page.locator("#canaries tbody tr").count() == 1 and "promoted" in page.inner_text(
+                "#canaries tbody tr"
+            )
+            assert "promoted 66.7 %" in page.locator("#cycles tbody tr").first.inner_text()  # the newest cycle, r3
             assert page.locator("#versions tbody tr.current td").first.inner_text() == "3"
             assert page.locator("#reward-models tbody tr").count() == 3  # two versions and a refusal
             assert page.locator("#head-to-head tbody tr").count() == 2

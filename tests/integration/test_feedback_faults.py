@@ -53,8 +53,11 @@ class ConsumerProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "musicrl.cli", "consumer", "run"], env=self.env, cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "musicrl.cli", "consumer", "run"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
 
@@ -106,8 +109,12 @@ def consumer_env(stack_env: dict[str, str], settings: ConsumerSettings) -> dict[
 
 def committed_everything(settings: ConsumerSettings, ends: dict[int, int]) -> bool:
     """The group's committed offsets reach the end of every partition (read without joining the group)."""
-    probe = KafkaConsumer(**settings.kafka_client_options(), group_id=settings.consumer_group_id,
-                          enable_auto_commit=False, request_timeout_ms=5000)
+    probe = KafkaConsumer(
+        **settings.kafka_client_options(),
+        group_id=settings.consumer_group_id,
+        enable_auto_commit=False,
+        request_timeout_ms=5000,
+    )
     try:
         committed = {p: probe.committed(TopicPartition(settings.topic_preferences, p)) for p in ends}
     except KafkaError:  # the broker is restarting
@@ -120,8 +127,13 @@ def committed_everything(settings: ConsumerSettings, ends: dict[int, int]) -> bo
 def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed, consumer_overrides=None):
     """Produce the workload, run the consumer through ``disrupt``, check buffer and dead letters exactly."""
     tag = uuid.uuid4().hex[:8]
-    settings = ConsumerSettings(**store_config, topic_preferences=f"prefs-{tag}", topic_dead_letter=f"prefs-{tag}.dlq",
-                                bucket_buffer=f"buffer-{tag}", consumer_group_id=f"consumer-{tag}")
+    settings = ConsumerSettings(
+        **store_config,
+        topic_preferences=f"prefs-{tag}",
+        topic_dead_letter=f"prefs-{tag}.dlq",
+        bucket_buffer=f"buffer-{tag}",
+        consumer_group_id=f"consumer-{tag}",
+    )
     store = ObjectStore(settings)
     store.ensure_buckets()
     rng = random.Random(seed)
@@ -154,11 +166,15 @@ def run_scenario(name, stack_env, store_config, disrupt, tmp_path, seed, consume
     dead_payloads = sorted(json.loads(r.value)["payload"].encode() for r in dead)
     counts = {
         **workload.counts(),
-        "buffer_rows": len(raw_ids), "buffer_unique_ids": len(set(raw_ids)),
-        "dead_letter_records": len(dead), "consumer_starts": consumer.events["consumer_started"],
-        "chunks_made_durable": consumer.events["chunk_durable"], "elapsed_s": round(elapsed, 1),
+        "buffer_rows": len(raw_ids),
+        "buffer_unique_ids": len(set(raw_ids)),
+        "dead_letter_records": len(dead),
+        "consumer_starts": consumer.events["consumer_started"],
+        "chunks_made_durable": consumer.events["chunk_durable"],
+        "elapsed_s": round(elapsed, 1),
         "buffer_exact": len(raw_ids) == len(set(raw_ids)) and set(raw_ids) == workload.expected_buffer_ids,
-        "dead_letters_exact": len(set(dead_sources)) == len(dead) and dead_payloads == sorted(workload.malformed_payloads),
+        "dead_letters_exact": len(set(dead_sources)) == len(dead)
+        and dead_payloads == sorted(workload.malformed_payloads),
         **notes,
     }
     update_results(ROOT / "results" / "feedback.json", ["fault_tests", name], counts)
@@ -209,6 +225,7 @@ def restart(local: Stack, name: str, down_s: float) -> None:
 def test_broker_restart_mid_stream(tmp_path):
     local = private_stack(tmp_path, kafka_storage="s3")  # topics and offsets must survive the restart
     try:
+
         def restart_broker(consumer: ConsumerProcess, rng: random.Random) -> dict:
             consumer.start()
             consumer.wait_for("chunk_durable", rng.randint(2, 6))
@@ -217,11 +234,23 @@ def test_broker_restart_mid_stream(tmp_path):
 
         # Small chunks and fetches keep the consumer busy for longer than the broker's stop and
         # start: with the defaults an idle machine's consumer finished the stream during the stop.
-        slower = {"MUSICRL_CONSUMER_SEGMENT_MAX_EVENTS": "50", "MUSICRL_CONSUMER_MAX_POLL_RECORDS": "150",
-                  "MUSICRL_CONSUMER_MAX_PARTITION_FETCH_BYTES": "32768"}
-        counts = run_scenario("broker_restart", local.info.env(), store_fields(local.info.env()), restart_broker, tmp_path,
-                              seed=2, consumer_overrides=slower)
-        assert counts["broker_restarted_after_chunks"] < counts["chunks_made_durable"], "the restart came after the stream"
+        slower = {
+            "MUSICRL_CONSUMER_SEGMENT_MAX_EVENTS": "50",
+            "MUSICRL_CONSUMER_MAX_POLL_RECORDS": "150",
+            "MUSICRL_CONSUMER_MAX_PARTITION_FETCH_BYTES": "32768",
+        }
+        counts = run_scenario(
+            "broker_restart",
+            local.info.env(),
+            store_fields(local.info.env()),
+            restart_broker,
+            tmp_path,
+            seed=2,
+            consumer_overrides=slower,
+        )
+        assert counts["broker_restarted_after_chunks"] < counts["chunks_made_durable"], (
+            "the restart came after the stream"
+        )
     finally:
         local.down()
 
@@ -229,6 +258,7 @@ def test_broker_restart_mid_stream(tmp_path):
 def test_object_store_unreachable_for_ten_seconds(tmp_path):
     local = private_stack(tmp_path, kafka_storage="memory")  # the broker must not depend on the store here
     try:
+
         def store_outage(consumer: ConsumerProcess, rng: random.Random) -> dict:
             consumer.start()
             consumer.wait_for("chunk_durable", rng.randint(2, 6))
@@ -236,7 +266,9 @@ def test_object_store_unreachable_for_ten_seconds(tmp_path):
             restart(local, "seaweedfs", down_s=10.0)
             return {"store_down_s": 10.0, "retries_logged": consumer.events["retrying"] - before}
 
-        counts = run_scenario("object_store_outage", local.info.env(), store_fields(local.info.env()), store_outage, tmp_path, seed=3)
+        counts = run_scenario(
+            "object_store_outage", local.info.env(), store_fields(local.info.env()), store_outage, tmp_path, seed=3
+        )
         assert counts["retries_logged"] > 0, "the outage was not noticed: it did not test anything"
     finally:
         local.down()

@@ -34,24 +34,42 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def topics(stack):
     tag = uuid.uuid4().hex[:8]
-    return {"topic_preferences": f"feedback-{tag}", "topic_dead_letter": f"feedback-{tag}.dlq", "bucket_buffer": f"buffer-{tag}"}
+    return {
+        "topic_preferences": f"feedback-{tag}",
+        "topic_dead_letter": f"feedback-{tag}.dlq",
+        "bucket_buffer": f"buffer-{tag}",
+    }
 
 
 def gateway_client(stack, topics, **overrides) -> TestClient:
     settings = stack.settings_for(
-        GatewaySettings, gateway_text_encoder="hashing", gateway_kafka_timeout_s=3, gateway_retry_after_s=2,
-        topic_preferences=topics["topic_preferences"], topic_dead_letter=topics["topic_dead_letter"], **overrides,
+        GatewaySettings,
+        gateway_text_encoder="hashing",
+        gateway_kafka_timeout_s=3,
+        gateway_retry_after_s=2,
+        topic_preferences=topics["topic_preferences"],
+        topic_dead_letter=topics["topic_dead_letter"],
+        **overrides,
     )
     return TestClient(create_app(settings), headers=api_key_headers(stack.api_key))
 
 
 def vote(record, **overrides) -> dict:
-    body = {"event_id": uuid.uuid4().hex, "generation_id": record.generation_id, "clip_a_id": record.clips[0].clip_id,
-            "clip_b_id": record.clips[1].clip_id, "choice": "b", "listen_a_s": 10.0, "listen_b_s": 8.0, "user_id": "carol"}
+    body = {
+        "event_id": uuid.uuid4().hex,
+        "generation_id": record.generation_id,
+        "clip_a_id": record.clips[0].clip_id,
+        "clip_b_id": record.clips[1].clip_id,
+        "choice": "b",
+        "listen_a_s": 10.0,
+        "listen_b_s": 8.0,
+        "user_id": "carol",
+    }
     body.update(overrides)
     clips = [(clip.clip_id, clip.duration_s) for clip in record.clips]
     body["vote_token"] = VoteTokens.from_settings(GatewaySettings()).issue(
-        record.generation_id, clips, STACK_KEY_NAME, body["user_id"])[0]
+        record.generation_id, clips, STACK_KEY_NAME, body["user_id"]
+    )[0]
     return body
 
 
@@ -59,8 +77,13 @@ def test_vote_is_acknowledged_by_the_broker_and_lands_in_the_buffer(stack, objec
     records = make_records(2, random.Random(5), policy_versions=("4",))
     store_records(object_store, records)
     consumer_settings = stack.settings_for(
-        ConsumerSettings, **topics, consumer_group_id=f"group-{topics['bucket_buffer']}", consumer_session_timeout_ms=3000,
-        consumer_heartbeat_interval_ms=1000, consumer_segment_max_age_s=0.2, consumer_metrics_port=-1,
+        ConsumerSettings,
+        **topics,
+        consumer_group_id=f"group-{topics['bucket_buffer']}",
+        consumer_session_timeout_ms=3000,
+        consumer_heartbeat_interval_ms=1000,
+        consumer_segment_max_age_s=0.2,
+        consumer_metrics_port=-1,
     )
     ensure_topics(consumer_settings)
     with gateway_client(stack, topics) as client:

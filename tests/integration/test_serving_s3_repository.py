@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-
 from finetune_helpers import servable_generator
+
 from finetune_worker.deploy import Deployer
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
 from musicrl.registry import Registry
@@ -47,12 +47,14 @@ def s3_repo(object_store) -> str:
 
 def _private_triton(stack, s3_repo, tmp_path, extra_args: tuple[str, ...] = ()):
     """A tritonserver of its own on free ports, model repository in the object store."""
-    settings = stack.settings.model_copy(update={
-        "stack_data_dir": tmp_path / "triton-s3",
-        "stack_triton_http_port": free_port(stack.host),
-        "stack_triton_grpc_port": free_port(stack.host),
-        "stack_triton_metrics_port": free_port(stack.host),
-    })
+    settings = stack.settings.model_copy(
+        update={
+            "stack_data_dir": tmp_path / "triton-s3",
+            "stack_triton_http_port": free_port(stack.host),
+            "stack_triton_grpc_port": free_port(stack.host),
+            "stack_triton_metrics_port": free_port(stack.host),
+        }
+    )
     repository = s3_repository(s3_repo).triton_url(stack.s3_endpoint)
     assert repository.startswith("s3://http://")
     spec = triton_process(settings, repository=repository, extra_args=extra_args)
@@ -76,8 +78,9 @@ ADMIN_KEY = "test-admin-key"
 def s3_triton_restricted(stack, s3_repo, tmp_path):
     """As the Kubernetes manifests run Triton: model control (HTTP and gRPC) only with the admin key."""
     restricted = f"model-repository,model-config:triton-admin-key={ADMIN_KEY}"
-    yield from _private_triton(stack, s3_repo, tmp_path, (f"--http-restricted-api={restricted}",
-                                                          f"--grpc-restricted-protocol={restricted}"))
+    yield from _private_triton(
+        stack, s3_repo, tmp_path, (f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}")
+    )
 
 
 def _checkpoint(directory, seed: int) -> str:
@@ -109,13 +112,22 @@ def _infer(url: str) -> tuple[np.ndarray, str]:
 
 def test_triton_serves_and_swaps_versions_from_the_object_store(s3_triton, s3_repo, object_store, tmp_path):
     bucket = s3_repository(s3_repo).bucket
-    installed = install_version(s3_repo, 1, _checkpoint(tmp_path / "v1", 1), MODEL,
-                                BatchingConfig(max_batch_size=4, preferred_batch_sizes=[4], instance_count=1),
-                                store=object_store)
+    installed = install_version(
+        s3_repo,
+        1,
+        _checkpoint(tmp_path / "v1", 1),
+        MODEL,
+        BatchingConfig(max_batch_size=4, preferred_batch_sizes=[4], instance_count=1),
+        store=object_store,
+    )
     assert installed == f"{s3_repo}/{MODEL}/1"
     keys = set(object_store.list_keys(bucket, "models/"))
-    assert {f"models/{MODEL}/config.pbtxt", f"models/{MODEL}/1/model.py", f"models/{MODEL}/1/weights.pt",
-            f"models/{MODEL}/1/config.json"} <= keys
+    assert {
+        f"models/{MODEL}/config.pbtxt",
+        f"models/{MODEL}/1/model.py",
+        f"models/{MODEL}/1/weights.pt",
+        f"models/{MODEL}/1/config.json",
+    } <= keys
     assert installed_versions(s3_repo, MODEL, store=object_store) == [1]
 
     load(s3_triton, MODEL, timeout_s=60)
@@ -140,11 +152,21 @@ def test_deployer_deploys_and_rolls_back_in_an_object_store_repository(s3_triton
     object_store.client.make_bucket(registry_bucket)
     registry = Registry(object_store, bucket=registry_bucket)
     deployer = Deployer(registry, s3_repo, s3_triton, tmp_path / "work", model_name=MODEL, timeout_s=60)
-    first, second = (registry.publish("generator", save_generator(servable_generator(seed), tmp_path / f"gen-{seed}"),
-                                      metrics={}, lineage={"seed": seed}) for seed in (0, 1))
+    first, second = (
+        registry.publish(
+            "generator",
+            save_generator(servable_generator(seed), tmp_path / f"gen-{seed}"),
+            metrics={},
+            lineage={"seed": seed},
+        )
+        for seed in (0, 1)
+    )
     deployer.deploy(first)
     deployer.deploy(second)
-    assert _infer(s3_triton)[1] == second and installed_versions(s3_repo, MODEL, store=object_store) == [int(first), int(second)]
+    assert _infer(s3_triton)[1] == second and installed_versions(s3_repo, MODEL, store=object_store) == [
+        int(first),
+        int(second),
+    ]
     result = deployer.rollback(first)
     assert result["retired"] and _infer(s3_triton)[1] == first and registry.current("generator") == first
     # The newer version left the object store (kept under the work dir), so `latest 1` serves the rollback.
@@ -154,7 +176,9 @@ def test_deployer_deploys_and_rolls_back_in_an_object_store_repository(s3_triton
     object_store.client.remove_bucket(registry_bucket)
 
 
-def test_model_control_needs_the_admin_key_and_versions_land_whole(s3_triton_restricted, s3_repo, object_store, tmp_path):
+def test_model_control_needs_the_admin_key_and_versions_land_whole(
+    s3_triton_restricted, s3_repo, object_store, tmp_path
+):
     """Triton as the manifests run it: load without `triton-admin-key` is refused (the old version keeps serving),
     with it the deploy goes through; every version in the prefix carries its completion marker."""
     from finetune_worker.deploy import DeployError
@@ -163,9 +187,13 @@ def test_model_control_needs_the_admin_key_and_versions_land_whole(s3_triton_res
     registry_bucket = f"test-deploy-{uuid.uuid4().hex[:10]}"
     object_store.client.make_bucket(registry_bucket)
     registry = Registry(object_store, bucket=registry_bucket)
-    first, second = (registry.publish("generator", save_generator(servable_generator(seed), tmp_path / f"gen-{seed}"))
-                     for seed in (0, 1))
-    admin = Deployer(registry, s3_repo, s3_triton_restricted, tmp_path / "work", model_name=MODEL, timeout_s=60, admin_key=ADMIN_KEY)
+    first, second = (
+        registry.publish("generator", save_generator(servable_generator(seed), tmp_path / f"gen-{seed}"))
+        for seed in (0, 1)
+    )
+    admin = Deployer(
+        registry, s3_repo, s3_triton_restricted, tmp_path / "work", model_name=MODEL, timeout_s=60, admin_key=ADMIN_KEY
+    )
     admin.deploy(first)
     assert _infer(s3_triton_restricted)[1] == first
     stranger = Deployer(registry, s3_repo, s3_triton_restricted, tmp_path / "work", model_name=MODEL, timeout_s=20)

@@ -1,4 +1,5 @@
-"""The object store of the test stack is a real S3 server (SeaweedFS), driven through ``musicrl.storage.ObjectStore``."""
+"""The object store of the test stack is a real S3 server (SeaweedFS), driven through
+``musicrl.storage.ObjectStore``."""
 
 import uuid
 
@@ -45,8 +46,12 @@ def test_one_not_found_rule_for_every_read(object_store, where):
     """A missing key or bucket: ObjectNotFound from every read, False from exists, None from etag."""
     bucket = object_store.config.bucket_clips if where == "key" else f"missing-{uuid.uuid4().hex[:12]}"
     key = f"missing/{uuid.uuid4().hex}"
-    for read in (object_store.get_bytes, object_store.get_bytes_and_metadata, object_store.stat,
-                 lambda b, k: list(object_store.iter_bytes(b, k))):
+    for read in (
+        object_store.get_bytes,
+        object_store.get_bytes_and_metadata,
+        object_store.stat,
+        lambda b, k: list(object_store.iter_bytes(b, k)),
+    ):
         with pytest.raises(ObjectNotFound):
             read(bucket, key)
     assert object_store.exists(bucket, key) is False
@@ -62,7 +67,10 @@ def test_user_metadata_round_trips_without_the_header_prefix(object_store):
     info = object_store.stat(bucket, key)
     assert info.metadata == {CLIP_GENERATION_ID_METADATA: generation_id}
     assert (info.size, info.content_type, info.etag) == (8, "audio/wav", object_store.etag(bucket, key))
-    assert object_store.get_bytes_and_metadata(bucket, key) == (b"RIFF....", {CLIP_GENERATION_ID_METADATA: generation_id})
+    assert object_store.get_bytes_and_metadata(bucket, key) == (
+        b"RIFF....",
+        {CLIP_GENERATION_ID_METADATA: generation_id},
+    )
     plain = f"stack-test/{uuid.uuid4().hex}.bin"
     object_store.put_bytes(bucket, plain, b"x")
     assert object_store.stat(bucket, plain).metadata == {}

@@ -20,9 +20,15 @@ def wav_header(sample_rate: int, channels: int, seconds: float = 10.0, data: byt
     size = int(sample_rate * seconds) * block
     fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * block, block, 16)
     return (
-        b"RIFF" + struct.pack("<I", 36 + size) + b"WAVE"
-        + b"fmt " + struct.pack("<I", 16) + fmt
-        + b"data" + struct.pack("<I", size) + data
+        b"RIFF"
+        + struct.pack("<I", 36 + size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + b"data"
+        + struct.pack("<I", size)
+        + data
     )
 
 

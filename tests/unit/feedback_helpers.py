@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from urllib3.exceptions import MaxRetryError
 
@@ -13,7 +13,7 @@ from musicrl.schemas.generation import GenerationRecord, generation_key
 from musicrl.schemas.preference import PreferenceEvent
 from musicrl.storage import ObjectInfo, ObjectNotFound, ObjectStore, PreconditionFailed
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class InMemoryStore(ObjectStore):
@@ -69,7 +69,9 @@ class InMemoryStore(ObjectStore):
     def stat(self, bucket, key):
         data = self.get_bytes(bucket, key)
         return ObjectInfo(
-            size=len(data), etag=hashlib.md5(data).hexdigest(), content_type=self.content_types.get((bucket, key)),
+            size=len(data),
+            etag=hashlib.md5(data).hexdigest(),
+            content_type=self.content_types.get((bucket, key)),
             metadata=dict(self.metadata.get((bucket, key), {})),
         )
 
@@ -100,17 +102,30 @@ def hex_id() -> str:
     return uuid.uuid4().hex
 
 
-def make_record(policy_versions=("1", "1"), duration_s: float = 10.0, n_tokens: int = 8, prompt: str = "calm piano") -> GenerationRecord:
+def make_record(
+    policy_versions=("1", "1"), duration_s: float = 10.0, n_tokens: int = 8, prompt: str = "calm piano"
+) -> GenerationRecord:
     clips = [
         {
-            "clip_id": hex_id(), "index": i, "seed": 100 + i, "policy_version": v,
-            "tokens": list(range(i, i + n_tokens)), "logprobs": [-0.5 - i] * n_tokens,
-            "duration_s": duration_s, "sample_rate": 16000, "audio_key": "clips/x.wav",
+            "clip_id": hex_id(),
+            "index": i,
+            "seed": 100 + i,
+            "policy_version": v,
+            "tokens": list(range(i, i + n_tokens)),
+            "logprobs": [-0.5 - i] * n_tokens,
+            "duration_s": duration_s,
+            "sample_rate": 16000,
+            "audio_key": "clips/x.wav",
         }
         for i, v in enumerate(policy_versions)
     ]
     return GenerationRecord.model_validate(
-        {"generation_id": hex_id(), "prompt": prompt, "params": {"duration_s": duration_s, "temperature": 0.99}, "clips": clips}
+        {
+            "generation_id": hex_id(),
+            "prompt": prompt,
+            "params": {"duration_s": duration_s, "temperature": 0.99},
+            "clips": clips,
+        }
     )
 
 
@@ -118,13 +133,25 @@ def store_record(store: ObjectStore, record: GenerationRecord) -> None:
     store.put_json(store.config.bucket_generations, generation_key(record.generation_id), record.to_json())
 
 
-def make_event(record: GenerationRecord, choice: str = "a", listen=(10.0, 10.0), event_id: str | None = None,
-               received_at: datetime = T0, **overrides) -> PreferenceEvent:
+def make_event(
+    record: GenerationRecord,
+    choice: str = "a",
+    listen=(10.0, 10.0),
+    event_id: str | None = None,
+    received_at: datetime = T0,
+    **overrides,
+) -> PreferenceEvent:
     fields = dict(
-        event_id=event_id or hex_id(), generation_id=record.generation_id,
-        clip_a_id=record.clips[0].clip_id, clip_b_id=record.clips[1].clip_id, choice=choice,
-        listen_a_s=listen[0], listen_b_s=listen[1], user_pseudonym="ab" * 32,
-        client_ts=received_at - timedelta(seconds=1), received_at=received_at,
+        event_id=event_id or hex_id(),
+        generation_id=record.generation_id,
+        clip_a_id=record.clips[0].clip_id,
+        clip_b_id=record.clips[1].clip_id,
+        choice=choice,
+        listen_a_s=listen[0],
+        listen_b_s=listen[1],
+        user_pseudonym="ab" * 32,
+        client_ts=received_at - timedelta(seconds=1),
+        received_at=received_at,
     )
     fields.update(overrides)
     return PreferenceEvent(**fields)

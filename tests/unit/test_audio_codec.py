@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
+from audio_headers import flac_header, wav_header
 
 from musicrl.audio import codec
+from musicrl.audio.features import HOP, N_MELS, log_mel
 from musicrl.audio.formats import (
     AudioFormatError,
     AudioLimits,
@@ -12,9 +14,6 @@ from musicrl.audio.formats import (
     encode_audio,
     read_header,
 )
-from musicrl.audio.features import HOP, N_MELS, log_mel
-
-from audio_headers import flac_header, wav_header
 
 pytestmark = pytest.mark.unit
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from musicrl.audio import codec
-from musicrl.audio.features import log_mel
 from musicrl.audio.degrade import DEGRADATIONS, mos_of, render_degraded
+from musicrl.audio.features import log_mel
 from musicrl.corpus import make_corpus
 
 pytestmark = pytest.mark.unit

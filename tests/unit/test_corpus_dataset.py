@@ -5,9 +5,8 @@ import pytest
 
 from musicrl.audio import codec
 from musicrl.corpus import SPLITS, make_corpus, make_record, sample_attributes, split_of
-from musicrl.corpus.attributes import Attributes
+from musicrl.corpus.attributes import PITCH_CLASSES, Attributes
 from musicrl.corpus.composer import REGISTER_RANGES, SCALES, compose
-from musicrl.corpus.attributes import PITCH_CLASSES
 
 pytestmark = pytest.mark.unit
 
@@ -48,8 +47,17 @@ def test_unknown_split_and_negative_size_are_rejected():
 
 
 def _attrs(**overrides) -> Attributes:
-    base = dict(genre="classical", mood="calm", bpm=100, instruments=("piano",), tonic="A", mode="minor",
-                register="middle", dynamics="loud", texture="legato")
+    base = dict(
+        genre="classical",
+        mood="calm",
+        bpm=100,
+        instruments=("piano",),
+        tonic="A",
+        mode="minor",
+        register="middle",
+        dynamics="loud",
+        texture="legato",
+    )
     return Attributes(**(base | overrides))
 
 
@@ -101,12 +109,13 @@ def test_captions_vary_for_one_attribute_set():
 @pytest.mark.parametrize("duration_s", [10.0, 30.0])
 def test_counterfactual_captions_change_one_attribute_and_keep_the_phrasing(duration_s):
     from musicrl.corpus import COUNTERFACTUAL_ATTRIBUTES, counterfactual_captions
-    from musicrl.corpus.captions import TEMPO_WORDS
 
     for index in range(40):
         record = make_record(index, seed=2, split="train", duration_s=duration_s, n_captions=2)
         changed, variants = counterfactual_captions(index, seed=2, split="train", duration_s=duration_s, n_captions=2)
-        assert changed["mode"].mode != record.attributes["mode"] and changed["tempo"].tempo != record.attributes["tempo"]
+        assert (
+            changed["mode"].mode != record.attributes["mode"] and changed["tempo"].tempo != record.attributes["tempo"]
+        )
         assert len(variants) == 2 and all(set(v) == set(COUNTERFACTUAL_ATTRIBUTES) for v in variants)
         mode, other_mode = record.attributes["mode"], "minor" if record.attributes["mode"] == "major" else "major"
         for original, changed in zip([record.caption, *record.extra_captions], variants, strict=True):

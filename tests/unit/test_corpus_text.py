@@ -27,7 +27,9 @@ def test_unknown_encoder_and_bad_input_are_rejected():
 
 def test_minilm_encoder_loads_offline_and_ranks_paraphrases_closer():
     encoder = load_text_encoder("minilm")
-    vectors = encoder.embed(["a slow, sad piano melody", "a sorrowful unhurried piano tune", "a fast electronic synth track"])
+    vectors = encoder.embed(
+        ["a slow, sad piano melody", "a sorrowful unhurried piano tune", "a fast electronic synth track"]
+    )
     assert vectors.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]

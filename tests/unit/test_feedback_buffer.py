@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from feedback_helpers import T0, InMemoryStore, make_event, make_record
 
 from feedback_consumer.processing import Message, process_chunk
 from musicrl.buffer import (
@@ -16,8 +17,6 @@ from musicrl.buffer import (
     segment_key,
     split_of,
 )
-
-from feedback_helpers import T0, InMemoryStore, make_event, make_record
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +70,10 @@ def filled_store():
         offset += len(pairs)
     # A zombie consumer wrote events 2..3 of policy 10 again under another range.
     record = make_record(policy_versions=("10", "10"))
-    again = rows_for([(record, make_event(record, event_id=events_by_policy["10"][2], received_at=T0 + timedelta(hours=2)))], first_offset=100)
+    again = rows_for(
+        [(record, make_event(record, event_id=events_by_policy["10"][2], received_at=T0 + timedelta(hours=2)))],
+        first_offset=100,
+    )
     write(store, again)
     return store, events_by_policy
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from feedback_helpers import InMemoryStore
 from kafka import TopicPartition
 
 from feedback_consumer.consumer import FeedbackConsumer, PartitionState
@@ -12,8 +13,6 @@ from feedback_consumer.ledger import Ledger, LedgerEntry
 from feedback_consumer.metrics import ConsumerMetrics
 from feedback_consumer.processing import Message
 from feedback_consumer.settings import ConsumerSettings
-
-from feedback_helpers import InMemoryStore
 
 pytestmark = pytest.mark.unit
 

@@ -12,6 +12,7 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from feedback_helpers import InMemoryStore, hex_id, make_record, store_record
 from prometheus_client import REGISTRY
 
 from musicrl.schemas.preference import PreferenceEvent
@@ -21,8 +22,6 @@ from serving.errors import UpstreamUnavailable
 from serving.services.feedback import pseudonymise
 from serving.services.vote_tokens import VoteTokens
 from serving.settings import GatewaySettings
-
-from feedback_helpers import InMemoryStore, hex_id, make_record, store_record
 
 pytestmark = pytest.mark.unit
 
@@ -68,7 +67,9 @@ def gateway():
     store_record(store, record)
     producer = RecordingProducer()
     settings = GatewaySettings(
-        gateway_user_hash_key=KEY, gateway_store_timeout_s=2, gateway_vote_token_key=VOTE_TOKEN_KEY,
+        gateway_user_hash_key=KEY,
+        gateway_store_timeout_s=2,
+        gateway_vote_token_key=VOTE_TOKEN_KEY,
         gateway_api_keys=f"{API_KEY_NAME}:{hashlib.sha256(API_KEY.encode()).hexdigest()}",
     )
     app = create_app(settings, triton=Unused(), store=store, text_encoder=load_text_encoder("hashing"))
@@ -78,9 +79,17 @@ def gateway():
 
 
 def body_for(record, **overrides):
-    body = {"event_id": hex_id(), "generation_id": record.generation_id, "clip_a_id": record.clips[0].clip_id,
-            "clip_b_id": record.clips[1].clip_id, "choice": "a", "listen_a_s": 9.5, "listen_b_s": 10.0,
-            "user_id": "alice@example.com", "client_ts": "2026-01-01T12:00:00+01:00"}
+    body = {
+        "event_id": hex_id(),
+        "generation_id": record.generation_id,
+        "clip_a_id": record.clips[0].clip_id,
+        "clip_b_id": record.clips[1].clip_id,
+        "choice": "a",
+        "listen_a_s": 9.5,
+        "listen_b_s": 10.0,
+        "user_id": "alice@example.com",
+        "client_ts": "2026-01-01T12:00:00+01:00",
+    }
     body.update(overrides)
     body.setdefault("vote_token", vote_token(record, body["user_id"]))
     return body
@@ -111,12 +120,26 @@ def test_pseudonym_is_stable_per_user_and_depends_on_the_key():
     ("mutate", "status", "needle"),
     [
         # A token signed for a generation that has no record, and for a clip that is not in the record.
-        (lambda r, b: {**b, "generation_id": (g := hex_id()),
-                       "vote_token": TOKENS.issue(g, [(b["clip_a_id"], 10.0), (b["clip_b_id"], 10.0)], API_KEY_NAME,
-                                                  b["user_id"])[0]}, 404, "not found"),
-        (lambda r, b: {**b, "clip_b_id": (c := hex_id()),
-                       "vote_token": vote_token(r, clips=[(b["clip_a_id"], 10.0), (c, 10.0)])}, 422,
-         "is not a clip of generation"),
+        (
+            lambda r, b: {
+                **b,
+                "generation_id": (g := hex_id()),
+                "vote_token": TOKENS.issue(
+                    g, [(b["clip_a_id"], 10.0), (b["clip_b_id"], 10.0)], API_KEY_NAME, b["user_id"]
+                )[0],
+            },
+            404,
+            "not found",
+        ),
+        (
+            lambda r, b: {
+                **b,
+                "clip_b_id": (c := hex_id()),
+                "vote_token": vote_token(r, clips=[(b["clip_a_id"], 10.0), (c, 10.0)]),
+            },
+            422,
+            "is not a clip of generation",
+        ),
         (lambda r, b: {**b, "clip_b_id": b["clip_a_id"]}, 422, "two different clips"),
         (lambda r, b: {**b, "choice": "both"}, 422, "choice"),
         (lambda r, b: {**b, "listen_a_s": -3}, 422, "listen_a_s"),
@@ -133,6 +156,18 @@ def test_bad_votes_get_a_4xx_with_a_message_and_are_not_produced(gateway, mutate
     response = client.post("/v1/feedback", json=mutate(record, body_for(record)))
     assert response.status_code == status, response.text
     assert needle in response.text
+    assert producer.sent == []
+
+
+def test_a_forged_vote_gets_403_before_its_body_is_judged(gateway):
+    # Same clip twice with a token that does not verify: the token is checked first (schemathesis: a
+    # schema-valid body is refused for its credential, not for a rule the schema cannot state).
+    client, record, producer, _ = gateway
+    body = body_for(record)
+    response = client.post(
+        "/v1/feedback", json={**body, "clip_b_id": body["clip_a_id"], "vote_token": "v1.forged.token"}
+    )
+    assert response.status_code == 403, response.text
     assert producer.sent == []
 
 
@@ -182,7 +217,10 @@ def test_feedback_is_counted_in_the_gateway_metrics(gateway):
     client, record, _, _ = gateway
 
     def counts():
-        return {o: REGISTRY.get_sample_value("musicrl_gateway_feedback_total", {"outcome": o}) or 0.0 for o in ("accepted", "rejected")}
+        return {
+            o: REGISTRY.get_sample_value("musicrl_gateway_feedback_total", {"outcome": o}) or 0.0
+            for o in ("accepted", "rejected")
+        }
 
     before = counts()
     client.post("/v1/feedback", json=body_for(record))

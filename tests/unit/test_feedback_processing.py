@@ -6,10 +6,9 @@ import base64
 import json
 
 import pytest
+from feedback_helpers import hex_id, make_event, make_record
 
 from feedback_consumer.processing import GenerationLookupError, Message, process_chunk
-
-from feedback_helpers import hex_id, make_event, make_record
 
 pytestmark = pytest.mark.unit
 

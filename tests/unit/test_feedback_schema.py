@@ -7,11 +7,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from feedback_helpers import hex_id, make_event, make_record
 from pydantic import ValidationError
 
 from musicrl.schemas.preference import FeedbackRequest, PreferenceEvent, json_schema, json_schema_text
-
-from feedback_helpers import hex_id, make_event, make_record
 
 pytestmark = pytest.mark.unit
 
@@ -32,8 +31,17 @@ def test_event_round_trips_through_bytes_and_matches_the_json_schema():
 
 
 def request_fields(**overrides):
-    fields = dict(event_id=hex_id(), generation_id=hex_id(), clip_a_id=hex_id(), clip_b_id=hex_id(),
-                  choice="b", listen_a_s=3.0, listen_b_s=4.5, user_id="user-1", vote_token="v1.payload.signature")
+    fields = dict(
+        event_id=hex_id(),
+        generation_id=hex_id(),
+        clip_a_id=hex_id(),
+        clip_b_id=hex_id(),
+        choice="b",
+        listen_a_s=3.0,
+        listen_b_s=4.5,
+        user_id="user-1",
+        vote_token="v1.payload.signature",
+    )
     fields.update(overrides)
     return fields
 
@@ -70,10 +78,18 @@ def test_request_needs_the_vote_token_which_the_event_does_not_have():
     assert "vote_token" not in PreferenceEvent.model_fields
 
 
-def test_request_rejects_the_same_clip_twice():
+def test_event_rejects_the_same_clip_twice_but_the_request_leaves_it_to_the_gateway():
+    # The gateway checks the vote token first, so a forged vote gets 403 whatever its clips
+    # (test_feedback_gateway checks the 422 a valid token then gets); the event itself never carries it.
     clip = hex_id()
+    assert FeedbackRequest(**request_fields(clip_a_id=clip, clip_b_id=clip)).clip_a_id == clip
+    fields = {k: v for k, v in request_fields().items() if k not in ("user_id", "vote_token", "client_ts")}
     with pytest.raises(ValidationError, match="two different clips"):
-        FeedbackRequest(**request_fields(clip_a_id=clip, clip_b_id=clip))
+        PreferenceEvent(
+            **fields | {"clip_a_id": clip, "clip_b_id": clip},
+            user_pseudonym="0" * 64,
+            received_at="2026-01-01T00:00:00Z",
+        )
 
 
 def test_json_schema_rejects_what_the_model_rejects():

@@ -17,7 +17,11 @@ def test_merge_results_keeps_other_components_keys(tmp_path):
     path = tmp_path / "models.json"
     path.write_text(json.dumps({"quality": {"spearman": 0.9}, "generator": {"old": True}}))
     merge_results(path, {"generator": {"parameters": 3}, "attribute_recovery": {}})
-    assert json.loads(path.read_text()) == {"quality": {"spearman": 0.9}, "generator": {"parameters": 3}, "attribute_recovery": {}}
+    assert json.loads(path.read_text()) == {
+        "quality": {"spearman": 0.9},
+        "generator": {"parameters": 3},
+        "attribute_recovery": {},
+    }
 
 
 def test_probe_features_of_silence_are_finite():
@@ -28,12 +32,25 @@ def test_probe_features_of_silence_are_finite():
 
 def test_evaluation_of_an_untrained_generator(tmp_path):
     torch.manual_seed(0)
-    checkpoint = save_generator(Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=40, text_encoder="hashing")), tmp_path / "gen", {"version": "1"})
+    checkpoint = save_generator(
+        Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=40, text_encoder="hashing")),
+        tmp_path / "gen",
+        {"version": "1"},
+    )
     results = tmp_path / "models.json"
     results.write_text(json.dumps({"codec": {"kept": True}}))
     config = GeneratorEvaluationConfig(
-        checkpoint=checkpoint, results=results, plot=tmp_path / "recovery.png", n_probe_train=120, n_probe_test=40,
-        n_prompts=12, n_showcase=2, duration_s=4.0, rtf_repeats=1, other_sampling=((0.99, 5),), progress=False,
+        checkpoint=checkpoint,
+        results=results,
+        plot=tmp_path / "recovery.png",
+        n_probe_train=120,
+        n_probe_test=40,
+        n_prompts=12,
+        n_showcase=2,
+        duration_s=4.0,
+        rtf_repeats=1,
+        other_sampling=((0.99, 5),),
+        progress=False,
     )
     evaluate_generator(config)
     written = json.loads(results.read_text())
@@ -44,7 +61,9 @@ def test_evaluation_of_an_untrained_generator(tmp_path):
         scores = recovery["targets"][target]
         assert 0.0 <= scores["generated_accuracy"] <= 1.0
         low, high = scores["generated_accuracy_ci95"]
-        assert 0.0 <= low <= scores["generated_accuracy"] <= high <= 1.0 and high - low > 0.1  # 12 prompts: a wide interval
+        assert (
+            0.0 <= low <= scores["generated_accuracy"] <= high <= 1.0 and high - low > 0.1
+        )  # 12 prompts: a wide interval
         assert scores["chance"]["uniform"] == pytest.approx(1 / len(scores["classes"]))
     assert set(recovery["other_sampling"]) == {"temperature=0.99,top_k=5"}
     # the probe itself hears the instrument of real corpus renders far above chance

@@ -1,6 +1,5 @@
 """Generator: shapes, KV-cache sampling vs teacher forcing, per-row seeds, top-k, checkpoints."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,14 +174,20 @@ def test_load_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
         load_generator(tmp_path)
 
 
-
 HEAD = {"attribute_names": ("key", "tempo"), "attribute_sizes": (24, 3)}
 
 
 def test_an_added_attribute_head_starts_as_a_no_op_and_then_conditions(model):
     with_head = Generator(GeneratorConfig(n_layers=2, n_heads=2, d_model=32, max_frames=64, **HEAD)).eval()
     missing, unexpected = with_head.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and sorted(missing) == ["attribute_bias.bias", "attribute_bias.weight", "attribute_logits.bias", "attribute_logits.weight", "attribute_proj.bias", "attribute_proj.weight"]
+    assert not unexpected and sorted(missing) == [
+        "attribute_bias.bias",
+        "attribute_bias.weight",
+        "attribute_logits.bias",
+        "attribute_logits.weight",
+        "attribute_proj.bias",
+        "attribute_proj.weight",
+    ]
     tokens = torch.randint(0, codec.VOCAB_SIZE, (3, 10))
     assert torch.allclose(with_head(conds(3), tokens), model(conds(3), tokens), atol=1e-5)
     assert [g.shape for g in with_head.attribute_logits_of(conds(3))] == [(3, 24), (3, 3)]
@@ -217,7 +222,17 @@ def test_attribute_head_config_is_validated():
 def test_beat_clock_follows_the_bpm_and_sampling_matches_teacher_forcing():
     bins = (60.0, 90.0, 120.0)
     torch.manual_seed(2)
-    net = Generator(GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=32, attribute_names=("bpm",), attribute_sizes=(3,), bpm_bins=bins)).eval()
+    net = Generator(
+        GeneratorConfig(
+            n_layers=1,
+            n_heads=2,
+            d_model=16,
+            max_frames=32,
+            attribute_names=("bpm",),
+            attribute_sizes=(3,),
+            bpm_bins=bins,
+        )
+    ).eval()
     with torch.no_grad():
         net.clock_proj.weight.normal_()
     tokens = torch.randint(0, codec.VOCAB_SIZE, (2, 20))

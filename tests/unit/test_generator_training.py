@@ -16,8 +16,17 @@ pytestmark = pytest.mark.unit
 def tiny_config(tmp_path: Path, name: str, steps: int = 4) -> GeneratorTrainingConfig:
     model = GeneratorConfig(n_layers=1, n_heads=2, d_model=16, max_frames=24, text_encoder="hashing")
     return GeneratorTrainingConfig(
-        out_dir=tmp_path / name / "out", work_dir=tmp_path / name / "work", model=model, n_train=24, n_valid=6,
-        steps=steps, batch_size=4, warmup_steps=2, checkpoint_every=2, eval_every=2, progress=False,
+        out_dir=tmp_path / name / "out",
+        work_dir=tmp_path / name / "work",
+        model=model,
+        n_train=24,
+        n_valid=6,
+        steps=steps,
+        batch_size=4,
+        warmup_steps=2,
+        checkpoint_every=2,
+        eval_every=2,
+        progress=False,
     )
 
 
@@ -48,7 +57,9 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     train_generator(longer)
     state = torch.load(config.work_dir / "train_state.pt", weights_only=False)
     assert state["step"] == 6
-    steps_logged = [line for line in (config.work_dir / "train_log.jsonl").read_text().splitlines() if '"valid_loss"' in line]
+    steps_logged = [
+        line for line in (config.work_dir / "train_log.jsonl").read_text().splitlines() if '"valid_loss"' in line
+    ]
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in steps_logged] == [2, 4, 6]
 
 
@@ -71,7 +82,13 @@ def test_second_stage_starts_from_a_checkpoint_and_trains_on_openings(tmp_path):
     first = tiny_config(tmp_path, "stage1", steps=2)
     train_generator(first)
     start, _ = load_generator(first.out_dir)
-    second = replace(tiny_config(tmp_path, "stage2", steps=2), init_from=first.out_dir, batch_size=1, start_batch_size=4, start_frames=6)
+    second = replace(
+        tiny_config(tmp_path, "stage2", steps=2),
+        init_from=first.out_dir,
+        batch_size=1,
+        start_batch_size=4,
+        start_frames=6,
+    )
     metrics = train_generator(second)
     trained, meta = load_generator(second.out_dir)
     assert meta["training"]["init_from"] == str(first.out_dir) and metrics["steps"] == 2
@@ -129,7 +146,9 @@ def test_counterfactual_loss_teaches_the_model_to_prefer_the_true_caption():
 
 
 def test_training_with_counterfactual_captions_logs_how_often_the_true_caption_wins(tmp_path):
-    config = replace(tiny_config(tmp_path, "counterfactual", steps=4), counterfactual_batch_size=4, counterfactual_frames=12)
+    config = replace(
+        tiny_config(tmp_path, "counterfactual", steps=4), counterfactual_batch_size=4, counterfactual_frames=12
+    )
     metrics = train_generator(config)
     for name in ("mode", "tempo"):
         assert 0.0 <= metrics[f"valid_{name}_preferred"] <= 1.0

@@ -55,6 +55,8 @@ SECRET_PLACEHOLDERS = {"MUSICRL_GATEWAY_API_KEYS": "app:" + "0" * 64}
 
 def secret_placeholder(variable: str) -> str:
     return SECRET_PLACEHOLDERS.get(variable, "from-a-secret")
+
+
 STRIMZI_CA_SECRET = "musicrl-cluster-ca-cert"
 
 
@@ -595,7 +597,8 @@ def test_thread_counts_fit_the_cpu_limits(docs):
 
 
 def test_the_gateway_runs_in_production_mode_with_its_secrets(docs, monkeypatch):
-    """MUSICRL_ENV=production, and the secrets it then requires (vote-token key, user-hash key, API keys) are referenced."""
+    """MUSICRL_ENV=production, and the secrets it then requires (vote-token key, user-hash key, API keys) are
+    referenced."""
     import os
 
     from serving.settings import GatewaySettings
@@ -620,14 +623,24 @@ def test_the_gateway_runs_in_production_mode_with_its_secrets(docs, monkeypatch)
 READ_BUCKET = {"s3:GetBucketLocation", "s3:ListBucket"}
 MULTIPART = {"s3:ListBucketMultipartUploads", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"}
 S3_GRANTS = {
-    "gateway": {"MUSICRL_BUCKET_CLIPS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"},
-                "MUSICRL_BUCKET_GENERATIONS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"}},
-    "reward": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | {"s3:GetObject"},
-               "MUSICRL_BUCKET_CLIPS": {"s3:GetObject"}, "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"}},
-    "consumer": {"MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
-                 "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"}},
-    "finetune": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | MULTIPART | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
-                 "MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject"}},
+    "gateway": {
+        "MUSICRL_BUCKET_CLIPS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"},
+        "MUSICRL_BUCKET_GENERATIONS": READ_BUCKET | {"s3:GetObject", "s3:PutObject"},
+        "MUSICRL_BUCKET_MODELS": {"s3:GetObject"},
+    },  # the canary record only (test below)
+    "reward": {
+        "MUSICRL_BUCKET_MODELS": READ_BUCKET | {"s3:GetObject"},
+        "MUSICRL_BUCKET_CLIPS": {"s3:GetObject"},
+        "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"},
+    },
+    "consumer": {
+        "MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+        "MUSICRL_BUCKET_GENERATIONS": {"s3:GetObject"},
+    },
+    "finetune": {
+        "MUSICRL_BUCKET_MODELS": READ_BUCKET | MULTIPART | {"s3:GetObject", "s3:PutObject", "s3:DeleteObject"},
+        "MUSICRL_BUCKET_BUFFER": READ_BUCKET | {"s3:GetObject"},
+    },
     "triton": {"MUSICRL_BUCKET_MODELS": READ_BUCKET | {"s3:GetObject"}},
 }
 WRITES = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
@@ -651,7 +664,9 @@ def granted(statements: list[dict], buckets: dict[str, str]) -> dict[str, set[st
             assert match[1] in by_name, f"{resource}: not a bucket of musicrl-objectstore"
             actions = set(statement["Action"])
             assert not any("*" in action for action in actions), actions
-            object_actions = {a for a in actions if a.endswith("Object") or a in MULTIPART - {"s3:ListBucketMultipartUploads"}}
+            object_actions = {
+                a for a in actions if a.endswith("Object") or a in MULTIPART - {"s3:ListBucketMultipartUploads"}
+            }
             if match[2]:  # objects: only object actions
                 assert actions == object_actions, (resource, actions)
             else:  # the bucket: no object actions
@@ -672,8 +687,10 @@ def test_every_service_reads_the_object_store_with_its_own_secret(docs):
                     assert reference["key"] in ("MUSICRL_S3_ACCESS_KEY", "MUSICRL_S3_SECRET_KEY"), reference
         credentials = {
             v["name"]: v["valueFrom"]["secretKeyRef"]["name"]
-            for c in containers(workload) for v in c.get("env", [])
-            if v["name"] in ("MUSICRL_S3_ACCESS_KEY", "MUSICRL_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            for c in containers(workload)
+            for v in c.get("env", [])
+            if v["name"]
+            in ("MUSICRL_S3_ACCESS_KEY", "MUSICRL_S3_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         }
         name = workload["metadata"]["name"]
         if name in S3_SECRETS:
@@ -683,11 +700,18 @@ def test_every_service_reads_the_object_store_with_its_own_secret(docs):
             assert not credentials, f"{name} has object-store credentials it does not need"
     job = named(docs, "Job", "minio-create-buckets")["metadata"]["name"]
     for service, secret in S3_SECRETS.items():
-        assert readers[secret] == {service, job}, (secret, readers[secret])  # the service, and the Job creating its user
+        assert readers[secret] == {service, job}, (
+            secret,
+            readers[secret],
+        )  # the service, and the Job creating its user
 
 
 def test_object_store_policies_grant_only_the_listed_buckets_and_actions(docs):
-    buckets = {k: v for k, v in named(docs, "ConfigMap", "musicrl-objectstore")["data"].items() if k.startswith("MUSICRL_BUCKET_")}
+    buckets = {
+        k: v
+        for k, v in named(docs, "ConfigMap", "musicrl-objectstore")["data"].items()
+        if k.startswith("MUSICRL_BUCKET_")
+    }
     policies = s3_policies(docs)
     services = {"gateway", "reward", "consumer", "finetune", "triton"}
     assert set(policies) == services == set(S3_GRANTS)
@@ -699,8 +723,12 @@ def test_object_store_policies_grant_only_the_listed_buckets_and_actions(docs):
             if actions & WRITES:
                 writers.setdefault(bucket, set()).add(service)
     # Only the finetune worker writes models; the gateway only clips and generations; the consumer only the buffer.
-    assert writers == {"MUSICRL_BUCKET_MODELS": {"finetune"}, "MUSICRL_BUCKET_CLIPS": {"gateway"},
-                       "MUSICRL_BUCKET_GENERATIONS": {"gateway"}, "MUSICRL_BUCKET_BUFFER": {"consumer"}}
+    assert writers == {
+        "MUSICRL_BUCKET_MODELS": {"finetune"},
+        "MUSICRL_BUCKET_CLIPS": {"gateway"},
+        "MUSICRL_BUCKET_GENERATIONS": {"gateway"},
+        "MUSICRL_BUCKET_BUFFER": {"consumer"},
+    }
     # Triton reads only its repository's prefix, the finetune worker's MUSICRL_FINETUNE_TRITON_REPO
     repository = named(docs, "ConfigMap", "finetune")["data"]["MUSICRL_FINETUNE_TRITON_REPO"].removeprefix("s3://")
     triton_objects = {r for s in policies["triton"] for r in s["Resource"] if "/" in r.removeprefix("arn:aws:s3:::")}
@@ -729,8 +757,12 @@ def test_the_bucket_job_makes_one_user_per_service_with_its_policy(docs):
 
 def test_disruption_budgets_cover_the_serving_path(docs):
     labels = {w["metadata"]["name"]: pod_template(w)["metadata"]["labels"] for w in workloads(docs)}
-    covered = {name for pdb in by_kind(docs, "PodDisruptionBudget") for name, pod in labels.items()
-               if selects(pdb["spec"]["selector"], pod)}
+    covered = {
+        name
+        for pdb in by_kind(docs, "PodDisruptionBudget")
+        for name, pod in labels.items()
+        if selects(pdb["spec"]["selector"], pod)
+    }
     assert {"gateway", "reward", "triton", "feedback-consumer"} <= covered
     for pdb in by_kind(docs, "PodDisruptionBudget"):
         spec = pdb["spec"]
@@ -797,18 +829,30 @@ def test_triton_model_control_needs_the_admin_key_only_the_finetune_worker_holds
     assert f"--http-restricted-api={restricted}" in args and f"--grpc-restricted-protocol={restricted}" in args
     admin = {"name": "musicrl-triton-admin", "key": "key"}
     assert next(v for v in container["env"] if v["name"] == "TRITON_ADMIN_KEY")["valueFrom"]["secretKeyRef"] == admin
-    holders = {w["metadata"]["name"] for w in workloads(docs) for c in containers(w) for v in c.get("env", [])
-               if v.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "musicrl-triton-admin"}
+    holders = {
+        w["metadata"]["name"]
+        for w in workloads(docs)
+        for c in containers(w)
+        for v in c.get("env", [])
+        if v.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "musicrl-triton-admin"
+    }
     assert holders == {"triton", "finetune"}
     (finetune,) = pod_template(named(docs, "Deployment", "finetune"))["spec"]["containers"]
     keys = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in finetune["env"] if "valueFrom" in v}
     assert keys["MUSICRL_FINETUNE_TRITON_ADMIN_KEY"] == admin
     # The HTTP port (model control) is behind its own Service, used by the finetune worker alone.
-    services = {s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]} for s in by_kind(docs, "Service")
-                if s["spec"]["selector"] == {"app.kubernetes.io/name": "triton"}}
+    services = {
+        s["metadata"]["name"]: {p["port"] for p in s["spec"]["ports"]}
+        for s in by_kind(docs, "Service")
+        if s["spec"]["selector"] == {"app.kubernetes.io/name": "triton"}
+    }
     assert services == {"triton": {8001, 8002}, "triton-control": {8000}}
-    http_users = {w["metadata"]["name"] for w in workloads(docs) for c in containers(w)
-                  if "triton-control" in str(container_environment(docs, c).get("MUSICRL_TRITON_HTTP_URL"))}
+    http_users = {
+        w["metadata"]["name"]
+        for w in workloads(docs)
+        for c in containers(w)
+        if "triton-control" in str(container_environment(docs, c).get("MUSICRL_TRITON_HTTP_URL"))
+    }
     assert http_users == {"finetune"}
     (gateway,) = pod_template(named(docs, "Deployment", "gateway"))["spec"]["containers"]
     assert container_environment(docs, gateway).get("MUSICRL_TRITON_HTTP_URL") is None
@@ -819,6 +863,14 @@ def test_the_finetune_worker_has_time_to_finish_a_deploy_after_sigterm(docs):
 
     finetune = named(docs, "Deployment", "finetune")
     (container,) = pod_template(finetune)["spec"]["containers"]
-    timeout = float(container_environment(docs, container).get("MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S")
-                    or FinetuneSettings.model_fields["finetune_deploy_timeout_s"].default)
+    timeout = float(
+        container_environment(docs, container).get("MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S")
+        or FinetuneSettings.model_fields["finetune_deploy_timeout_s"].default
+    )
     assert pod_template(finetune)["spec"]["terminationGracePeriodSeconds"] >= timeout + 120
+
+
+def test_the_gateway_reads_only_the_canary_record_of_the_registry(docs):
+    models = named(docs, "ConfigMap", "musicrl-objectstore")["data"]["MUSICRL_BUCKET_MODELS"]
+    resources = {r for statement in s3_policies(docs)["gateway"] for r in statement["Resource"] if f":::{models}" in r}
+    assert resources == {f"arn:aws:s3:::{models}/generator/canary"}

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from test_k8s_manifests import by_kind, crd_schema, named, render
 
 pytestmark = pytest.mark.unit
@@ -31,21 +30,87 @@ TARGET_LABELS = {"job", "instance", "namespace", "service", "pod", "container", 
 # Triton's metrics (port 8002; https://github.com/triton-inference-server/server/blob/main/docs/user_guide/metrics.md).
 TRITON_METRICS = {
     name: {"model", "version"}
-    for name in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-                 "nv_inference_exec_count", "nv_inference_queue_duration_us", "nv_inference_compute_infer_duration_us",
-                 "nv_inference_request_duration_us", "nv_inference_pending_request_count")
+    for name in (
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_request_duration_us",
+        "nv_inference_pending_request_count",
+    )
 }
 PROMETHEUS_METRICS = {"up": set()}
 PROMQL_FUNCTIONS = {
-    "sum", "avg", "min", "max", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
-    "rate", "irate", "increase", "delta", "idelta", "deriv", "changes", "resets", "absent", "absent_over_time",
-    "histogram_quantile", "clamp", "clamp_min", "clamp_max", "abs", "ceil", "floor", "round", "vector", "scalar",
-    "time", "timestamp", "label_replace", "label_join", "sort", "sort_desc", "predict_linear",
-    "avg_over_time", "min_over_time", "max_over_time", "sum_over_time", "count_over_time", "last_over_time",
-    "quantile_over_time", "present_over_time",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "deriv",
+    "changes",
+    "resets",
+    "absent",
+    "absent_over_time",
+    "histogram_quantile",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "abs",
+    "ceil",
+    "floor",
+    "round",
+    "vector",
+    "scalar",
+    "time",
+    "timestamp",
+    "label_replace",
+    "label_join",
+    "sort",
+    "sort_desc",
+    "predict_linear",
+    "avg_over_time",
+    "min_over_time",
+    "max_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "last_over_time",
+    "quantile_over_time",
+    "present_over_time",
 }
-PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left", "group_right"}
-REQUIRED_ALERTS = {"MusicRLNoCycleAccepted", "MusicRLConsumerLagHigh", "MusicRLGatewayErrorRate", "MusicRLFinetuneWorkerDown"}
+PROMQL_KEYWORDS = {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+}
+REQUIRED_ALERTS = {
+    "MusicRLNoCycleAccepted",
+    "MusicRLConsumerLagHigh",
+    "MusicRLGatewayErrorRate",
+    "MusicRLFinetuneWorkerDown",
+    "MusicRLCanaryRolledBack",
+}
 
 
 # ----------------------------------------------------------------- what the code exports
@@ -63,11 +128,16 @@ def code_metrics() -> dict[str, set[str]]:
                 kind = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
                 first = node.args[0]
                 if kind not in ("Counter", "Histogram", "Gauge", "Summary") or not (
-                    isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.startswith("musicrl_")
+                    isinstance(first, ast.Constant)
+                    and isinstance(first.value, str)
+                    and first.value.startswith("musicrl_")
                 ):
                     continue
-                labels_node = node.args[2] if len(node.args) > 2 else next(
-                    (k.value for k in node.keywords if k.arg == "labelnames"), None)
+                labels_node = (
+                    node.args[2]
+                    if len(node.args) > 2
+                    else next((k.value for k in node.keywords if k.arg == "labelnames"), None)
+                )
                 labels = {e.value for e in getattr(labels_node, "elts", []) if isinstance(e, ast.Constant)}
                 for name, extra in exported(kind, first.value):
                     found[name] = labels | extra
@@ -80,7 +150,12 @@ def exported(kind: str, name: str) -> list[tuple[str, set[str]]]:
         base = name.removesuffix("_total")
         return [(f"{base}_total", set()), (f"{base}_created", set())]
     if kind == "Histogram":
-        return [(f"{name}_bucket", {"le"}), (f"{name}_sum", set()), (f"{name}_count", set()), (f"{name}_created", set())]
+        return [
+            (f"{name}_bucket", {"le"}),
+            (f"{name}_sum", set()),
+            (f"{name}_count", set()),
+            (f"{name}_created", set()),
+        ]
     if kind == "Summary":
         return [(name, {"quantile"}), (f"{name}_sum", set()), (f"{name}_count", set()), (f"{name}_created", set())]
     return [(name, set())]
@@ -97,8 +172,13 @@ def test_the_metric_catalogue_is_read_from_the_code():
     assert metrics["musicrl_consumer_lag"] == {"partition"}
     assert metrics["musicrl_finetune_cycles_total"] == {"status"}
     assert metrics["musicrl_reward_clips_scored_total"] == {"source"}  # a name that already ends in _total
-    assert {"musicrl_reward_batch_size_bucket", "musicrl_consumer_dead_letters_total", "musicrl_gateway_feedback_total",
-            "musicrl_finetune_current_version", "musicrl_gateway_clips_total"} <= set(metrics)
+    assert {
+        "musicrl_reward_batch_size_bucket",
+        "musicrl_consumer_dead_letters_total",
+        "musicrl_gateway_feedback_total",
+        "musicrl_finetune_current_version",
+        "musicrl_gateway_clips_total",
+    } <= set(metrics)
 
 
 # ----------------------------------------------------------------- PromQL
@@ -156,13 +236,22 @@ def check_promql(expr: str, where: str) -> list[str]:
 
 def test_the_promql_checker_catches_mistakes():
     assert check_promql('sum by (route) (rate(musicrl_http_requests_total{service="gateway"}[5m]))', "ok") == []
-    assert check_promql("rate(musicrl_http_request_total[5m])", "x") == ["x: musicrl_http_request_total is exported by no service"]
-    assert check_promql("sum by (model) (musicrl_consumer_lag)", "x") == ["x: label 'model' is on none of ['musicrl_consumer_lag']"]
+    assert check_promql("rate(musicrl_http_request_total[5m])", "x") == [
+        "x: musicrl_http_request_total is exported by no service"
+    ]
+    assert check_promql("sum by (model) (musicrl_consumer_lag)", "x") == [
+        "x: label 'model' is on none of ['musicrl_consumer_lag']"
+    ]
     assert check_promql("rat(musicrl_consumer_lag[5m])", "x") == ["x: rat() is not a PromQL function"]
     assert check_promql("sum(rate(musicrl_consumer_lag[5m])", "x")[0].startswith("x: unbalanced")
-    assert check_promql('histogram_quantile(0.95, sum by (le) (rate(musicrl_reward_batch_size_bucket[1m]))) / 1e-9', "x") == []
+    assert (
+        check_promql("histogram_quantile(0.95, sum by (le) (rate(musicrl_reward_batch_size_bucket[1m]))) / 1e-9", "x")
+        == []
+    )
     assert check_promql('sum(rate(nv_inference_count{model="g"}[1m])) unless (max(up) == 0)', "x") == []
-    assert check_promql('sum by (le) (rate(nv_inference_count[1m]))', "x") == ["x: label 'le' is on none of ['nv_inference_count']"]
+    assert check_promql("sum by (le) (rate(nv_inference_count[1m]))", "x") == [
+        "x: label 'le' is on none of ['nv_inference_count']"
+    ]
 
 
 # ----------------------------------------------------------------- the Grafana dashboard
@@ -220,10 +309,17 @@ def test_the_dashboard_shows_what_operators_asked_for():
         for target in panel["targets"]:
             used |= parse_promql(target["expr"].replace("$__rate_interval", "5m").replace("$__range", "1h"))[0]
     assert {
-        "musicrl_http_requests_total", "musicrl_http_request_duration_seconds_bucket", "nv_inference_queue_duration_us",
-        "nv_inference_pending_request_count", "musicrl_consumer_lag", "musicrl_consumer_dead_letters_total",
-        "musicrl_consumer_events_total", "musicrl_finetune_cycles_total", "musicrl_finetune_current_version",
-        "musicrl_gateway_clips_total", "musicrl_reward_batch_size_bucket",
+        "musicrl_http_requests_total",
+        "musicrl_http_request_duration_seconds_bucket",
+        "nv_inference_queue_duration_us",
+        "nv_inference_pending_request_count",
+        "musicrl_consumer_lag",
+        "musicrl_consumer_dead_letters_total",
+        "musicrl_consumer_events_total",
+        "musicrl_finetune_cycles_total",
+        "musicrl_finetune_current_version",
+        "musicrl_gateway_clips_total",
+        "musicrl_reward_batch_size_bucket",
     } <= used
 
 

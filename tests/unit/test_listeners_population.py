@@ -11,8 +11,8 @@ import pytest
 from musicrl.listeners import (
     FEATURES,
     SAMPLE_RATE,
-    FeatureTaste,
     TASTES,
+    FeatureTaste,
     ListenerConfig,
     Population,
     Vote,

@@ -49,16 +49,37 @@ def test_win_rate_ignores_ties_and_reports_interval():
 
 
 def _results(win_rate: float, ci_low: float) -> dict:
-    row = {"round": 1, "policy_version": "2", "preferences_total": 60,
-           "win_rate": {"win_rate": win_rate, "ci_low": ci_low, "ci_high": 0.8, "wins": 70, "losses": 30, "ties": 3,
-                        "expected_win_rate": 0.66},
-           "rewards": {"kl": 2.5, "reward/text_adherence": 0.11, "reward/quality_mos": 4.2, "reward/preference": 0.4},
-           "base_rewards_same_rm": {"reward/preference": 0.1}, "reward_model": {"heldout_accuracy": float("nan")},
-           "cycle": {"status": "deployed"}}
+    row = {
+        "round": 1,
+        "policy_version": "2",
+        "preferences_total": 60,
+        "win_rate": {
+            "win_rate": win_rate,
+            "ci_low": ci_low,
+            "ci_high": 0.8,
+            "wins": 70,
+            "losses": 30,
+            "ties": 3,
+            "expected_win_rate": 0.66,
+        },
+        "rewards": {"kl": 2.5, "reward/text_adherence": 0.11, "reward/quality_mos": 4.2, "reward/preference": 0.4},
+        "base_rewards_same_rm": {"reward/preference": 0.1},
+        "reward_model": {"heldout_accuracy": float("nan")},
+        "cycle": {"status": "deployed"},
+    }
     base = {"round": 0, "policy_version": "1", "preferences_total": 0, "win_rate": None, "rewards": {"kl": 0.0}}
-    return {"rounds": [base, row], "final": {"policy_version": "2", "win_rate": win_rate, "ci_low": ci_low, "ci_high": 0.8,
-                                             "target_met": win_rate >= 0.7 and ci_low > 0.5},
-            "elapsed_s": 600.0, "machine": {"cores": 2, "cpu": "test cpu"}}
+    return {
+        "rounds": [base, row],
+        "final": {
+            "policy_version": "2",
+            "win_rate": win_rate,
+            "ci_low": ci_low,
+            "ci_high": 0.8,
+            "target_met": win_rate >= 0.7 and ci_low > 0.5,
+        },
+        "elapsed_s": 600.0,
+        "machine": {"cores": 2, "cpu": "test cpu"},
+    }
 
 
 def test_table_has_a_row_per_policy_and_states_the_target(tmp_path):
@@ -88,7 +109,10 @@ def test_harnesses_change_only_the_size_of_the_work():
     assert DemoConfig().pairs == 400
     config = ClosedLoopConfig(clip_s=2.0)
     assert config.finetune_overrides() == CLOSED_LOOP_SIZE | {"finetune_duration_s": 2.0}  # rollouts as long as clips
-    assert algorithm_overrides(config.finetune_overrides()) == {} and overrides_warning(config.finetune_overrides()) is None
+    assert (
+        algorithm_overrides(config.finetune_overrides()) == {}
+        and overrides_warning(config.finetune_overrides()) is None
+    )
 
 
 def test_algorithm_overrides_are_allowed_but_recorded_and_warned_about():
@@ -106,7 +130,9 @@ def test_results_record_every_effective_finetune_setting_without_secrets():
 
     settings = FinetuneSettings(finetune_steps=7, finetune_reward_admin_token="s3cret")
     recorded = effective_finetune_settings(settings)
-    expected = {name for name in FinetuneSettings.model_fields if name.startswith("finetune_")} - {"finetune_reward_admin_token"}
+    expected = {name for name in FinetuneSettings.model_fields if name.startswith("finetune_")} - {
+        "finetune_reward_admin_token"
+    }
     assert set(recorded) == expected
     assert recorded["finetune_steps"] == 7 and recorded["finetune_optimizer"] == settings.finetune_optimizer
     text = json.dumps(recorded, allow_nan=False)  # plain JSON: paths as strings
@@ -119,20 +145,38 @@ def test_results_record_every_effective_finetune_setting_without_secrets():
 def _run(seed: int, final: float, ci_low: float, statuses: list[str], population: str = "default", kl=2.0) -> dict:
     rounds = [{"round": 0, "policy_version": "1", "win_rate": None}]
     for i, status in enumerate(statuses, start=1):
-        rounds.append({"round": i, "policy_version": str(i + 1), "cycle": {"status": status},
-                       "gate": {"candidate": {"kl": kl * i}} if status != "skipped" else {},
-                       "win_rate": {"win_rate": final - 0.05 * (len(statuses) - i), "ci_low": ci_low, "ci_high": 0.8}})
-    return {"population": population, "seed": seed, "rounds": rounds, "elapsed_s": 600.0 + 60 * seed,
-            "final": {"policy_version": str(len(statuses) + 1), "win_rate": final, "ci_low": ci_low, "ci_high": final + 0.07,
-                      "expected_win_rate": final - 0.02}}
+        rounds.append(
+            {
+                "round": i,
+                "policy_version": str(i + 1),
+                "cycle": {"status": status},
+                "gate": {"candidate": {"kl": kl * i}} if status != "skipped" else {},
+                "win_rate": {"win_rate": final - 0.05 * (len(statuses) - i), "ci_low": ci_low, "ci_high": 0.8},
+            }
+        )
+    return {
+        "population": population,
+        "seed": seed,
+        "rounds": rounds,
+        "elapsed_s": 600.0 + 60 * seed,
+        "final": {
+            "policy_version": str(len(statuses) + 1),
+            "win_rate": final,
+            "ci_low": ci_low,
+            "ci_high": final + 0.07,
+            "expected_win_rate": final - 0.02,
+        },
+    }
 
 
 def test_summarize_runs_reports_spread_accepted_share_and_targets():
-    runs = [_run(0, 0.72, 0.64, ["deployed", "deployed", "deployed"]),
-            _run(1, 0.66, 0.58, ["deployed", "rejected", "deployed"]),
-            _run(2, 0.75, 0.67, ["deployed", "published", "deployed"]),
-            _run(3, 0.70, 0.62, ["deployed", "deployed", "deployed"]),
-            _run(4, 0.58, 0.49, ["rejected", "deployed", "skipped"])]
+    runs = [
+        _run(0, 0.72, 0.64, ["deployed", "deployed", "deployed"]),
+        _run(1, 0.66, 0.58, ["deployed", "rejected", "deployed"]),
+        _run(2, 0.75, 0.67, ["deployed", "published", "deployed"]),
+        _run(3, 0.70, 0.62, ["deployed", "deployed", "deployed"]),
+        _run(4, 0.58, 0.49, ["rejected", "deployed", "skipped"]),
+    ]
     summary = summarize_runs(runs)
     finals = summary["final_win_rate"]
     assert finals["median"] == 0.70 and finals["min"] == 0.58 and finals["max"] == 0.75
@@ -143,8 +187,11 @@ def test_summarize_runs_reports_spread_accepted_share_and_targets():
     first = summary["runs"][0]
     assert first["seed"] == 0 and first["cycles_accepted"] == 3 and first["candidate_kl"] == [2.0, 4.0, 6.0]
     assert summary["runs"][4]["candidate_kl"] == [2.0, 4.0, None] and first["elapsed_min"] == 10.0
-    assert summary["targets"] == {"median >= 0.70": True, "runs_ge_65_ci_above_50 >= 4 of 5": True,
-                                  "accepted_share >= 0.8": True}
+    assert summary["targets"] == {
+        "median >= 0.70": True,
+        "runs_ge_65_ci_above_50 >= 4 of 5": True,
+        "accepted_share >= 0.8": True,
+    }
     assert summary["targets_met"]
 
     worse = summarize_runs(runs[:4] + [_run(4, 0.58, 0.49, ["rejected", "rejected", "rejected"])])
@@ -152,8 +199,14 @@ def test_summarize_runs_reports_spread_accepted_share_and_targets():
     assert not worse["targets"]["accepted_share >= 0.8"] and not worse["targets_met"]
     assert not summarize_runs(runs[1:2])["targets_met"]  # one run: median 0.66 < 0.70
 
-    opposite = summarize_runs([_run(seed, 0.66, 0.55, ["deployed", "rejected"], population="opposite") for seed in range(3)])
-    assert opposite["population"] == "opposite" and opposite["targets"] == {"median >= 0.65": True} and opposite["targets_met"]
+    opposite = summarize_runs(
+        [_run(seed, 0.66, 0.55, ["deployed", "rejected"], population="opposite") for seed in range(3)]
+    )
+    assert (
+        opposite["population"] == "opposite"
+        and opposite["targets"] == {"median >= 0.65": True}
+        and opposite["targets_met"]
+    )
     with pytest.raises(ValueError, match="different populations"):
         summarize_runs([runs[0], _run(9, 0.6, 0.5, ["deployed"], population="opposite")])
     with pytest.raises(ValueError):
@@ -175,11 +228,18 @@ def test_summary_files_are_written(tmp_path):
 
 
 def test_demo_reports_the_held_out_win_rate_against_the_previous_policy():
-    summary = {"policy_before": "3", "policy_after": "4",
-               "win_rate_vs_previous": WinRate(wins=59, losses=33, ties=4, expected=0.6).to_dict()}
+    summary = {
+        "policy_before": "3",
+        "policy_after": "4",
+        "win_rate_vs_previous": WinRate(wins=59, losses=33, ties=4, expected=0.6).to_dict(),
+    }
     assert win_rate_line(summary) == "held-out listeners prefer v4 over v3: 64.1% [53.9, 73.2] (59-33-4)"
-    kept = {"policy_before": "3", "policy_after": "3", "win_rate_vs_previous": None,
-            "win_rate_vs_previous_reason": "no new policy deployed (cycle rejected: gate)"}
+    kept = {
+        "policy_before": "3",
+        "policy_after": "3",
+        "win_rate_vs_previous": None,
+        "win_rate_vs_previous_reason": "no new policy deployed (cycle rejected: gate)",
+    }
     assert "no new policy deployed (cycle rejected: gate)" in win_rate_line(kept)
 
 
@@ -222,19 +282,34 @@ def test_held_out_judge_pairs_each_policy_clip_with_its_base_clip(monkeypatch):
 
 
 def test_hot_swap_summary_compares_the_swap_window_with_steady_state():
-    row = {"hot_swap": {"steady": {"requests": 20, "failed": 0, "p50_ms": 100.0, "p99_ms": 200.0},
-                        "during_swap": {"requests": 5, "failed": 0, "p50_ms": 150.0, "p99_ms": 300.0},
-                        "versions_seen": ["1", "2"]},
-           "cycle": {"status": "deployed", "timings_s": {"deploy": 12.0}}, "preference_to_deployed_s": 90.0,
-           "buffer_landed_s": 9.0, "preferences_round": 50}
+    row = {
+        "hot_swap": {
+            "steady": {"requests": 20, "failed": 0, "p50_ms": 100.0, "p99_ms": 200.0},
+            "during_swap": {"requests": 5, "failed": 0, "p50_ms": 150.0, "p99_ms": 300.0},
+            "versions_seen": ["1", "2"],
+        },
+        "cycle": {"status": "deployed", "timings_s": {"deploy": 12.0}},
+        "preference_to_deployed_s": 90.0,
+        "buffer_landed_s": 9.0,
+        "preferences_round": 50,
+    }
     summary = hot_swap_summary({"rounds": [row], "machine": {}})
     assert summary["p99_ratio"] == 1.5 and summary["requests"] == 25 and summary["swap_failed"] == 0
     assert headline("hot_swap", summary)["preference_to_deployed_s"] == 90.0
 
 
 def test_bench_report_names_the_machine_and_every_benchmark():
-    rows = [{"name": "serving", "what": "w", "command": "gateway bench", "exit": 0, "seconds": 1.0,
-             "results": "results/does-not-exist.json", "log": "x.log"}]
+    rows = [
+        {
+            "name": "serving",
+            "what": "w",
+            "command": "gateway bench",
+            "exit": 0,
+            "seconds": 1.0,
+            "results": "results/does-not-exist.json",
+            "log": "x.log",
+        }
+    ]
     report = collect(rows)
     assert {"cpu", "cores", "memory_gb", "python", "torch"} <= set(report["machine"])
     text = markdown(report)
@@ -244,8 +319,20 @@ def test_bench_report_names_the_machine_and_every_benchmark():
 def test_services_join_stack_up_but_not_the_server_list(tmp_path):
     settings = free_port_settings(tmp_path)
     assert [c.name for c in COMPONENTS] == ["seaweedfs", "tansu", "triton"]
-    assert [c.name for c in default_components(settings)] == ["seaweedfs", "tansu", "triton", "reward", "finetune", "gateway", "consumer"]
-    assert [c.name for c in default_components(settings.model_copy(update={"stack_services": False}))] == ["seaweedfs", "tansu", "triton"]
+    assert [c.name for c in default_components(settings)] == [
+        "seaweedfs",
+        "tansu",
+        "triton",
+        "reward",
+        "finetune",
+        "gateway",
+        "consumer",
+    ]
+    assert [c.name for c in default_components(settings.model_copy(update={"stack_services": False}))] == [
+        "seaweedfs",
+        "tansu",
+        "triton",
+    ]
     processes = {c.name: c.process(settings) for c in SERVICES}
     assert processes["gateway"].ports == {"http": settings.stack_gateway_port}
     assert processes["gateway"].argv[:5] == [sys.executable, "-m", "musicrl.cli", "gateway", "serve"]

@@ -13,13 +13,12 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 from fastapi import FastAPI, Header, HTTPException, Response
+from servers import serve_in_thread
 
 from loadtests.locust_runner import LocustRun, run_locust, summarize
 from musicrl.audio.formats import encode_audio
 from musicrl.schemas.preference import FeedbackAccepted, FeedbackRequest
 from serving.schemas import GenerationRequest
-
-from servers import serve_in_thread
 
 pytestmark = pytest.mark.unit
 
@@ -61,8 +60,12 @@ class FakeGateway:
                 })  # fmt: skip
             self.generations[generation_id] = [clip["clip_id"] for clip in clips]
             self.vote_tokens[generation_id] = f"v1.{uuid.uuid4().hex}.sig"
-            return {"generation_id": generation_id, "prompt": body.prompt, "clips": clips,
-                    "vote_token": self.vote_tokens[generation_id]}
+            return {
+                "generation_id": generation_id,
+                "prompt": body.prompt,
+                "clips": clips,
+                "vote_token": self.vote_tokens[generation_id],
+            }
 
         @app.get("/v1/clips/{clip_id}/audio")
         def audio(clip_id: str) -> Response:

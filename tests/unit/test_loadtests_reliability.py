@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from loadtests.reliability import (
     valid_vote,
     vote_schedule,
 )
-from musicrl.audio.formats import AudioFormatError, check_header, read_header
+from musicrl.audio.formats import AudioFormatError, AudioOutOfRange, AudioTooLarge, check_header, read_header
 from musicrl.schemas.preference import FeedbackRequest
 from serving.services.vote_tokens import VoteTokens
 
@@ -110,7 +111,11 @@ def test_the_schedule_sends_every_kind_every_valid_vote_once_and_replays_only_wh
 
 def test_landed_counts_by_event_id():
     assert landed({"a", "b", "x"}, {"a", "b", "c"}, {"x", "y"}) == {
-        "rows_in_buffer": 3, "valid_landed": 2, "forged_landed": 1, "other_rows": 0}
+        "rows_in_buffer": 3,
+        "valid_landed": 2,
+        "forged_landed": 1,
+        "other_rows": 0,
+    }
 
 
 def test_every_bomb_header_is_refused_by_the_header_check_or_unreadable():
@@ -134,7 +139,7 @@ def test_every_bomb_header_is_refused_by_the_header_check_or_unreadable():
                 # a WAV claiming 12 h whose length libsndfile takes from the bytes present (too short).
                 assert bomb.name.startswith("flac_48k_stereo_60s") or bomb.name.endswith("wav_claims_12h"), bomb.name
                 continue
-            with pytest.raises(Exception):
+            with pytest.raises((AudioOutOfRange, AudioTooLarge)):
                 check_header(header, limits)
             checked += 1
     assert checked >= 6  # libsndfile itself refuses to open the 4 GHz and the 65,535-channel WAV
@@ -143,17 +148,19 @@ def test_every_bomb_header_is_refused_by_the_header_check_or_unreadable():
 
 
 def test_synthetic_chunks_fit_the_buffer_schema_and_the_plan_covers_every_vote():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from musicrl.buffer import parquet_to_table, rows_to_parquet
 
     plan = chunk_plan(2500, 3, 400)
     assert sum(n for _, _, n in plan) == 2500 and {p for p, _, _ in plan} == {0, 1, 2}
     assert all(n <= 400 for _, _, n in plan) and [f for p, f, _ in plan if p == 0][:2] == [0, 400]
-    rows = synthetic_chunk(1, 400, 50, "3", np.random.default_rng(0), datetime(2026, 1, 1, tzinfo=timezone.utc))
+    rows = synthetic_chunk(1, 400, 50, "3", np.random.default_rng(0), datetime(2026, 1, 1, tzinfo=UTC))
     table = parquet_to_table(rows_to_parquet(rows))
     assert table.num_rows == 50 and len(set(table.column("event_id").to_pylist())) == 50
-    assert table.column("kafka_offset").to_pylist()[0] == 400 and set(table.column("policy_version").to_pylist()) == {"3"}
+    assert table.column("kafka_offset").to_pylist()[0] == 400 and set(table.column("policy_version").to_pylist()) == {
+        "3"
+    }
 
 
 def test_the_private_gateway_keys_parse_as_the_gateway_reads_them():
@@ -161,8 +168,9 @@ def test_the_private_gateway_keys_parse_as_the_gateway_reads_them():
 
     keys = Keys()
     env = keys.gateway_env("stack:" + "ab" * 32 + ":60000:1024", limited_rate=3)
-    settings = GatewaySettings(gateway_api_keys=env["MUSICRL_GATEWAY_API_KEYS"],
-                               gateway_vote_token_key=env["MUSICRL_GATEWAY_VOTE_TOKEN_KEY"])
+    settings = GatewaySettings(
+        gateway_api_keys=env["MUSICRL_GATEWAY_API_KEYS"], gateway_vote_token_key=env["MUSICRL_GATEWAY_VOTE_TOKEN_KEY"]
+    )
     by_name = {spec.name: spec for spec in settings.gateway_api_keys}
     assert by_name["limited"].rate_per_min == 3 and by_name["narrow"].max_concurrency == 1 and "other" in by_name
 
@@ -174,25 +182,65 @@ def test_process_memory_reads_this_process():
 
 def _results(**overrides):
     results = {
-        "auth": {"write_routes": [{"route": "POST /v1/feedback", "statuses": {"no key": 401, "unknown key": 401}}],
-                 "rate_limited": {"rate_per_min": 2, "statuses": [201, 201, 429], "throttled": 1,
-                                  "throttled_with_retry_after": 1, "retry_after": ["20"]},
-                 "concurrency_limited": {"max_concurrency": 1, "statuses": [201, 429], "throttled": 1,
-                                         "throttled_with_retry_after": 1, "retry_after": ["1"]}},
-        "votes": {"forged": 10, "valid": 2, "forged_accepted": 0, "valid_accepted": 2,
-                  "by_kind": {"valid": {202: 2}, "replay": {409: 10}},
-                  "buffer": {"valid_landed": 2, "forged_landed": 0, "rows_in_buffer": 2, "other_rows": 0}},
-        "bombs": {"bombs": [{"name": "b", "statuses": [422, 413]}], "idle_rss_mb": 100.0, "peak_rss_mb": 150.0,
-                  "peak_ratio_to_idle": 1.5},
-        "consumer": {"points": [{"votes": 1, "chunks": 1, "rss_mb": 100, "peak_mb": 100, "healthy_s": 1, "restored_s": 2,
-                                 "known_event_ids": 0},
-                                {"votes": 10, "chunks": 1, "rss_mb": 110, "peak_mb": 110, "healthy_s": 1, "restored_s": 2.2,
-                                 "known_event_ids": 9}],
-                     "rss_ratio": 1.1, "startup_ratio": 1.1},
-        "schemathesis": {"gateway": {"ran": True, "cases": 50, "failures": 1, "unexpected_failures": 0, "errors": 0,
-                                     "failure_kinds": [{"code": "ST202", "operations": ["POST /v1/feedback"]}]},
-                         "reward_service": {"ran": True, "cases": 30, "failures": 0, "unexpected_failures": 0,
-                                            "errors": 0}},
+        "auth": {
+            "write_routes": [{"route": "POST /v1/feedback", "statuses": {"no key": 401, "unknown key": 401}}],
+            "rate_limited": {
+                "rate_per_min": 2,
+                "statuses": [201, 201, 429],
+                "throttled": 1,
+                "throttled_with_retry_after": 1,
+                "retry_after": ["20"],
+            },
+            "concurrency_limited": {
+                "max_concurrency": 1,
+                "statuses": [201, 429],
+                "throttled": 1,
+                "throttled_with_retry_after": 1,
+                "retry_after": ["1"],
+            },
+        },
+        "votes": {
+            "forged": 10,
+            "valid": 2,
+            "forged_accepted": 0,
+            "valid_accepted": 2,
+            "by_kind": {"valid": {202: 2}, "replay": {409: 10}},
+            "buffer": {"valid_landed": 2, "forged_landed": 0, "rows_in_buffer": 2, "other_rows": 0},
+        },
+        "bombs": {
+            "bombs": [{"name": "b", "statuses": [422, 413]}],
+            "idle_rss_mb": 100.0,
+            "peak_rss_mb": 150.0,
+            "peak_ratio_to_idle": 1.5,
+        },
+        "consumer": {
+            "points": [
+                {
+                    "votes": 1,
+                    "chunks": 1,
+                    "rss_mb": 100,
+                    "peak_mb": 100,
+                    "healthy_s": 1,
+                    "restored_s": 2,
+                    "known_event_ids": 0,
+                },
+                {
+                    "votes": 10,
+                    "chunks": 1,
+                    "rss_mb": 110,
+                    "peak_mb": 110,
+                    "healthy_s": 1,
+                    "restored_s": 2.2,
+                    "known_event_ids": 9,
+                },
+            ],
+            "rss_ratio": 1.1,
+            "startup_ratio": 1.1,
+        },
+        "schemathesis": {
+            "gateway": {"ran": True, "cases": 50, "failures": 0, "errors": 0, "failure_kinds": []},
+            "reward_service": {"ran": True, "cases": 30, "failures": 0, "errors": 0},
+        },
     }
     for path, value in overrides.items():
         part, _, key = path.partition("__")
@@ -211,7 +259,13 @@ def test_the_summary_meets_its_targets_only_when_every_measure_does():
         "bombs__peak_ratio_to_idle": 2.5,
         "consumer__rss_ratio": 1.3,
         "consumer__startup_ratio": None,
-        "schemathesis__gateway": {"ran": True, "cases": 5, "failures": 1, "unexpected_failures": 1, "errors": 0},
+        "schemathesis__gateway": {
+            "ran": True,
+            "cases": 5,
+            "failures": 1,
+            "errors": 0,
+            "failure_kinds": [{"code": "ST202", "operations": ["POST /v1/feedback"]}],
+        },
         "schemathesis__reward_service": {"ran": False, "note": "not installed"},
     }
     for path, value in failing.items():
@@ -245,12 +299,19 @@ def test_the_table_has_a_row_per_kind_bomb_and_target():
 def test_schemathesis_report_parsing(tmp_path):
     report = tmp_path / "report.json"
     assert parse_schemathesis(report, 2)["ran"] is False
-    report.write_text(json.dumps({"operations": {"tested": 3}, "test_cases": {"generated": 41, "with_failures": 2,
-                                                                              "unique_failures": 1},
-                                  "failures": [{"code": "ST201", "title": "t", "count": 2, "operations": ["POST /x"]},
-                                               {"code": "ST202", "title": "t", "count": 1, "operations": ["POST /x"]}],
-                                  "errors": []}))
+    report.write_text(
+        json.dumps(
+            {
+                "operations": {"tested": 3},
+                "test_cases": {"generated": 41, "with_failures": 2, "unique_failures": 1},
+                "failures": [
+                    {"code": "ST201", "title": "t", "count": 2, "operations": ["POST /x"]},
+                    {"code": "ST202", "title": "t", "count": 1, "operations": ["POST /x"]},
+                ],
+                "errors": [],
+            }
+        )
+    )
     parsed = parse_schemathesis(report, 1)
-    assert parsed["cases"] == 41 and parsed["failures"] == 1 and parsed["errors"] == 0
-    assert parsed["unexpected_failures"] == 2  # ST201 counts, ST202 (a rule the schema cannot state) does not
+    assert parsed["cases"] == 41 and parsed["failures"] == 2 and parsed["errors"] == 0  # two kinds: at least two
     assert parsed["failure_kinds"][0]["code"] == "ST201"

@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 import pytest
+from finetune_helpers import one_thread, servable_generator  # noqa: F401 - fixture
 from typer.testing import CliRunner
 
-from finetune_helpers import one_thread, servable_generator  # noqa: F401 - fixture
 from finetune_worker.settings import FinetuneSettings
 from loadtests.reward_model_fit import (
     FITS,
@@ -30,19 +30,29 @@ def embed384(prompts: list[str]) -> np.ndarray:
     """A fixed random unit vector per prompt, the size of the real text embedding (what servable_generator takes)."""
     rows = []
     for prompt in prompts:
-        vector = np.random.default_rng(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")).normal(size=384)
+        vector = np.random.default_rng(int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")).normal(
+            size=384
+        )
         rows.append(vector / np.linalg.norm(vector))
     return np.stack(rows).astype(np.float32)
 
 
 def _row(size, fit, draw, test, decision, seconds=1.0):
-    return {"size": size, "fit": fit, "draw": draw, "test_accuracy": test, "decision_accuracy": decision,
-            "passes": decision > 0.5, "seconds": seconds}
+    return {
+        "size": size,
+        "fit": fit,
+        "draw": draw,
+        "test_accuracy": test,
+        "decision_accuracy": decision,
+        "passes": decision > 0.5,
+        "seconds": seconds,
+    }
 
 
 def test_summary_of_the_draws_counts_passes_and_wrong_refusals():
     rows = [
-        _row(110, "probe", 0, 0.60, 0.55), _row(110, "probe", 1, 0.58, 0.48),  # the second: refused, wrongly
+        _row(110, "probe", 0, 0.60, 0.55),
+        _row(110, "probe", 1, 0.58, 0.48),  # the second: refused, wrongly
         _row(110, "probe", 2, 0.49, 0.52, seconds=4.0),  # used though no better than chance
         _row(110, "finetune", 0, 0.56, float("nan")),  # no decided held-out pair: refused, wrongly
         _row(110, "finetune", 1, 0.47, 0.45),  # refused, rightly
@@ -58,7 +68,9 @@ def test_summary_of_the_draws_counts_passes_and_wrong_refusals():
     assert probe["wrong_refusal_rate"] == pytest.approx(1 / 3) and probe["wrong_pass_rate"] == pytest.approx(1 / 3)
     assert probe["seconds_mean"] == pytest.approx(2.0)
     finetune = summary[(110, "finetune")]
-    assert finetune["draws"] == 2 and finetune["pass_rate"] == 0 and finetune["wrong_refusal_rate"] == pytest.approx(0.5)
+    assert (
+        finetune["draws"] == 2 and finetune["pass_rate"] == 0 and finetune["wrong_refusal_rate"] == pytest.approx(0.5)
+    )
     assert finetune["decision_accuracy_mean"] == pytest.approx(0.45) and finetune["wrong_pass_rate"] == 0
     warm = summary[(110, "finetune_warm_bootstrap")]
     assert warm["draws"] == 0 and warm["skipped"] == 1 and warm["pass_rate"] is None
@@ -72,8 +84,14 @@ def test_tiny_run_fits_three_models_per_draw_on_disjoint_prompts_and_writes_repo
     bootstrap = tmp_path / "bootstrap"  # stands in for checkpoints/preference: same architecture, other weights
     save_preference_model(PreferenceRewardModel.from_generator(servable_generator(1)), bootstrap, export_onnx=False)
     config = RewardModelFitConfig(pool_pairs=24, test_pairs=12, sizes=(12, 20), draws=1, clip_s=1.0, captions=20)
-    results = run_reward_model_fit(config, generator=generator, embed=embed384, bootstrap_dir=bootstrap,
-                                   settings=FinetuneSettings(), progress=False)
+    results = run_reward_model_fit(
+        config,
+        generator=generator,
+        embed=embed384,
+        bootstrap_dir=bootstrap,
+        settings=FinetuneSettings(),
+        progress=False,
+    )
 
     data = results["data"]
     assert data["pool_pairs"] == 24 and data["test_pairs"] == 12 and data["shared_prompts"] == 0

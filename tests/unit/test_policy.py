@@ -11,20 +11,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import servable_generator
+from pretrained_helpers import (
+    one_thread_per_module,  # noqa: F401 - autouse fixture
+    tiny_musicgen,
+)
+
 from musicrl.audio import codec
 from musicrl.models.generator import save_generator
 from musicrl.models.musicgen import MusicgenPolicy, delay
 from musicrl.models.policy import GeneratorPolicy, load_policy, policy_kind
 from musicrl.text import HashingTextEncoder
-from pretrained_helpers import one_thread_per_module  # noqa: F401 - autouse fixture
-from pretrained_helpers import tiny_musicgen
 
 pytestmark = pytest.mark.unit
 PROMPTS = ["calm piano melody", "fast drums with loud guitar"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,12 @@ def musicgen(musicgen_dir):
 def test_the_directory_says_which_policy_it_holds(musicgen_dir, musicgen, tmp_path):
     assert policy_kind(musicgen_dir) == "musicgen" and isinstance(musicgen, MusicgenPolicy)
     assert musicgen.guidance_scale == 3.0  # a plain snapshot samples as its generation config says
-    assert (musicgen.sample_rate, musicgen.frame_rate, musicgen.num_codebooks, musicgen.vocab_size) == (32_000, 50.0, 4, 16)
+    assert (musicgen.sample_rate, musicgen.frame_rate, musicgen.num_codebooks, musicgen.vocab_size) == (
+        32_000,
+        50.0,
+        4,
+        16,
+    )
     default_dir = save_generator(servable_generator(), tmp_path / "default")
     default = load_policy(default_dir, embed=HashingTextEncoder().embed)
     assert policy_kind(default_dir) == "default" and isinstance(default, GeneratorPolicy)
@@ -105,7 +110,9 @@ def test_greedy_sampling_reproduces_transformers_generate(musicgen_dir, monkeypa
     policy = MusicgenPolicy.load(musicgen_dir).eval()
     codes = []
     decode = policy.model.audio_encoder.decode
-    monkeypatch.setattr(policy.model.audio_encoder, "decode", lambda c, *a, **k: codes.append(c[0].clone()) or decode(c, *a, **k))
+    monkeypatch.setattr(
+        policy.model.audio_encoder, "decode", lambda c, *a, **k: codes.append(c[0].clone()) or decode(c, *a, **k)
+    )
     inputs = policy.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     greedy = {}
     for scale in (1.0, 30.0):

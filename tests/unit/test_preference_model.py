@@ -49,7 +49,13 @@ def instrument_pairs(n: int, seed: int) -> list[PreferencePair]:
     for _ in range(n):
         cond = rng.standard_normal(384).astype(np.float32)
         length = int(rng.integers(12, 24))
-        pairs.append(PreferencePair(cond / np.linalg.norm(cond), melody(rng, "flute", length), melody(rng, others[rng.integers(len(others))], length)))
+        pairs.append(
+            PreferencePair(
+                cond / np.linalg.norm(cond),
+                melody(rng, "flute", length),
+                melody(rng, others[rng.integers(len(others))], length),
+            )
+        )
     return pairs
 
 
@@ -83,7 +89,9 @@ def test_bradley_terry_loss_values():
 
 def test_training_learns_the_preference_and_generalises(generator):
     model = PreferenceRewardModel.from_generator(generator)
-    config = PreferenceTrainingConfig(learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=3, window_frames=16, progress=False)
+    config = PreferenceTrainingConfig(
+        learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=3, window_frames=16, progress=False
+    )
     metrics = train_preference_model(model, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2))
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_accuracy"] > 0.8
@@ -96,13 +104,17 @@ def test_training_keeps_the_epoch_that_generalises_best(generator):
     contrary = [PreferencePair(p.cond, p.other, p.preferred) for p in instrument_pairs(80, seed=4)]
     model = PreferenceRewardModel.from_generator(generator)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    config = PreferenceTrainingConfig(learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=4, window_frames=16, progress=False)
+    config = PreferenceTrainingConfig(
+        learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=4, window_frames=16, progress=False
+    )
     metrics = train_preference_model(model, contrary, config, heldout=instrument_pairs(60, seed=6))
     assert metrics["train_loss_last"] < metrics["train_loss_first"]  # it did learn the training votes ...
     assert metrics["best_epoch"] == 0  # ... which hurt on the held-out pairs
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     signal = PreferenceRewardModel.from_generator(generator)
-    learned = train_preference_model(signal, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2))
+    learned = train_preference_model(
+        signal, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2)
+    )
     assert learned["best_epoch"] >= 1 and learned["heldout_accuracy"] > 0.8
 
 
@@ -115,7 +127,11 @@ def test_training_holds_out_a_seeded_fraction(generator):
 
 def test_unknown_optimizer_is_rejected(generator):
     with pytest.raises(ValueError, match="optimizer"):
-        train_preference_model(PreferenceRewardModel(TINY), instrument_pairs(4, 0), PreferenceTrainingConfig(optimizer="sgd", progress=False))
+        train_preference_model(
+            PreferenceRewardModel(TINY),
+            instrument_pairs(4, 0),
+            PreferenceTrainingConfig(optimizer="sgd", progress=False),
+        )
 
 
 def test_windows_are_first_and_last():
@@ -192,7 +208,9 @@ def test_served_score_is_the_heads_mean_minus_the_penalty_times_their_std(genera
         model.head.bias.fill_(0.1)
     model.disagreement_penalty = 0.7
     with torch.no_grad():
-        np.testing.assert_allclose(model(cond, tokens).numpy(), model.head_scores(cond, tokens)[:, 0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(
+            model(cond, tokens).numpy(), model.head_scores(cond, tokens)[:, 0].numpy(), atol=1e-5
+        )
 
 
 def test_ensemble_heads_start_different_and_are_trained_on_their_own_resample(generator):
@@ -203,7 +221,9 @@ def test_ensemble_heads_start_different_and_are_trained_on_their_own_resample(ge
     assert weights.shape == (200, 3) and abs(weights.mean() - 1) < 0.1 and (weights == 0).any()
     assert not np.array_equal(weights[:, 0], weights[:, 1])
     assert bootstrap_weights(200, 1, seed=0) is None  # one head: plain (unweighted) training
-    config = PreferenceTrainingConfig(learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=3, window_frames=16, progress=False)
+    config = PreferenceTrainingConfig(
+        learning_rate=3e-3, optimizer="adamw", batch_size=16, epochs=3, window_frames=16, progress=False
+    )
     metrics = train_preference_model(model, instrument_pairs(160, seed=1), config, heldout=instrument_pairs(60, seed=2))
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     assert metrics["heldout_accuracy"] > 0.8  # measured on the served (penalised) score
@@ -214,13 +234,12 @@ def test_weighted_bradley_terry_loss_is_the_mean_over_heads_of_each_heads_weight
     preferred, other = torch.tensor([[2.0, 0.0], [1.0, -1.0]]), torch.zeros(2, 2)
     weights = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
     ties = torch.tensor([False, True])
-    per_head = [
-        float(bradley_terry_loss(preferred[:, h], other[:, h], ties, weights[:, h]))
-        for h in range(2)
-    ]
+    per_head = [float(bradley_terry_loss(preferred[:, h], other[:, h], ties, weights[:, h])) for h in range(2)]
     assert float(bradley_terry_loss(preferred, other, ties, weights)) == pytest.approx(np.mean(per_head))
     # unit weights: the plain loss
-    assert float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties, torch.ones(2))) == pytest.approx(float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties)))
+    assert float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties, torch.ones(2))) == pytest.approx(
+        float(bradley_terry_loss(preferred[:, 0], other[:, 0], ties))
+    )
 
 
 def test_set_heads_keeps_trained_heads_and_perturbs_the_copies(generator):
@@ -282,8 +301,14 @@ def test_the_probe_s_cross_validated_accuracy_is_out_of_sample():
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     generator = Generator(TINY)
-    pairs = [PreferencePair(cond=rng.normal(size=TINY.text_dim).astype(np.float32),
-                            preferred=melody(rng, "piano", 12), other=melody(rng, "piano", 12)) for _ in range(30)]
+    pairs = [
+        PreferencePair(
+            cond=rng.normal(size=TINY.text_dim).astype(np.float32),
+            preferred=melody(rng, "piano", 12),
+            other=melody(rng, "piano", 12),
+        )
+        for _ in range(30)
+    ]
     model = PreferenceRewardModel.from_generator(generator, n_heads=2, disagreement_penalty=0.0)
     metrics = fit_preference_heads(model, pairs, l2=1e-4, folds=5)
     assert metrics["train_accuracy"] >= 0.75 and metrics["cv_accuracy"] <= 0.55  # measured: 0.80 and 0.47

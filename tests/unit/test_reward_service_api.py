@@ -18,21 +18,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from audio_headers import flac_header, wav_header
 from fastapi.testclient import TestClient
+from feedback_helpers import InMemoryStore
+from pydantic import ValidationError
 
 from musicrl.audio import codec, features, formats
+from musicrl.rewards.tiny import TinyPreference, TinyQuality
 from musicrl.schemas.generation import CLIP_GENERATION_ID_METADATA
+from musicrl.schemas.scores import ScoreRequest
 from musicrl.stack.processes import wait_until_healthy
+from musicrl.text import TEXT_DIM, HashingTextEncoder
 from reward_service.app import Dependencies, create_app
 from reward_service.services.inputs import InputResolver, Limits
 from reward_service.services.models import ModelHolder
-from musicrl.rewards.tiny import TinyPreference, TinyQuality
-from musicrl.text import TEXT_DIM, HashingTextEncoder
 from reward_service.services.scorer import CachedTextEncoder, score_batch
 from reward_service.settings import RewardSettings
-
-from audio_headers import flac_header, wav_header
-from feedback_helpers import InMemoryStore
 
 pytestmark = pytest.mark.unit
 
@@ -50,7 +51,9 @@ class FakeTextAdherence:
 
     def __init__(self, version: str):
         self.version = version
-        self.projection = np.random.default_rng(int(version)).standard_normal((features.N_MELS, TEXT_DIM)).astype(np.float32)
+        self.projection = (
+            np.random.default_rng(int(version)).standard_normal((features.N_MELS, TEXT_DIM)).astype(np.float32)
+        )
 
     def embed_audio(self, mels: np.ndarray) -> np.ndarray:
         e = mels.mean(axis=2) @ self.projection
@@ -190,7 +193,9 @@ def test_clip_tokens_come_from_the_generation_stamped_on_the_stored_wav(api):
     store.objects["musicrl-generations", f"generations/{generation_id}.json"] = json.dumps(
         {"clips": [{"clip_id": stamped, "tokens": recorded}]}
     ).encode()
-    items = [{"prompt": "p", "clip_id": c} for c in (stamped, unstamped, dangling)] + [{"prompt": "p", "tokens": recorded}]
+    items = [{"prompt": "p", "clip_id": c} for c in (stamped, unstamped, dangling)] + [
+        {"prompt": "p", "tokens": recorded}
+    ]
     r = client.post("/v1/scores", json={"items": items, "components": ["preference"]})
     assert r.status_code == 200, r.text
     from_record, analysed, fallback, direct = (s["preference"] for s in r.json()["scores"])
@@ -263,7 +268,11 @@ NAN_WAV = float_wav(np.where(np.arange(SR) == 100, np.nan, tone(1.0)).astype(np.
         ({"items": [{"prompt": "x", "tokens": [10] * 16, "color": "red"}]}, 422, "color"),
         ({"items": [{"prompt": "x", "tokens": [10] * 16}], "components": ["loudness"]}, 422, "components"),
         ({"items": [{"prompt": "x", "tokens": [10] * 16}], "components": []}, 422, "must not be empty"),
-        ({"items": [{"prompt": "x", "tokens": [10] * 16}], "components": ["quality"], "weights": {"preference": 1}}, 422, "not computed"),
+        (
+            {"items": [{"prompt": "x", "tokens": [10] * 16}], "components": ["quality"], "weights": {"preference": 1}},
+            422,
+            "not computed",
+        ),
         ({"items": [{"prompt": "x", "tokens": [codec.VOCAB_SIZE]}]}, 422, "tokens must lie in"),
         ({"items": [{"prompt": "x", "tokens": [-1] * 16}]}, 422, "tokens must lie in"),
         ({"items": [{"prompt": "x", "tokens": ["a"]}]}, 422, "tokens"),
@@ -272,7 +281,11 @@ NAN_WAV = float_wav(np.where(np.arange(SR) == 100, np.nan, tone(1.0)).astype(np.
         ({"items": [{"prompt": "x", "audio_b64": "not base64!"}]}, 422, "base64"),
         ({"items": [{"prompt": "x", "audio_b64": b64(b"OggS" + b"\0" * 100)}]}, 422, "WAV or FLAC"),
         ({"items": [{"prompt": "x", "audio_b64": b64(b"RIFF" + b"\0" * 100)}]}, 422, "not a readable"),
-        ({"items": [{"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(31.0), SR, "flac"))}]}, 413, "limit is 30"),
+        (
+            {"items": [{"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(31.0), SR, "flac"))}]},
+            413,
+            "limit is 30",
+        ),
         ({"items": [{"prompt": "x", "audio_b64": b64(formats.encode_audio(tone(0.05), SR))}]}, 422, "at least"),
         ({"items": [{"prompt": "x", "audio_b64": NAN_WAV}]}, 422, "NaN"),
         ({"items": [{"prompt": "x", "audio_b64": ""}]}, 422, "WAV or FLAC"),
@@ -285,6 +298,62 @@ def test_bad_input_gets_a_clear_4xx(api, body, status, message):
     r = client.post("/v1/scores", json=body)
     assert r.status_code == status, r.text
     assert message in r.json()["detail"]
+
+
+def test_the_openapi_document_states_the_item_and_weight_rules(api):
+    # What the validators refuse, the published schema refuses too (no schema-valid body gets 422 for them).
+    import jsonschema
+
+    client, _, _ = api
+    document = client.get("/openapi.json").json()
+    schema = {**document["components"]["schemas"]["ScoreRequest"], "components": document["components"]}
+    validator = jsonschema.Draft202012Validator(schema)  # its $refs point into "components"
+    h = "c" * 32
+    items = [
+        {"prompt": "x"},
+        {"prompt": "x", "clip_id": h},
+        {"prompt": "x", "clip_id": h, "tokens": [10] * 16},
+        {"prompt": "x", "tokens": [10] * 16, "generation_id": h},
+        {"prompt": "x", "clip_id": None, "tokens": [10] * 16},
+        {"prompt": "x", "clip_id": h, "generation_id": h},
+        {"prompt": "x", "audio_b64": "AA", "tokens": None},
+        {"prompt": "x", "clip_id": None},
+    ]
+    extras = [
+        {},
+        {"components": ["quality"], "weights": {"text_adherence": 1.0}},
+        {"weights": {"quality": 2.0}},
+        {"components": ["quality"], "weights": {"quality": 1.0}},
+    ]
+    verdicts = set()
+    for item in items:
+        for extra in extras:
+            body = {"items": [item], **extra}
+            try:
+                ScoreRequest.model_validate(body)
+                accepted = True
+            except ValidationError:
+                accepted = False
+            assert validator.is_valid(body) == accepted, body
+            verdicts.add(accepted)
+    assert verdicts == {True, False}
+
+
+def test_the_openapi_document_states_the_configured_limits(api):
+    client, _, _ = api
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    tokens = next(b for b in schemas["ScoreItem"]["properties"]["tokens"]["anyOf"] if b["type"] == "array")
+    assert tokens["items"] == {"type": "integer", "minimum": 0, "maximum": codec.VOCAB_SIZE - 1}
+    assert schemas["ScoreRequest"]["properties"]["items"]["maxItems"] == 8
+    # The longest and shortest token lists the document allows are scored; one token beyond either is refused.
+    for n, status in (
+        (tokens["maxItems"], 200),
+        (tokens["maxItems"] + 1, 413),
+        (tokens["minItems"], 200),
+        (tokens["minItems"] - 1, 422),
+    ):
+        r = client.post("/v1/scores", json={"items": [{"prompt": "x", "tokens": [10] * n}], "components": ["quality"]})
+        assert r.status_code == status, (n, r.text)
 
 
 @pytest.fixture()
@@ -305,7 +374,11 @@ def decoded(monkeypatch):
     "data, status, message",
     [
         # Decoded, these would be 0.0005 s of audio ("at least 0.25 s"), no audio at all, or unreadable.
-        (wav_header(1_000_000, 1, data=bytes(1000)), 422, "sample rate 1000000 Hz is outside the accepted 8000..48000 Hz"),
+        (
+            wav_header(1_000_000, 1, data=bytes(1000)),
+            422,
+            "sample rate 1000000 Hz is outside the accepted 8000..48000 Hz",
+        ),
         (wav_header(16_000, 64), 422, "64 channels, at most 2 accepted"),
         (flac_header(1_000_000, 1), 422, "sample rate 1000000 Hz is outside"),
         (flac_header(655_350, 8, seconds=3600), 422, "sample rate 655350 Hz"),
@@ -314,7 +387,15 @@ def decoded(monkeypatch):
         # 42 bytes claiming an hour: refused on the header, never decompressed.
         (flac_header(48_000, 2, seconds=3600), 413, "3600.0 s of audio, the limit is 30 s"),
     ],
-    ids=["wav-1MHz-truncated", "wav-64ch-header-only", "flac-1MHz", "flac-655kHz-8ch-1h", "flac-8ch", "wav-4kHz", "flac-1h"],
+    ids=[
+        "wav-1MHz-truncated",
+        "wav-64ch-header-only",
+        "flac-1MHz",
+        "flac-655kHz-8ch-1h",
+        "flac-8ch",
+        "wav-4kHz",
+        "flac-1h",
+    ],
 )
 def test_audio_headers_outside_the_limits_are_refused_before_decoding(api, decoded, data, status, message):
     client, _, store = api
@@ -412,7 +493,9 @@ def test_full_queue_answers_429_with_retry_after():
     with TestClient(app) as client:
         wait_ready(client)
         results = []
-        threads = [threading.Thread(target=lambda: results.append(client.post("/v1/scores", json=body))) for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda: results.append(client.post("/v1/scores", json=body))) for _ in range(2)
+        ]
         for t in threads:
             t.start()
             time.sleep(0.3)  # the worker holds one clip; three wait: the queue is full
@@ -423,7 +506,7 @@ def test_full_queue_answers_429_with_retry_after():
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
         assert [x.status_code for x in results] == [200, 200]
-        assert "musicrl_reward_requests_rejected_total{reason=\"queue_full\"} 1.0" in client.get("/metrics").text
+        assert 'musicrl_reward_requests_rejected_total{reason="queue_full"} 1.0' in client.get("/metrics").text
 
 
 def test_not_ready_until_models_load_then_ready():

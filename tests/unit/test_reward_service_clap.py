@@ -13,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
 from feedback_helpers import InMemoryStore
+from pretrained_helpers import (
+    one_thread_per_module,  # noqa: F401 - autouse fixture
+    tiny_clap,
+)
+
 from musicrl.audio import codec, formats
 from musicrl.registry import sha256_file
 from musicrl.rewards.clap import ClapTextAdherence
 from musicrl.text import HashingTextEncoder
 from musicrl.weights import directory_digest
-from pretrained_helpers import one_thread_per_module  # noqa: F401 - autouse fixture
-from pretrained_helpers import tiny_clap
 from reward_service.app import Dependencies, create_app
 from reward_service.services.inputs import InputResolver, Limits
 from reward_service.services.models import ModelHolder, RegistrySource
@@ -30,8 +32,6 @@ from reward_service.services.scorer import CachedTextEncoder, score_batch
 from reward_service.settings import RewardSettings
 
 pytestmark = pytest.mark.unit
-
-
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +55,21 @@ class QualityOnlyRegistry:
 
 
 def clap_settings(path, **overrides) -> RewardSettings:
-    return RewardSettings(reward_impl="tiny", reward_text_adherence_impl="clap", reward_clap_path=str(path),
-                          reward_poll_interval_s=0, **overrides)
+    return RewardSettings(
+        reward_impl="tiny",
+        reward_text_adherence_impl="clap",
+        reward_clap_path=str(path),
+        reward_poll_interval_s=0,
+        **overrides,
+    )
 
 
 def test_settings_choose_clap_over_the_text_encoder_check(clap_dir, tmp_path):
     settings = clap_settings(clap_dir, reward_text_encoder="minilm")
     directory = shutil.copytree(clap_dir, tmp_path / "clap")
-    (directory / "meta.json").write_text(json.dumps({"training": {"text_encoder": "hashing"}}))  # ignored: CLAP has its own
+    (directory / "meta.json").write_text(
+        json.dumps({"training": {"text_encoder": "hashing"}})
+    )  # ignored: CLAP has its own
     model = component_loader(settings)("text_adherence", directory, "clap-x")
     assert isinstance(model, ClapTextAdherence) and model.version == "clap-x"
     default = component_loader(RewardSettings(reward_impl="tiny"))("text_adherence", tmp_path / "none", "1")
@@ -91,14 +98,21 @@ def test_the_service_scores_text_adherence_with_clap_and_reports_its_version(cla
     source = RegistrySource(QualityOnlyRegistry(), tmp_path, pinned_models(settings, store))
     holder = ModelHolder(source, component_loader(settings))
     resolver = InputResolver(None, Limits.from_settings(settings), codec, formats)
-    app = create_app(settings, Dependencies(holder, resolver, partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))))
+    app = create_app(
+        settings,
+        Dependencies(holder, resolver, partial(score_batch, text_encoder=CachedTextEncoder(HashingTextEncoder()))),
+    )
 
     wave48 = (0.1 * np.random.default_rng(0).standard_normal(12 * 48_000)).astype(np.float32)
     wav = formats.encode_audio(wave48, 48_000, "wav")
     tokens = np.random.default_rng(1).integers(codec.NOTE_OFFSET, codec.VOCAB_SIZE, codec.frames_for(6.0)).tolist()
-    body = {"items": [{"prompt": "calm piano", "audio_b64": base64.b64encode(wav).decode()},
-                      {"prompt": "fast drums", "tokens": tokens}],
-            "components": ["text_adherence", "quality"]}
+    body = {
+        "items": [
+            {"prompt": "calm piano", "audio_b64": base64.b64encode(wav).decode()},
+            {"prompt": "fast drums", "tokens": tokens},
+        ],
+        "components": ["text_adherence", "quality"],
+    }
     with TestClient(app) as client:
         deadline = time.monotonic() + 30
         while client.get("/readyz").status_code != 200:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pretrained_helpers import (
+    one_thread_per_module,  # noqa: F401 - autouse fixture
+    tiny_clap,
+)
 
 from musicrl.audio.features import resample
 from musicrl.rewards import AudioTextModel, Clip, RewardModels, RewardSuite, load_component
@@ -11,12 +15,8 @@ from musicrl.rewards.clap import ClapTextAdherence
 from musicrl.rewards.tiny import TinyQuality
 from musicrl.text import HashingTextEncoder
 from musicrl.weights import directory_digest
-from pretrained_helpers import one_thread_per_module  # noqa: F401 - autouse fixture
-from pretrained_helpers import tiny_clap
 
 pytestmark = pytest.mark.unit
-
-
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,11 @@ class CountingClap:
 
 
 def suite_with(text_adherence) -> RewardSuite:
-    return RewardSuite(RewardModels(text_adherence=text_adherence, quality=TinyQuality(), preference=None,
-                                    text_encoder=HashingTextEncoder()))
+    return RewardSuite(
+        RewardModels(
+            text_adherence=text_adherence, quality=TinyQuality(), preference=None, text_encoder=HashingTextEncoder()
+        )
+    )
 
 
 def noise(seconds: float, rate: int, seed: int) -> np.ndarray:
@@ -77,8 +80,12 @@ def test_clap_is_only_a_text_adherence_model(clap_dir):
 
 def test_each_clip_is_scored_in_10_s_windows_at_48_khz_and_the_cosines_averaged(clap):
     counting = CountingClap(clap)
-    clips = [Clip("calm piano", wave=noise(4.0, 16_000, 1)), Clip("fast drums", wave=noise(10.0, 16_000, 2)),
-             Clip("sad strings", wave=noise(25.0, 16_000, 3)), Clip("calm piano", wave=noise(23.0, 16_000, 4))]
+    clips = [
+        Clip("calm piano", wave=noise(4.0, 16_000, 1)),
+        Clip("fast drums", wave=noise(10.0, 16_000, 2)),
+        Clip("sad strings", wave=noise(25.0, 16_000, 3)),
+        Clip("calm piano", wave=noise(23.0, 16_000, 4)),
+    ]
     scores = suite_with(counting).score(clips, components=["text_adherence"])
     # 4 s and 10 s: one window each; 25 s: 0-10, 10-20 and the last 10 s (the 5 s remainder counts);
     # 23 s: two windows (a 3 s remainder is dropped)
@@ -96,7 +103,11 @@ def test_audio_reaches_clap_at_its_own_rate_and_scores_are_deterministic(clap):
     wave48 = noise(6.0, 48_000, 5)
     expected = float((clap.embed_waves(wave48[None]) @ clap.embed_text(["slow guitar"])[0])[0])
     suite = suite_with(clap)
-    first = suite.score([Clip("slow guitar", wave=wave48, sample_rate=48_000)], components=["text_adherence", "quality"])[0]
-    again = suite.score([Clip("slow guitar", wave=wave48, sample_rate=48_000)], components=["text_adherence", "quality"])[0]
+    first = suite.score(
+        [Clip("slow guitar", wave=wave48, sample_rate=48_000)], components=["text_adherence", "quality"]
+    )[0]
+    again = suite.score(
+        [Clip("slow guitar", wave=wave48, sample_rate=48_000)], components=["text_adherence", "quality"]
+    )[0]
     assert first["text_adherence"] == pytest.approx(expected, abs=1e-6) and first == again
     assert first["quality_mos"] is not None  # the log-mel models still get their 16 kHz copy

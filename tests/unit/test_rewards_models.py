@@ -11,7 +11,11 @@ from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder
 from musicrl.models.audio_export import write_checkpoint
 from musicrl.models.quality import MosRegressor
 from musicrl.models.train_audio import (
-    ContrastiveTrainer, MosTrainer, QualityTrainingConfig, TextAdherenceTrainingConfig, retrieval_metrics,
+    ContrastiveTrainer,
+    MosTrainer,
+    QualityTrainingConfig,
+    TextAdherenceTrainingConfig,
+    retrieval_metrics,
 )
 from musicrl.rewards import load_reward_models
 from musicrl.rewards.onnx_impl import OnnxQuality, OnnxTextAdherence
@@ -29,24 +33,47 @@ def mels():
 
 def test_onnx_export_agrees_with_torch_for_any_length(tmp_path, mels):
     torch.manual_seed(0)
-    write_checkpoint(AudioTextEncoder(SMALL).eval(), tmp_path / "text_adherence", "text_adherence", "embedding", {}, {}, "test")
+    write_checkpoint(
+        AudioTextEncoder(SMALL).eval(), tmp_path / "text_adherence", "text_adherence", "embedding", {}, {}, "test"
+    )
     write_checkpoint(MosRegressor(SMALL).eval(), tmp_path / "quality", "quality", "mos", {}, {}, "test")
-    onnx_models = load_reward_models(tmp_path, impl={"text_adherence": "onnx", "quality": "onnx", "preference": "tiny"}, text_encoder="hashing")
-    torch_models = load_reward_models(tmp_path, impl={"text_adherence": "torch", "quality": "torch", "preference": "tiny"}, text_encoder="hashing")
-    assert isinstance(onnx_models.text_adherence, OnnxTextAdherence) and isinstance(torch_models.text_adherence, TorchTextAdherence)
+    onnx_models = load_reward_models(
+        tmp_path, impl={"text_adherence": "onnx", "quality": "onnx", "preference": "tiny"}, text_encoder="hashing"
+    )
+    torch_models = load_reward_models(
+        tmp_path, impl={"text_adherence": "torch", "quality": "torch", "preference": "tiny"}, text_encoder="hashing"
+    )
+    assert isinstance(onnx_models.text_adherence, OnnxTextAdherence) and isinstance(
+        torch_models.text_adherence, TorchTextAdherence
+    )
     assert isinstance(onnx_models.quality, OnnxQuality) and isinstance(torch_models.quality, TorchQuality)
     for frames in (500, 137):
         batch = mels[:, :, :frames]
-        np.testing.assert_allclose(onnx_models.text_adherence.embed_audio(batch), torch_models.text_adherence.embed_audio(batch), atol=1e-4)
+        np.testing.assert_allclose(
+            onnx_models.text_adherence.embed_audio(batch), torch_models.text_adherence.embed_audio(batch), atol=1e-4
+        )
         np.testing.assert_allclose(onnx_models.quality.mos(batch), torch_models.quality.mos(batch), atol=1e-4)
     assert onnx_models.versions["text_adherence"] == torch_models.versions["text_adherence"]
     assert onnx_models.versions["text_adherence"].startswith("text_adherence-")
 
 
 def _tiny_text_config(**overrides):
-    return TextAdherenceTrainingConfig(**({"n_train": 16, "n_valid": 8, "n_captions": 2, "text_encoder": "hashing",
-                                           "steps": 4, "batch_size": 8, "crop_frames": 100, "checkpoint_every": 2,
-                                           "eval_every": 2} | overrides))
+    return TextAdherenceTrainingConfig(
+        **(
+            {
+                "n_train": 16,
+                "n_valid": 8,
+                "n_captions": 2,
+                "text_encoder": "hashing",
+                "steps": 4,
+                "batch_size": 8,
+                "crop_frames": 100,
+                "checkpoint_every": 2,
+                "eval_every": 2,
+            }
+            | overrides
+        )
+    )
 
 
 def test_contrastive_training_resumes_exactly(tmp_path):
@@ -65,8 +92,16 @@ def test_contrastive_training_resumes_exactly(tmp_path):
 
 
 def test_quality_training_runs_and_writes_a_checkpoint(tmp_path):
-    config = QualityTrainingConfig(n_train=12, n_valid=6, renders_per_record=1, steps=3, batch_size=6,
-                                   crop_frames=100, checkpoint_every=3, eval_every=3)
+    config = QualityTrainingConfig(
+        n_train=12,
+        n_valid=6,
+        renders_per_record=1,
+        steps=3,
+        batch_size=6,
+        crop_frames=100,
+        checkpoint_every=3,
+        eval_every=3,
+    )
     trainer = MosTrainer(config, tmp_path / "work", tmp_path / "quality", tmp_path / "cache", SMALL)
     metrics = trainer.train()
     assert np.isfinite(metrics["loss"]) and "valid/spearman" in metrics
@@ -93,9 +128,19 @@ def test_committed_checkpoint_is_small_versioned_and_documented(name):
 
 @pytest.mark.parametrize("name", ["text_adherence", "quality"])
 def test_committed_onnx_agrees_with_committed_weights(name, mels):
-    onnx = load_reward_models(ROOT / "checkpoints", impl={"text_adherence": "onnx", "quality": "onnx", "preference": "tiny"}, text_encoder="hashing")
-    torch_models = load_reward_models(ROOT / "checkpoints", impl={"text_adherence": "torch", "quality": "torch", "preference": "tiny"}, text_encoder="hashing")
+    onnx = load_reward_models(
+        ROOT / "checkpoints",
+        impl={"text_adherence": "onnx", "quality": "onnx", "preference": "tiny"},
+        text_encoder="hashing",
+    )
+    torch_models = load_reward_models(
+        ROOT / "checkpoints",
+        impl={"text_adherence": "torch", "quality": "torch", "preference": "tiny"},
+        text_encoder="hashing",
+    )
     if name == "text_adherence":
-        np.testing.assert_allclose(onnx.text_adherence.embed_audio(mels), torch_models.text_adherence.embed_audio(mels), atol=1e-4)
+        np.testing.assert_allclose(
+            onnx.text_adherence.embed_audio(mels), torch_models.text_adherence.embed_audio(mels), atol=1e-4
+        )
     else:
         np.testing.assert_allclose(onnx.quality.mos(mels), torch_models.quality.mos(mels), atol=1e-4)

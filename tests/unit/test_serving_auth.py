@@ -16,6 +16,8 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from test_feedback_gateway import RecordingProducer
+from test_serving_gateway import FakeTextEncoder, FakeTriton, make_store
 from typer.testing import CliRunner
 
 from musicrl.schemas.preference import PreferenceEvent
@@ -27,9 +29,6 @@ from serving.services.feedback import pseudonymise
 from serving.services.limits import KeyedBuckets, Principal, PrincipalLimits, TokenBucket
 from serving.services.vote_tokens import VoteClaims, VoteLedger, VoteTokens
 from serving.settings import ApiKeySpec, GatewaySettings
-
-from test_feedback_gateway import RecordingProducer
-from test_serving_gateway import FakeTextEncoder, FakeTriton, make_store
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +47,11 @@ class Gateway:
     def __init__(self, triton: FakeTriton | None = None, **settings):
         self.triton = triton or FakeTriton()
         self.producer = RecordingProducer()
-        settings = {"gateway_api_keys": KEYS, "gateway_user_hash_key": USER_HASH_KEY, "gateway_store_timeout_s": 2} | settings
+        settings = {
+            "gateway_api_keys": KEYS,
+            "gateway_user_hash_key": USER_HASH_KEY,
+            "gateway_store_timeout_s": 2,
+        } | settings
         self.app = create_app(
             GatewaySettings(**settings), triton=self.triton, store=make_store(), text_encoder=FakeTextEncoder()
         )
@@ -56,16 +59,28 @@ class Gateway:
         self.client = TestClient(self.app)
 
     def generate(self, key: str = APP_KEY, **body) -> dict:
-        response = self.client.post("/v1/generations", json={"prompt": "x", "duration_s": 1} | body, headers=bearer(key))
+        response = self.client.post(
+            "/v1/generations", json={"prompt": "x", "duration_s": 1} | body, headers=bearer(key)
+        )
         assert response.status_code == 201, response.text
         return response.json()
 
     def vote(self, generation: dict, key: str = APP_KEY, **overrides):
         a, b = generation["clips"][:2]
-        body = {"event_id": os.urandom(8).hex(), "generation_id": generation["generation_id"], "clip_a_id": a["clip_id"],
-                "clip_b_id": b["clip_id"], "choice": "a", "listen_a_s": 0.8, "listen_b_s": 1.0, "user_id": "alice",
-                "vote_token": generation["vote_token"]} | overrides
-        return self.client.post("/v1/feedback", json={k: v for k, v in body.items() if v is not None}, headers=bearer(key))
+        body = {
+            "event_id": os.urandom(8).hex(),
+            "generation_id": generation["generation_id"],
+            "clip_a_id": a["clip_id"],
+            "clip_b_id": b["clip_id"],
+            "choice": "a",
+            "listen_a_s": 0.8,
+            "listen_b_s": 1.0,
+            "user_id": "alice",
+            "vote_token": generation["vote_token"],
+        } | overrides
+        return self.client.post(
+            "/v1/feedback", json={k: v for k, v in body.items() if v is not None}, headers=bearer(key)
+        )
 
 
 @pytest.fixture()
@@ -87,11 +102,17 @@ def refused(response, status: int, needle: str) -> None:
 
 def test_write_routes_need_a_key_401_with_www_authenticate(gateway):
     generation = gateway.generate()
-    for path, body in [("/v1/generations", {"prompt": "x", "duration_s": 1}),
-                       ("/v1/feedback", {"generation_id": generation["generation_id"]})]:
-        for headers, needle in [({}, "an API key is required"), (bearer("mrl_wrong"), "unknown API key"),
-                                ({"X-API-Key": "mrl_wrong"}, "unknown API key"), ({"Authorization": "Basic eDp5"}, "required"),
-                                (bearer(hash_key(APP_KEY)), "unknown API key")]:  # the hash is not the key
+    for path, body in [
+        ("/v1/generations", {"prompt": "x", "duration_s": 1}),
+        ("/v1/feedback", {"generation_id": generation["generation_id"]}),
+    ]:
+        for headers, needle in [
+            ({}, "an API key is required"),
+            (bearer("mrl_wrong"), "unknown API key"),
+            ({"X-API-Key": "mrl_wrong"}, "unknown API key"),
+            ({"Authorization": "Basic eDp5"}, "required"),
+            (bearer(hash_key(APP_KEY)), "unknown API key"),
+        ]:  # the hash is not the key
             response = gateway.client.post(path, json=body, headers=headers)
             refused(response, 401, needle)
             assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -100,12 +121,20 @@ def test_write_routes_need_a_key_401_with_www_authenticate(gateway):
 
 
 def test_bearer_and_x_api_key_both_work_and_reads_stay_open(gateway):
-    response = gateway.client.post("/v1/generations", json={"prompt": "x", "duration_s": 1}, headers={"X-API-Key": APP_KEY})
+    response = gateway.client.post(
+        "/v1/generations", json={"prompt": "x", "duration_s": 1}, headers={"X-API-Key": APP_KEY}
+    )
     assert response.status_code == 201, response.text
     generation = gateway.generate(OTHER_KEY)
     clip = generation["clips"][0]["clip_id"]
-    for path in (f"/v1/generations/{generation['generation_id']}", f"/v1/clips/{clip}", f"/v1/clips/{clip}/audio",
-                 "/", "/healthz", "/readyz"):
+    for path in (
+        f"/v1/generations/{generation['generation_id']}",
+        f"/v1/clips/{clip}",
+        f"/v1/clips/{clip}/audio",
+        "/",
+        "/healthz",
+        "/readyz",
+    ):
         assert gateway.client.get(path).status_code == 200, path
 
 
@@ -130,7 +159,9 @@ def test_concurrency_cap_per_key_answers_429_while_a_request_is_in_flight():
         while gateway.triton.in_flight == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert gateway.app.state.limits.in_flight("other") == 1
-        response = gateway.client.post("/v1/generations", json={"prompt": "y", "duration_s": 1}, headers=bearer(OTHER_KEY))
+        response = gateway.client.post(
+            "/v1/generations", json={"prompt": "y", "duration_s": 1}, headers=bearer(OTHER_KEY)
+        )
         refused(response, 429, "requests in flight")
         assert response.headers["Retry-After"] == "1"
         gateway.generate(APP_KEY)  # other keys are not held up
@@ -191,7 +222,7 @@ def test_a_valid_vote_token_is_accepted_and_the_event_keeps_no_token(gateway):
     assert generation["vote_token"].startswith("v1.") and generation["vote_token_expires_at"]
     response = gateway.vote(generation)
     assert response.status_code == 202, response.text
-    (_, key, value), = gateway.producer.sent
+    ((_, key, value),) = gateway.producer.sent
     event = PreferenceEvent.from_bytes(value)
     assert key == generation["generation_id"].encode() and event.listen_a_s == 0.8
     assert event.user_pseudonym == pseudonymise("alice", USER_HASH_KEY.encode())
@@ -233,7 +264,9 @@ def test_votes_the_token_does_not_allow_are_refused_and_not_produced(gateway, ta
         overrides |= {"vote_token": f"{head}.{_b64(json.dumps(claims).encode())}.{signature}", "listen_a_s": 100.0}
     elif tamper == "another secret":
         clips = [(c["clip_id"], c["duration_s"]) for c in generation["clips"]]
-        overrides["vote_token"] = VoteTokens(b"guessed-secret", 3600).issue(generation["generation_id"], clips, "app", "alice")[0]
+        overrides["vote_token"] = VoteTokens(b"guessed-secret", 3600).issue(
+            generation["generation_id"], clips, "app", "alice"
+        )[0]
     elif tamper == "not a token":
         overrides["vote_token"] = "v1.not-a-token"
     elif tamper == "expired":
@@ -298,7 +331,9 @@ def test_the_ledger_forgets_expired_votes_and_stays_bounded():
     def claims(generation: str, user: str | None = "u", expires: int = 1100) -> VoteClaims:
         return VoteClaims(generation, "app", user, {}, expires)
 
-    assert ledger.claim(claims("g1"), "e1") and ledger.claim(claims("g1"), "e1") and not ledger.claim(claims("g1"), "e2")
+    assert (
+        ledger.claim(claims("g1"), "e1") and ledger.claim(claims("g1"), "e1") and not ledger.claim(claims("g1"), "e2")
+    )
     assert ledger.claim(claims("g1", user=None), "e3")  # the key's vote is another voter
     assert ledger.claim(claims("g2"), "e4") and len(ledger) == 2  # the oldest entry made room
     now[0] = 1200.0
@@ -335,9 +370,12 @@ def test_production_refuses_development_secrets_and_no_keys(monkeypatch):
 def test_api_key_entries_parse_from_lines_or_json():
     h = hash_key("k")
     assert GatewaySettings(gateway_api_keys=f"a:{h}, b:{h.upper()}:10:2").gateway_api_keys == [
-        ApiKeySpec(name="a", sha256=h), ApiKeySpec(name="b", sha256=h, rate_per_min=10, max_concurrency=2)]
-    assert GatewaySettings(gateway_api_keys=json.dumps([{"name": "c", "sha256": h}, f"d:{h}::3"])).gateway_api_keys[1] == \
-        ApiKeySpec(name="d", sha256=h, max_concurrency=3)
+        ApiKeySpec(name="a", sha256=h),
+        ApiKeySpec(name="b", sha256=h, rate_per_min=10, max_concurrency=2),
+    ]
+    assert GatewaySettings(gateway_api_keys=json.dumps([{"name": "c", "sha256": h}, f"d:{h}::3"])).gateway_api_keys[
+        1
+    ] == ApiKeySpec(name="d", sha256=h, max_concurrency=3)
     for bad in ("a", f"page:{h}", f"a:{h},a:{h}", f"a:{h[:20]}", f"a:{h}:0", f"a b:{h}x"):
         with pytest.raises(ValueError):
             GatewaySettings(gateway_api_keys=bad)
@@ -364,8 +402,17 @@ def test_new_key_and_hash_key_commands_print_entries_the_gateway_accepts():
 def test_openapi_declares_the_security_schemes_and_the_401_429_answers(gateway):
     document = gateway.client.get("/openapi.json").json()
     schemes = document["components"]["securitySchemes"]
-    assert schemes["ApiKeyBearer"] == {"type": "http", "scheme": "bearer", "description": schemes["ApiKeyBearer"]["description"]}
-    assert schemes["ApiKeyHeader"] | {"description": ""} == {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": ""}
+    assert schemes["ApiKeyBearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": schemes["ApiKeyBearer"]["description"],
+    }
+    assert schemes["ApiKeyHeader"] | {"description": ""} == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "",
+    }
     for path in ("/v1/generations", "/v1/feedback"):
         operation = document["paths"][path]["post"]
         assert {"ApiKeyBearer": []} in operation["security"] and {"ApiKeyHeader": []} in operation["security"]

@@ -10,11 +10,11 @@ import types
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import servable_generator
+from pretrained_helpers import tiny_musicgen
+
 from musicrl.models.generator import save_generator
 from musicrl.models.policy import load_policy
-from pretrained_helpers import tiny_musicgen
 from serving.model_repository import TEMPLATE_DIR, BatchingConfig, install_version
 
 pytestmark = pytest.mark.unit
@@ -56,9 +56,18 @@ def backend(monkeypatch):
 def request(prompt_name: str, prompts: list, seeds: list[int], n_frames: int, temperature: float = 1.0, top_k: int = 0):
     n = len(seeds)
     column = lambda values, dtype: np.asarray(values, dtype=dtype).reshape(n, 1)  # noqa: E731
-    prompt = np.asarray(prompts, dtype=object).reshape(n, 1) if prompt_name == "PROMPT" else np.asarray(prompts, dtype=np.float32)
-    tensors = {prompt_name: prompt, "SEED": column(seeds, np.int64), "N_FRAMES": column([n_frames] * n, np.int32),
-               "TEMPERATURE": column([temperature] * n, np.float32), "TOP_K": column([top_k] * n, np.int32)}
+    prompt = (
+        np.asarray(prompts, dtype=object).reshape(n, 1)
+        if prompt_name == "PROMPT"
+        else np.asarray(prompts, dtype=np.float32)
+    )
+    tensors = {
+        prompt_name: prompt,
+        "SEED": column(seeds, np.int64),
+        "N_FRAMES": column([n_frames] * n, np.int32),
+        "TEMPERATURE": column([temperature] * n, np.float32),
+        "TOP_K": column([top_k] * n, np.int32),
+    }
     return {name: Tensor(name, array) for name, array in tensors.items()}
 
 
@@ -91,8 +100,10 @@ def test_a_musicgen_version_is_served_from_its_prompt_text_at_32_khz(backend, tm
 
     # Rows of different lengths were sampled apart: each is what the policy samples for it alone.
     policy = load_policy(checkpoint)
-    for prompt, seed, frames, temperature, top_k, tokens in [("calm piano melody", 2, 5, 0.9, 0, a["TOKENS"][1]),
-                                                             ("fast drums", 3, 8, 1.0, 4, b["TOKENS"][0])]:
+    for prompt, seed, frames, temperature, top_k, tokens in [
+        ("calm piano melody", 2, 5, 0.9, 0, a["TOKENS"][1]),
+        ("fast drums", 3, 8, 1.0, 4, b["TOKENS"][0]),
+    ]:
         alone, _ = policy.sample(policy.condition([prompt]), frames, temperature, top_k, [seed])
         np.testing.assert_array_equal(tokens, alone[0].numpy())
 
@@ -106,8 +117,12 @@ def test_the_default_generator_is_served_as_before(backend, tmp_path):
 
     model = serve(backend, tmp_path / "repo")
     embeddings = np.random.default_rng(0).standard_normal((2, 384)).astype(np.float32)
-    short, long = model.execute([request("PROMPT_EMBEDDING", embeddings[:1], [7], n_frames=6),
-                                 request("PROMPT_EMBEDDING", embeddings[1:], [8], n_frames=10)])
+    short, long = model.execute(
+        [
+            request("PROMPT_EMBEDDING", embeddings[:1], [7], n_frames=6),
+            request("PROMPT_EMBEDDING", embeddings[1:], [8], n_frames=10),
+        ]
+    )
     assert short.outputs["TOKENS"].shape == (1, 6) and long.outputs["TOKENS"].shape == (1, 10)  # [T] per row, as before
     assert short.outputs["SAMPLE_RATE"].tolist() == [[16_000]] and short.outputs["AUDIO"].shape == (1, 6 * 2000)
     alone, logprobs = generator.eval().sample(torch.from_numpy(embeddings[:1]), 6, 1.0, 0, [7])

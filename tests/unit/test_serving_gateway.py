@@ -23,7 +23,7 @@ from serving.errors import UpstreamFailed, UpstreamUnavailable
 from serving.schemas import GenerationRequest
 from serving.services.embedding import PromptEmbedder
 from serving.services.generations import GenerationService, candidate_models, candidate_seeds
-from serving.services.triton import Candidate
+from serving.services.triton import Candidate, FramesOutOfRange, ModelSpec
 from serving.settings import GatewaySettings
 
 pytestmark = pytest.mark.unit
@@ -47,16 +47,39 @@ class FakeTextEncoder:
 class FakeTriton:
     """Answers like the Triton model, recording calls and how many were in flight at once."""
 
-    def __init__(self, versions=None, failure: Exception | None = None, delay_s: float = 0.01):
+    def __init__(self, versions=None, failure: Exception | None = None, delay_s: float = 0.01, musicgen=()):
         self.versions = versions or {"generator": "3"}
         self.failure = failure
         self.delay_s = delay_s
         self.calls = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.musicgen = set(musicgen)  # models serving a MusicGen-like policy: text prompt, 4 x 50 frames/s, 32 kHz
+        self.max_frames = {}  # model -> longest clip in frames (FramesOutOfRange above)
+        self.spec_lookups = []
 
-    async def generate(self, model_name, embedding, seed, n_frames, temperature, top_k):
-        self.calls.append(dict(model=model_name, seed=seed, n_frames=n_frames, temperature=temperature, top_k=top_k))
+    def _spec(self, model_name):
+        if model_name in self.musicgen:
+            return ModelSpec("PROMPT", frame_rate=50.0, sample_rate=32000, num_codebooks=4)
+        return ModelSpec(
+            "PROMPT_EMBEDDING", frame_rate=SAMPLE_RATE / SAMPLES_PER_FRAME, sample_rate=SAMPLE_RATE, num_codebooks=1
+        )
+
+    async def model_spec(self, model_name):
+        if self.failure is not None:
+            raise self.failure
+        if model_name not in self.versions:
+            raise UpstreamUnavailable("triton", f"unknown model {model_name}")
+        self.spec_lookups.append(model_name)
+        return self._spec(model_name)
+
+    def forget(self, model_name):
+        pass
+
+    async def generate(self, model_name, prompt, seed, n_frames, temperature, top_k):
+        self.calls.append(
+            dict(model=model_name, seed=seed, n_frames=n_frames, temperature=temperature, top_k=top_k, prompt=prompt)
+        )
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -67,7 +90,20 @@ class FakeTriton:
             raise self.failure
         if model_name not in self.versions:
             raise UpstreamUnavailable("triton", f"unknown model {model_name}")
+        if (model_name in self.musicgen) != isinstance(prompt, str):
+            raise UpstreamFailed(f"triton {model_name}: wrong prompt input")
+        if n_frames > self.max_frames.get(model_name, 10**6):
+            raise FramesOutOfRange(model_name, self.max_frames[model_name])
         rng = np.random.default_rng(seed)
+        if model_name in self.musicgen:
+            return Candidate(
+                tokens=rng.integers(0, 2048, (4, n_frames)).astype(np.int64),
+                logprobs=-rng.random((4, n_frames)).astype(np.float32),
+                audio=(0.3 * np.sin(2 * np.pi * 440 * np.arange(n_frames * 640) / 32000)).astype(np.float32),
+                sample_rate=32000,
+                policy_version=self.versions[model_name],
+                model_name=model_name,
+            )
         t = np.arange(n_frames * SAMPLES_PER_FRAME) / SAMPLE_RATE
         return Candidate(
             tokens=rng.integers(0, 100, n_frames).astype(np.int64),
@@ -288,7 +324,7 @@ def test_body_over_the_limit_is_413_before_it_is_parsed_with_or_without_content_
 def test_the_default_body_limit_leaves_room_for_the_longest_prompt(client):
     assert GatewaySettings().gateway_max_body_bytes == 65536
     # 1,000 characters outside the BMP, each sent as a \u surrogate pair: the largest legitimate body, 12 KB.
-    body = json.dumps({"prompt": "\U0001F3B5" * 1000, "duration_s": 1}).encode()
+    body = json.dumps({"prompt": "\U0001f3b5" * 1000, "duration_s": 1}).encode()
     assert 12_000 < len(body) < 13_000
     response = client.post("/v1/generations", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 201, response.text
@@ -353,6 +389,47 @@ def test_health_readiness_metrics_and_openapi(client):
         "/v1/clips/{clip_id}",
         "/v1/clips/{clip_id}/audio",
     } <= set(paths)
+
+
+def test_openapi_states_the_configured_limits_and_the_gateway_keeps_them():
+    limits = dict(
+        gateway_max_duration_s=3.0,
+        gateway_min_duration_s=0.5,
+        gateway_max_prompt_chars=20,
+        gateway_max_candidates=3,
+        gateway_max_temperature=1.5,
+    )
+    with make_client(**limits) as c:
+        request = c.get("/openapi.json").json()["components"]["schemas"]["GenerationRequest"]["properties"]
+        number = {
+            field: next(b for b in request[field]["anyOf"] if b["type"] in ("number", "integer"))
+            for field in ("duration_s", "n", "temperature")
+        }
+        assert (number["duration_s"]["minimum"], number["duration_s"]["maximum"]) == (0.5, 3.0)
+        assert number["n"]["maximum"] == 3 and number["temperature"]["maximum"] == 1.5
+        assert request["prompt"]["maxLength"] == 20 and request["prompt"]["pattern"] == r"\S"
+        # What the document allows is served; one step beyond each bound is a 422 naming the field.
+        edge = {"prompt": "x" * 20, "duration_s": 3.0, "n": 3, "temperature": 1.5}
+        assert c.post("/v1/generations", json=edge).status_code == 201
+        for field, value in (
+            ("prompt", "x" * 21),
+            ("prompt", "   "),
+            ("duration_s", 3.01),
+            ("duration_s", 0.49),
+            ("n", 4),
+            ("temperature", 1.51),
+        ):
+            response = c.post("/v1/generations", json={**edge, field: value})
+            assert response.status_code == 422 and field in response.text, (field, value, response.text)
+
+
+@pytest.mark.parametrize(
+    ("seed", "status"), [(7.0, 201), (True, 422), ("7", 422), (7.5, 422), ((1 << 53) - 1, 201), (1 << 53, 422)]
+)
+def test_integers_are_json_integers(client, seed, status):
+    # A JSON Schema integer may be written 7.0; a boolean or a string is not one (pydantic's lax mode takes both).
+    response = client.post("/v1/generations", json={"prompt": "x", "duration_s": 1, "seed": seed})
+    assert response.status_code == status, response.text
 
 
 def test_request_id_is_propagated(client):

@@ -61,7 +61,13 @@ def test_one_instance_per_core_by_default(monkeypatch):
 def test_install_version_copies_backend_and_checkpoint(tmp_path, checkpoint):
     repo = tmp_path / "repo"
     target = install_version(repo, 1, checkpoint)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "manifest.json", "meta.json", "model.py", "weights.pt"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "meta.json",
+        "model.py",
+        "weights.pt",
+    ]
     # model.py is the shim that imports the installed package's backend: no code of its own in the repository
     assert (target / "model.py").read_text() == SHIM_SOURCE and "class TritonPythonModel" not in SHIM_SOURCE
     assert verify_dir(target)["files"].keys() == {"config.json", "meta.json", "weights.pt"}  # a manifest of its own
@@ -104,7 +110,10 @@ def test_one_rule_chooses_an_object_store_repository():
     assert s3_repository("s3://musicrl-models/triton") == S3Repository("musicrl-models", "triton")
     assert s3_repository("s3://bucket") == S3Repository("bucket", "")
     assert s3_repository("s3://bucket/a/b/").key("generator", "2") == "a/b/generator/2"
-    assert S3Repository("musicrl-models", "triton").triton_url("minio:9000") == "s3://http://minio:9000/musicrl-models/triton"
+    assert (
+        S3Repository("musicrl-models", "triton").triton_url("minio:9000")
+        == "s3://http://minio:9000/musicrl-models/triton"
+    )
     assert s3_repository("/models") is None and s3_repository(Path("s3://x")) is None
     with pytest.raises(ValueError):
         s3_repository("s3://http://minio:9000/bucket")  # that is Triton's form, not the writer's

@@ -8,25 +8,24 @@ policy versions; the tests check what ``OpsService.summary`` derives from them.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from feedback_helpers import InMemoryStore
+from ops_helpers import _reject, _segment, seed_ops_history
+from test_serving_gateway import FakeTextEncoder, FakeTriton
 
 from musicrl.buffer import segment_key
 from musicrl.registry import Registry
-from ops_helpers import _reject, _segment, seed_ops_history
 from serving.app import create_app
 from serving.services.auth import hash_key
 from serving.services.ops import OpsService
 from serving.settings import GatewaySettings
 
-from feedback_helpers import InMemoryStore
-from test_serving_gateway import FakeTextEncoder, FakeTriton
-
 pytestmark = pytest.mark.unit
 
-NOW = datetime(2026, 12, 2, 15, 0, 30, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 2, 15, 0, 30, tzinfo=UTC)
 KEY = "mrl_ops-test-key"
 
 
@@ -52,7 +51,9 @@ def seeded():
 
 def service(store, clock=NOW.timestamp, **kwargs) -> OpsService:
     config = store.config
-    return OpsService(store, bucket_models=config.bucket_models, bucket_buffer=config.bucket_buffer, clock=clock, **kwargs)
+    return OpsService(
+        store, bucket_models=config.bucket_models, bucket_buffer=config.bucket_buffer, clock=clock, **kwargs
+    )
 
 
 def test_served_version_and_its_lineage(seeded):
@@ -92,7 +93,13 @@ def test_every_version_with_gate_metrics_status_and_latency(seeded):
     assert v2["latency"]["newest_vote_to_deploy_s"] == pytest.approx((60 - 49) * 60, abs=1)
     assert v2["latency"]["median_vote_to_deploy_s"] > v2["latency"]["newest_vote_to_deploy_s"]
     # Six pairs had a version-1 clip against a version-2 clip: version 2 won four.
-    assert v2["win_rate"] == {"source": "votes", "value": pytest.approx(4 / 6, abs=1e-3), "opponent": "1", "wins": 4, "losses": 2}
+    assert v2["win_rate"] == {
+        "source": "votes",
+        "value": pytest.approx(4 / 6, abs=1e-3),
+        "opponent": "1",
+        "wins": 4,
+        "losses": 2,
+    }
     assert versions["3"]["win_rate"] is None
 
 
@@ -101,12 +108,17 @@ def test_cycles_newest_first_with_the_checks_of_the_refused_one(seeded):
     summary = service(store).summary()
     cycles = summary["cycles"]
     assert [(c["run_id"], c["outcome"], c["version"]) for c in cycles] == [
-        ("r3", "published", "3"), ("r2", "rejected", None), ("r1", "published", "2")
+        ("r3", "published", "3"),
+        ("r2", "rejected", None),
+        ("r1", "published", "2"),
     ]
     refused = cycles[1]
     assert refused["passed"] is False and refused["parent_version"] == "2"
     assert {c["name"]: c["passed"] for c in refused["checks"]} == {
-        "finite": True, "reward_improved": False, "kl_bounded": True, "no_collapse": True
+        "finite": True,
+        "reward_improved": False,
+        "kl_bounded": True,
+        "no_collapse": True,
     }
     assert [c["step"] for c in refused["checkpoints"]] == [5, 10]
     assert refused["reward"] == pytest.approx(1.15) and refused["baseline_reward"] == pytest.approx(1.2)
@@ -119,7 +131,8 @@ def test_reward_models_with_the_refused_one(seeded):
     models = service(store).summary()["reward_models"]
     assert models["current"] == "2"
     assert [(m["version"], m["trained_on_votes"], m["is_current"]) for m in models["versions"]] == [
-        ("1", False, False), ("2", True, True)
+        ("1", False, False),
+        ("2", True, True),
     ]
     assert models["versions"][1]["heldout_accuracy"] == 0.61 and models["versions"][1]["segments"] == 2
     (refused,) = models["rejected"]
@@ -131,7 +144,9 @@ def test_buffer_by_policy_and_votes_per_minute(seeded):
     buffer = service(store).summary(window_minutes=30)["buffer"]
     assert buffer["total_votes"] == 110 and buffer["segments"] == 4
     assert [(p["policy_version"], p["votes"], p["segments"]) for p in buffer["by_policy"]] == [
-        ("1", 60, 2), ("2", 30, 1), ("3", 20, 1)
+        ("1", 60, 2),
+        ("2", 30, 1),
+        ("3", 20, 1),
     ]
     assert buffer["by_policy"][0]["ties"] == 13 + 6  # every third vote
     per_minute = buffer["votes_per_minute"]
@@ -141,8 +156,22 @@ def test_buffer_by_policy_and_votes_per_minute(seeded):
     assert per_minute["total"][-21:-1] == [1] * 20 and per_minute["total"][-1] == 0
     assert per_minute["last_5_min_per_minute"] == pytest.approx(4 / 5)
     assert buffer["head_to_head"] == [
-        {"version": "1", "opponent": "2", "wins": 2, "losses": 4, "ties": 0, "win_rate": pytest.approx(2 / 6, abs=1e-3)},
-        {"version": "2", "opponent": "1", "wins": 4, "losses": 2, "ties": 0, "win_rate": pytest.approx(4 / 6, abs=1e-3)},
+        {
+            "version": "1",
+            "opponent": "2",
+            "wins": 2,
+            "losses": 4,
+            "ties": 0,
+            "win_rate": pytest.approx(2 / 6, abs=1e-3),
+        },
+        {
+            "version": "2",
+            "opponent": "1",
+            "wins": 4,
+            "losses": 2,
+            "ties": 0,
+            "win_rate": pytest.approx(4 / 6, abs=1e-3),
+        },
     ]
 
 
@@ -181,8 +210,18 @@ def test_a_section_that_cannot_be_read_is_reported_and_the_rest_is_kept(seeded):
     assert summary["buffer"] is None and summary["served"]["version"] == "3" and len(summary["cycles"]) == 3
     store.down = True
     summary = service(store).summary()
-    assert {e["section"] for e in summary["errors"]} == {"buffer", "registry", "reward_models"}
+    assert {e["section"] for e in summary["errors"]} == {"buffer", "registry", "reward_models", "canaries"}
     assert summary["versions"] == [] and summary["served"]["version"] is None
+
+
+def test_canaries_and_the_cycles_they_decided(seeded):
+    store, _ = seeded  # version 3 (run r3) was promoted by a canary (tests/ops_helpers.py)
+    summary = service(store).summary()
+    (canary,) = summary["canaries"]
+    assert canary["state"] == "promoted" and canary["votes"]["decided"] == 60 and "event_ids" not in canary
+    by_run = {c["run_id"]: c for c in summary["cycles"]}
+    assert by_run["r3"]["canary"]["state"] == "promoted" and by_run["r3"]["canary"]["lower"] == 0.52
+    assert all(c["canary"] is None for run, c in by_run.items() if run != "r3")
 
 
 def test_empty_registry_and_buffer():
@@ -196,19 +235,37 @@ def test_consecutive_refusals_are_counted(seeded):
     store, _ = seeded
     registry = Registry(store, store.config.bucket_models)
     for minutes in (10, 5):
-        _reject(registry, "generator", NOW - timedelta(minutes=minutes), {
-            "reason": "no checkpoint passed the gate", "gate": {"checks": []}, "lineage": {"run_id": "rx", "parent_version": "3"}})
+        _reject(
+            registry,
+            "generator",
+            NOW - timedelta(minutes=minutes),
+            {
+                "reason": "no checkpoint passed the gate",
+                "gate": {"checks": []},
+                "lineage": {"run_id": "rx", "parent_version": "3"},
+            },
+        )
     assert service(store).summary()["cycles_since_accepted"] == 2
 
 
 def test_non_finite_metrics_of_a_refused_cycle_become_null(seeded):
     store, _ = seeded
     nan = float("nan")
-    _reject(Registry(store, store.config.bucket_models), "generator", NOW - timedelta(minutes=1), {
-        "reason": "no checkpoint passed the gate: step 5: finite: non-finite",
-        "gate": {"checks": [{"name": "finite", "passed": False, "detail": "non-finite"}], "candidate": {"reward": nan, "kl": float("inf")},
-                 "baseline": {"reward": 1.45}, "checkpoints": [{"step": 5, "passed": False, "reward": nan, "kl": nan}]},
-        "lineage": {"run_id": "r4", "parent_version": "3"}})
+    _reject(
+        Registry(store, store.config.bucket_models),
+        "generator",
+        NOW - timedelta(minutes=1),
+        {
+            "reason": "no checkpoint passed the gate: step 5: finite: non-finite",
+            "gate": {
+                "checks": [{"name": "finite", "passed": False, "detail": "non-finite"}],
+                "candidate": {"reward": nan, "kl": float("inf")},
+                "baseline": {"reward": 1.45},
+                "checkpoints": [{"step": 5, "passed": False, "reward": nan, "kl": nan}],
+            },
+            "lineage": {"run_id": "r4", "parent_version": "3"},
+        },
+    )
     summary = service(store).summary()
     newest = summary["cycles"][0]
     assert newest["run_id"] == "r4" and newest["reward"] is None and newest["kl"] is None

@@ -8,8 +8,8 @@ import sys
 import types
 
 import pytest
-
 from finetune_helpers import tiny_generator
+
 from musicrl.models.generator import save_generator
 from musicrl.registry import IntegrityError
 from serving.model_repository import SHIM_SOURCE, TEMPLATE_DIR, install_version

@@ -108,8 +108,9 @@ def test_serve_process_yields_once_the_url_answers_and_stops_the_process_after(t
 def test_serve_process_that_exits_during_start_is_reported_at_once(tmp_path):
     argv = [sys.executable, "-c", "raise SystemExit(3)"]
     with pytest.raises(StackError, match=r"^crash: exited during start-up, see .*crash.log$"):
-        with serve_process(argv, f"http://127.0.0.1:{free_port()}/", name="crash", log_path=tmp_path / "crash.log",
-                           timeout_s=60):
+        with serve_process(
+            argv, f"http://127.0.0.1:{free_port()}/", name="crash", log_path=tmp_path / "crash.log", timeout_s=60
+        ):
             pass
 
 

@@ -45,8 +45,9 @@ def test_an_unreachable_store_fails_within_the_bound(monkeypatch):
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)  # accepts the connection, never answers: a read timeout on every attempt
     try:
-        store = ObjectStore(ObjectStoreConfig(s3_endpoint=f"127.0.0.1:{listener.getsockname()[1]}", s3_timeout_s=0.3,
-                                              s3_retries=1))
+        store = ObjectStore(
+            ObjectStoreConfig(s3_endpoint=f"127.0.0.1:{listener.getsockname()[1]}", s3_timeout_s=0.3, s3_retries=1)
+        )
         started = time.monotonic()
         with pytest.raises(Exception):  # noqa: B017 - urllib3's MaxRetryError or minio's wrapper
             store.get_bytes("musicrl-models", "generator/current")
@@ -55,7 +56,9 @@ def test_an_unreachable_store_fails_within_the_bound(monkeypatch):
         listener.close()
 
 
-@pytest.mark.parametrize("settings_class", [ObjectStoreConfig, GatewaySettings, RewardSettings, ConsumerSettings, FinetuneSettings])
+@pytest.mark.parametrize(
+    "settings_class", [ObjectStoreConfig, GatewaySettings, RewardSettings, ConsumerSettings, FinetuneSettings]
+)
 def test_every_service_refuses_the_development_object_store_keys_in_production(settings_class):
     with pytest.raises(InsecureSettings, match="MUSICRL_S3_ACCESS_KEY is the development default"):
         refuse_development_secrets(settings_class(env="production"), "service")
@@ -63,8 +66,13 @@ def test_every_service_refuses_the_development_object_store_keys_in_production(s
         refuse_development_secrets(settings_class(env="production", s3_access_key="own-user"), "service")
     # in development the same settings are allowed, and the problems listed (a warning at startup)
     assert refuse_development_secrets(settings_class(), "service")[:2] == [
-        "MUSICRL_S3_ACCESS_KEY is the development default", "MUSICRL_S3_SECRET_KEY is the development default"]
-    assert ObjectStoreConfig().s3_access_key == DEV_S3_ACCESS_KEY and ObjectStoreConfig().s3_secret_key == DEV_S3_SECRET_KEY
+        "MUSICRL_S3_ACCESS_KEY is the development default",
+        "MUSICRL_S3_SECRET_KEY is the development default",
+    ]
+    assert (
+        ObjectStoreConfig().s3_access_key == DEV_S3_ACCESS_KEY
+        and ObjectStoreConfig().s3_secret_key == DEV_S3_SECRET_KEY
+    )
 
 
 @pytest.mark.parametrize("settings_class", [RewardSettings, ConsumerSettings, FinetuneSettings])
@@ -91,7 +99,9 @@ def test_the_reward_admin_token_has_no_default_to_refuse():
     assert FinetuneSettings().finetune_reward_admin_token is None
 
 
-@pytest.mark.parametrize("command", [["consumer", "run"], ["finetune", "loop"], ["finetune", "run-once"], ["finetune", "history"]])
+@pytest.mark.parametrize(
+    "command", [["consumer", "run"], ["finetune", "loop"], ["finetune", "run-once"], ["finetune", "history"]]
+)
 def test_service_commands_exit_1_in_production_with_development_keys(monkeypatch, command):
     from musicrl.cli import app
 

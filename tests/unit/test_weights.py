@@ -7,13 +7,17 @@ import json
 import logging
 
 import pytest
-
 from feedback_helpers import InMemoryStore
+
 from musicrl.registry import IntegrityError
 from musicrl.weights import directory_digest, fetch_weights, parse_s3_url
 
 pytestmark = pytest.mark.unit
-FILES = {"config.json": b'{"model_type": "clap"}', "model.safetensors": b"\x00weights" * 1000, "sub/tokenizer.json": b"{}"}
+FILES = {
+    "config.json": b'{"model_type": "clap"}',
+    "model.safetensors": b"\x00weights" * 1000,
+    "sub/tokenizer.json": b"{}",
+}
 
 
 class CountingStore(InMemoryStore):
@@ -47,7 +51,9 @@ def test_a_registry_prefix_is_verified_against_its_manifest_and_cached(tmp_path)
     store = CountingStore()
     upload(store, "reward/text_adherence/3", manifest=True)
     directory = fetch_weights("s3://weights/reward/text_adherence/3", store, tmp_path)
-    assert {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} == set(FILES) | {"manifest.json"}
+    assert {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} == set(FILES) | {
+        "manifest.json"
+    }
     assert (directory / "model.safetensors").read_bytes() == FILES["model.safetensors"]
     assert len(store.streamed) == 3
     assert fetch_weights("s3://weights/reward/text_adherence/3", store, tmp_path) == directory

@@ -45,7 +45,19 @@ def _apply_launcher_python_path() -> None:
     sys.path[:] = [p for p in sys.path if p not in before] + before
 
 
+def _drop_working_directory() -> None:
+    """Take Triton's working directory off sys.path. The local stack runs Triton in its data directory,
+    whose ``triton/`` (backends, repository) would otherwise be found as the ``triton`` package (OpenAI's
+    compiler), which torch and transformers probe: MusicGen's import then fails (``triton.language``)."""
+    cwd = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != cwd]
+    shadow = sys.modules.get("triton")
+    if shadow is not None and getattr(shadow, "__file__", None) is None:  # a namespace package: a directory
+        del sys.modules["triton"]
+
+
 _apply_launcher_python_path()
+_drop_working_directory()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -90,7 +102,9 @@ class TritonPythonModel:
                 errors[r] = error
                 continue
             for i in range(len(seeds)):
-                rows.append(Row(r, i, prompts[i], int(seeds[i]), int(n_frames[i]), float(temperatures[i]), int(top_ks[i])))
+                rows.append(
+                    Row(r, i, prompts[i], int(seeds[i]), int(n_frames[i]), float(temperatures[i]), int(top_ks[i]))
+                )
 
         try:
             results = self._sample(rows)
