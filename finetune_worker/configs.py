@@ -8,6 +8,7 @@ only the size of the work (steps, clip length, prompts), through the settings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,28 +21,46 @@ from musicrl.audio import codec
 
 def _common(s: FinetuneSettings) -> dict[str, Any]:
     return {
-        "steps": s.finetune_steps, "batch_size": s.finetune_batch_size, "seed": s.finetune_seed, "device": s.finetune_device,
-        "mixed_precision": s.finetune_mixed_precision, "max_grad_norm": s.finetune_max_grad_norm,
-        "checkpoint_every": s.finetune_checkpoint_every, "candidate_every": s.finetune_candidate_every,
+        "steps": s.finetune_steps,
+        "batch_size": s.finetune_batch_size,
+        "seed": s.finetune_seed,
+        "device": s.finetune_device,
+        "mixed_precision": s.finetune_mixed_precision,
+        "max_grad_norm": s.finetune_max_grad_norm,
+        "checkpoint_every": s.finetune_checkpoint_every,
+        "candidate_every": s.finetune_candidate_every,
     }
 
 
-def reinforce_config(s: FinetuneSettings) -> ReinforceConfig:
+def reinforce_config(s: FinetuneSettings, frames_for: Callable[[float], int] | None = None) -> ReinforceConfig:
+    """``frames_for``: the policy's (``Policy.frames_for``: 50 frames/s for MusicGen); the default codec's when None."""
+    frames_for = frames_for or codec.frames_for
     return ReinforceConfig(
-        **_common(s), stage=s.finetune_stage, alpha=s.finetune_alpha, kl_target=s.finetune_kl_target,
-        kl_budget=s.finetune_kl_budget, kl_gain=s.finetune_kl_gain, group_size=s.finetune_group_size,
-        constraint_slack=s.finetune_constraint_slack, lagrange_lr=s.finetune_lagrange_lr, policy_lr=s.finetune_policy_lr,
-        optimizer=s.finetune_optimizer, temperature=s.finetune_temperature, n_frames=codec.frames_for(s.finetune_duration_s),
+        **_common(s),
+        stage=s.finetune_stage,
+        alpha=s.finetune_alpha,
+        kl_target=s.finetune_kl_target,
+        kl_budget=s.finetune_kl_budget,
+        kl_gain=s.finetune_kl_gain,
+        group_size=s.finetune_group_size,
+        constraint_slack=s.finetune_constraint_slack,
+        lagrange_lr=s.finetune_lagrange_lr,
+        policy_lr=s.finetune_policy_lr,
+        optimizer=s.finetune_optimizer,
+        temperature=s.finetune_temperature,
+        n_frames=frames_for(s.finetune_duration_s),
     )
 
 
 def dpo_config(s: FinetuneSettings) -> DPOConfig:
-    return DPOConfig(**_common(s), beta=s.finetune_dpo_beta, learning_rate=s.finetune_policy_lr, optimizer=s.finetune_optimizer)
+    return DPOConfig(
+        **_common(s), beta=s.finetune_dpo_beta, learning_rate=s.finetune_policy_lr, optimizer=s.finetune_optimizer
+    )
 
 
-def trainer_config(s: FinetuneSettings) -> dict[str, Any]:
-    """The job's trainer configuration as plain JSON (``TrainJob.config``)."""
-    return asdict(reinforce_config(s) if s.finetune_trainer == "reinforce" else dpo_config(s))
+def trainer_config(s: FinetuneSettings, frames_for: Callable[[float], int] | None = None) -> dict[str, Any]:
+    """The job's trainer configuration as plain JSON (``TrainJob.config``); ``frames_for`` as in ``reinforce_config``."""
+    return asdict(reinforce_config(s, frames_for) if s.finetune_trainer == "reinforce" else dpo_config(s))
 
 
 def gate_config(s: FinetuneSettings) -> GateConfig:

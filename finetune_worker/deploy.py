@@ -44,7 +44,7 @@ import torch
 
 from musicrl.audio import codec
 from musicrl.logging import get_logger
-from musicrl.models.generator import load_generator
+from musicrl.models.policy import GeneratorPolicy, load_policy
 from musicrl.registry import IntegrityError, Registry, RegistryError, verify_dir
 from serving.model_repository import (
     clean_staging,
@@ -94,29 +94,37 @@ def _alive(pid: int) -> bool:
 
 
 def verify_checkpoint(directory: Path, text_dim: int, smoke_frames: int = 8) -> dict:
-    """Hash, load and smoke-sample a generator checkpoint; raises ``CheckpointRejected``."""
+    """Hash, load and smoke-sample a generator version of either kind (``musicrl.models.policy``); raises
+    ``CheckpointRejected``. The default kind must also fit the codec and the gateway's prompt embedding."""
     try:
         manifest = verify_dir(directory)
     except IntegrityError as exc:
         raise CheckpointRejected(str(exc)) from exc
     try:
-        model, meta = load_generator(directory)
+        policy = load_policy(directory)
     except Exception as exc:  # noqa: BLE001 - any load failure means "not servable"
         raise CheckpointRejected(f"cannot load the checkpoint: {type(exc).__name__}: {exc}") from exc
-    config = model.config
-    if config.vocab_size != codec.VOCAB_SIZE:
-        raise CheckpointRejected(f"vocab_size {config.vocab_size} != codec vocabulary {codec.VOCAB_SIZE}")
-    if config.text_dim != text_dim:
-        raise CheckpointRejected(f"text_dim {config.text_dim} != the serving prompt embedding size {text_dim}")
-    if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point()):
+    if isinstance(policy, GeneratorPolicy):
+        config = policy.generator.config
+        if config.vocab_size != codec.VOCAB_SIZE:
+            raise CheckpointRejected(f"vocab_size {config.vocab_size} != codec vocabulary {codec.VOCAB_SIZE}")
+        if config.text_dim != text_dim:
+            raise CheckpointRejected(f"text_dim {config.text_dim} != the serving prompt embedding size {text_dim}")
+        # The gateway's embedding stands in for the prompt: no text encoder is loaded to verify a version.
+        cond = torch.nn.functional.normalize(torch.ones(2, text_dim), dim=-1)
+    else:
+        cond = policy.condition(["a smoke test", "a smoke test"])
+    if not all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values() if t.is_floating_point()):
         raise CheckpointRejected("weights contain NaN or infinity")
-    cond = torch.nn.functional.normalize(torch.ones(2, text_dim), dim=-1)
-    tokens, logprobs = model.sample(cond, min(smoke_frames, config.max_frames), 0.99, 0, seeds=[0, 1])
-    if tokens.min() < 0 or tokens.max() >= codec.VOCAB_SIZE or not bool(torch.isfinite(logprobs).all()):
+    with torch.no_grad():
+        tokens, logprobs = policy.sample(cond, min(smoke_frames, policy.max_frames), 0.99, 0, seeds=[0, 1])
+    if tokens.min() < 0 or tokens.max() >= policy.vocab_size or not bool(torch.isfinite(logprobs).all()):
         raise CheckpointRejected("smoke sample produced out-of-range tokens or non-finite log-probs")
     if not np.all(logprobs.numpy() <= 1e-5):
         raise CheckpointRejected("smoke sample produced log-probabilities above 0")
-    return {"manifest_version": manifest.get("version"), "meta": meta}
+    meta_file = directory / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return {"manifest_version": manifest.get("version"), "kind": policy.kind, "meta": meta}
 
 
 class Deployer:
@@ -144,12 +152,18 @@ class Deployer:
         self.admin_key = admin_key
 
     @classmethod
-    def from_settings(cls, settings, registry: Registry) -> "Deployer":
+    def from_settings(cls, settings, registry: Registry) -> Deployer:
         """From ``FinetuneSettings``: repository path, Triton HTTP URL, work dir, model name, timeout, admin key."""
         key = settings.finetune_triton_admin_key
-        return cls(registry, settings.finetune_triton_repo, settings.triton_http_url, Path(settings.finetune_work_dir).resolve(),
-                   settings.triton_model_name, timeout_s=settings.finetune_deploy_timeout_s,
-                   admin_key=key.get_secret_value() if key is not None else None)
+        return cls(
+            registry,
+            settings.finetune_triton_repo,
+            settings.triton_http_url,
+            Path(settings.finetune_work_dir).resolve(),
+            settings.triton_model_name,
+            timeout_s=settings.finetune_deploy_timeout_s,
+            admin_key=key.get_secret_value() if key is not None else None,
+        )
 
     def fetch_and_verify(self, version: str) -> Path:
         target = self.work_dir / "downloads" / f"{GENERATOR}-{version}"
@@ -189,14 +203,25 @@ class Deployer:
         self.recover()  # a deploy a killed process left half-done is finished or undone first
         checkpoint = self.fetch_and_verify(version)
         previous = self.registry.current(GENERATOR)
-        journal = {"version": str(version), "previous": previous, "model_name": self.model_name, "repo": str(self.triton_repo),
-                   "retired": [], "phase": "retiring", "pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
+        journal = {
+            "version": str(version),
+            "previous": previous,
+            "model_name": self.model_name,
+            "repo": str(self.triton_repo),
+            "retired": [],
+            "phase": "retiring",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": time.time(),
+        }
         self._write_journal(journal)
         retired = self._retire_newer_than(int(version), journal)
         journal["phase"] = "installing"
         self._write_journal(journal)
         try:
-            install_version(self.triton_repo, version, checkpoint, model_name=self.model_name, store=self.registry.store)
+            install_version(
+                self.triton_repo, version, checkpoint, model_name=self.model_name, store=self.registry.store
+            )
             journal["phase"] = "loading"  # from here Triton may have seen the new version
             self._write_journal(journal)
             self._load_and_wait(version)
@@ -212,11 +237,85 @@ class Deployer:
         self.registry.set_current(GENERATOR, version)
         self._clear_journal()
         seconds = time.perf_counter() - started
-        log.info("deploy.done", version=version, previous=previous, seconds=round(seconds, 2), retired=[p.name for p in retired])
+        log.info(
+            "deploy.done",
+            version=version,
+            previous=previous,
+            seconds=round(seconds, 2),
+            retired=[p.name for p in retired],
+        )
         return {"version": version, "previous": previous, "deploy_s": seconds, "retired": [p.name for p in retired]}
 
     def rollback(self, version: str) -> dict:
         return self.deploy(version)
+
+    # ------------------------------------------------------------------ canary challenger (docs/canary.md)
+
+    def deploy_challenger(self, version: str, challenger: str) -> dict:
+        """Serve ``version`` as the Triton model ``challenger`` beside the current one; the registry pointer
+        does not move. The version is verified as for a deploy; the challenger model holds this version only
+        (other versions are removed), its ``config.pbtxt`` is rendered afresh (one instance, default batching:
+        it serves a share of the pairs), then ``load_model`` and wait until this version is ready.
+
+        Nothing of the current model changes, so no journal: a challenger cut short is simply deployed again
+        (the canary stage does, on resume), and a failure here leaves it unloaded.
+        """
+        from serving.model_repository import BatchingConfig  # noqa: PLC0415
+
+        if challenger == self.model_name:
+            raise ValueError(f"the challenger model must not be the served model {self.model_name!r}")
+        started = time.perf_counter()
+        checkpoint = self.fetch_and_verify(version)
+        store = self.registry.store
+        clean_staging(self.triton_repo, challenger, store=store)
+        for other in installed_versions(self.triton_repo, challenger, store=store):
+            if str(other) != str(version):
+                remove_version(self.triton_repo, other, challenger, store=store)
+        install_version(
+            self.triton_repo, version, checkpoint, model_name=challenger, batching=BatchingConfig(), store=store
+        )
+        try:
+            self._load_and_wait(version, model_name=challenger)
+        except Exception as exc:
+            self.retire_challenger(challenger)
+            raise DeployError(f"Triton did not load challenger {challenger} version {version}: {exc}") from exc
+        seconds = time.perf_counter() - started
+        log.info("deploy.challenger", model=challenger, version=version, seconds=round(seconds, 2))
+        return {"version": str(version), "model_name": challenger, "deploy_s": seconds}
+
+    def challenger_ready(self, version: str, challenger: str) -> bool:
+        """Does Triton serve ``version`` of the challenger model right now?"""
+        import tritonclient.http as httpclient  # noqa: PLC0415
+
+        client = httpclient.InferenceServerClient(self.triton_http_url, connection_timeout=10, network_timeout=10)
+        try:
+            return bool(client.is_model_ready(challenger, str(version)))
+        except Exception:  # noqa: BLE001 - unknown model, Triton restarting: not ready
+            return False
+        finally:
+            client.close()
+
+    def retire_challenger(self, challenger: str) -> None:
+        """Unload the challenger model and remove its versions from the repository (errors are logged: an
+        unloaded challenger the gateway still asks for falls back to the current model)."""
+        import tritonclient.http as httpclient  # noqa: PLC0415
+
+        if challenger == self.model_name:
+            raise ValueError(f"refusing to retire the served model {self.model_name!r}")
+        client = httpclient.InferenceServerClient(
+            self.triton_http_url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+        )
+        try:
+            client.unload_model(challenger, headers=admin_headers(self.admin_key))
+        except Exception as exc:  # noqa: BLE001 - not loaded (already retired) or Triton away
+            log.warning("deploy.challenger_unload_failed", model=challenger, error=str(exc))
+        finally:
+            client.close()
+        store = self.registry.store
+        for version in installed_versions(self.triton_repo, challenger, store=store):
+            remove_version(self.triton_repo, version, challenger, store=store)
+        clean_staging(self.triton_repo, challenger, store=store)
+        log.info("deploy.challenger_retired", model=challenger)
 
     def recover(self) -> dict[str, Any] | None:
         """Finish or undo the deploy a killed process left half-done; None when there was nothing to do.
@@ -230,9 +329,16 @@ class Deployer:
         """
         store = self.registry.store
         journal = self.read_journal()
-        if journal is not None and journal.get("pid") != os.getpid() and journal.get("host") == socket.gethostname() \
-                and isinstance(journal.get("pid"), int) and _alive(journal["pid"]):
-            raise DeployInFlight(f"process {journal['pid']} is deploying {self.model_name} version {journal['version']}")
+        if (
+            journal is not None
+            and journal.get("pid") != os.getpid()
+            and journal.get("host") == socket.gethostname()
+            and isinstance(journal.get("pid"), int)
+            and _alive(journal["pid"])
+        ):
+            raise DeployInFlight(
+                f"process {journal['pid']} is deploying {self.model_name} version {journal['version']}"
+            )
         staging = clean_staging(self.triton_repo, self.model_name, store=store)
         if journal is None:
             if staging:
@@ -240,7 +346,9 @@ class Deployer:
                 return {"action": "cleaned", "staging": staging}
             return None
         version, previous = str(journal["version"]), journal.get("previous")
-        if self.registry.current(GENERATOR) == version and version_complete(self.triton_repo, version, self.model_name, store=store):
+        if self.registry.current(GENERATOR) == version and version_complete(
+            self.triton_repo, version, self.model_name, store=store
+        ):
             self._clear_journal()
             log.warning("deploy.recovered", action="finished", version=version, previous=previous, staging=staging)
             return {"action": "finished", "version": version, "previous": previous, "staging": staging}
@@ -251,7 +359,9 @@ class Deployer:
         self._restore([Path(path) for path in journal.get("retired", []) if Path(path).is_dir()])
         reinstalled = False
         if previous is not None and not version_complete(self.triton_repo, previous, self.model_name, store=store):
-            install_version(self.triton_repo, previous, self.fetch_and_verify(previous), model_name=self.model_name, store=store)
+            install_version(
+                self.triton_repo, previous, self.fetch_and_verify(previous), model_name=self.model_name, store=store
+            )
             reinstalled = True
         if journal.get("phase") == "loading" or reinstalled:
             try:
@@ -259,10 +369,24 @@ class Deployer:
             except Exception as exc:  # noqa: BLE001 - the repository is right; Triton reads it on its next load or start
                 log.error("deploy.recover_reload_failed", error=str(exc))
         self._clear_journal()
-        log.warning("deploy.recovered", action="undone", version=version, previous=previous, phase=journal.get("phase"),
-                    staging=staging, retired=journal.get("retired", []), reinstalled=reinstalled)
-        return {"action": "undone", "version": version, "previous": previous, "phase": journal.get("phase"),
-                "staging": staging, "reinstalled_previous": reinstalled}
+        log.warning(
+            "deploy.recovered",
+            action="undone",
+            version=version,
+            previous=previous,
+            phase=journal.get("phase"),
+            staging=staging,
+            retired=journal.get("retired", []),
+            reinstalled=reinstalled,
+        )
+        return {
+            "action": "undone",
+            "version": version,
+            "previous": previous,
+            "phase": journal.get("phase"),
+            "staging": staging,
+            "reinstalled_previous": reinstalled,
+        }
 
     def _retire_newer_than(self, version: int, journal: dict[str, Any] | None = None) -> list[Path]:
         moved = []
@@ -285,16 +409,19 @@ class Deployer:
             install_version(self.triton_repo, version, path, self.model_name, store=self.registry.store)
             shutil.rmtree(path, ignore_errors=True)
 
-    def _load_and_wait(self, version: str | None) -> None:
+    def _load_and_wait(self, version: str | None, model_name: str | None = None) -> None:
         import tritonclient.http as httpclient  # noqa: PLC0415 - heavy import, only when deploying
 
-        client = httpclient.InferenceServerClient(self.triton_http_url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+        model_name = model_name or self.model_name
+        client = httpclient.InferenceServerClient(
+            self.triton_http_url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+        )
         try:
-            client.load_model(self.model_name, headers=admin_headers(self.admin_key))
+            client.load_model(model_name, headers=admin_headers(self.admin_key))
             deadline = time.monotonic() + self.timeout_s
-            while not client.is_model_ready(self.model_name, "" if version is None else str(version)):
+            while not client.is_model_ready(model_name, "" if version is None else str(version)):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.model_name} version {version} not ready after {self.timeout_s} s")
+                    raise TimeoutError(f"{model_name} version {version} not ready after {self.timeout_s} s")
                 time.sleep(0.2)
         finally:
             client.close()

@@ -8,7 +8,7 @@ the candidate's conditioning, since the text encoder of both is the same frozen 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-
 # Not rewards of their own: quality_mos is the un-normalised twin of quality, and combined is a weighted sum
 # of the components (the target among them), so a quality drop counted there would be counted twice.
 NOT_CONSTRAINTS = frozenset({"reward/quality_mos", "reward/combined"})
@@ -72,29 +71,50 @@ def evaluate_gate(
     candidate_weights_finite: bool = True,
 ) -> GateReport:
     checks = []
-    bad = sorted({f"{side}:{k}" for side, metrics in (("candidate", candidate), ("baseline", baseline))
-                  for k, v in metrics.items() if not math.isfinite(v)})
+    bad = sorted(
+        {
+            f"{side}:{k}"
+            for side, metrics in (("candidate", candidate), ("baseline", baseline))
+            for k, v in metrics.items()
+            if not math.isfinite(v)
+        }
+    )
     finite = candidate_weights_finite and not bad
     checks.append(Check("finite", finite, "ok" if finite else f"non-finite: {bad or 'weights'}"))
 
     gain = candidate["reward"] - baseline["reward"]
     checks.append(
-        Check("reward_improved", gain > config.min_reward_gain,
-              f"target reward {baseline['reward']:.4f} -> {candidate['reward']:.4f} (gain {gain:+.4f}, needs > {config.min_reward_gain})")
+        Check(
+            "reward_improved",
+            gain > config.min_reward_gain,
+            f"target reward {baseline['reward']:.4f} -> {candidate['reward']:.4f} (gain {gain:+.4f}, needs > {config.min_reward_gain})",
+        )
     )
     checks.append(
-        Check("kl_bounded", candidate["kl"] <= config.max_kl, f"KL {candidate['kl']:.3f} nats/clip (bound {config.max_kl})")
+        Check(
+            "kl_bounded",
+            candidate["kl"] <= config.max_kl,
+            f"KL {candidate['kl']:.3f} nats/clip (bound {config.max_kl})",
+        )
     )
     others = sorted(
-        k for k in candidate
-        if k.startswith("reward/") and k in baseline and k.split("/", 1)[1] not in target_components
+        k
+        for k in candidate
+        if k.startswith("reward/")
+        and k in baseline
+        and k.split("/", 1)[1] not in target_components
         and k not in NOT_CONSTRAINTS
     )
     drops = {k: baseline[k] - candidate[k] for k in others}
     collapsed = {k: round(d, 4) for k, d in drops.items() if d > config.max_other_drop}
     checks.append(
-        Check("no_collapse", not collapsed,
-              f"drops {collapsed} exceed {config.max_other_drop}" if collapsed else f"other rewards within {config.max_other_drop}: {sorted(others)}")
+        Check(
+            "no_collapse",
+            not collapsed,
+            f"drops {collapsed} exceed {config.max_other_drop}"
+            if collapsed
+            else f"other rewards within {config.max_other_drop}: {sorted(others)}",
+        )
     )
     return GateReport(passed=all(c.passed for c in checks), checks=checks, candidate=candidate, baseline=baseline)
 
@@ -106,4 +126,6 @@ def choose(reports: list[GateReport]) -> int | None:
 
 
 def refusal_reason(steps: list[int | None], reports: list[GateReport]) -> str:
-    return "no checkpoint passed the gate: " + " | ".join(f"step {step}: {report.reason}" for step, report in zip(steps, reports))
+    return "no checkpoint passed the gate: " + " | ".join(
+        f"step {step}: {report.reason}" for step, report in zip(steps, reports)
+    )

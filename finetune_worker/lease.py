@@ -32,7 +32,14 @@ class LeaseLost(RuntimeError):
 
 
 class Lease:
-    def __init__(self, store: ObjectStore, ttl_s: float = 120.0, bucket: str | None = None, key: str = LEASE_KEY, owner: str | None = None):
+    def __init__(
+        self,
+        store: ObjectStore,
+        ttl_s: float = 120.0,
+        bucket: str | None = None,
+        key: str = LEASE_KEY,
+        owner: str | None = None,
+    ):
         self.store = store
         self.bucket = bucket or store.config.bucket_models
         self.key = key
@@ -59,7 +66,9 @@ class Lease:
     def acquire(self) -> bool:
         """Take the lease if it is free, expired or released; False if another worker holds it."""
         try:
-            self._etag = self.store.put_bytes_conditional(self.bucket, self.key, self._body(time.time() + self.ttl_s), if_absent=True)
+            self._etag = self.store.put_bytes_conditional(
+                self.bucket, self.key, self._body(time.time() + self.ttl_s), if_absent=True
+            )
             return True
         except PreconditionFailed:
             pass
@@ -70,7 +79,9 @@ class Lease:
         if current.get("owner") != self.owner and float(current.get("expires_at", 0)) > time.time():
             return False
         try:
-            self._etag = self.store.put_bytes_conditional(self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=etag)
+            self._etag = self.store.put_bytes_conditional(
+                self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=etag
+            )
         except PreconditionFailed:
             return False  # someone else took it over first
         log.info("lease.taken_over", previous=current.get("owner"), owner=self.owner)
@@ -81,7 +92,9 @@ class Lease:
             if self._etag is None:
                 raise LeaseLost("lease not held")
             try:
-                self._etag = self.store.put_bytes_conditional(self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=self._etag)
+                self._etag = self.store.put_bytes_conditional(
+                    self.bucket, self.key, self._body(time.time() + self.ttl_s), if_match=self._etag
+                )
             except PreconditionFailed as exc:
                 self._etag = None
                 raise LeaseLost(f"lease {self.key} was taken by {(self.holder() or {}).get('owner')}") from exc
@@ -120,7 +133,7 @@ class Lease:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         if not self.acquire():
             raise LeaseLost(f"another worker holds {self.key}: {self.holder()}")
         self.start_renewing()

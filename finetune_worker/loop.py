@@ -7,7 +7,11 @@ Triggers (either suffices):
   ``<work_dir>/loop_state.json``, so a rejected candidate does not retrigger on the same data);
 - time: ``finetune_trigger_interval_s`` since the last cycle (0 turns it off).
 
-An unfinished run (a worker was killed) is resumed at once. Every cycle runs under
+An unfinished run (a worker was killed) is resumed at once. With ``finetune_promotion`` canary or both
+(docs/canary.md), a cycle's canary stage waits for the users' votes inside the cycle, under the
+lease (renewed in the background), polling every ``finetune_poll_interval_s``; no other cycle can
+start meanwhile (its parent would be the same policy). A stopped worker resumes the canary.
+Every cycle runs under
 the object-store lease (``finetune_worker.lease``): two workers never train at once,
 and a dead worker's lease expires so another can take over and resume.
 
@@ -62,7 +66,11 @@ class Trigger:
         """(start a cycle?, why, preferences on the current policy)."""
         s = self.cycle.settings
         pending = self.cycle.load_state()
-        if pending is not None and pending.status not in TERMINAL and (pending.status != "published" or s.finetune_auto_deploy):
+        if (
+            pending is not None
+            and pending.status not in TERMINAL
+            and (pending.status != "published" or s.finetune_auto_deploy)
+        ):
             return True, f"resume run {pending.run_id} ({pending.status})", 0
         current = self.cycle.registry.current("generator")
         if current is None:
@@ -78,7 +86,9 @@ class Trigger:
         return False, f"{new}/{s.finetune_trigger_min_preferences} new preferences on policy {current}", count
 
 
-def run_cycle_with_lease(cycle: FinetuneCycle, trigger: Trigger | None = None, count: int | None = None) -> dict[str, Any] | None:
+def run_cycle_with_lease(
+    cycle: FinetuneCycle, trigger: Trigger | None = None, count: int | None = None
+) -> dict[str, Any] | None:
     """One cycle under the lease; None when another worker holds it."""
     lease = Lease(cycle.store, ttl_s=cycle.settings.finetune_lease_ttl_s)
     if not lease.acquire():
@@ -129,7 +139,9 @@ def recover_deploy(cycle: FinetuneCycle) -> dict[str, Any] | None:
         lease.release()
 
 
-def loop(cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: int | None = None) -> list[dict[str, Any]]:
+def loop(
+    cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: int | None = None
+) -> list[dict[str, Any]]:
     """Run cycles whenever one is due until ``stop`` is set (``finetune loop`` passes the signal flag,
     ``shutdown.event()``), a stop signal arrives or ``max_cycles`` cycles ran."""
     stop = stop or threading.Event()
@@ -150,7 +162,9 @@ def loop(cycle: FinetuneCycle, stop: threading.Event | None = None, max_cycles: 
                 record = run_cycle_with_lease(cycle, trigger, count or None)
                 if record is not None:
                     records.append(record)
-                    log.info("loop.cycle_done", run_id=record["run_id"], status=record["status"], reason=record.get("reason"))
+                    log.info(
+                        "loop.cycle_done", run_id=record["run_id"], status=record["status"], reason=record.get("reason")
+                    )
             else:
                 log.debug("loop.idle", why=why)
         except shutdown.ShutdownRequested as exc:  # a safe point after SIGTERM/SIGINT; the lease is released

@@ -22,7 +22,9 @@ def is_heldout(prompt: str, heldout_fraction: float) -> bool:
 def split_prompts(prompts: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
     """(train, held-out), de-duplicated, order kept."""
     unique = list(dict.fromkeys(p for p in prompts if p and p.strip()))
-    return [p for p in unique if not is_heldout(p, heldout_fraction)], [p for p in unique if is_heldout(p, heldout_fraction)]
+    return [p for p in unique if not is_heldout(p, heldout_fraction)], [
+        p for p in unique if is_heldout(p, heldout_fraction)
+    ]
 
 
 @dataclass
@@ -51,6 +53,8 @@ class PromptMixer:
             fraction = 1.0
         from_users = rng.random(batch_size) < fraction
         return [
-            self.user_prompts[rng.integers(len(self.user_prompts))] if user else self.captions[rng.integers(len(self.captions))]
+            self.user_prompts[rng.integers(len(self.user_prompts))]
+            if user
+            else self.captions[rng.integers(len(self.captions))]
             for user in from_users
         ]

@@ -1,12 +1,17 @@
 """The reward service over HTTP, as a :class:`RewardFunction` for the trainers.
 
-Rollouts are sent as tokens (the service decodes them with the shared codec), in
-requests of at most ``max_items`` clips, with the request and response bodies of
+Rollouts of the default generator are sent as tokens (the service decodes them with
+the shared codec); a policy with its own codec (MusicGen) sends its decoded audio
+instead (``score_audio``, WAV at the policy's sample rate, through
+``finetune_worker.rewards.PolicyRewardFunction``). Requests hold at most ``max_items`` clips, with the request and response bodies of
 ``musicrl.schemas.scores``. Connection errors, 429 (queue full) and 5xx are retried
 with exponential backoff; a 4xx is a bug in what we sent and fails at once.
 """
 
 from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
 
 import httpx
 import numpy as np
@@ -25,7 +30,9 @@ class RewardServiceError(RuntimeError):
 def _retryable(error: BaseException) -> bool:
     if isinstance(error, httpx.TransportError):
         return True
-    return isinstance(error, httpx.HTTPStatusError) and (error.response.status_code == 429 or error.response.status_code >= 500)
+    return isinstance(error, httpx.HTTPStatusError) and (
+        error.response.status_code == 429 or error.response.status_code >= 500
+    )
 
 
 class HttpRewardFunction:
@@ -75,19 +82,40 @@ class HttpRewardFunction:
         tokens = np.asarray(tokens)
         if len(prompts) != len(tokens):
             raise ValueError(f"{len(prompts)} prompts for {len(tokens)} clips")
-        scores = []
-        for start in range(0, len(prompts), self.max_items):
-            request = ScoreRequest(
-                items=[
-                    ScoreItem(prompt=p, tokens=[int(t) for t in row])
-                    for p, row in zip(prompts[start : start + self.max_items], tokens[start : start + self.max_items])
-                ],
-                components=self.components,
+        return self._score(
+            [ScoreItem(prompt=p, tokens=[int(t) for t in row]) for p, row in zip(prompts, tokens)], self.components
+        )
+
+    def score_audio(
+        self, prompts: list[str], waves: Sequence[np.ndarray], sample_rate: int, components: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Score waveforms (mono, in [-1, 1], at ``sample_rate``), sent as WAV: the service keeps their rate
+        (32 kHz for MusicGen reaches CLAP at full bandwidth). ``components``: this call's, else the client's."""
+        from musicrl.audio.formats import encode_audio  # noqa: PLC0415
+
+        if len(prompts) != len(waves):
+            raise ValueError(f"{len(prompts)} prompts for {len(waves)} clips")
+        items = [
+            ScoreItem(
+                prompt=p,
+                audio_b64=base64.b64encode(encode_audio(np.asarray(w, dtype=np.float32), int(sample_rate))).decode(),
             )
+            for p, w in zip(prompts, waves)
+        ]
+        return self._score(items, list(components) if components is not None else self.components)
+
+    def _score(self, items: list[ScoreItem], components: list[str]) -> dict[str, np.ndarray]:
+        scores = []
+        for start in range(0, len(items), self.max_items):
+            request = ScoreRequest(items=items[start : start + self.max_items], components=components)
             response = ScoreResponse.model_validate(self._call("/v1/scores", request.model_dump(exclude_none=True)))
             self._versions = dict(response.model_versions)
             scores.extend(response.scores)
-        names = [n for n in ("text_adherence", "quality", "quality_mos", "preference", "combined") if getattr(scores[0], n) is not None]
+        names = [
+            n
+            for n in ("text_adherence", "quality", "quality_mos", "preference", "combined")
+            if getattr(scores[0], n) is not None
+        ]
         return {name: np.array([getattr(s, name) for s in scores], dtype=np.float64) for name in names}
 
     def reload(self) -> dict:

@@ -16,16 +16,15 @@ sample of older ones, so a cycle's cost does not grow with the buffer.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from finetune_worker.trainers.base import RewardFunction
-from musicrl.buffer import split_of
+from musicrl.buffer import clip_codes, split_of
 from musicrl.logging import get_logger
 from musicrl.models.generator import Generator
 from musicrl.models.preference import (
@@ -76,7 +75,9 @@ def _recency(row: dict, index: int) -> tuple[float, int]:
     return (received.timestamp() if isinstance(received, datetime) else float("-inf"), index)
 
 
-def _cap_per_user(items: list[tuple[tuple[float, int], dict]], cap: int | None) -> tuple[list[tuple[tuple[float, int], dict]], int]:
+def _cap_per_user(
+    items: list[tuple[tuple[float, int], dict]], cap: int | None
+) -> tuple[list[tuple[tuple[float, int], dict]], int]:
     """Keep at most ``cap`` items per ``user_pseudonym``, each user's newest; the kept items stay in their order.
 
     ``items`` are ``(_recency(row, index), row)`` with distinct indices, so the order is total and the result
@@ -146,14 +147,23 @@ def select_pair_rows(
     heldout.sort(key=lambda item: (item[0], item[1]), reverse=True)
     kept_heldout = [row for _, _, row in heldout[: max_pairs // 4]]
     stats = {
-        "n_train_current_policy": len(newest), "n_train_replay": len(replay),
-        "n_train_available": n_train_available, "n_heldout_available": n_heldout_available, "max_pairs": max_pairs,
-        "max_pairs_per_user": max_pairs_per_user, "n_train_dropped_user_cap": n_train_dropped,
-        "n_heldout_dropped_user_cap": n_heldout_dropped, "n_dropped_user_cap": n_train_dropped + n_heldout_dropped,
+        "n_train_current_policy": len(newest),
+        "n_train_replay": len(replay),
+        "n_train_available": n_train_available,
+        "n_heldout_available": n_heldout_available,
+        "max_pairs": max_pairs,
+        "max_pairs_per_user": max_pairs_per_user,
+        "n_train_dropped_user_cap": n_train_dropped,
+        "n_heldout_dropped_user_cap": n_heldout_dropped,
+        "n_dropped_user_cap": n_train_dropped + n_heldout_dropped,
     }
     if n_train_dropped or n_heldout_dropped:
-        log.info("reward_model.user_cap", max_pairs_per_user=max_pairs_per_user, dropped_train=n_train_dropped,
-                 dropped_heldout=n_heldout_dropped)
+        log.info(
+            "reward_model.user_cap",
+            max_pairs_per_user=max_pairs_per_user,
+            dropped_train=n_train_dropped,
+            dropped_heldout=n_heldout_dropped,
+        )
     return PairRows(newest + replay, kept_heldout, stats)
 
 
@@ -179,34 +189,66 @@ def load_warm_start(
         return None, "architecture differs from the parent generator's"
     trained_with = meta.get(HELDOUT_FRACTION_KEY)
     if heldout_fraction is not None and trained_with is not None and float(trained_with) < heldout_fraction:
-        return None, f"trained with held-out fraction {trained_with} < {heldout_fraction}: its training pairs are now held out"
+        return (
+            None,
+            f"trained with held-out fraction {trained_with} < {heldout_fraction}: its training pairs are now held out",
+        )
     model.set_heads(n_heads, seed=seed)
     model.disagreement_penalty = float(disagreement_penalty)
     return model, "ok"
 
 
-def pairs_from_rows(rows: list[dict], embed: Callable[[list[str]], np.ndarray], min_listen_frac: float = 0.5) -> BufferPairs:
-    """Bradley-Terry pairs (preferred first; ties kept as ties) from buffer rows."""
-    kept = [r for r in rows if usable_row(r, min_listen_frac)]
+def row_codebooks(row: dict) -> tuple[int, int]:
+    """(K of clip a, K of clip b) of a buffer row: its ``codebooks_a/b`` columns, 1 where absent or null."""
+    return int(row.get("codebooks_a") or 1), int(row.get("codebooks_b") or 1)
+
+
+def rows_of_codebooks(rows: Sequence[dict], num_codebooks: int) -> list[dict]:
+    """The rows whose two clips both have ``num_codebooks`` codebooks (a policy's reward model reads its own kind's clips)."""
+    return [r for r in rows if row_codebooks(r) == (num_codebooks, num_codebooks)]
+
+
+def pairs_from_rows(
+    rows: list[dict],
+    embed: Callable[[list[str]], np.ndarray] | None,
+    min_listen_frac: float = 0.5,
+    num_codebooks: int = 1,
+) -> BufferPairs:
+    """Bradley-Terry pairs (preferred first; ties kept as ties) from buffer rows.
+
+    Clips are ``[T]`` tokens for one codebook (as always) and ``[K, T]`` codes for ``num_codebooks`` K > 1
+    (the flat, codebook-major ``tokens_a/b`` reshaped with ``codebooks_a/b``, ``musicrl.buffer.clip_codes``);
+    rows whose clips have another number of codebooks (another kind of policy) are left out. ``embed``: the
+    prompts' embeddings of the default model; None for MusicGen (its trunk conditions on the prompt itself).
+    """
+    kept = [r for r in rows if usable_row(r, min_listen_frac) and row_codebooks(r) == (num_codebooks, num_codebooks)]
     if not kept:
         return BufferPairs([], [], [])
     prompts = sorted({r["prompt"] for r in kept})
-    cond = dict(zip(prompts, np.asarray(embed(prompts), dtype=np.float32)))
+    cond = dict(zip(prompts, np.asarray(embed(prompts), dtype=np.float32))) if embed is not None else {}
+
+    def clip(row: dict, side: str) -> np.ndarray:
+        tokens = np.asarray(row[f"tokens_{side}"], dtype=np.int64)
+        return tokens if num_codebooks == 1 else clip_codes(tokens, num_codebooks)
+
     pairs = []
     for row in kept:
         win, lose = ("b", "a") if row["choice"] == "b" else ("a", "b")
         pairs.append(
             PreferencePair(
-                cond=cond[row["prompt"]],
-                preferred=np.asarray(row[f"tokens_{win}"], dtype=np.int64),
-                other=np.asarray(row[f"tokens_{lose}"], dtype=np.int64),
+                cond=cond.get(row["prompt"]),
+                preferred=clip(row, win),
+                other=clip(row, lose),
                 tie=row["choice"] == "tie",
+                prompt=row["prompt"],
             )
         )
     return BufferPairs(pairs, [r["prompt"] for r in kept], [r["generation_id"] for r in kept])
 
 
-def single_reward_accuracy(pairs: BufferPairs, reward_fn: RewardFunction, components: tuple[str, ...]) -> dict[str, float]:
+def single_reward_accuracy(
+    pairs: BufferPairs, reward_fn: RewardFunction, components: tuple[str, ...]
+) -> dict[str, float]:
     """Pairwise accuracy of each reward component used alone on the decided pairs (equal scores count half)."""
     decided = [i for i, p in enumerate(pairs.pairs) if not p.tie]
     if not decided:
@@ -214,7 +256,7 @@ def single_reward_accuracy(pairs: BufferPairs, reward_fn: RewardFunction, compon
     prompts = [pairs.prompts[i] for i in decided]
 
     def scores(clips: list[np.ndarray]) -> dict[str, np.ndarray]:
-        if len({len(c) for c in clips}) == 1:
+        if len({c.shape for c in clips}) == 1:
             return reward_fn(prompts, np.stack(clips))
         # clips of different lengths: score them one length at a time
         out: dict[str, np.ndarray] = {}
@@ -252,14 +294,23 @@ def train_reward_model(
     """
     if not train.pairs:
         raise ValueError("no training pairs in the buffer")
+    if not isinstance(generator, Generator):
+        raise ValueError(
+            "fine-tuning the reward model (finetune_rm_fit=finetune) is for the default generator; "
+            f"a {getattr(generator, 'kind', type(generator).__name__)} policy's model is fitted as a probe (finetune_rm_fit=probe)"
+        )
     device = next(generator.parameters()).device
-    model = (start if start is not None else PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty)).to(device)
+    model = (
+        start if start is not None else PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty)
+    ).to(device)
     metrics = train_preference_model(model, train.pairs, config, heldout=heldout.pairs)
     if reward_fn is not None and heldout.pairs:
         for name, accuracy in single_reward_accuracy(heldout, reward_fn, ("text_adherence", "quality")).items():
             metrics[f"heldout_accuracy_{name}_only"] = accuracy
     metrics["n_heldout_decided"] = sum(1 for p in heldout.pairs if not p.tie)
-    save_preference_model(model, out_dir, meta={**(meta or {}), "window_frames": config.window_frames, "metrics": metrics})
+    save_preference_model(
+        model, out_dir, meta={**(meta or {}), "window_frames": config.window_frames, "metrics": metrics}
+    )
     log.info("reward_model.trained", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
 
@@ -285,18 +336,30 @@ def fit_reward_model(
     together (``cv_accuracy``): every pair is judged by heads that never saw it, and the number that decides
     whether the model is used rests on all the pairs rather than a fifth of them.
     """
-    pairs = BufferPairs(train.pairs + heldout.pairs, train.prompts + heldout.prompts, train.generation_ids + heldout.generation_ids)
+    pairs = BufferPairs(
+        train.pairs + heldout.pairs, train.prompts + heldout.prompts, train.generation_ids + heldout.generation_ids
+    )
     if not pairs.pairs:
         raise ValueError("no training pairs in the buffer")
     device = next(generator.parameters()).device
-    model = PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty).to(device)
+    if isinstance(generator, Generator):
+        model = PreferenceRewardModel.from_generator(generator, n_heads, disagreement_penalty).to(device)
+    else:  # a MusicGen policy: its decoder is the trunk (musicrl.models.preference_musicgen)
+        from musicrl.models.preference_musicgen import MusicgenPreferenceModel  # noqa: PLC0415 - imports transformers
+
+        model = MusicgenPreferenceModel.from_policy(generator, n_heads, disagreement_penalty).to(device)
     metrics = fit_preference_heads(model, pairs.pairs, l2=l2, folds=folds, seed=seed)
     # The names the cycle, its reports and the fine-tune fit share: every decided pair was judged out of sample.
     metrics["heldout_accuracy"], metrics["n_heldout_decided"] = metrics["cv_accuracy"], metrics["n_cv_decided"]
     if reward_fn is not None:
         for name, accuracy in single_reward_accuracy(pairs, reward_fn, ("text_adherence", "quality")).items():
             metrics[f"heldout_accuracy_{name}_only"] = accuracy  # fixed rewards: every pair is out of sample
-    save_preference_model(model, out_dir, meta={**(meta or {}), "window_frames": DEFAULT_WINDOW_FRAMES, "metrics": metrics})
+    if isinstance(model, PreferenceRewardModel):
+        save_preference_model(
+            model, out_dir, meta={**(meta or {}), "window_frames": DEFAULT_WINDOW_FRAMES, "metrics": metrics}
+        )
+    else:
+        model.save(out_dir, meta={**(meta or {}), "window_frames": model.window_frames, "metrics": metrics})
     log.info("reward_model.fitted", **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     return metrics
 
@@ -319,10 +382,28 @@ def reward_model_from_settings(
     heads = {"n_heads": s.finetune_rm_heads, "disagreement_penalty": s.finetune_rm_disagreement_penalty}
     if s.finetune_rm_fit == "probe":
         config = {"fit": "probe", "l2": s.finetune_rm_l2, "cv_folds": s.finetune_rm_cv_folds, "seed": s.finetune_seed}
-        metrics = fit_reward_model(generator, train, heldout, reward_fn, out_dir, l2=s.finetune_rm_l2, folds=s.finetune_rm_cv_folds,
-                                   seed=s.finetune_seed, meta=meta, **heads)
+        metrics = fit_reward_model(
+            generator,
+            train,
+            heldout,
+            reward_fn,
+            out_dir,
+            l2=s.finetune_rm_l2,
+            folds=s.finetune_rm_cv_folds,
+            seed=s.finetune_seed,
+            meta=meta,
+            **heads,
+        )
         return metrics, {**config, **heads}
-    training = PreferenceTrainingConfig(learning_rate=s.finetune_rm_lr, epochs=s.finetune_rm_epochs, batch_size=s.finetune_rm_batch_size,
-                                        seed=s.finetune_seed, optimizer=s.finetune_rm_optimizer, progress=progress)
-    metrics = train_reward_model(generator, train, heldout, reward_fn, training, out_dir, start=start, meta=meta, **heads)
+    training = PreferenceTrainingConfig(
+        learning_rate=s.finetune_rm_lr,
+        epochs=s.finetune_rm_epochs,
+        batch_size=s.finetune_rm_batch_size,
+        seed=s.finetune_seed,
+        optimizer=s.finetune_rm_optimizer,
+        progress=progress,
+    )
+    metrics = train_reward_model(
+        generator, train, heldout, reward_fn, training, out_dir, start=start, meta=meta, **heads
+    )
     return metrics, {"fit": "finetune", **asdict(training), **heads}

@@ -17,9 +17,12 @@ from musicrl.config import ObjectStoreConfig, TritonConfig
 class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     reward_url: str = "http://127.0.0.1:8090"
     """Base URL of the reward service that scores rollouts."""
-    finetune_reward_admin_token: SecretStr | None = Field(None, description="Bearer token of the reward service's reload API.")
+    finetune_reward_admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the reward service's reload API."
+    )
     finetune_reward: str | None = Field(
-        None, description="Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr."
+        None,
+        description="Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr.",
     )
 
     # Where the worker keeps its state: the run in progress, checkpoints, downloads.
@@ -32,11 +35,17 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
     """Wait for Triton to load a deployed version, in seconds."""
     finetune_triton_admin_key: SecretStr | None = Field(
-        None, description="Sent as the `triton-admin-key` header with load requests, where Triton restricts its model-repository API (--http-restricted-api; the Kubernetes manifests do)."
+        None,
+        description="Sent as the `triton-admin-key` header with load requests, where Triton restricts its model-repository API (--http-restricted-api; the Kubernetes manifests do).",
     )
-    finetune_auto_deploy: bool = Field(True, description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).")
+    finetune_auto_deploy: bool = Field(
+        True,
+        description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).",
+    )
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
-    finetune_metrics_host: str = Field("127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus).")
+    finetune_metrics_host: str = Field(
+        "127.0.0.1", description="Address of that port (0.0.0.0 in a pod, for probes and Prometheus)."
+    )
 
     # Devices and parallelism
     finetune_device: str = Field("cpu", description="cpu, cuda, cuda:N, xla or auto (musicrl.device).")
@@ -44,7 +53,9 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_nproc: int = Field(1, ge=1, description="Data-parallel processes (torchrun) for RL training.")
     finetune_text_encoder: str = "minilm"
     """Prompt encoder (musicrl.text); must match the generator's."""
-    finetune_torch_threads: int = Field(0, ge=0, description="Intra-op threads for training and evaluation (0: torch's default).")
+    finetune_torch_threads: int = Field(
+        0, ge=0, description="Intra-op threads for training and evaluation (0: torch's default)."
+    )
 
     # RL: which trainer, which reward, how long
     finetune_trainer: Literal["reinforce", "dpo"] = "reinforce"
@@ -52,20 +63,47 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_stage: Literal["R", "U", "RU"] = "U"
     """Reward of the cycle: `R` (text adherence + quality), `U` (preference) or `RU` (preference, KL against the R policy)."""
     finetune_reference_version: str | None = Field(
-        None, description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU)."
+        None,
+        description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU).",
     )
     finetune_steps: int = Field(40, ge=1)
     """Most optimizer steps per cycle (the KL budget may stop it earlier)."""
     finetune_batch_size: int = Field(16, ge=1, description="Rollouts (or DPO pairs) per process per step.")
-    finetune_group_size: int = Field(4, ge=2, description="Rollouts per prompt in a REINFORCE step; each one's baseline is the mean reward of the others (RLOO). Divides batch_size.")
-    finetune_alpha: float = Field(0.01, gt=0, lt=1, description="Initial KL coefficient; the KL controller adapts it every step.")
-    finetune_kl_target: float = Field(8.0, gt=0, description="KL to the cycle's starting policy the controller steers to by the last step, nats per clip.")
-    finetune_kl_budget: float = Field(12.0, gt=0, description="Early stop: training ends when the KL to the starting policy passes this (nats per clip).")
-    finetune_kl_gain: float = Field(0.5, gt=0, le=1, description="KL controller: alpha *= 1 + gain * clip(KL / target_t - 1, -0.5, 0.5) each step.")
-    finetune_constraint_slack: float = Field(0.03, ge=0, description="Stage U: text adherence and quality may fall this far below the starting policy's before their Lagrange multipliers rise.")
-    finetune_lagrange_lr: float = Field(0.5, ge=0, description="Step of the Lagrange multipliers, per standard deviation of violation.")
-    finetune_candidate_every: int = Field(5, ge=1, description="Steps between candidate snapshots the gate chooses from.")
-    finetune_policy_lr: float = Field(1.5e-3, gt=0, description="Policy learning rate (Adafactor's relative step; see docs/finetune.md).")
+    finetune_group_size: int = Field(
+        4,
+        ge=2,
+        description="Rollouts per prompt in a REINFORCE step; each one's baseline is the mean reward of the others (RLOO). Divides batch_size.",
+    )
+    finetune_alpha: float = Field(
+        0.01, gt=0, lt=1, description="Initial KL coefficient; the KL controller adapts it every step."
+    )
+    finetune_kl_target: float = Field(
+        8.0,
+        gt=0,
+        description="KL to the cycle's starting policy the controller steers to by the last step, nats per clip.",
+    )
+    finetune_kl_budget: float = Field(
+        12.0,
+        gt=0,
+        description="Early stop: training ends when the KL to the starting policy passes this (nats per clip).",
+    )
+    finetune_kl_gain: float = Field(
+        0.5, gt=0, le=1, description="KL controller: alpha *= 1 + gain * clip(KL / target_t - 1, -0.5, 0.5) each step."
+    )
+    finetune_constraint_slack: float = Field(
+        0.03,
+        ge=0,
+        description="Stage U: text adherence and quality may fall this far below the starting policy's before their Lagrange multipliers rise.",
+    )
+    finetune_lagrange_lr: float = Field(
+        0.5, ge=0, description="Step of the Lagrange multipliers, per standard deviation of violation."
+    )
+    finetune_candidate_every: int = Field(
+        5, ge=1, description="Steps between candidate snapshots the gate chooses from."
+    )
+    finetune_policy_lr: float = Field(
+        1.5e-3, gt=0, description="Policy learning rate (Adafactor's relative step; see docs/finetune.md)."
+    )
     finetune_dpo_beta: float = Field(0.1, gt=0)
     """DPO beta."""
     finetune_optimizer: Literal["adafactor", "adamw"] = "adafactor"
@@ -82,7 +120,11 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     # Prompts
     finetune_user_prompt_fraction: float = Field(0.5, ge=0, le=1)
     """Share of rollout prompts taken from users (the rest from corpus captions)."""
-    finetune_recent_policies: int = Field(8, ge=1, description="Buffer window: the newest policy versions read (the reward model replays a bounded sample of it).")
+    finetune_recent_policies: int = Field(
+        8,
+        ge=1,
+        description="Buffer window: the newest policy versions read (the reward model replays a bounded sample of it).",
+    )
     finetune_corpus_captions: int = Field(512, ge=0)
     """Corpus captions in the prompt pool."""
     finetune_heldout_fraction: float = Field(0.2, gt=0, lt=1)
@@ -130,21 +172,60 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Gate: most any other reward component may fall against the parent."""
 
     # Loop triggers and single flight
-    finetune_trigger_min_preferences: int = Field(150, ge=1, description="New preferences on the current policy that start a cycle (320 votes of the simulated listeners land about 200).")
-    finetune_trigger_interval_s: float = Field(0.0, ge=0, description="Also start a cycle this long after the last one (0: data only).")
+    finetune_trigger_min_preferences: int = Field(
+        150,
+        ge=1,
+        description="New preferences on the current policy that start a cycle (320 votes of the simulated listeners land about 200).",
+    )
+    finetune_trigger_interval_s: float = Field(
+        0.0, ge=0, description="Also start a cycle this long after the last one (0: data only)."
+    )
     finetune_poll_interval_s: float = Field(10.0, gt=0)
     """How often `finetune loop` checks whether to start a cycle, in seconds."""
     finetune_lease_ttl_s: float = Field(120.0, gt=0, description="Lease expiry; renewed every step and every poll.")
 
+    # Promotion: the offline gate, a canary judged by users' votes on mixed pairs, or both (docs/canary.md)
+    finetune_promotion: Literal["gate", "canary", "both"] = Field(
+        "gate",
+        description="What decides a deploy: `gate` (the offline evaluation gate, then a full hot swap), `canary` (the best finite snapshot is served as the challenger in a share of pairs and users' votes on those mixed pairs promote or roll it back; the gate's checks are recorded, not enforced) or `both` (gate, then canary). docs/canary.md.",
+    )
+    finetune_canary_share: float = Field(
+        0.5, gt=0, le=1, description="Canary: share of generation requests whose pair is current vs candidate."
+    )
+    finetune_canary_alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=0.5,
+        description="Canary: error rate of the sequential test. Promoting a candidate whose true win rate is at most 50 %, or rolling back one whose win rate is at least 50 %, happens with probability at most this (a time-uniform confidence sequence: valid however often the votes are looked at).",
+    )
+    finetune_canary_max_votes: int = Field(
+        400,
+        ge=1,
+        description="Canary: most decided votes (wins + losses) on mixed pairs; at the cap the current policy stays and the canary is recorded `inconclusive`.",
+    )
+    finetune_canary_max_s: float = Field(
+        7200.0,
+        gt=0,
+        description="Canary: longest canary in seconds; at the cap, as for the vote cap: `inconclusive`, the current policy stays.",
+    )
+    finetune_canary_model_name: str = Field(
+        "generator_challenger",
+        description="Canary: Triton model the candidate is served as (the gateway reads it from the registry's canary record).",
+    )
+
     @model_validator(mode="after")
-    def _budgets_nest(self) -> "FinetuneSettings":
+    def _budgets_nest(self) -> FinetuneSettings:
         """The cycle's KL target sits below its early stop, which sits below the gate's bound: a cycle that
         stays inside its budget can pass the gate by construction."""
         if not self.finetune_kl_target < self.finetune_kl_budget < self.finetune_gate_max_kl:
-            raise ValueError(f"need finetune_kl_target < finetune_kl_budget < finetune_gate_max_kl, got "
-                             f"{self.finetune_kl_target}, {self.finetune_kl_budget}, {self.finetune_gate_max_kl}")
+            raise ValueError(
+                f"need finetune_kl_target < finetune_kl_budget < finetune_gate_max_kl, got "
+                f"{self.finetune_kl_target}, {self.finetune_kl_budget}, {self.finetune_gate_max_kl}"
+            )
         if self.finetune_constraint_slack >= self.finetune_gate_max_other_drop:
             raise ValueError("finetune_constraint_slack must be below finetune_gate_max_other_drop (the gate's bound)")
         if self.finetune_trainer == "reinforce" and self.finetune_batch_size % self.finetune_group_size:
-            raise ValueError(f"finetune_batch_size ({self.finetune_batch_size}) must be a multiple of finetune_group_size ({self.finetune_group_size})")
+            raise ValueError(
+                f"finetune_batch_size ({self.finetune_batch_size}) must be a multiple of finetune_group_size ({self.finetune_group_size})"
+            )
         return self

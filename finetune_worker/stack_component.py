@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 from musicrl.logging import get_logger
-from musicrl.stack.processes import ManagedProcess
-from musicrl.stack.processes import http_ok
+from musicrl.stack.processes import ManagedProcess, http_ok
 from musicrl.stack.settings import StackSettings
 from musicrl.stack.stack import StackInfo
 
@@ -78,7 +77,9 @@ def publish_defaults(registry, checkpoints: Path = CHECKPOINTS) -> str | None:
         if not (checkpoints / "generator" / "weights.pt").is_file():
             log.warning("stack.no_base_generator", checkpoint=str(checkpoints / "generator"))
             return None
-        generator = _publish(registry, "generator", checkpoints / "generator", {"source": "checkpoints/generator", "stage": "base"})
+        generator = _publish(
+            registry, "generator", checkpoints / "generator", {"source": "checkpoints/generator", "stage": "base"}
+        )
     for name in REWARD_KINDS:
         kind = f"reward/{name}"
         if registry.current(kind) is not None:
@@ -90,8 +91,12 @@ def publish_defaults(registry, checkpoints: Path = CHECKPOINTS) -> str | None:
                 base_dir = registry.download("generator", generator, Path(tmp) / "generator")
                 model = PreferenceRewardModel.from_generator(load_generator(base_dir)[0])
                 meta = {"training": {"note": "initialised from the base generator, not trained yet"}}
-                _publish(registry, kind, save_preference_model(model, Path(tmp) / "preference", meta),
-                         {"source": f"generator {generator} (initialisation)"})
+                _publish(
+                    registry,
+                    kind,
+                    save_preference_model(model, Path(tmp) / "preference", meta),
+                    {"source": f"generator {generator} (initialisation)"},
+                )
     return generator
 
 

@@ -24,12 +24,12 @@ from pydantic import BaseModel, Field
 
 from finetune_worker import shutdown
 from finetune_worker.prompts import PromptMixer
-from finetune_worker.rewards import load_object, make_reward_fn
+from finetune_worker.rewards import for_policy, load_object, make_reward_fn
 from finetune_worker.trainers.base import DistributedContext
 from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer
 from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 from musicrl.logging import get_logger
-from musicrl.models.generator import load_generator, save_generator_atomic
+from musicrl.models.policy import GeneratorPolicy, load_policy, save_policy_atomic
 
 log = get_logger(__name__)
 
@@ -51,7 +51,13 @@ class TrainJob(BaseModel):
     user_fraction: float = 0.5
     pairs_file: Path | None = None  # DPO: torch.save'd list of DPOPair fields
     reward: str = "http://127.0.0.1:8090"  # reward service URL, or "python:module:attr" (a RewardFunction factory)
-    text_encoder: str = "minilm"  # musicrl.text name, or "python:module:attr"
+    text_encoder: str = (
+        "minilm"  # musicrl.text name, or "python:module:attr" (the default generator's; MusicGen runs its T5)
+    )
+    # A policy with its own codec (MusicGen): its preference model (musicrl.models.preference_musicgen), scored in
+    # this process (finetune_worker.rewards.PolicyRewardFunction); None: no preference component (stage R).
+    preference_dir: Path | None = None
+    preference_version: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict)  # written to the checkpoint's meta.json
 
     def write(self, path: Path) -> Path:
@@ -102,29 +108,49 @@ def stop_between_steps(trainer, dist_ctx: DistributedContext) -> None:
     trainer.step = guarded_step
 
 
+def load_trainable(directory: Path):
+    """The policy in ``directory`` as the trainers take it: the default kind as its ``Generator`` (checkpoints and
+    DDP see the same module as always), any other kind as the ``Policy`` itself."""
+    policy = load_policy(directory)
+    return policy.generator if isinstance(policy, GeneratorPolicy) else policy
+
+
 def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[dict]:
     """Train; returns the per-step metrics. Rank 0 writes ``output_dir`` at the end."""
     dist_ctx = dist_ctx or DistributedContext()
-    policy, _ = load_generator(job.policy_dir)
-    embed = make_embed(job.text_encoder)
+    policy = load_trainable(job.policy_dir)
+    default_kind = not hasattr(
+        policy, "kind"
+    )  # a Generator: the default kind, conditioned on the text encoder's embeddings
+    embed = make_embed(job.text_encoder) if default_kind else None
     if job.trainer == "reinforce":
         config = ReinforceConfig(**job.config)
         prompts = PromptMixer(job.user_prompts, job.captions, job.user_fraction, seed=config.seed)
-        trainer = ReinforceTrainer(config, policy, make_reward_fn(job.reward), prompts, embed, job.checkpoint_dir, dist_ctx,
-                                   job.candidates_dir)
+        reward_fn = make_reward_fn(job.reward)
+        if not default_kind:  # decoded audio to the reward service, preference from the policy's own model
+            reward_fn = for_policy(reward_fn, policy, job.preference_dir, job.preference_version)
+        trainer = ReinforceTrainer(
+            config, policy, reward_fn, prompts, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir
+        )
     else:
         config = DPOConfig(**job.config)
         rows = torch.load(job.pairs_file, weights_only=False)
         pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]
-        reference, _ = load_generator(job.policy_dir)  # the served policy that sampled the pairs
-        trainer = OnlineDPOTrainer(config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir)
+        reference = load_trainable(job.policy_dir)  # the served policy that sampled the pairs
+        trainer = OnlineDPOTrainer(
+            config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir
+        )
     stop_between_steps(trainer, dist_ctx)
     out = trainer.train()
     _check_replicas_in_sync(trainer.model, dist_ctx)
     job.meta["world_size"] = dist_ctx.world_size
     if dist_ctx.is_main:
-        save_generator_atomic(trainer.model.cpu(), job.output_dir, {**job.meta, "trainer": job.trainer, "steps": len(out.history)},
-                              {HISTORY_FILE: json.dumps(out.history)})
+        save_policy_atomic(
+            trainer.model.cpu(),
+            job.output_dir,
+            {**job.meta, "trainer": job.trainer, "steps": len(out.history)},
+            {HISTORY_FILE: json.dumps(out.history)},
+        )
     dist_ctx.barrier()
     return out.history
 
@@ -138,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     device = str(job.config.get("device", "cpu"))
     if device in ("cuda", "auto") and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         job.config["device"] = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-    dist_ctx = DistributedContext.from_env(backend="nccl" if job.config.get("device", "cpu").startswith("cuda") else "gloo")
+    dist_ctx = DistributedContext.from_env(
+        backend="nccl" if job.config.get("device", "cpu").startswith("cuda") else "gloo"
+    )
     try:
         with shutdown.handle_signals():  # torchrun forwards the worker's SIGTERM to every rank
             run_job(job, dist_ctx)

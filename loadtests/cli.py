@@ -407,13 +407,14 @@ def cycle_cost_command(
     sizes: list[int] = typer.Option([500, 5000], help="Buffer sizes (preferences) to time; repeatable."),
     output: Path = typer.Option(Path("results/cycle_cost.json"), help="Results file."),
     work_dir: Path = typer.Option(Path(".data/cycle_cost"), help="Scratch directory for the trained models."),
+    repeats: int = typer.Option(3, min=1, help="Timings per size (the median is reported)."),
 ) -> None:
     """Time the buffer-dependent part of a finetune cycle (the reward model) as the buffer grows."""
     from rich.console import Console
 
     from loadtests.cycle_cost import run_cycle_cost, write_results
 
-    results = run_cycle_cost(sorted(sizes), work_dir)
+    results = run_cycle_cost(sorted(sizes), work_dir, repeats)
     write_results(results, output)
     console = Console()
     for point in results["points"]:

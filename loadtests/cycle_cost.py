@@ -93,7 +93,7 @@ def reward_model_cost(n_rows: int, work_dir: Path, settings, generator, embed, s
     }
 
 
-def run_cycle_cost(sizes: list[int], work_dir: Path) -> dict[str, Any]:
+def run_cycle_cost(sizes: list[int], work_dir: Path, repeats: int = 3) -> dict[str, Any]:
     import torch
 
     from finetune_worker.settings import FinetuneSettings
@@ -106,7 +106,12 @@ def run_cycle_cost(sizes: list[int], work_dir: Path) -> dict[str, Any]:
     settings = FinetuneSettings()
     generator, _ = load_generator(CHECKPOINTS / "generator")
     embed = make_embed(settings.finetune_text_encoder)
-    points = [reward_model_cost(n, work_dir, settings, generator, embed) for n in sizes]
+    embed(["warm-up"])  # loads the encoder's weights once, outside every timing (a worker has them loaded)
+    points = []
+    for n in sizes:  # each size timed ``repeats`` times, the median kept: single timings on 2 busy cores vary
+        runs = [reward_model_cost(n, work_dir, settings, generator, embed) for _ in range(repeats)]
+        point = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
+        points.append(point | {"seconds_runs": [run["seconds"] for run in runs]})
     baseline = points[0]["seconds"]
     for point in points:
         point["ratio_to_smallest"] = round(point["seconds"] / baseline, 3)
@@ -117,8 +122,9 @@ def run_cycle_cost(sizes: list[int], work_dir: Path) -> dict[str, Any]:
         "settings": {
             k: getattr(settings, k)
             for k in (
+                "finetune_rm_fit",
                 "finetune_rm_max_pairs",
-                "finetune_rm_epochs",
+                "finetune_rm_cv_folds",
                 "finetune_rm_heads",
                 "finetune_heldout_fraction",
                 "finetune_duration_s",

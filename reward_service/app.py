@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from musicrl import openapi
+from musicrl.errors import error_response
 from musicrl.logging import RequestIdMiddleware, get_logger
 from reward_service.openapi import state_limits
 from reward_service.routes import admin, health, scores
@@ -39,10 +40,6 @@ class Dependencies:
     holder: ModelHolder
     resolver: InputResolver
     score_batch: ScoreBatch
-
-
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
 def create_app(settings: RewardSettings | None = None, dependencies: Dependencies | None = None) -> FastAPI:
@@ -119,41 +116,41 @@ def create_app(settings: RewardSettings | None = None, dependencies: Dependencie
         return response
 
     @app.exception_handler(InputError)
-    async def input_error(_: Request, err: InputError) -> JSONResponse:
+    async def input_error(request: Request, err: InputError) -> JSONResponse:
         metrics.rejected.labels(f"http_{err.status_code}").inc()
-        return _error(err.status_code, err.detail)
+        return error_response(request, err.status_code, err.detail)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         metrics.rejected.labels("http_422").inc()
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in err.errors()
         )
-        return _error(422, problems or "invalid request body")
+        return error_response(request, 422, problems or "invalid request body")
 
     @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
+    async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
         metrics.rejected.labels("queue_full").inc()
-        return _error(429, f"too busy: {err}", {"Retry-After": str(settings.reward_retry_after_s)})
+        return error_response(request, 429, f"too busy: {err}", {"Retry-After": str(settings.reward_retry_after_s)})
 
     @app.exception_handler(ModelsNotReady)
-    async def not_ready(_: Request, err: ModelsNotReady) -> JSONResponse:
+    async def not_ready(request: Request, err: ModelsNotReady) -> JSONResponse:
         metrics.rejected.labels("not_ready").inc()
-        return _error(503, str(err), {"Retry-After": str(settings.reward_retry_after_s)})
+        return error_response(request, 503, str(err), {"Retry-After": str(settings.reward_retry_after_s)})
 
     @app.exception_handler(ComponentUnavailable)
-    async def unavailable(_: Request, err: ComponentUnavailable) -> JSONResponse:
+    async def unavailable(request: Request, err: ComponentUnavailable) -> JSONResponse:
         metrics.rejected.labels("component_unavailable").inc()
-        return _error(503, str(err))
+        return error_response(request, 503, str(err))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         # Bad input never gets here (it is a 4xx above); this is a fault of the service or its models.
         log.exception("request.failed", path=request.url.path, error=str(err))
-        return _error(500, f"scoring failed: {type(err).__name__}")
+        return error_response(request, 500, f"scoring failed: {type(err).__name__}")
 
     @app.exception_handler(BatcherStopped)
-    async def stopped(_: Request, err: BatcherStopped) -> JSONResponse:
-        return _error(503, str(err))
+    async def stopped(request: Request, err: BatcherStopped) -> JSONResponse:
+        return error_response(request, 503, str(err))
 
     return app

@@ -14,13 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from musicrl import openapi
 from musicrl.config import InsecureSettings, refuse_development_secrets  # noqa: F401 - InsecureSettings is re-exported
+from musicrl.errors import error_response
 from musicrl.logging import RequestIdMiddleware, get_logger
 from musicrl.metrics import instrument_app
 from serving.body_limit import BodyLimitMiddleware
@@ -136,10 +135,7 @@ def _text_encoder(settings: GatewaySettings):
 
 
 def _add_error_handlers(app: FastAPI, settings: GatewaySettings) -> None:
-    def error(request: Request, status: int, detail, headers: dict | None = None) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None)
-        body = {"detail": jsonable_encoder(detail), "request_id": request_id}
-        return JSONResponse(body, status_code=status, headers=headers)
+    error = error_response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

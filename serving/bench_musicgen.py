@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from musicrl.logging import get_logger
-from serving.bench import bench_prompts, triton_batch_counts, _delta
+from serving.bench import _delta, bench_prompts, triton_batch_counts
 
 log = get_logger(__name__)
 
@@ -136,8 +136,12 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
         baseline_before = in_process.run(prompts[:half], config.duration_s)
 
         batching = {
-            BATCHED: BatchingConfig(max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=5_000, instance_count=1),
-            UNBATCHED: BatchingConfig(max_batch_size=1, preferred_batch_sizes=[1], max_queue_delay_us=0, instance_count=1),
+            BATCHED: BatchingConfig(
+                max_batch_size=16, preferred_batch_sizes=[4, 8, 16], max_queue_delay_us=5_000, instance_count=1
+            ),
+            UNBATCHED: BatchingConfig(
+                max_batch_size=1, preferred_batch_sizes=[1], max_queue_delay_us=0, instance_count=1
+            ),
         }
         stack = Stack(free_port_settings(data_dir / "stack"), components=[c for c in COMPONENTS if c.name != "tansu"])
         info = stack.up()
@@ -149,10 +153,16 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
             for concurrency in config.concurrency:
                 level: dict = {"concurrency": concurrency}
                 for model in (UNBATCHED, BATCHED):
-                    latencies, wall, batch_sizes = asyncio.run(_triton_level(
-                        info.triton_grpc_url, model, prompts, concurrency, config.duration_s,
-                        lambda model=model: triton_batch_counts(info.triton_http_url, model),
-                    ))
+                    latencies, wall, batch_sizes = asyncio.run(
+                        _triton_level(
+                            info.triton_grpc_url,
+                            model,
+                            prompts,
+                            concurrency,
+                            config.duration_s,
+                            lambda model=model: triton_batch_counts(info.triton_http_url, model),
+                        )
+                    )
                     key = "triton_batched" if model == BATCHED else "triton_unbatched"
                     level[key] = summary(latencies, wall, config.duration_s, tokens_per_clip) | {
                         "triton_batch_sizes": batch_sizes,
@@ -167,9 +177,15 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
             stack.down()
         baseline_after = in_process.run(prompts[half:], config.duration_s)
 
-    baseline = summary(baseline_before[0] + baseline_after[0], baseline_before[1] + baseline_after[1],
-                       config.duration_s, tokens_per_clip)
-    baseline["clips_per_s_before_and_after"] = [round(len(lat) / wall, 3) for lat, wall in (baseline_before, baseline_after)]
+    baseline = summary(
+        baseline_before[0] + baseline_after[0],
+        baseline_before[1] + baseline_after[1],
+        config.duration_s,
+        tokens_per_clip,
+    )
+    baseline["clips_per_s_before_and_after"] = [
+        round(len(lat) / wall, 3) for lat, wall in (baseline_before, baseline_after)
+    ]
     baseline["load_average_1m"] = round(os.getloadavg()[0], 2)
     for level in levels:
         for key in ("triton_batched", "triton_unbatched"):
@@ -180,17 +196,30 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
         "benchmark": "serving_musicgen",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
-        "checkpoint": str(config.checkpoint) if config.checkpoint else "tiny random MusicGen (musicrl.models.tiny_pretrained)",
-        "policy": {"kind": policy.kind, "sample_rate": policy.sample_rate, "frame_rate": policy.frame_rate,
-                   "num_codebooks": policy.num_codebooks, "guidance_scale": getattr(policy, "guidance_scale", None),
-                   "parameters": sum(p.numel() for p in policy.parameters())},
+        "checkpoint": str(config.checkpoint)
+        if config.checkpoint
+        else "tiny random MusicGen (musicrl.models.tiny_pretrained)",
+        "policy": {
+            "kind": policy.kind,
+            "sample_rate": policy.sample_rate,
+            "frame_rate": policy.frame_rate,
+            "num_codebooks": policy.num_codebooks,
+            "guidance_scale": getattr(policy, "guidance_scale", None),
+            "parameters": sum(p.numel() for p in policy.parameters()),
+        },
         "duration_s": config.duration_s,
         "frames_per_clip": policy.frames_for(config.duration_s),
         "tokens_per_clip": tokens_per_clip,
         "clips_per_level": config.clips_per_level,
-        "triton": {name: {"max_batch_size": b.max_batch_size, "preferred_batch_sizes": b.preferred_batch_sizes,
-                          "max_queue_delay_us": b.max_queue_delay_us, "instances": b.instance_count}
-                   for name, b in batching.items()},
+        "triton": {
+            name: {
+                "max_batch_size": b.max_batch_size,
+                "preferred_batch_sizes": b.preferred_batch_sizes,
+                "max_queue_delay_us": b.max_queue_delay_us,
+                "instances": b.instance_count,
+            }
+            for name, b in batching.items()
+        },
         "in_process_unbatched": baseline,
         "levels": levels,
         "batched_vs_unbatched_at_max_concurrency": levels[-1]["batched_vs_unbatched"],

@@ -48,15 +48,22 @@ def get_vote_policy(request: Request) -> VotePolicy:
     return request.app.state.votes
 
 
+def _principal(request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None) -> Principal:
+    """Who calls: the key of ``Authorization: Bearer`` or ``X-API-Key`` (401 if none is valid), noted for the logs."""
+    authenticator: Authenticator = request.app.state.auth
+    principal = authenticator.authenticate(bearer.credentials if bearer is not None else api_key)
+    request.state.principal = principal.name
+    return principal
+
+
 async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> AsyncIterator[Principal]:
-    authenticator: Authenticator = request.app.state.auth
+    """An API key or a listening-page token, within its rate and concurrency limits (429)."""
+    principal = _principal(request, bearer, api_key)
     limits: PrincipalLimits = request.app.state.limits
-    principal = authenticator.authenticate(bearer.credentials if bearer is not None else api_key)
-    request.state.principal = principal.name
     with limits.admit(principal):
         yield principal
 
@@ -67,12 +74,11 @@ async def require_operator(
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> AsyncIterator[Principal]:
     """An API key, as for writes; a listening-page token (handed to any visitor) is refused with 403."""
-    authenticator: Authenticator = request.app.state.auth
-    principal = authenticator.authenticate(bearer.credentials if bearer is not None else api_key)
-    request.state.principal = principal.name
+    principal = _principal(request, bearer, api_key)
     if principal.name == PAGE_PRINCIPAL:
         raise Forbidden("the ops API needs an API key; listening-page tokens are not accepted")
-    with request.app.state.limits.admit(principal):
+    limits: PrincipalLimits = request.app.state.limits
+    with limits.admit(principal):
         yield principal
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from musicrl.errors import ErrorBody
 from musicrl.schemas.generation import Timings
 
 AudioFormat = Literal["wav", "flac", "ogg", "mp3"]
@@ -116,11 +117,6 @@ class ClipInfo(BaseModel):
     audio_url: str
     download_url: str
     created_at: datetime
-
-
-class ErrorBody(BaseModel):
-    detail: str | list
-    request_id: str | None = None
 
 
 # FastAPI's answer to a body it cannot even decode (not UTF-8, JSON nested too deeply); malformed JSON is 422.

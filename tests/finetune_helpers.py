@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 import numpy as np
 import pytest
+import torch
 
 from musicrl.models.generator import Generator, GeneratorConfig
 
@@ -18,7 +20,9 @@ def tiny_generator(seed: int = 0, vocab_size: int = 16) -> Generator:
     import torch
 
     torch.manual_seed(seed)
-    return Generator(GeneratorConfig(vocab_size=vocab_size, text_dim=TEXT_DIM, max_frames=32, n_layers=1, n_heads=2, d_model=32))
+    return Generator(
+        GeneratorConfig(vocab_size=vocab_size, text_dim=TEXT_DIM, max_frames=32, n_layers=1, n_heads=2, d_model=32)
+    )
 
 
 def embed(prompts: list[str]) -> np.ndarray:
@@ -59,7 +63,9 @@ def servable_generator(seed: int = 0) -> Generator:
     from musicrl.audio import codec
 
     torch.manual_seed(seed)
-    return Generator(GeneratorConfig(vocab_size=codec.VOCAB_SIZE, text_dim=384, max_frames=64, n_layers=1, n_heads=2, d_model=32))
+    return Generator(
+        GeneratorConfig(vocab_size=codec.VOCAB_SIZE, text_dim=384, max_frames=64, n_layers=1, n_heads=2, d_model=32)
+    )
 
 
 class HoldFractionReward(TokenFractionReward):
@@ -90,3 +96,75 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class CodebookReward:
+    """Rewards over a multi-codebook policy's codes [B, K, T] (a ``python:`` reward function has no ``score_audio``,
+    so it gets the codes): text_adherence = share of codebook 0's frames that are code 3, quality = share of even
+    codes, preference = 0 (a MusicGen cycle replaces it with its own preference model's score)."""
+
+    versions = {"text_adherence": "codes", "quality": "codes", "preference": "service"}
+
+    def __call__(self, prompts, tokens):
+        tokens = np.asarray(tokens)
+        assert tokens.ndim == 3 and len(prompts) == len(tokens), tokens.shape
+        return {
+            "text_adherence": (tokens[:, 0] == TARGET_TOKEN).mean(axis=1),
+            "quality": (tokens % 2 == 0).mean(axis=(1, 2)),
+            "preference": np.zeros(len(tokens)),
+        }
+
+
+# --------------------------------------------------------------- MusicGen buffer rows (issue 15)
+
+PROMPTS = ["calm piano melody", "fast drums", "sad strings", "happy brass", "slow guitar", "loud drums with brass"]
+FRAMES = 10  # 0.2 s at 50 frames/s: the MusicGen rows of musicgen_buffer_rows
+
+
+def musicgen_likes(codes: torch.Tensor) -> torch.Tensor:
+    """The fake listeners' taste: frames of code TARGET_TOKEN in codebook 0."""
+    return (codes[:, 0] == TARGET_TOKEN).sum(-1)
+
+
+def musicgen_buffer_rows(policy, n: int, version: str = "1") -> list[dict]:
+    """Pairs the policy sampled (temperature 1.5 for variety), voted by listeners who like TARGET_TOKEN in codebook 0,
+    as the feedback consumer writes them: flat codebook-major tokens and log-probs, ``codebooks_a/b`` = 4."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    cond = policy.condition(prompts)
+    a, la = policy.sample(cond, FRAMES, 1.5, 0, seeds=list(range(n)))
+    b, lb = policy.sample(cond, FRAMES, 1.5, 0, seeds=list(range(1000, 1000 + n)))
+    wins_a, wins_b = musicgen_likes(a), musicgen_likes(b)
+    rows = []
+    for i in range(n):
+        choice = "a" if wins_a[i] > wins_b[i] else "b" if wins_b[i] > wins_a[i] else "tie"
+        rows.append(
+            {
+                "event_id": f"event{i:04d}",
+                "generation_id": uuid.UUID(int=i).hex,
+                "clip_a_id": uuid.uuid4().hex,
+                "clip_b_id": uuid.uuid4().hex,
+                "choice": choice,
+                "is_tie": choice == "tie",
+                "listen_a_s": 0.2,
+                "listen_b_s": 0.2,
+                "listen_a_frac": 1.0,
+                "listen_b_frac": 1.0,
+                "user_pseudonym": f"{i % 9:064x}",
+                "prompt": prompts[i],
+                "temperature": 1.5,
+                "top_k": 0,
+                "policy_version": version,
+                "mixed_policy": False,
+                "policy_version_a": version,
+                "policy_version_b": version,
+                "tokens_a": a[i].flatten().tolist(),
+                "tokens_b": b[i].flatten().tolist(),
+                "logprobs_a": la[i].flatten().tolist(),
+                "logprobs_b": lb[i].flatten().tolist(),
+                "codebooks_a": 4,
+                "codebooks_b": 4,
+                "kafka_partition": 0,
+                "kafka_offset": i,
+            }
+        )
+    return rows

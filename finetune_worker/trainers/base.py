@@ -92,7 +92,7 @@ class DistributedContext:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, backend: str | None = None) -> "DistributedContext":
+    def from_env(cls, backend: str | None = None) -> DistributedContext:
         """Join the process group torchrun describes (``WORLD_SIZE`` > 1), else run alone.
 
         ``backend``: "gloo" for CPU tensors, "nccl" when every process drives its own GPU.
@@ -205,8 +205,13 @@ class OnlineTrainer:
 
     args: TrainerArgs
 
-    def __init__(self, args: TrainerArgs, checkpoint_dir: str | Path | None, dist_ctx: DistributedContext | None,
-                 candidates_dir: str | Path | None = None):
+    def __init__(
+        self,
+        args: TrainerArgs,
+        checkpoint_dir: str | Path | None,
+        dist_ctx: DistributedContext | None,
+        candidates_dir: str | Path | None = None,
+    ):
         self.args = args
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.candidates_dir = Path(candidates_dir) if candidates_dir else None
@@ -241,8 +246,11 @@ class OnlineTrainer:
         if self.candidates_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return None
-        target = save_policy_atomic(self.model, self.candidates_dir / f"step-{self.global_step:04d}",
-                                    {"step": self.global_step, "metrics": self.history[-1] if self.history else {}})
+        target = save_policy_atomic(
+            self.model,
+            self.candidates_dir / f"step-{self.global_step:04d}",
+            {"step": self.global_step, "metrics": self.history[-1] if self.history else {}},
+        )
         self.dist.barrier()
         return target
 
@@ -250,8 +258,13 @@ class OnlineTrainer:
         if self.checkpoint_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return None
-        state = {"global_step": self.global_step, "history": self.history, "args": self.args.to_dict(),
-                 "stopped_early": self.stopped_early, **self.state_dict()}
+        state = {
+            "global_step": self.global_step,
+            "history": self.history,
+            "args": self.args.to_dict(),
+            "stopped_early": self.stopped_early,
+            **self.state_dict(),
+        }
         path = save_state_atomic(state, self.checkpoint_dir)
         self.dist.barrier()
         return path
@@ -271,7 +284,13 @@ class OnlineTrainer:
 
     def train(self) -> TrainOutput:
         resumed = self.maybe_resume()
-        bar = tqdm(total=self.args.steps, initial=self.global_step, disable=not self.dist.is_main, desc=type(self).__name__, leave=False)
+        bar = tqdm(
+            total=self.args.steps,
+            initial=self.global_step,
+            disable=not self.dist.is_main,
+            desc=type(self).__name__,
+            leave=False,
+        )
         started = time.perf_counter()
         while self.global_step < self.args.steps and not self.stopped_early:
             metrics = self.dist.mean(self.step())

@@ -16,9 +16,10 @@ Ties carry no preference and are left out.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,10 @@ from finetune_worker.trainers.base import (
     wrap_ddp,
 )
 from finetune_worker.trainers.reinforce import make_optimizer, token_kl
+from musicrl.buffer import clip_codes
 from musicrl.device import resolve_device
 from musicrl.models.generator import Generator, filter_logits
+from musicrl.models.policy import Policy, token_logprobs
 
 
 @dataclass(kw_only=True)
@@ -65,19 +68,28 @@ class DPOPair:
 
 
 def pairs_from_buffer(table) -> list[DPOPair]:
-    """DPO pairs from buffer rows (a pyarrow table with the ``musicrl.buffer.ROW_SCHEMA`` columns); ties dropped."""
+    """DPO pairs from buffer rows (a pyarrow table with the ``musicrl.buffer.ROW_SCHEMA`` columns); ties dropped.
+
+    Tokens and log-probs are ``[T]`` for one codebook (as always) and ``[K, T]`` for a clip of K > 1 codebooks
+    (the flat, codebook-major columns reshaped with ``codebooks_a/b``, ``musicrl.buffer.clip_codes``)."""
     pairs = []
     for row in table.to_pylist():
         if row["choice"] not in ("a", "b"):
             continue
         win, lose = ("a", "b") if row["choice"] == "a" else ("b", "a")
+
+        def clip(column: str, side: str, dtype) -> np.ndarray:
+            values = np.asarray(row[f"{column}_{side}"], dtype=dtype)
+            codebooks = int(row.get(f"codebooks_{side}") or 1)
+            return values if codebooks == 1 else clip_codes(values, codebooks)
+
         pairs.append(
             DPOPair(
                 prompt=row["prompt"],
-                chosen=np.asarray(row[f"tokens_{win}"], dtype=np.int64),
-                rejected=np.asarray(row[f"tokens_{lose}"], dtype=np.int64),
-                chosen_logprobs=np.asarray(row[f"logprobs_{win}"], dtype=np.float32),
-                rejected_logprobs=np.asarray(row[f"logprobs_{lose}"], dtype=np.float32),
+                chosen=clip("tokens", win, np.int64),
+                rejected=clip("tokens", lose, np.int64),
+                chosen_logprobs=clip("logprobs", win, np.float32),
+                rejected_logprobs=clip("logprobs", lose, np.float32),
                 temperature=float(row["temperature"] or 1.0),
                 top_k=int(row["top_k"] or 0),
             )
@@ -96,7 +108,12 @@ def _pad(rows: Sequence[np.ndarray], value: float, dtype) -> tuple[torch.Tensor,
 
 
 class OnlineDPOTrainer(OnlineTrainer):
-    """Trains ``model`` (a Generator) in place on preference pairs; ``ref_model`` stays frozen."""
+    """Trains ``model`` (a Generator, or a multi-codebook ``Policy`` such as MusicGen) in place on preference pairs;
+    ``ref_model`` (of the same kind) stays frozen.
+
+    For a ``Policy`` the pairs' clips are ``[K, T]`` codes and a clip's log-probability is the sum over its frames
+    and codebooks (``Policy.logprobs`` under the pair's temperature and top-k); clips are batched by length, never
+    padded (padding would change what MusicGen's delay pattern shows the late codebooks)."""
 
     def __init__(
         self,
@@ -119,9 +136,10 @@ class OnlineDPOTrainer(OnlineTrainer):
         self.pairs = list(pairs)
         self.embed = embed
         self.optimizer = make_optimizer(config.optimizer, self.policy.parameters(), config.learning_rate)
+        self.is_policy = isinstance(model, Policy)
 
     @property
-    def model(self) -> Generator:
+    def model(self) -> Generator | Policy:
         return unwrap(self.policy)
 
     def _batch(self, step: int) -> list[DPOPair]:
@@ -137,9 +155,67 @@ class OnlineDPOTrainer(OnlineTrainer):
         logp = F.log_softmax(flat, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return (logp * mask).sum(1)
 
+    def _policy_step(self, batch: list[DPOPair]) -> dict[str, float]:
+        """One step for a ``Policy``: clips [K, T], grouped by length."""
+        cfg, n = self.config, len(batch)
+        clips = [p.chosen for p in batch] + [p.rejected for p in batch]
+        stored = [p.chosen_logprobs for p in batch] + [p.rejected_logprobs for p in batch]
+        prompts = [p.prompt for p in batch] * 2
+        temperatures = [p.temperature for p in batch] * 2
+        top_ks = [p.top_k for p in batch] * 2
+        groups: dict[tuple, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(np.asarray(clip).shape, []).append(i)
+        policy = unwrap(self.policy)
+        self.policy.train()
+        logp: dict[int, torch.Tensor] = {}
+        ref_logp, kls, entropies, positions = torch.zeros(2 * n), torch.zeros(2 * n), [], 0
+        for rows in groups.values():
+            cond = policy.condition([prompts[i] for i in rows])
+            tokens = torch.from_numpy(np.stack([np.asarray(clips[i], dtype=np.int64) for i in rows])).to(self.device)
+            temps, ks = [temperatures[i] for i in rows], [top_ks[i] for i in rows]
+            with autocast(self.device, cfg.mixed_precision):
+                logits = self.policy(cond, tokens).float()
+                with torch.no_grad():
+                    ref_logits = self.ref_model(cond, tokens).float()
+            sums = token_logprobs(logits, tokens, temps, ks).sum((1, 2))
+            for j, i in enumerate(rows):
+                logp[i] = sums[j]
+            with torch.no_grad():
+                if cfg.use_stored_logprobs:
+                    ref = torch.tensor([float(np.sum(stored[i])) for i in rows])
+                else:
+                    ref = token_logprobs(ref_logits, tokens, temps, ks).sum((1, 2)).cpu()
+                ref_logp[rows] = ref
+                kls[rows] = token_kl(logits, ref_logits).sum((1, 2)).cpu()
+                all_logp = F.log_softmax(logits, dim=-1)
+                entropies.append(-(all_logp.exp() * all_logp).sum(-1).sum().cpu())
+                positions += tokens.numel()
+        ratios = torch.stack([logp[i] for i in range(2 * n)]) - ref_logp.to(self.device)
+        chosen_rewards, rejected_rewards = cfg.beta * ratios[:n], cfg.beta * ratios[n:]
+        loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        mark_step(self.device)
+        margin = (chosen_rewards - rejected_rewards).detach()
+        return {
+            "loss": float(loss.detach()),
+            "rewards/chosen": float(chosen_rewards.detach().mean()),
+            "rewards/rejected": float(rejected_rewards.detach().mean()),
+            "rewards/margin": float(margin.mean()),
+            "rewards/accuracy": float((margin > 0).float().mean()),
+            "kl": float(kls.mean()),
+            "entropy": float(torch.stack(entropies).sum() / positions),
+            "grad_norm": float(grad_norm),
+        }
+
     def step(self) -> dict[str, float]:
         cfg = self.config
         batch = self._batch(self.global_step)
+        if self.is_policy:
+            return self._policy_step(batch)
         n = len(batch)
         cond = torch.from_numpy(np.asarray(self.embed([p.prompt for p in batch]), dtype=np.float32)).to(self.device)
         cond = torch.cat([cond, cond])
@@ -155,7 +231,9 @@ class OnlineDPOTrainer(OnlineTrainer):
                 ref_logits = self.ref_model(cond, tokens).float()
         policy_logp = self._sequence_logprobs(logits, tokens, mask, temperatures, top_ks)
         if cfg.use_stored_logprobs:
-            stored, _ = _pad([p.chosen_logprobs for p in batch] + [p.rejected_logprobs for p in batch], 0.0, torch.float32)
+            stored, _ = _pad(
+                [p.chosen_logprobs for p in batch] + [p.rejected_logprobs for p in batch], 0.0, torch.float32
+            )
             ref_logp = (stored.to(self.device) * mask).sum(1)
         else:
             ref_logp = self._sequence_logprobs(ref_logits, tokens, mask, temperatures, top_ks)

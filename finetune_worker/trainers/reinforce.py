@@ -38,9 +38,10 @@ and KL are sums over its frames and codebooks, so "per clip" means the same for 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,7 +104,9 @@ class ReinforceConfig(TrainerArgs):
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.group_size < 2 or self.batch_size % self.group_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}) >= 2")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}) >= 2"
+            )
         if not 0 < self.kl_target < self.kl_budget:
             raise ValueError("need 0 < kl_target < kl_budget")
 
@@ -185,7 +188,13 @@ class Constraints:
             self.multipliers[name] = max(0.0, self.multipliers[name] + self.lr * violation)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"multipliers": self.multipliers, "start": self.start, "scale": self.scale, "level": self.level, "seen": self.seen}
+        return {
+            "multipliers": self.multipliers,
+            "start": self.start,
+            "scale": self.scale,
+            "level": self.level,
+            "seen": self.seen,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("multipliers", "start", "scale", "level"):
@@ -232,7 +241,11 @@ class ReinforceTrainer(OnlineTrainer):
         """``batch_size`` rollouts: ``group_size`` consecutive ones per prompt, each with its own seed.
         Returns the prompts, their conditioning and the tokens [B, K, T]."""
         cfg = self.config
-        prompts = [p for p in self.prompts(step, self.dist.rank, cfg.batch_size // cfg.group_size) for _ in range(cfg.group_size)]
+        prompts = [
+            p
+            for p in self.prompts(step, self.dist.rank, cfg.batch_size // cfg.group_size)
+            for _ in range(cfg.group_size)
+        ]
         policy = unwrap(self.policy)
         cond = policy.condition(prompts)
         seeds = [rollout_seed(cfg.seed, step, self.dist.rank, i) for i in range(len(prompts))]

@@ -62,7 +62,9 @@ def rhythm_features(mel: np.ndarray) -> np.ndarray:
     quantiles = np.log2(np.percentile(intervals, [10, 25, 50, 75, 90])) if len(intervals) else np.zeros(5)
     envelope = flux - flux.mean()
     lag0 = float(envelope @ envelope) + 1e-9
-    autocorr = np.array([envelope[:-lag] @ envelope[lag:] / lag0 if lag < len(envelope) else 0.0 for lag in _ONSET_LAGS])
+    autocorr = np.array(
+        [envelope[:-lag] @ envelope[lag:] / lag0 if lag < len(envelope) else 0.0 for lag in _ONSET_LAGS]
+    )
     return np.concatenate([histogram, quantiles, autocorr])
 
 
@@ -79,7 +81,9 @@ def pitch_track(wave: np.ndarray) -> PitchTrack:
     wave = np.pad(wave, (0, max(0, _PITCH_FFT - len(wave))))
     frames = np.lib.stride_tricks.sliding_window_view(wave, _PITCH_FFT)[::_PITCH_HOP]
     magnitude = np.abs(np.fft.rfft(frames * np.hanning(_PITCH_FFT), axis=-1))
-    bins = np.minimum(np.rint(np.outer(_hz(_CANDIDATES), _HARMONICS) * _PITCH_FFT / SAMPLE_RATE).astype(int), magnitude.shape[1] - 1)
+    bins = np.minimum(
+        np.rint(np.outer(_hz(_CANDIDATES), _HARMONICS) * _PITCH_FFT / SAMPLE_RATE).astype(int), magnitude.shape[1] - 1
+    )
     salience = (magnitude[:, bins] / _HARMONICS).sum(axis=-1)  # [frames, candidates]
     best = salience.max(axis=1)
     return PitchTrack(magnitude, _CANDIDATES[salience.argmax(axis=1)], best, best > 0.05 * (best.max() + 1e-12))

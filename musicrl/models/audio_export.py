@@ -32,23 +32,39 @@ def export_audio_onnx(model: torch.nn.Module, path: Path, output: str, opset: in
     with warnings.catch_warnings():
         # The TorchScript exporter needs no onnxscript; torch.export's would.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["mels"], output_names=[output],
-                          dynamic_axes={"mels": {0: "n", 2: "frames"}, output: {0: "n"}}, opset_version=opset)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["mels"],
+            output_names=[output],
+            dynamic_axes={"mels": {0: "n", 2: "frames"}, output: {0: "n"}},
+            opset_version=opset,
+        )
     return Path(path)
 
 
-def write_checkpoint(model: torch.nn.Module, directory: Path, kind: str, output: str, training: dict,
-                     metrics: dict, command: str) -> Path:
+def write_checkpoint(
+    model: torch.nn.Module, directory: Path, kind: str, output: str, training: dict, metrics: dict, command: str
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_config(model.config, directory)
     torch.save(model.state_dict(), directory / WEIGHTS_FILE)
     export_audio_onnx(model, directory / ONNX_FILE, output)
     digest = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()[:10]
-    meta = {"kind": kind, "version": f"{kind}-1.0-{digest}", "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            "input": "log_mel (musicrl.audio.features): [n, 64, frames], 50 frames/s", "output": output,
-            "parameters": sum(p.numel() for p in model.parameters()), "training": training,
-            "metrics": metrics, "command": command}
+    meta = {
+        "kind": kind,
+        "version": f"{kind}-1.0-{digest}",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(),
+        "input": "log_mel (musicrl.audio.features): [n, 64, frames], 50 frames/s",
+        "output": output,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": training,
+        "metrics": metrics,
+        "command": command,
+    }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 

@@ -17,15 +17,22 @@ def train_generator_command(
     batch_size: int = typer.Option(16, help="Whole clips per step."),
     start_batch_size: int = typer.Option(0, help="Clip openings per step (a conditioning-focused stage)."),
     start_frames: int = typer.Option(40, help="Length of a clip opening in frames."),
-    counterfactual_batch_size: int = typer.Option(0, help="Clip openings per step also scored under counterfactual captions (mode, tempo changed)."),
+    counterfactual_batch_size: int = typer.Option(
+        0, help="Clip openings per step also scored under counterfactual captions (mode, tempo changed)."
+    ),
     counterfactual_frames: int = typer.Option(80, help="Length of a counterfactual opening in frames."),
     counterfactual_weight: float = typer.Option(1.0, help="Weight of the counterfactual loss."),
-    attribute_head: str = typer.Option("", help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic, bpm; bpm adds the beat clock); empty: none."),
+    attribute_head: str = typer.Option(
+        "",
+        help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic, bpm; bpm adds the beat clock); empty: none.",
+    ),
     attribute_weight: float = typer.Option(1.0, help="Weight of the attribute head's auxiliary loss."),
     min_learning_rate: float = typer.Option(1e-4, help="End of the cosine decay."),
     learning_rate: float = typer.Option(1e-3),
     warmup_steps: int = typer.Option(40),
-    init_from: str = typer.Option("", help="Generator checkpoint to start from (second stage) instead of random weights."),
+    init_from: str = typer.Option(
+        "", help="Generator checkpoint to start from (second stage) instead of random weights."
+    ),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="Torch intra-op threads."),
     resume: bool = typer.Option(True, help="Continue from the state in --work-dir when there is one."),
@@ -43,17 +50,38 @@ def train_generator_command(
     names = tuple(name.strip() for name in attribute_head.split(",") if name.strip())
     unknown = set(names) - set(LABELLED_ATTRIBUTES)
     if unknown:
-        raise typer.BadParameter(f"unknown attributes {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}", param_hint="--attribute-head")
-    model = replace(default_model_config(), d_model=d_model, n_layers=n_layers, attribute_names=names,
-                    attribute_sizes=tuple(len(LABELLED_ATTRIBUTES[name]) for name in names),
-                    bpm_bins=BPM_BIN_CENTRES if "bpm" in names else ())
+        raise typer.BadParameter(
+            f"unknown attributes {sorted(unknown)}; choose from {sorted(LABELLED_ATTRIBUTES)}",
+            param_hint="--attribute-head",
+        )
+    model = replace(
+        default_model_config(),
+        d_model=d_model,
+        n_layers=n_layers,
+        attribute_names=names,
+        attribute_sizes=tuple(len(LABELLED_ATTRIBUTES[name]) for name in names),
+        bpm_bins=BPM_BIN_CENTRES if "bpm" in names else (),
+    )
     config = GeneratorTrainingConfig(
-        out_dir=Path(out_dir), work_dir=Path(work_dir), model=model, n_train=n_train, steps=steps, seed=seed,
-        batch_size=batch_size, start_batch_size=start_batch_size, start_frames=start_frames, learning_rate=learning_rate,
-        counterfactual_batch_size=counterfactual_batch_size, counterfactual_frames=counterfactual_frames,
-        counterfactual_weight=counterfactual_weight, min_learning_rate=min_learning_rate, threads=threads,
-        attribute_weight=attribute_weight, command=shlex.join(["musicrl", *sys.argv[1:]]),
-        warmup_steps=warmup_steps, init_from=Path(init_from) if init_from else None,
+        out_dir=Path(out_dir),
+        work_dir=Path(work_dir),
+        model=model,
+        n_train=n_train,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        start_batch_size=start_batch_size,
+        start_frames=start_frames,
+        learning_rate=learning_rate,
+        counterfactual_batch_size=counterfactual_batch_size,
+        counterfactual_frames=counterfactual_frames,
+        counterfactual_weight=counterfactual_weight,
+        min_learning_rate=min_learning_rate,
+        threads=threads,
+        attribute_weight=attribute_weight,
+        command=shlex.join(["musicrl", *sys.argv[1:]]),
+        warmup_steps=warmup_steps,
+        init_from=Path(init_from) if init_from else None,
     )
     typer.echo(json.dumps(train_generator(config, resume=resume), indent=2))
 
@@ -79,12 +107,22 @@ def generate_command(
 
     set_inference_threads(1)
     model, meta = load_generator(checkpoint)
-    result = generate(model, load_text_encoder(model.config.text_encoder), [prompt] * candidates, duration_s, temperature, top_k, [seed + i for i in range(candidates)])
+    result = generate(
+        model,
+        load_text_encoder(model.config.text_encoder),
+        [prompt] * candidates,
+        duration_s,
+        temperature,
+        top_k,
+        [seed + i for i in range(candidates)],
+    )
     target = Path(out)
     for i, wave in enumerate(result.audio):
         path = target if candidates == 1 else target.with_name(f"{target.stem}_{i}{target.suffix}")
         path.write_bytes(encode_audio(wave, result.sample_rate, "wav"))
-        typer.echo(f"{path}  mean log-prob/token {result.logprobs[i].mean():.3f}  policy version {meta.get('version', '?')}")
+        typer.echo(
+            f"{path}  mean log-prob/token {result.logprobs[i].mean():.3f}  policy version {meta.get('version', '?')}"
+        )
 
 
 # ---------------------------------------------------------------- corpus, text-adherence and quality models
@@ -135,12 +173,15 @@ def train_text_adherence_command(
 
     from musicrl.models.train_audio import ContrastiveTrainer, TextAdherenceTrainingConfig
 
-    config = TextAdherenceTrainingConfig(steps=steps, n_train=n_train, n_captions=n_captions, batch_size=batch_size,
-                                         seed=seed, threads=threads)
+    config = TextAdherenceTrainingConfig(
+        steps=steps, n_train=n_train, n_captions=n_captions, batch_size=batch_size, seed=seed, threads=threads
+    )
     trainer = ContrastiveTrainer(config, work_dir, out_dir, cache_dir)
     metrics = trainer.train()
-    command = (f"musicrl models train-text-adherence --steps {steps} --n-train {n_train} --n-captions {n_captions} "
-               f"--batch-size {batch_size} --seed {seed}")
+    command = (
+        f"musicrl models train-text-adherence --steps {steps} --n-train {n_train} --n-captions {n_captions} "
+        f"--batch-size {batch_size} --seed {seed}"
+    )
     typer.echo(f"wrote {trainer.save(metrics, command)}")
     typer.echo(json.dumps(metrics, indent=2))
 
@@ -162,12 +203,15 @@ def train_quality_command(
 
     from musicrl.models.train_audio import MosTrainer, QualityTrainingConfig
 
-    config = QualityTrainingConfig(steps=steps, n_train=n_train, renders_per_record=renders, batch_size=batch_size,
-                                   seed=seed, threads=threads)
+    config = QualityTrainingConfig(
+        steps=steps, n_train=n_train, renders_per_record=renders, batch_size=batch_size, seed=seed, threads=threads
+    )
     trainer = MosTrainer(config, work_dir, out_dir, cache_dir)
     metrics = trainer.train()
-    command = (f"musicrl models train-quality --steps {steps} --n-train {n_train} --renders {renders} "
-               f"--batch-size {batch_size} --seed {seed}")
+    command = (
+        f"musicrl models train-quality --steps {steps} --n-train {n_train} --renders {renders} "
+        f"--batch-size {batch_size} --seed {seed}"
+    )
     typer.echo(f"wrote {trainer.save(metrics, command)}")
     typer.echo(json.dumps(metrics, indent=2))
 
@@ -175,7 +219,9 @@ def train_quality_command(
 @app.command("eval-rewards")
 def eval_rewards_command(
     checkpoints: str = typer.Option("checkpoints", help="Directory with text_adherence/ and quality/."),
-    results: str = typer.Option("results/models.json", help="Results file; only the keys codec, text_adherence, quality are replaced."),
+    results: str = typer.Option(
+        "results/models.json", help="Results file; only the keys codec, text_adherence, quality are replaced."
+    ),
     n_retrieval: int = typer.Option(200, help="Held-out clips in the caption-retrieval pool."),
     n_quality: int = typer.Option(480, help="Held-out degraded clips for the quality correlation."),
     n_codec: int = typer.Option(20, help="Held-out clips for codec speed and round trip."),
@@ -195,7 +241,9 @@ def evaluate_generator_command(
     checkpoint: str = typer.Option("checkpoints/generator"),
     results: str = typer.Option("results/models.json", help="Merged: keys 'generator' and 'attribute_recovery'."),
     plot: str = typer.Option("results/generator_attribute_recovery.png"),
-    n_prompts: int = typer.Option(400, help="Held-out corpus captions to generate from (single-instrument ones are kept)."),
+    n_prompts: int = typer.Option(
+        400, help="Held-out corpus captions to generate from (single-instrument ones are kept)."
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     """Attribute recovery from generated audio and real-time factors; writes results/models.json and a PNG."""
@@ -204,11 +252,28 @@ def evaluate_generator_command(
 
     from musicrl.models.evaluate import GeneratorEvaluationConfig, evaluate_generator
 
-    config = GeneratorEvaluationConfig(checkpoint=Path(checkpoint), results=Path(results), plot=Path(plot), n_prompts=n_prompts, seed=seed)
+    config = GeneratorEvaluationConfig(
+        checkpoint=Path(checkpoint), results=Path(results), plot=Path(plot), n_prompts=n_prompts, seed=seed
+    )
     summary = evaluate_generator(config)
     recovery = summary["attribute_recovery"]["targets"]
-    typer.echo(json.dumps({t: {k: v[k] for k in ("generated_accuracy", "generated_accuracy_shuffled_prompts", "probe_accuracy_on_heldout_corpus")}
-                           | {"chance": v["chance"]["majority"]} for t, v in recovery.items()}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                t: {
+                    k: v[k]
+                    for k in (
+                        "generated_accuracy",
+                        "generated_accuracy_shuffled_prompts",
+                        "probe_accuracy_on_heldout_corpus",
+                    )
+                }
+                | {"chance": v["chance"]["majority"]}
+                for t, v in recovery.items()
+            },
+            indent=2,
+        )
+    )
     typer.echo(json.dumps(summary["generator"]["real_time_factor"], indent=2))
 
 
@@ -230,5 +295,12 @@ def train_preference_command(
     from musicrl.models.train_preference import BootstrapPreferenceConfig, train_bootstrap_preference
 
     training = PreferenceTrainingConfig(learning_rate=learning_rate, epochs=epochs, seed=seed)
-    config = BootstrapPreferenceConfig(generator=Path(generator), out_dir=Path(out_dir), n_train=n_train, n_heldout=n_heldout, corpus_seed=seed, training=training)
+    config = BootstrapPreferenceConfig(
+        generator=Path(generator),
+        out_dir=Path(out_dir),
+        n_train=n_train,
+        n_heldout=n_heldout,
+        corpus_seed=seed,
+        training=training,
+    )
     typer.echo(json.dumps(train_bootstrap_preference(config), indent=2))

@@ -86,17 +86,30 @@ def _shuffled_accuracy(predicted: np.ndarray, requested: list[str], seed: int, r
 
 def _generated_scores(predicted: np.ndarray, requested: list[str], seed: int) -> dict:
     """Accuracy of generated clips against what their prompts asked for, its interval, and the shuffled-prompt baseline."""
-    return {"generated_accuracy": _accuracy(predicted, requested), "generated_accuracy_ci95": _interval(predicted, requested),
-            "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted, requested, seed)}
+    return {
+        "generated_accuracy": _accuracy(predicted, requested),
+        "generated_accuracy_ci95": _interval(predicted, requested),
+        "generated_accuracy_shuffled_prompts": _shuffled_accuracy(predicted, requested, seed),
+    }
 
 
 def _chance(expected: list[str], classes: list[str]) -> dict[str, float]:
     values, counts = np.unique(expected, return_counts=True)
-    return {"uniform": 1.0 / len(classes), "majority": float(counts.max() / counts.sum()), "majority_class": str(values[counts.argmax()])}
+    return {
+        "uniform": 1.0 / len(classes),
+        "majority": float(counts.max() / counts.sum()),
+        "majority_class": str(values[counts.argmax()]),
+    }
 
 
-def _generate_audio(model: Generator, cond: np.ndarray, seeds: list[int], config: GeneratorEvaluationConfig, desc: str,
-                    sampling: tuple[float, int] | None = None) -> list[np.ndarray]:
+def _generate_audio(
+    model: Generator,
+    cond: np.ndarray,
+    seeds: list[int],
+    config: GeneratorEvaluationConfig,
+    desc: str,
+    sampling: tuple[float, int] | None = None,
+) -> list[np.ndarray]:
     temperature, top_k = sampling or (config.temperature, config.top_k)
     n_frames = codec.frames_for(config.duration_s)
     waves = []
@@ -116,21 +129,34 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
     # Prompts come from another corpus seed than the probe's test clips: captions the generator never saw.
     prompts = _single_instrument(make_corpus(config.n_prompts, config.corpus_seed + 1, "test", duration))
 
-    probe = AttributeProbe().fit(_features([r.render() for r in probe_train], "probe: train renders", config.progress), [labels_of(r.attributes) for r in probe_train])
+    probe = AttributeProbe().fit(
+        _features([r.render() for r in probe_train], "probe: train renders", config.progress),
+        [labels_of(r.attributes) for r in probe_train],
+    )
     on_corpus = probe.predict(_features([r.render() for r in probe_test], "probe: held-out renders", config.progress))
 
     requested = {target: [labels_of(r.attributes)[target] for r in prompts] for target in TARGETS}
     cond = text_encoder.embed([r.caption for r in prompts])
     seeds = [config.seed + i for i in range(len(prompts))]
-    generated = probe.predict(_features(_generate_audio(model, cond, seeds, config, "generating"), "probe: generated", config.progress))
+    generated = probe.predict(
+        _features(_generate_audio(model, cond, seeds, config, "generating"), "probe: generated", config.progress)
+    )
 
     showcase_cond = np.repeat(text_encoder.embed([SHOWCASE_PROMPT]), config.n_showcase, axis=0)
     showcase_seeds = [config.seed + i for i in range(config.n_showcase)]
-    showcase = probe.predict(_features(_generate_audio(model, showcase_cond, showcase_seeds, config, "showcase"), "probe: showcase", config.progress))
+    showcase = probe.predict(
+        _features(
+            _generate_audio(model, showcase_cond, showcase_seeds, config, "showcase"),
+            "probe: showcase",
+            config.progress,
+        )
+    )
 
     other_sampling = {}
     for temperature, top_k in config.other_sampling:
-        waves = _generate_audio(model, cond, seeds, config, f"generating T={temperature} k={top_k}", (temperature, top_k))
+        waves = _generate_audio(
+            model, cond, seeds, config, f"generating T={temperature} k={top_k}", (temperature, top_k)
+        )
         predicted = probe.predict(_features(waves, "probe: generated", config.progress))
         other_sampling[f"temperature={temperature},top_k={top_k}"] = {
             target: _generated_scores(predicted[target], requested[target], config.seed) for target in TARGETS
@@ -140,7 +166,9 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
     for target in TARGETS:
         targets[target] = {
             "classes": probe.classes(target),
-            "probe_accuracy_on_heldout_corpus": _accuracy(on_corpus[target], [labels_of(r.attributes)[target] for r in probe_test]),
+            "probe_accuracy_on_heldout_corpus": _accuracy(
+                on_corpus[target], [labels_of(r.attributes)[target] for r in probe_test]
+            ),
             **_generated_scores(generated[target], requested[target], config.seed),
             "chance": _chance(requested[target], probe.classes(target)),
         }
@@ -225,16 +253,28 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     def generated(scores: dict) -> tuple[list[float], list[list[float]]]:
         """Accuracies and their error-bar lengths below and above."""
         values = [scores[t]["generated_accuracy"] for t in TARGETS]
-        return values, [[v - scores[t]["generated_accuracy_ci95"][0] for t, v in zip(TARGETS, values)],
-                        [scores[t]["generated_accuracy_ci95"][1] - v for t, v in zip(TARGETS, values)]]
+        return values, [
+            [v - scores[t]["generated_accuracy_ci95"][0] for t, v in zip(TARGETS, values)],
+            [scores[t]["generated_accuracy_ci95"][1] - v for t, v in zip(TARGETS, values)],
+        ]
 
     bars = [
-        ("probe on held-out corpus renders", [recovery["targets"][t]["probe_accuracy_on_heldout_corpus"] for t in TARGETS], None),
+        (
+            "probe on held-out corpus renders",
+            [recovery["targets"][t]["probe_accuracy_on_heldout_corpus"] for t in TARGETS],
+            None,
+        ),
         (f"generated (T={recovery['temperature']}, top-k {recovery['top_k']})", *generated(recovery["targets"])),
     ]
     for setting, scores in recovery.get("other_sampling", {}).items():
         bars.append((f"generated ({setting})", *generated(scores)))
-    bars.append(("generated, vs shuffled prompts", [recovery["targets"][t]["generated_accuracy_shuffled_prompts"] for t in TARGETS], None))
+    bars.append(
+        (
+            "generated, vs shuffled prompts",
+            [recovery["targets"][t]["generated_accuracy_shuffled_prompts"] for t in TARGETS],
+            None,
+        )
+    )
     fig, ax = plt.subplots(figsize=(9, 5.6))
     x = np.arange(len(TARGETS))
     width = 0.8 / len(bars)
@@ -242,7 +282,9 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
         ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, yerr=errors, capsize=3, label=label)
     for j, target in enumerate(TARGETS):
         chance = recovery["targets"][target]["chance"]["majority"]
-        ax.hlines(chance, j - 0.4, j + 0.4, colors="k", linestyles="--", label="chance (majority class)" if j == 0 else None)
+        ax.hlines(
+            chance, j - 0.4, j + 0.4, colors="k", linestyles="--", label="chance (majority class)" if j == 0 else None
+        )
     ax.set_xticks(x, [f"{t}\n({len(recovery['targets'][t]['classes'])} classes)" for t in TARGETS])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
@@ -269,7 +311,10 @@ def evaluate_generator(config: GeneratorEvaluationConfig) -> dict:
         "checkpoint": str(config.checkpoint),
         "version": meta.get("version"),
         "parameters": model.num_parameters(),
-        "config": {k: getattr(model.config, k) for k in ("n_layers", "n_heads", "d_model", "max_frames", "vocab_size", "text_encoder")},
+        "config": {
+            k: getattr(model.config, k)
+            for k in ("n_layers", "n_heads", "d_model", "max_frames", "vocab_size", "text_encoder")
+        },
         "training": meta.get("metrics", {}),
         "real_time_factor": rtf,
     }

@@ -78,13 +78,20 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        self.attribute_names, self.attribute_sizes = tuple(self.attribute_names), tuple(self.attribute_sizes)  # JSON gives lists
+        self.attribute_names, self.attribute_sizes = (
+            tuple(self.attribute_names),
+            tuple(self.attribute_sizes),
+        )  # JSON gives lists
         if len(self.attribute_names) != len(self.attribute_sizes) or any(n < 2 for n in self.attribute_sizes):
-            raise ValueError(f"attribute_names {self.attribute_names} and attribute_sizes {self.attribute_sizes} must pair up, 2+ values each")
+            raise ValueError(
+                f"attribute_names {self.attribute_names} and attribute_sizes {self.attribute_sizes} must pair up, 2+ values each"
+            )
         self.bpm_bins = tuple(float(b) for b in self.bpm_bins)
         sizes = dict(zip(self.attribute_names, self.attribute_sizes, strict=True))
         if self.bpm_bins and sizes.get("bpm") != len(self.bpm_bins):
-            raise ValueError(f"the beat clock needs a 'bpm' attribute with {len(self.bpm_bins)} classes (one per bpm_bins), got {sizes}")
+            raise ValueError(
+                f"the beat clock needs a 'bpm' attribute with {len(self.bpm_bins)} classes (one per bpm_bins), got {sizes}"
+            )
 
 
 class KVCache:
@@ -112,7 +119,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (z.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for z in (q, k, v))
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            )
         else:
             # Incremental decoding, one position at a time: it attends to everything cached plus itself.
             end = cache.length + 1
@@ -220,7 +229,9 @@ class Generator(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
 
-    def _hidden(self, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hidden(
+        self, cond: torch.Tensor, tokens: torch.Tensor, bpm: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Last-layer states [B, T, d_model] (inputs: BOS, then the tokens shifted right by one) and the logit bias.
 
         ``bpm`` [B] sets the beat clock (training: the clips' true BPM); default: what the head reads off the caption.
@@ -249,14 +260,20 @@ class Generator(nn.Module):
         """Logits [B, T, V]: ``logits[:, t]`` is the distribution of ``tokens[:, t]`` (``bpm``: see ``_hidden``)."""
         return self._logits(*self._hidden(cond, tokens, bpm))
 
-    def logprobs(self, cond: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    def logprobs(
+        self, cond: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, top_k: int = 0
+    ) -> torch.Tensor:
         """Log-probabilities [B, T] of ``tokens`` under the tempered, top-k-filtered policy (differentiable).
 
         With the sampling temperature and top-k, these are the log-probs ``sample`` returned.
         """
         logits = self(cond, tokens)
         B, T, V = logits.shape
-        flat = filter_logits(logits.reshape(B * T, V), torch.full((B * T,), float(temperature), device=logits.device), torch.full((B * T,), int(top_k), device=logits.device))
+        flat = filter_logits(
+            logits.reshape(B * T, V),
+            torch.full((B * T,), float(temperature), device=logits.device),
+            torch.full((B * T,), int(top_k), device=logits.device),
+        )
         return F.log_softmax(flat, dim=-1).gather(-1, tokens.reshape(B * T, 1)).view(B, T)
 
     def _check_inputs(self, cond: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -302,7 +319,9 @@ class Generator(nn.Module):
         temperatures, top_ks = sampling_rows(temperature, top_k, B)
 
         device = self.bos.device
-        uniforms = torch.from_numpy(np.stack([np.random.default_rng(int(s)).random(n_frames) for s in seeds])).to(device)
+        uniforms = torch.from_numpy(np.stack([np.random.default_rng(int(s)).random(n_frames) for s in seeds])).to(
+            device
+        )
         temperatures, top_ks = temperatures.to(device), top_ks.clamp(max=self.config.vocab_size).to(device)
         tokens = torch.empty(B, n_frames, dtype=torch.long, device=device)
         logprobs = torch.empty(B, n_frames, dtype=torch.float32, device=device)
@@ -321,7 +340,9 @@ class Generator(nn.Module):
         return tokens, logprobs
 
 
-def sampling_rows(temperature: float | Sequence[float], top_k: int | Sequence[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_rows(
+    temperature: float | Sequence[float], top_k: int | Sequence[int], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row temperatures [B] (float) and top-k [B] (long) from one value or one per row, checked."""
 
     def rows(value, name: str, kind) -> torch.Tensor:
@@ -349,7 +370,9 @@ def filter_logits(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torc
     return scaled.masked_fill(scaled < kth, -math.inf)
 
 
-def draw(logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(
+    logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF sampling with the caller's uniforms, so each row's randomness is its own."""
     logp = F.log_softmax(filter_logits(logits, temperatures, top_ks), dim=-1)
     cdf = logp.double().exp().cumsum(dim=-1)
@@ -375,7 +398,9 @@ def write_checkpoint(model: nn.Module, directory: str | Path, meta: dict | None 
     return directory
 
 
-def read_checkpoint(directory: str | Path, build, kind: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def read_checkpoint(
+    directory: str | Path, build, kind: str, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """``build(config)`` loaded from a :func:`write_checkpoint` directory, in eval mode, and its meta."""
     directory = Path(directory)
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
@@ -392,8 +417,9 @@ def save_generator(model: Generator, directory: str | Path, meta: dict | None = 
     return write_checkpoint(model, directory, meta)
 
 
-def save_generator_atomic(model: Generator, directory: str | Path, meta: dict | None = None,
-                          extra_files: dict[str, str] | None = None) -> Path:
+def save_generator_atomic(
+    model: Generator, directory: str | Path, meta: dict | None = None, extra_files: dict[str, str] | None = None
+) -> Path:
     """:func:`save_generator` (plus ``extra_files``: name -> text) into a staging sibling renamed into place, so
     ``directory`` exists only complete: a reader never sees a half-written model, whatever kills the writer."""
     return write_atomic(lambda staging: save_generator(model, staging, meta), directory, extra_files)

@@ -112,7 +112,9 @@ class MusicgenPolicy(Policy):
         directory = Path(directory)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        (directory / POLICY_FILE).write_text(json.dumps({"kind": self.kind, "guidance_scale": self.guidance_scale}, indent=2) + "\n")
+        (directory / POLICY_FILE).write_text(
+            json.dumps({"kind": self.kind, "guidance_scale": self.guidance_scale}, indent=2) + "\n"
+        )
         (directory / META_FILE).write_text(json.dumps(meta or {}, indent=2, sort_keys=True) + "\n")
         return directory
 
@@ -147,15 +149,18 @@ class MusicgenPolicy(Policy):
             states, mask = torch.cat([states, torch.zeros_like(states)]), torch.cat([mask, torch.zeros_like(mask)])
         return states, mask
 
-    def _logits(self, delayed: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, use_cache: bool = False, cache=None):
+    def _logits(
+        self, delayed: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, use_cache: bool = False, cache=None
+    ):
         """Guided logits [B, K, L, V] of the next position after each of ``delayed`` [B, K, L], and the KV cache
         (``use_cache``: the decoder creates one on the first call; pass it back on the next)."""
         B, K, L = delayed.shape
         ids = delayed.reshape(B * K, L)
         if self.guidance_scale > 1.0:
             ids = ids.repeat(2, 1)
-        out = self.model.decoder(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask,
-                                 cache=cache, use_cache=use_cache)
+        out = self.model.decoder(
+            input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask, cache=cache, use_cache=use_cache
+        )
         logits = out.logits.float().view(-1, K, L, self.vocab_size)
         if self.guidance_scale > 1.0:
             conditional, unconditional = logits[:B], logits[B:]
@@ -171,7 +176,7 @@ class MusicgenPolicy(Policy):
         states, mask = self._cross_attention_inputs(cond)
         logits, _ = self._logits(delay(tokens, self.pad)[..., :-1], states, mask)  # [B, K, T + K - 1, V]
         # Codebook k's frame t sits at delayed position t + k + 1, predicted by the logits at t + k.
-        index = (torch.arange(T, device=tokens.device)[None, :] + torch.arange(K, device=tokens.device)[:, None])
+        index = torch.arange(T, device=tokens.device)[None, :] + torch.arange(K, device=tokens.device)[:, None]
         return logits.gather(2, index[None, :, :, None].expand(B, K, T, self.vocab_size))
 
     # ------------------------------------------------------------------ sampling
@@ -187,7 +192,9 @@ class MusicgenPolicy(Policy):
         device = self.device
         temperatures, top_ks = sampling_rows(temperature, top_k, B)
         temperatures, top_ks = temperatures.to(device), top_ks.clamp(max=self.vocab_size).to(device)
-        uniforms = torch.from_numpy(np.stack([np.random.default_rng(s).random((n_frames, K)) for s in seeds])).to(device)
+        uniforms = torch.from_numpy(np.stack([np.random.default_rng(s).random((n_frames, K)) for s in seeds])).to(
+            device
+        )
 
         states, mask = self._cross_attention_inputs(cond)
         delayed = torch.full((B, K, n_frames + K), self.pad, dtype=torch.long, device=device)
@@ -195,7 +202,9 @@ class MusicgenPolicy(Policy):
         logprobs = torch.empty(B, K, n_frames, dtype=torch.float32, device=device)
         cache = None
         for position in range(1, n_frames + K):
-            logits, cache = self._logits(delayed[..., position - 1 : position], states, mask, use_cache=True, cache=cache)
+            logits, cache = self._logits(
+                delayed[..., position - 1 : position], states, mask, use_cache=True, cache=cache
+            )
             for k in range(K):
                 frame = position - k - 1
                 if 0 <= frame < n_frames:  # elsewhere the pattern holds the pad id

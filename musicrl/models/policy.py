@@ -59,8 +59,14 @@ class Policy(nn.Module, ABC):
         """What ``sample`` and ``forward`` condition on, for these prompts (no gradient)."""
 
     @abstractmethod
-    def sample(self, cond: Any, n_frames: int, temperature: float | Sequence[float] = 1.0,
-               top_k: int | Sequence[int] = 0, seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self,
+        cond: Any,
+        n_frames: int,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [B, K, T] and their log-probs [B, K, T] under the tempered, top-k-filtered policy they were
         drawn from. Temperature and top-k: one value or one per row; a row depends only on its own seed."""
 
@@ -76,8 +82,13 @@ class Policy(nn.Module, ABC):
     def save(self, directory: str | Path, meta: dict | None = None) -> Path:
         """A version directory ``load_policy`` reads back."""
 
-    def logprobs(self, cond: Any, tokens: torch.Tensor, temperature: float | Sequence[float] = 1.0,
-                 top_k: int | Sequence[int] = 0) -> torch.Tensor:
+    def logprobs(
+        self,
+        cond: Any,
+        tokens: torch.Tensor,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+    ) -> torch.Tensor:
         """Differentiable log-probs [B, K, T] of ``tokens`` under the tempered, top-k-filtered policy
         (with the sampling settings, what ``sample`` returned)."""
         return token_logprobs(self(cond, tokens), tokens, temperature, top_k)
@@ -89,14 +100,20 @@ class Policy(nn.Module, ABC):
         return int(round(duration_s * self.frame_rate))
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float | Sequence[float] = 1.0,
-                   top_k: int | Sequence[int] = 0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+) -> torch.Tensor:
     """log p(tokens) [B, K, T] from logits [B, K, T, V] after temperature and top-k (scalars or one per row)."""
     B, K, T, V = logits.shape
     device = logits.device
     temperatures = torch.as_tensor(temperature, dtype=torch.float32, device=device).expand(B)
     top_ks = torch.as_tensor(top_k, dtype=torch.long, device=device).expand(B).clamp(max=V)
-    flat = filter_logits(logits.reshape(B * K * T, V), temperatures.repeat_interleave(K * T), top_ks.repeat_interleave(K * T))
+    flat = filter_logits(
+        logits.reshape(B * K * T, V), temperatures.repeat_interleave(K * T), top_ks.repeat_interleave(K * T)
+    )
     return F.log_softmax(flat, dim=-1).gather(-1, tokens.reshape(-1, 1)).view(B, K, T)
 
 
@@ -153,8 +170,9 @@ def policy_kind(directory: str | Path) -> str:
     return "default"
 
 
-def load_policy(directory: str | Path, device: str | torch.device = "cpu",
-                embed: Callable[[list[str]], np.ndarray] | None = None) -> Policy:
+def load_policy(
+    directory: str | Path, device: str | torch.device = "cpu", embed: Callable[[list[str]], np.ndarray] | None = None
+) -> Policy:
     """The policy in ``directory`` in eval mode, whichever implementation it is (``embed``: default kind only)."""
     if policy_kind(directory) == "musicgen":
         from musicrl.models.musicgen import MusicgenPolicy  # noqa: PLC0415 - imports transformers
@@ -170,9 +188,12 @@ def as_policy(model: Generator | Policy, embed: Callable[[list[str]], np.ndarray
     return model if isinstance(model, Policy) else GeneratorPolicy(model, embed)
 
 
-def save_policy_atomic(model: Generator | Policy, directory: str | Path, meta: dict | None = None,
-                       extra_files: dict[str, str] | None = None) -> Path:
+def save_policy_atomic(
+    model: Generator | Policy,
+    directory: str | Path,
+    meta: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Save either kind into a staging sibling renamed into place (``musicrl.models.generator.write_atomic``)."""
     policy = as_policy(model)
     return write_atomic(lambda staging: policy.save(staging, meta), directory, extra_files)
-

@@ -77,7 +77,9 @@ class PreferenceRewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_generator(cls, generator: Generator, n_heads: int = 1, disagreement_penalty: float = 0.0) -> PreferenceRewardModel:
+    def from_generator(
+        cls, generator: Generator, n_heads: int = 1, disagreement_penalty: float = 0.0
+    ) -> PreferenceRewardModel:
         """A reward model whose trunk starts as a copy of ``generator`` (which is left untouched)."""
         model = cls(copy.deepcopy(generator.config), n_heads, disagreement_penalty)
         model.trunk.load_state_dict(generator.state_dict())
@@ -113,13 +115,17 @@ class PreferenceRewardModel(nn.Module):
         self.head, self.n_heads = head, int(n_heads)
         return self
 
-    def head_scores(self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def head_scores(
+        self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Every head's score [B, n_heads]; ``lengths`` [B] marks right padding (the trunk is causal, so padding never leaks back)."""
         states = self.trunk.hidden(cond, tokens)
         if lengths is None:
             pooled = states.mean(dim=1)
         else:
-            mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)).to(states.dtype)
+            mask = (torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)).to(
+                states.dtype
+            )
             pooled = (states * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
         return self.head(pooled)
 
@@ -163,7 +169,9 @@ def _window_batch(clips: Sequence[np.ndarray], window_frames: int) -> tuple[torc
     return padded, lengths, torch.tensor(owners, dtype=torch.long)
 
 
-def _clip_scores(model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_scores(
+    model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(served score [N], every head's score [N, n_heads]) of each clip, each the mean over the clip's windows."""
     tokens, lengths, owners = _window_batch(clips, window_frames)
     device = next(model.parameters()).device
@@ -172,12 +180,18 @@ def _clip_scores(model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequen
     served = model.combine(heads)  # per window, as the served model (ONNX) scores windows
     counts = torch.bincount(owners, minlength=len(clips)).to(heads.dtype)
     served_totals = torch.zeros(len(clips), device=device, dtype=served.dtype).index_add(0, owners, served)
-    head_totals = torch.zeros((len(clips), heads.shape[1]), device=device, dtype=heads.dtype).index_add(0, owners, heads)
+    head_totals = torch.zeros((len(clips), heads.shape[1]), device=device, dtype=heads.dtype).index_add(
+        0, owners, heads
+    )
     return served_totals / counts, head_totals / counts.unsqueeze(1)
 
 
 def score_clips(
-    model: PreferenceRewardModel, cond: torch.Tensor, clips: Sequence[np.ndarray], window_frames: int, per_head: bool = False
+    model: PreferenceRewardModel,
+    cond: torch.Tensor,
+    clips: Sequence[np.ndarray],
+    window_frames: int,
+    per_head: bool = False,
 ) -> torch.Tensor:
     """Score [N] of each clip: the mean of its window scores (differentiable).
 
@@ -192,10 +206,11 @@ def score_clips(
 
 @dataclass
 class PreferencePair:
-    cond: np.ndarray  # [text_dim] caption embedding
-    preferred: np.ndarray  # tokens of the clip the listener chose (either clip for a tie)
+    cond: np.ndarray | None  # [text_dim] caption embedding (None for a MusicGen model: T5 conditions on ``prompt``)
+    preferred: np.ndarray  # tokens of the clip the listener chose (either clip for a tie): [T], or [K, T] codes
     other: np.ndarray  # tokens of the other clip
     tie: bool = False
+    prompt: str = ""  # the caption itself (what a MusicGen trunk conditions on)
 
 
 @dataclass
@@ -218,7 +233,10 @@ class PreferenceTrainingConfig:
 
 
 def bradley_terry_loss(
-    preferred_scores: torch.Tensor, other_scores: torch.Tensor, ties: torch.Tensor | None = None, weights: torch.Tensor | None = None
+    preferred_scores: torch.Tensor,
+    other_scores: torch.Tensor,
+    ties: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood of the choices under Bradley-Terry; a tie is a half-half target.
 
@@ -254,7 +272,9 @@ def _make_optimizer(model: nn.Module, config: PreferenceTrainingConfig) -> torch
     raise ValueError(f"unknown optimizer {config.optimizer!r}; expected 'adafactor' or 'adamw'")
 
 
-def _pair_tensors(pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray], torch.Tensor]:
+def _pair_tensors(
+    pairs: Sequence[PreferencePair],
+) -> tuple[torch.Tensor, list[np.ndarray], list[np.ndarray], torch.Tensor]:
     cond = torch.from_numpy(np.stack([np.asarray(p.cond, dtype=np.float32) for p in pairs]))
     ties = torch.tensor([bool(p.tie) for p in pairs])
     return cond, [np.asarray(p.preferred) for p in pairs], [np.asarray(p.other) for p in pairs], ties
@@ -270,7 +290,12 @@ def pair_scores(
 
 
 @torch.no_grad()
-def evaluate_pairs(model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int = DEFAULT_WINDOW_FRAMES, batch_size: int = 64) -> dict:
+def evaluate_pairs(
+    model: PreferenceRewardModel,
+    pairs: Sequence[PreferencePair],
+    window_frames: int = DEFAULT_WINDOW_FRAMES,
+    batch_size: int = 64,
+) -> dict:
     """Pairwise accuracy of the served score (non-tie pairs; a zero margin counts half) and Bradley-Terry loss.
 
     ``head_std``: the heads' mean disagreement (standard deviation over heads of a clip's score), 0 with one head.
@@ -292,7 +317,12 @@ def evaluate_pairs(model: PreferenceRewardModel, pairs: Sequence[PreferencePair]
     decided = margin[~tie]
     accuracy = float(((decided > 0).float() + 0.5 * (decided == 0).float()).mean()) if decided.numel() else float("nan")
     loss = float(bradley_terry_loss(margin, torch.zeros_like(margin), tie))
-    return {"accuracy": accuracy, "loss": loss, "n_pairs": int(margin.numel()), "head_std": float(torch.cat(stds).mean())}
+    return {
+        "accuracy": accuracy,
+        "loss": loss,
+        "n_pairs": int(margin.numel()),
+        "head_std": float(torch.cat(stds).mean()),
+    }
 
 
 def train_preference_model(
@@ -338,7 +368,9 @@ def train_preference_model(
                 loss = bradley_terry_loss(preferred, other, ties.to(preferred.device))
             else:  # one Bradley-Terry loss per head on its bootstrap weights, averaged over heads
                 preferred, other = pair_scores(model, batch, config.window_frames, per_head=True)
-                loss = bradley_terry_loss(preferred, other, ties.to(preferred.device), torch.from_numpy(weights[indices]).to(preferred.device))
+                loss = bradley_terry_loss(
+                    preferred, other, ties.to(preferred.device), torch.from_numpy(weights[indices]).to(preferred.device)
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -379,12 +411,17 @@ def train_preference_model(
 
 
 @torch.no_grad()
-def clip_features(model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_features(
+    model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled trunk states of every pair's two clips, ([N, d_model] preferred, [N, d_model] other).
 
     A clip's feature is the mean over its windows of the window's pooled states, so a linear head
-    applied to it gives the mean of the window scores, which is how clips are served.
+    applied to it gives the mean of the window scores, which is how clips are served. A model with its
+    own trunk (``MusicgenPreferenceModel``) computes its features itself (``clip_pair_features``).
     """
+    if hasattr(model, "clip_pair_features"):
+        return model.clip_pair_features(pairs, window_frames)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -395,9 +432,13 @@ def clip_features(model: PreferenceRewardModel, pairs: Sequence[PreferencePair],
         tokens, lengths, owners = _window_batch(clips_a + clips_b, window_frames)
         owners = owners.to(device)
         states = model.trunk.hidden(torch.cat([cond, cond]).to(device)[owners], tokens.to(device))
-        mask = (torch.arange(tokens.shape[1], device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)).to(states.dtype)
+        mask = (torch.arange(tokens.shape[1], device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)).to(
+            states.dtype
+        )
         pooled = (states * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        sums = torch.zeros((2 * len(chunk), pooled.shape[1]), device=device, dtype=pooled.dtype).index_add(0, owners, pooled)
+        sums = torch.zeros((2 * len(chunk), pooled.shape[1]), device=device, dtype=pooled.dtype).index_add(
+            0, owners, pooled
+        )
         features = sums / torch.bincount(owners, minlength=2 * len(chunk)).to(pooled.dtype).unsqueeze(1)
         preferred.append(features[: len(chunk)].cpu())
         other.append(features[len(chunk) :].cpu())
@@ -440,8 +481,14 @@ def _fit_heads(diffs: torch.Tensor, ties: torch.Tensor, n_heads: int, l2: float,
     return torch.stack([fit_head(diffs, ties, l2, torch.from_numpy(weights[:, k])) for k in range(n_heads)])
 
 
-def _served_accuracy(heads: torch.Tensor, diffs: torch.Tensor, ties: torch.Tensor, model: PreferenceRewardModel,
-                     preferred: torch.Tensor, other: torch.Tensor) -> list[bool]:
+def _served_accuracy(
+    heads: torch.Tensor,
+    diffs: torch.Tensor,
+    ties: torch.Tensor,
+    model: PreferenceRewardModel,
+    preferred: torch.Tensor,
+    other: torch.Tensor,
+) -> list[bool]:
     """Per decided pair: does the served score (mean - penalty * std over heads) rank the preferred clip first?"""
     decided = ~ties
     served = model.combine(preferred[decided] @ heads.T) - model.combine(other[decided] @ heads.T)
@@ -449,7 +496,12 @@ def _served_accuracy(heads: torch.Tensor, diffs: torch.Tensor, ties: torch.Tenso
 
 
 def fit_preference_heads(
-    model: PreferenceRewardModel, pairs: Sequence[PreferencePair], *, l2: float, folds: int = 5, seed: int = 0,
+    model: PreferenceRewardModel,
+    pairs: Sequence[PreferencePair],
+    *,
+    l2: float,
+    folds: int = 5,
+    seed: int = 0,
     window_frames: int = DEFAULT_WINDOW_FRAMES,
 ) -> dict:
     """Fit ``model``'s heads on ``pairs`` with its trunk frozen; returns metrics with a cross-validated accuracy.
@@ -501,7 +553,9 @@ def fit_preference_heads(
 # ---------------------------------------------------------------------- checkpoints, ONNX and serving
 
 
-def save_preference_model(model: PreferenceRewardModel, directory: str | Path, meta: dict | None = None, export_onnx: bool = True) -> Path:
+def save_preference_model(
+    model: PreferenceRewardModel, directory: str | Path, meta: dict | None = None, export_onnx: bool = True
+) -> Path:
     """``config.json`` + ``weights.pt`` + ``meta.json`` (+ ``preference.onnx``) in ``directory``.
 
     ``meta.json`` gets ``ensemble`` (number of heads, disagreement penalty) so the model loads as saved.
@@ -512,13 +566,17 @@ def save_preference_model(model: PreferenceRewardModel, directory: str | Path, m
     return directory
 
 
-def load_preference_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[PreferenceRewardModel, dict]:
+def load_preference_model(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[PreferenceRewardModel, dict]:
     """The model saved by :func:`save_preference_model` and its meta; without ``ensemble`` in the meta
     (checkpoints from before the ensemble), one head and no penalty."""
     meta_path = Path(directory) / META_FILE
     ensemble = (json.loads(meta_path.read_text()) if meta_path.is_file() else {}).get(ENSEMBLE_KEY) or {}
     n_heads, penalty = int(ensemble.get("n_heads", 1)), float(ensemble.get("disagreement_penalty", 0.0))
-    return read_checkpoint(directory, lambda config: PreferenceRewardModel(config, n_heads, penalty), "preference model", device)
+    return read_checkpoint(
+        directory, lambda config: PreferenceRewardModel(config, n_heads, penalty), "preference model", device
+    )
 
 
 def export_preference_onnx(model: PreferenceRewardModel, path: str | Path, opset: int = 17) -> Path:
@@ -553,7 +611,9 @@ class _WindowedScorer:
         cond = np.asarray(cond, dtype=np.float32)
         clips = [np.asarray(t, dtype=np.int64) for t in tokens]
         if cond.ndim != 2 or cond.shape[0] != len(clips):
-            raise ValueError(f"cond must be [n, text_dim] with one row per clip, got {cond.shape} for {len(clips)} clips")
+            raise ValueError(
+                f"cond must be [n, text_dim] with one row per clip, got {cond.shape} for {len(clips)} clips"
+            )
         for clip in clips:
             if clip.size and (clip.min() < 0 or clip.max() >= codec.VOCAB_SIZE):
                 raise ValueError(f"token ids must be in [0, {codec.VOCAB_SIZE})")
@@ -571,13 +631,17 @@ class _WindowedScorer:
 class TorchPreferenceModel(_WindowedScorer):
     """The PreferenceModel interface backed by the torch model (what training uses)."""
 
-    def __init__(self, model: PreferenceRewardModel, version: str = "0", window_frames: int = DEFAULT_WINDOW_FRAMES) -> None:
+    def __init__(
+        self, model: PreferenceRewardModel, version: str = "0", window_frames: int = DEFAULT_WINDOW_FRAMES
+    ) -> None:
         self.model, self.version, self.window_frames = model.eval(), version, window_frames
 
     @classmethod
     def load(cls, directory: str | Path, version: str | None = None) -> TorchPreferenceModel:
         model, meta = load_preference_model(directory)
-        return cls(model, version or str(meta.get("version", "0")), int(meta.get("window_frames", DEFAULT_WINDOW_FRAMES)))
+        return cls(
+            model, version or str(meta.get("version", "0")), int(meta.get("window_frames", DEFAULT_WINDOW_FRAMES))
+        )
 
     @torch.no_grad()
     def _score_windows(self, cond, tokens, lengths):
@@ -587,7 +651,9 @@ class TorchPreferenceModel(_WindowedScorer):
 class OnnxPreferenceModel(_WindowedScorer):
     """The PreferenceModel interface backed by ONNX Runtime (what the reward service serves)."""
 
-    def __init__(self, path: str | Path, version: str = "0", window_frames: int = DEFAULT_WINDOW_FRAMES, threads: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, version: str = "0", window_frames: int = DEFAULT_WINDOW_FRAMES, threads: int = 1
+    ) -> None:
         import onnxruntime as ort  # noqa: PLC0415 - only serving needs it
 
         options = ort.SessionOptions()

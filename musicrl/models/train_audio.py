@@ -29,8 +29,8 @@ from musicrl.audio import codec
 from musicrl.audio.degrade import DEGRADATIONS, DEGRADATIONS_VERSION, mos_of, render_degraded
 from musicrl.audio.features import log_mel
 from musicrl.corpus import make_corpus
-from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder, save_config
-from musicrl.models.audio_export import export_audio_onnx, write_checkpoint
+from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder
+from musicrl.models.audio_export import write_checkpoint
 from musicrl.models.quality import MosRegressor
 
 DEFAULT_CACHE = Path(".data/audio_cache")
@@ -59,8 +59,9 @@ def sample_degradations(rng: np.random.Generator) -> dict[str, float]:
 
 def text_adherence_data(n: int, seed: int, split: str, n_captions: int, text_encoder: str, cache_dir: Path) -> dict:
     """Mels, caption embeddings (N, n_captions, dim) and captions of `n` corpus records, cached."""
-    path = _cache_path(cache_dir, "text", n=n, seed=seed, split=split, n_captions=n_captions, enc=text_encoder,
-                       vocab=codec.VOCAB_SIZE)
+    path = _cache_path(
+        cache_dir, "text", n=n, seed=seed, split=split, n_captions=n_captions, enc=text_encoder, vocab=codec.VOCAB_SIZE
+    )
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return {k: data[k] for k in data.files}
@@ -70,7 +71,9 @@ def text_adherence_data(n: int, seed: int, split: str, n_captions: int, text_enc
     captions = [[r.caption, *r.extra_captions] for r in records]
     encoder = load_text_encoder(text_encoder)
     flat = [c for group in captions for c in group]
-    embeddings = np.concatenate([encoder.embed(flat[i : i + 256]) for i in tqdm(range(0, len(flat), 256), desc=f"embed {split}", leave=False)])
+    embeddings = np.concatenate(
+        [encoder.embed(flat[i : i + 256]) for i in tqdm(range(0, len(flat), 256), desc=f"embed {split}", leave=False)]
+    )
     data = {
         "mels": clean_mels(records, f"render {split}"),
         "text": embeddings.reshape(n, n_captions, -1).astype(np.float32),
@@ -83,8 +86,16 @@ def text_adherence_data(n: int, seed: int, split: str, n_captions: int, text_enc
 
 def quality_data(n: int, seed: int, split: str, renders_per_record: int, cache_dir: Path) -> dict:
     """Mels and MOS labels of degraded renders, with the degradations applied (JSON per row)."""
-    path = _cache_path(cache_dir, "quality", n=n, seed=seed, split=split, renders=renders_per_record,
-                       degradations=DEGRADATIONS, version=DEGRADATIONS_VERSION)
+    path = _cache_path(
+        cache_dir,
+        "quality",
+        n=n,
+        seed=seed,
+        split=split,
+        renders=renders_per_record,
+        degradations=DEGRADATIONS,
+        version=DEGRADATIONS_VERSION,
+    )
     if path.is_file():
         data = np.load(path, allow_pickle=False)
         return {k: data[k] for k in data.files}
@@ -157,7 +168,8 @@ class _ResumableTrainer:
         self.work_dir, self.out_dir = Path(work_dir), Path(out_dir)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05)
+            self.optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.05
+        )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.history: list[dict] = []
@@ -168,9 +180,16 @@ class _ResumableTrainer:
 
     def _save_state(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "step": self.step, "history": self.history, "config": asdict(self.config)}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "history": self.history,
+            "config": asdict(self.config),
+        }
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self.state_path)
@@ -218,8 +237,11 @@ class _ResumableTrainer:
             if self.step % self.config.checkpoint_every == 0 or self.step in (self.config.steps, end):
                 self._save_state()
         progress.close()
-        return {"steps": self.step, "train_seconds_this_run": round(time.perf_counter() - start, 1),
-                **(self.history[-1] if self.history else {})}
+        return {
+            "steps": self.step,
+            "train_seconds_this_run": round(time.perf_counter() - start, 1),
+            **(self.history[-1] if self.history else {}),
+        }
 
 
 class ContrastiveTrainer(_ResumableTrainer):
@@ -227,12 +249,19 @@ class ContrastiveTrainer(_ResumableTrainer):
 
     name = "text_adherence"
 
-    def __init__(self, config: TextAdherenceTrainingConfig, work_dir: Path, out_dir: Path,
-                 cache_dir: Path = DEFAULT_CACHE, model_config: AudioEncoderConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: TextAdherenceTrainingConfig,
+        work_dir: Path,
+        out_dir: Path,
+        cache_dir: Path = DEFAULT_CACHE,
+        model_config: AudioEncoderConfig | None = None,
+    ) -> None:
         torch.manual_seed(config.seed)
         super().__init__(config, AudioTextEncoder(model_config or AudioEncoderConfig()), work_dir, out_dir)
-        self.train_data = text_adherence_data(config.n_train, config.seed, "train", config.n_captions,
-                                              config.text_encoder, cache_dir)
+        self.train_data = text_adherence_data(
+            config.n_train, config.seed, "train", config.n_captions, config.text_encoder, cache_dir
+        )
         self.valid_data = text_adherence_data(config.n_valid, config.seed, "valid", 1, config.text_encoder, cache_dir)
 
     def batch_loss(self):
@@ -256,15 +285,28 @@ class ContrastiveTrainer(_ResumableTrainer):
 
     def save(self, metrics: dict, command: str) -> Path:
         self.model.eval()
-        return write_checkpoint(self.model, self.out_dir, kind="text_adherence", output="embedding",
-                                training=asdict(self.config), metrics=metrics, command=command)
+        return write_checkpoint(
+            self.model,
+            self.out_dir,
+            kind="text_adherence",
+            output="embedding",
+            training=asdict(self.config),
+            metrics=metrics,
+            command=command,
+        )
 
 
 class MosTrainer(_ResumableTrainer):
     name = "quality"
 
-    def __init__(self, config: QualityTrainingConfig, work_dir: Path, out_dir: Path,
-                 cache_dir: Path = DEFAULT_CACHE, model_config: AudioEncoderConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: QualityTrainingConfig,
+        work_dir: Path,
+        out_dir: Path,
+        cache_dir: Path = DEFAULT_CACHE,
+        model_config: AudioEncoderConfig | None = None,
+    ) -> None:
         torch.manual_seed(config.seed)
         super().__init__(config, MosRegressor(model_config or AudioEncoderConfig()), work_dir, out_dir)
         self.train_data = quality_data(config.n_train, config.seed, "train", config.renders_per_record, cache_dir)
@@ -285,13 +327,22 @@ class MosTrainer(_ResumableTrainer):
         self.model.eval()
         predicted = self.model(torch.from_numpy(self.valid_data["mels"].astype(np.float32))).numpy()
         target = self.valid_data["mos"]
-        return {"valid/mae": float(np.mean(np.abs(predicted - target))),
-                "valid/spearman": float(spearmanr(predicted, target).statistic)}
+        return {
+            "valid/mae": float(np.mean(np.abs(predicted - target))),
+            "valid/spearman": float(spearmanr(predicted, target).statistic),
+        }
 
     def save(self, metrics: dict, command: str) -> Path:
         self.model.eval()
-        return write_checkpoint(self.model, self.out_dir, kind="quality", output="mos",
-                                training=asdict(self.config), metrics=metrics, command=command)
+        return write_checkpoint(
+            self.model,
+            self.out_dir,
+            kind="quality",
+            output="mos",
+            training=asdict(self.config),
+            metrics=metrics,
+            command=command,
+        )
 
 
 def retrieval_metrics(audio: np.ndarray, text: np.ndarray) -> dict:
@@ -300,5 +351,10 @@ def retrieval_metrics(audio: np.ndarray, text: np.ndarray) -> dict:
     own = np.diag(similarity)
     rank = (similarity > own[:, None]).sum(axis=1)
     n = len(audio)
-    return {"top1": float(np.mean(rank < 1)), "top5": float(np.mean(rank < 5)), "n": n,
-            "chance_top1": 1.0 / n, "chance_top5": min(1.0, 5.0 / n)}
+    return {
+        "top1": float(np.mean(rank < 1)),
+        "top5": float(np.mean(rank < 5)),
+        "n": n,
+        "chance_top1": 1.0 / n,
+        "chance_top5": min(1.0, 5.0 / n),
+    }

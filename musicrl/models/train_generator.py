@@ -99,7 +99,16 @@ class GeneratorTrainingConfig:
     def fingerprint(self) -> str:
         """What a resumed run must share with the run it continues."""
         keys = asdict(self)
-        for volatile in ("out_dir", "work_dir", "checkpoint_every", "eval_every", "threads", "progress", "steps", "command"):
+        for volatile in (
+            "out_dir",
+            "work_dir",
+            "checkpoint_every",
+            "eval_every",
+            "threads",
+            "progress",
+            "steps",
+            "command",
+        ):
             keys.pop(volatile)
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -126,18 +135,24 @@ def _embed(config: GeneratorTrainingConfig, captions: list[str], name: str) -> n
         return np.load(cache)
     encoder = load_text_encoder(config.model.text_encoder)
     chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
-    vectors = np.concatenate([encoder.embed(chunk) for chunk in tqdm(chunks, desc=f"embedding {name} captions", disable=not config.progress)])
+    vectors = np.concatenate(
+        [encoder.embed(chunk) for chunk in tqdm(chunks, desc=f"embedding {name} captions", disable=not config.progress)]
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, vectors)
     return vectors
 
 
-def load_split(config: GeneratorTrainingConfig, split: str, n: int, captions_per_clip: int, counterfactuals: bool = False) -> CaptionedClips:
+def load_split(
+    config: GeneratorTrainingConfig, split: str, n: int, captions_per_clip: int, counterfactuals: bool = False
+) -> CaptionedClips:
     """Corpus clips of ``split`` with their caption embeddings (and those of their counterfactual captions), and labels."""
     from musicrl.corpus import COUNTERFACTUAL_ATTRIBUTES, attribute_labels, counterfactual_captions, make_corpus  # noqa: PLC0415
 
     names = config.model.attribute_names
-    records = make_corpus(n, seed=config.corpus_seed, split=split, duration_s=config.duration_s, n_captions=captions_per_clip)
+    records = make_corpus(
+        n, seed=config.corpus_seed, split=split, duration_s=config.duration_s, n_captions=captions_per_clip
+    )
     tokens = torch.from_numpy(np.stack([r.tokens for r in records]))
     captions = [c for r in records for c in ([r.caption] + r.extra_captions)[:captions_per_clip]]
     data = CaptionedClips(tokens, torch.from_numpy(_embed(config, captions, split)).view(n, captions_per_clip, -1))
@@ -146,14 +161,22 @@ def load_split(config: GeneratorTrainingConfig, split: str, n: int, captions_per
     if config.model.bpm_bins:
         data.bpm = torch.tensor([float(r.attributes["bpm"]) for r in records])
     if counterfactuals:
-        variants = [counterfactual_captions(r.index, r.seed, split, config.duration_s, captions_per_clip) for r in records]
-        changed = [phrasing[name] for _, phrasings in variants for phrasing in phrasings for name in COUNTERFACTUAL_ATTRIBUTES]
+        variants = [
+            counterfactual_captions(r.index, r.seed, split, config.duration_s, captions_per_clip) for r in records
+        ]
+        changed = [
+            phrasing[name] for _, phrasings in variants for phrasing in phrasings for name in COUNTERFACTUAL_ATTRIBUTES
+        ]
         vectors = torch.from_numpy(_embed(config, changed, f"{split}-counterfactual"))
         data.counterfactuals = vectors.view(n, captions_per_clip, len(COUNTERFACTUAL_ATTRIBUTES), -1)
         if names:
-            data.counterfactual_labels = torch.tensor([[attribute_labels(attrs[name], names) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants])
+            data.counterfactual_labels = torch.tensor(
+                [[attribute_labels(attrs[name], names) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants]
+            )
         if config.model.bpm_bins:
-            data.counterfactual_bpm = torch.tensor([[float(attrs[name].bpm) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants])
+            data.counterfactual_bpm = torch.tensor(
+                [[float(attrs[name].bpm) for name in COUNTERFACTUAL_ATTRIBUTES] for attrs, _ in variants]
+            )
     return data
 
 
@@ -162,7 +185,9 @@ def learning_rate_at(step: int, config: GeneratorTrainingConfig) -> float:
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_learning_rate)
+    return config.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        config.learning_rate - config.min_learning_rate
+    )
 
 
 def fit_attribute_head(model: Generator, data: CaptionedClips) -> dict:
@@ -173,14 +198,21 @@ def fit_attribute_head(model: Generator, data: CaptionedClips) -> dict:
     y = data.labels.repeat_interleave(data.embeddings.shape[1], dim=0)
     if data.counterfactuals is not None:
         x = torch.cat([x, data.counterfactuals.flatten(0, 2)])
-        y = torch.cat([y, data.counterfactual_labels.unsqueeze(1).expand(-1, data.embeddings.shape[1], -1, -1).flatten(0, 2)])
+        y = torch.cat(
+            [y, data.counterfactual_labels.unsqueeze(1).expand(-1, data.embeddings.shape[1], -1, -1).flatten(0, 2)]
+        )
     weights, biases, accuracy = [], [], {}
     for g, (name, size) in enumerate(zip(model.config.attribute_names, model.config.attribute_sizes, strict=True)):
         target = y[:, g].numpy()
         classifier = LogisticRegression(C=10.0, max_iter=2000).fit(x.numpy(), target)
-        full_w, full_b = np.zeros((size, x.shape[1])), np.full(size, -10.0)  # a value never seen in training stays unlikely
+        full_w, full_b = (
+            np.zeros((size, x.shape[1])),
+            np.full(size, -10.0),
+        )  # a value never seen in training stays unlikely
         coef, intercept = classifier.coef_, classifier.intercept_
-        if len(classifier.classes_) == 2:  # sklearn keeps one row for two classes: logits (-z/2, z/2) give the same softmax
+        if (
+            len(classifier.classes_) == 2
+        ):  # sklearn keeps one row for two classes: logits (-z/2, z/2) give the same softmax
             coef, intercept = np.stack([-coef[0] / 2, coef[0] / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
         full_w[classifier.classes_], full_b[classifier.classes_] = coef, intercept
         weights.append(full_w), biases.append(full_b)
@@ -188,14 +220,18 @@ def fit_attribute_head(model: Generator, data: CaptionedClips) -> dict:
     with torch.no_grad():
         model.attribute_logits.weight.copy_(torch.from_numpy(np.concatenate(weights)))
         model.attribute_logits.bias.copy_(torch.from_numpy(np.concatenate(biases)))
-        model.attribute_bias.weight.copy_(token_log_likelihood_ratios(data, model.config.attribute_sizes, model.config.vocab_size).T)
+        model.attribute_bias.weight.copy_(
+            token_log_likelihood_ratios(data, model.config.attribute_sizes, model.config.vocab_size).T
+        )
         model.attribute_bias.bias.zero_()
         if model.config.bpm_bins:  # as loud as the position table the trained model already reads
             model.clock_proj.weight.normal_(0.0, float(model.pos_emb.weight.std()))
     return accuracy
 
 
-def token_log_likelihood_ratios(data: CaptionedClips, sizes: tuple[int, ...], vocab_size: int, prior_frames: float = 100.0) -> torch.Tensor:
+def token_log_likelihood_ratios(
+    data: CaptionedClips, sizes: tuple[int, ...], vocab_size: int, prior_frames: float = 100.0
+) -> torch.Tensor:
     """[sum(sizes), V]: log p(token | attribute value) - log p(token) over the frames of the training clips.
 
     p(token | value) is smoothed towards p(token) with ``prior_frames`` pseudo-frames, so a token never
@@ -208,7 +244,9 @@ def token_log_likelihood_ratios(data: CaptionedClips, sizes: tuple[int, ...], vo
     for g, size in enumerate(sizes):
         labels = data.labels[:, g].repeat_interleave(frames)
         ones = torch.ones(labels.numel(), dtype=torch.float64)
-        counts = torch.zeros(size, vocab_size, dtype=torch.float64).index_put_((labels, data.tokens.flatten()), ones, accumulate=True)
+        counts = torch.zeros(size, vocab_size, dtype=torch.float64).index_put_(
+            (labels, data.tokens.flatten()), ones, accumulate=True
+        )
         conditional = (counts + prior_frames * marginal) / (counts.sum(dim=1, keepdim=True) + prior_frames)
         rows.append((conditional / marginal).log())
     return torch.cat(rows).float()
@@ -249,8 +287,11 @@ def batches_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig)
     """Whole clips, clip openings and counterfactual openings of ``step``; depends only on (seed, step)."""
     rng = np.random.default_rng([config.seed, step])
     batches = []
-    sizes = ((config.batch_size, data.tokens.shape[1], False), (config.start_batch_size, config.start_frames, False),
-             (config.counterfactual_batch_size, config.counterfactual_frames, True))
+    sizes = (
+        (config.batch_size, data.tokens.shape[1], False),
+        (config.start_batch_size, config.start_frames, False),
+        (config.counterfactual_batch_size, config.counterfactual_frames, True),
+    )
     for size, frames, counterfactual in sizes:
         if size:
             clips = rng.integers(0, data.tokens.shape[0], size)
@@ -273,13 +314,17 @@ def counterfactual_scores(model: Generator, batch: Batch) -> tuple[torch.Tensor,
     B, A, D = batch.counterfactual_cond.shape
     cond = torch.cat([batch.cond.unsqueeze(1), batch.counterfactual_cond], dim=1).reshape(B * (A + 1), D)
     tokens = batch.tokens.repeat_interleave(A + 1, dim=0)
-    bpm = None if batch.bpm is None else torch.cat([batch.bpm.unsqueeze(1), batch.counterfactual_bpm], dim=1).reshape(-1)
+    bpm = (
+        None if batch.bpm is None else torch.cat([batch.bpm.unsqueeze(1), batch.counterfactual_bpm], dim=1).reshape(-1)
+    )
     logits = model(cond, tokens, bpm)
     logp = -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").sum(-1)
     return logp.view(B, A + 1), logits.view(B, A + 1, *logits.shape[1:])[:, 0]
 
 
-def batch_loss(model: Generator, batches: list[Batch], counterfactual_weight: float = 1.0, attribute_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def batch_loss(
+    model: Generator, batches: list[Batch], counterfactual_weight: float = 1.0, attribute_weight: float = 1.0
+) -> tuple[torch.Tensor, dict]:
     """Mean cross-entropy over every token of the step's batches, plus the weighted counterfactual and attribute losses;
     and what to log."""
     cross_entropy, n_tokens, counterfactual, logs = 0.0, 0, 0.0, {}
@@ -293,12 +338,17 @@ def batch_loss(model: Generator, batches: list[Batch], counterfactual_weight: fl
             # Divided by the length: at weight 1 a token weighs in this loss what it weighs in the cross-entropy.
             counterfactual = F.softplus(-margin).mean() / batch.tokens.shape[1]
             logs = counterfactual_logs(margin)
-        cross_entropy = cross_entropy + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.tokens.reshape(-1), reduction="sum")
+        cross_entropy = cross_entropy + F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.tokens.reshape(-1), reduction="sum"
+        )
         n_tokens += batch.tokens.numel()
         if batch.labels is not None:
             conds.append(batch.cond), labels.append(batch.labels)
             if batch.counterfactual_labels is not None:
-                conds.append(batch.counterfactual_cond.flatten(0, 1)), labels.append(batch.counterfactual_labels.flatten(0, 1))
+                (
+                    conds.append(batch.counterfactual_cond.flatten(0, 1)),
+                    labels.append(batch.counterfactual_labels.flatten(0, 1)),
+                )
     cross_entropy = cross_entropy / n_tokens
     loss = cross_entropy + counterfactual_weight * counterfactual
     if conds:
@@ -309,7 +359,10 @@ def batch_loss(model: Generator, batches: list[Batch], counterfactual_weight: fl
 
 
 def head_accuracy(model: Generator, right: torch.Tensor) -> dict:
-    return {f"{name}_head_accuracy": float(right[:, g].float().mean()) for g, name in enumerate(model.config.attribute_names)}
+    return {
+        f"{name}_head_accuracy": float(right[:, g].float().mean())
+        for g, name in enumerate(model.config.attribute_names)
+    }
 
 
 def counterfactual_logs(margin: torch.Tensor) -> dict:
@@ -328,7 +381,8 @@ def counterfactual_logs(margin: torch.Tensor) -> dict:
 def validation_loss(model: Generator, data: CaptionedClips, batch_size: int = 50) -> float:
     model.eval()
     losses = [
-        float(next_token_loss(model, data.embeddings[i : i + batch_size, 0], data.tokens[i : i + batch_size])) * len(data.tokens[i : i + batch_size])
+        float(next_token_loss(model, data.embeddings[i : i + batch_size, 0], data.tokens[i : i + batch_size]))
+        * len(data.tokens[i : i + batch_size])
         for i in range(0, len(data.tokens), batch_size)
     ]
     model.train()
@@ -342,7 +396,9 @@ def validation_counterfactuals(model: Generator, data: CaptionedClips, frames: i
     margins = []
     for i in range(0, len(data.tokens), batch_size):
         rows = slice(i, i + batch_size)
-        scores, _ = counterfactual_scores(model, Batch(data.embeddings[rows, 0], data.tokens[rows, :frames], data.counterfactuals[rows, 0]))
+        scores, _ = counterfactual_scores(
+            model, Batch(data.embeddings[rows, 0], data.tokens[rows, :frames], data.counterfactuals[rows, 0])
+        )
         margins.append(scores[:, :1] - scores[:, 1:])
     model.train()
     return {f"valid_{k}": v for k, v in counterfactual_logs(torch.cat(margins)).items()}
@@ -381,7 +437,9 @@ def initial_model(config: GeneratorTrainingConfig) -> tuple[Generator, bool, dic
         raise ValueError(f"{config.init_from} has another model config than this run: {initial.config}")
     missing, unexpected = model.load_state_dict(initial.state_dict(), strict=False)
     if unexpected or any(not name.startswith(("attribute_", "clock_proj")) for name in missing):
-        raise ValueError(f"{config.init_from} does not fit this run's model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{config.init_from} does not fit this run's model: missing {missing}, unexpected {unexpected}"
+        )
     return model, bool(missing), parent
 
 
@@ -410,26 +468,50 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
 
     def checkpoint(step: int) -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "fingerprint": fingerprint, "head_fit": head_fit}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "fingerprint": fingerprint,
+                "head_fit": head_fit,
+            },
+            tmp,
+        )
         tmp.replace(state_path)  # atomic: a crash mid-write never leaves a broken state
 
     log = (work_dir / LOG_FILE).open("a")
     model.train()
     recent: list[float] = []
     started = time.perf_counter()
-    progress = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="generator", disable=not config.progress)
+    progress = tqdm(
+        range(start_step, config.steps),
+        initial=start_step,
+        total=config.steps,
+        desc="generator",
+        disable=not config.progress,
+    )
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        loss, logs = batch_loss(model, batches_at(train, step, config), config.counterfactual_weight, config.attribute_weight)
+        loss, logs = batch_loss(
+            model, batches_at(train, step, config), config.counterfactual_weight, config.attribute_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         recent = (recent + [logs["cross_entropy"]])[-20:]
-        progress.set_postfix(loss=f"{np.mean(recent):.3f}", **{k: f"{v:.2f}" for k, v in logs.items() if k.endswith("_preferred")})
+        progress.set_postfix(
+            loss=f"{np.mean(recent):.3f}", **{k: f"{v:.2f}" for k, v in logs.items() if k.endswith("_preferred")}
+        )
         done = step + 1
-        entry = {"step": done, "train_loss": float(np.mean(recent)), "lr": learning_rate_at(step, config), "elapsed_s": round(time.perf_counter() - started, 1)}
+        entry = {
+            "step": done,
+            "train_loss": float(np.mean(recent)),
+            "lr": learning_rate_at(step, config),
+            "elapsed_s": round(time.perf_counter() - started, 1),
+        }
         entry |= {k: v for k, v in logs.items() if k != "cross_entropy"}
         if done % config.eval_every == 0 or done == config.steps:
             entry |= validation_metrics(model, valid, config)
@@ -457,9 +539,22 @@ def checkpoint_meta(parent: dict, metrics: dict, config: GeneratorTrainingConfig
 
     A run from ``init_from`` gets the parent's version + 1, one from scratch version 1.
     """
-    training = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "progress", "command")}, default=str))
+    training = json.loads(
+        json.dumps(
+            {k: v for k, v in asdict(config).items() if k not in ("out_dir", "work_dir", "progress", "command")},
+            default=str,
+        )
+    )
     stages = list(parent.get("stages", []))
-    stages.append({"stage": len(stages) + 1, "parent_version": parent.get("version"), "command": config.command, "metrics": metrics, "training": training})
+    stages.append(
+        {
+            "stage": len(stages) + 1,
+            "parent_version": parent.get("version"),
+            "command": config.command,
+            "metrics": metrics,
+            "training": training,
+        }
+    )
     version = str(int(parent["version"]) + 1) if str(parent.get("version", "")).isdigit() else "1"
     return {
         "version": version,

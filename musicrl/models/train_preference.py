@@ -70,7 +70,9 @@ class BootstrapPreferenceConfig:
     n_heldout: int = 120
     corpus_seed: int = 0
     duration_s: float = 10.0
-    training: PreferenceTrainingConfig = field(default_factory=lambda: PreferenceTrainingConfig(learning_rate=3e-4, epochs=2))
+    training: PreferenceTrainingConfig = field(
+        default_factory=lambda: PreferenceTrainingConfig(learning_rate=3e-4, epochs=2)
+    )
 
 
 def train_bootstrap_preference(config: BootstrapPreferenceConfig) -> dict:

@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
+from musicrl.errors import ErrorBody
 from serving.deps import get_generation_service
-from serving.schemas import ID_PATTERN, MEDIA_TYPES, AudioFormat, ClipInfo, ErrorBody
+from serving.schemas import ID_PATTERN, MEDIA_TYPES, AudioFormat, ClipInfo
 from serving.services.generations import GenerationService
 
 router = APIRouter(prefix="/v1/clips", tags=["clips"])

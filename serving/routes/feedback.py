@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
+from musicrl.errors import ErrorBody
 from musicrl.schemas.preference import FeedbackAccepted, FeedbackRequest
 from serving.deps import Caller, app_singleton, get_generation_service, get_settings, get_vote_policy
-from serving.schemas import AUTH_ERRORS, UNDECODABLE_BODY, ErrorBody
+from serving.schemas import AUTH_ERRORS, UNDECODABLE_BODY
 from serving.services.feedback import FEEDBACK_METRICS, FeedbackProducer, FeedbackService
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
 
+from musicrl.errors import ErrorBody
 from musicrl.schemas.generation import GenerationRecord
 from serving.deps import Caller, get_generation_service
-from serving.schemas import AUTH_ERRORS, ID_PATTERN, UNDECODABLE_BODY, ErrorBody, GenerationRequest, GenerationResponse
+from serving.schemas import AUTH_ERRORS, ID_PATTERN, UNDECODABLE_BODY, GenerationRequest, GenerationResponse
 from serving.services.generations import GenerationService
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])

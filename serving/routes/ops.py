@@ -14,9 +14,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from musicrl.errors import ErrorBody
 from serving.deps import Operator, app_singleton, get_settings
 from serving.routes.page import STATIC_DIR
-from serving.schemas import AUTH_ERRORS, ErrorBody
+from serving.schemas import AUTH_ERRORS
 from serving.services.ops import MAX_WINDOW_MINUTES, OpsService
 
 router = APIRouter(tags=["operations"])

@@ -28,13 +28,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from servers import serve_in_thread
 
+from feedback_consumer.consumer import FeedbackConsumer
+from feedback_consumer.settings import ConsumerSettings
 from finetune_worker.cycle import FinetuneCycle
 from finetune_worker.deploy import Deployer
 from finetune_worker.loop import run_cycle_with_lease
 from finetune_worker.settings import FinetuneSettings
-from feedback_consumer.consumer import FeedbackConsumer
-from feedback_consumer.settings import ConsumerSettings
 from musicrl.audio.formats import decode_audio
 from musicrl.buffer import PreferenceBuffer
 from musicrl.corpus.dataset import make_corpus
@@ -48,7 +49,6 @@ from reward_service.settings import RewardSettings
 from serving.app import create_app as create_gateway_app
 from serving.client import api_key_headers
 from serving.settings import GatewaySettings
-from servers import serve_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -65,9 +65,13 @@ CLIP_S = 3.0
 def world(stack, object_store, tmp_path_factory):
     tag = uuid.uuid4().hex[:8]
     root = tmp_path_factory.mktemp("finetune-e2e")
-    names = {"bucket_models": f"ft-e2e-models-{tag}", "bucket_buffer": f"ft-e2e-buffer-{tag}",
-             "topic_preferences": f"ft-e2e-prefs-{tag}", "topic_dead_letter": f"ft-e2e-prefs-{tag}.dlq",
-             "triton_model_name": f"ft_e2e_{tag}"}
+    names = {
+        "bucket_models": f"ft-e2e-models-{tag}",
+        "bucket_buffer": f"ft-e2e-buffer-{tag}",
+        "topic_preferences": f"ft-e2e-prefs-{tag}",
+        "topic_dead_letter": f"ft-e2e-prefs-{tag}.dlq",
+        "triton_model_name": f"ft_e2e_{tag}",
+    }
     for bucket in (names["bucket_models"], names["bucket_buffer"]):
         object_store.client.make_bucket(bucket)
     registry = Registry(object_store, bucket=names["bucket_models"])
@@ -77,23 +81,39 @@ def world(stack, object_store, tmp_path_factory):
     for component in ("text_adherence", "quality"):
         registry.set_current(f"reward/{component}", registry.publish(f"reward/{component}", CHECKPOINTS / component))
     base, _ = load_generator(CHECKPOINTS / "generator")
-    path = save_preference_model(PreferenceRewardModel.from_generator(base), root / "preference", {"training": {"text_encoder": "minilm"}})
+    path = save_preference_model(
+        PreferenceRewardModel.from_generator(base), root / "preference", {"training": {"text_encoder": "minilm"}}
+    )
     registry.set_current("reward/preference", registry.publish("reward/preference", path))
     registry.publish("generator", save_generator(base, root / "generator"), lineage={"source": "checkpoints/generator"})
-    Deployer(registry, stack.triton_repo, stack.triton_http_url, root / "deploy", names["triton_model_name"]).deploy("1")
+    Deployer(registry, stack.triton_repo, stack.triton_http_url, root / "deploy", names["triton_model_name"]).deploy(
+        "1"
+    )
 
-    reward_settings = stack.settings_for(RewardSettings, **{k: v for k, v in names.items() if k == "bucket_models"},
-                                         reward_text_encoder="minilm", reward_admin_token=TOKEN, reward_poll_interval_s=0,
-                                         reward_model_cache_dir=root / "reward-cache")
+    reward_settings = stack.settings_for(
+        RewardSettings,
+        **{k: v for k, v in names.items() if k == "bucket_models"},
+        reward_text_encoder="minilm",
+        reward_admin_token=TOKEN,
+        reward_poll_interval_s=0,
+        reward_model_cache_dir=root / "reward-cache",
+    )
     servers = contextlib.ExitStack()
     reward_url = servers.enter_context(serve_in_thread(create_reward_app(reward_settings), "/readyz", timeout_s=180))
-    gateway_settings = stack.settings_for(GatewaySettings, **names, gateway_text_encoder="minilm", gateway_store_timeout_s=10)
+    gateway_settings = stack.settings_for(
+        GatewaySettings, **names, gateway_text_encoder="minilm", gateway_store_timeout_s=10
+    )
     gateway_url = servers.enter_context(serve_in_thread(create_gateway_app(gateway_settings), "/readyz", timeout_s=180))
 
-    consumer_settings = stack.settings_for(ConsumerSettings, **{k: v for k, v in names.items() if k in ConsumerSettings.model_fields},
-                                           consumer_group_id=f"ft-e2e-{tag}", consumer_session_timeout_ms=3000,
-                                           consumer_heartbeat_interval_ms=1000, consumer_segment_max_age_s=2.0,
-                                           consumer_metrics_port=-1)
+    consumer_settings = stack.settings_for(
+        ConsumerSettings,
+        **{k: v for k, v in names.items() if k in ConsumerSettings.model_fields},
+        consumer_group_id=f"ft-e2e-{tag}",
+        consumer_session_timeout_ms=3000,
+        consumer_heartbeat_interval_ms=1000,
+        consumer_segment_max_age_s=2.0,
+        consumer_metrics_port=-1,
+    )
     ensure_topics(consumer_settings)
     consumer = FeedbackConsumer(consumer_settings, object_store)
     consumer_thread = threading.Thread(target=consumer.run, daemon=True)
@@ -101,16 +121,36 @@ def world(stack, object_store, tmp_path_factory):
 
     # The worker's own training algorithm and rates; only the size of the work is smaller (steps, prompts).
     finetune = stack.settings_for(
-        FinetuneSettings, **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
-        reward_url=reward_url, finetune_reward_admin_token=TOKEN, finetune_work_dir=root / "work",
-        finetune_triton_repo=stack.triton_repo, finetune_text_encoder="minilm", finetune_torch_threads=1,
-        finetune_stage="U", finetune_steps=10, finetune_batch_size=16, finetune_duration_s=CLIP_S,
-        finetune_checkpoint_every=4, finetune_candidate_every=5, finetune_eval_prompts=8, finetune_corpus_captions=64,
-        finetune_gate_max_kl=500.0, finetune_gate_max_other_drop=0.5, finetune_deploy_timeout_s=180.0,
+        FinetuneSettings,
+        **{k: v for k, v in names.items() if k in FinetuneSettings.model_fields},
+        reward_url=reward_url,
+        finetune_reward_admin_token=TOKEN,
+        finetune_work_dir=root / "work",
+        finetune_triton_repo=stack.triton_repo,
+        finetune_text_encoder="minilm",
+        finetune_torch_threads=1,
+        finetune_stage="U",
+        finetune_steps=10,
+        finetune_batch_size=16,
+        finetune_duration_s=CLIP_S,
+        finetune_checkpoint_every=4,
+        finetune_candidate_every=5,
+        finetune_eval_prompts=8,
+        finetune_corpus_captions=64,
+        finetune_gate_max_kl=500.0,
+        finetune_gate_max_other_drop=0.5,
+        finetune_deploy_timeout_s=180.0,
     )
-    yield {"registry": registry, "gateway": gateway_url, "auth": api_key_headers(stack.api_key), "reward": reward_url,
-           "settings": finetune, "store": object_store,
-           "names": names, "root": root}
+    yield {
+        "registry": registry,
+        "gateway": gateway_url,
+        "auth": api_key_headers(stack.api_key),
+        "reward": reward_url,
+        "settings": finetune,
+        "store": object_store,
+        "names": names,
+        "root": root,
+    }
     consumer.stop()
     consumer_thread.join(timeout=30)
     servers.close()
@@ -119,8 +159,19 @@ def world(stack, object_store, tmp_path_factory):
 def _population() -> Population:
     # A population that votes often and agrees more than real users do (temperature, spread), so that a
     # few hundred votes are enough to train a reward model that beats the single-reward baselines.
-    return Population(ListenerConfig(size=50, abstain_probability=0.1, skip_probability=0.02, tie_probability=0.15,
-                                     listen_share_alpha=8.0, listen_share_beta=1.0, temperature=0.3, taste_spread=0.6), seed=7)
+    return Population(
+        ListenerConfig(
+            size=50,
+            abstain_probability=0.1,
+            skip_probability=0.02,
+            tie_probability=0.15,
+            listen_share_alpha=8.0,
+            listen_share_beta=1.0,
+            temperature=0.3,
+            taste_spread=0.6,
+        ),
+        seed=7,
+    )
 
 
 def _prompts() -> list[str]:
@@ -150,8 +201,10 @@ def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
     cond = np.asarray(load_text_encoder("minilm").embed(chosen), dtype=np.float32)
     frames, seeds = codec.frames_for(CLIP_S), [10_000_000 + i for i in range(2 * n_pairs)]
     with torch.no_grad():
-        a, b = (model.sample(torch.from_numpy(cond), frames, 0.99, 0, seeds[k * n_pairs : (k + 1) * n_pairs])[0].numpy()
-                for k in (0, 1))
+        a, b = (
+            model.sample(torch.from_numpy(cond), frames, 0.99, 0, seeds[k * n_pairs : (k + 1) * n_pairs])[0].numpy()
+            for k in (0, 1)
+        )
     rng = np.random.default_rng(11)
     pairs, pair_prompts = [], []
     for i in range(n_pairs):
@@ -163,10 +216,16 @@ def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
             pair_prompts.append(chosen[i])
     reward = HttpRewardFunction(reward_url, components=["text_adherence", "quality", "preference"])
     try:
-        accuracy = single_reward_accuracy(BufferPairs(pairs, pair_prompts, []), reward, ("preference", "text_adherence", "quality"))
+        accuracy = single_reward_accuracy(
+            BufferPairs(pairs, pair_prompts, []), reward, ("preference", "text_adherence", "quality")
+        )
     finally:
         reward.close()
-    return {"n_decided_pairs": len(pairs), "accuracy": accuracy, "preference_version": reward.versions.get("preference")}
+    return {
+        "n_decided_pairs": len(pairs),
+        "accuracy": accuracy,
+        "preference_version": reward.versions.get("preference"),
+    }
 
 
 def _collect_votes(gateway: str, n: int, auth: dict[str, str]) -> Counter:
@@ -178,15 +237,27 @@ def _collect_votes(gateway: str, n: int, auth: dict[str, str]) -> Counter:
     def one(i: int) -> None:
         rng = np.random.default_rng(i)
         with httpx.Client(base_url=gateway, timeout=120, headers=auth) as http:
-            body = http.post("/v1/generations", json={"prompt": prompts[i % len(prompts)], "duration_s": CLIP_S, "seed": i}).json()
+            body = http.post(
+                "/v1/generations", json={"prompt": prompts[i % len(prompts)], "duration_s": CLIP_S, "seed": i}
+            ).json()
             a, b = body["clips"]
             wave_a, _ = decode_audio(http.get(a["download_url"]).content)
             wave_b, _ = decode_audio(http.get(b["download_url"]).content)
             vote = population.sample(rng).judge(wave_a, wave_b, rng)
-            response = http.post("/v1/feedback", json={
-                "event_id": uuid.uuid4().hex, "generation_id": body["generation_id"], "clip_a_id": a["clip_id"],
-                "clip_b_id": b["clip_id"], "choice": vote.choice, "listen_a_s": vote.listen_a_s, "listen_b_s": vote.listen_b_s,
-                "user_id": f"listener-{i % 50}", "vote_token": body["vote_token"]})
+            response = http.post(
+                "/v1/feedback",
+                json={
+                    "event_id": uuid.uuid4().hex,
+                    "generation_id": body["generation_id"],
+                    "clip_a_id": a["clip_id"],
+                    "clip_b_id": b["clip_id"],
+                    "choice": vote.choice,
+                    "listen_a_s": vote.listen_a_s,
+                    "listen_b_s": vote.listen_b_s,
+                    "user_id": f"listener-{i % 50}",
+                    "vote_token": body["vote_token"],
+                },
+            )
         with lock:
             outcomes[vote.choice if response.status_code == 202 else f"http_{response.status_code}"] += 1
 
@@ -223,7 +294,11 @@ class LoadGenerator:
                 n += 1
                 try:
                     response = http.post("/v1/generations", json={"prompt": f"load {index} {n}", "duration_s": 1.0})
-                    versions = tuple(c["policy_version"] for c in response.json()["clips"]) if response.status_code == 201 else ()
+                    versions = (
+                        tuple(c["policy_version"] for c in response.json()["clips"])
+                        if response.status_code == 201
+                        else ()
+                    )
                     status = response.status_code
                 except httpx.HTTPError as err:
                     status, versions = -1, (repr(err),)
@@ -264,26 +339,60 @@ def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
         load.wait_for_version(str(record.get("candidate_version")))
     requests = load.results
     failed = [r for r in requests if r[1] != 201]
-    after = httpx.post(world["gateway"] + "/v1/generations", json={"prompt": "after the swap", "duration_s": 1.0},
-                       headers=world["auth"], timeout=120).json()
+    after = httpx.post(
+        world["gateway"] + "/v1/generations",
+        json={"prompt": "after the swap", "duration_s": 1.0},
+        headers=world["auth"],
+        timeout=120,
+    ).json()
 
     rm = record["reward_model"]
     results = {
-        "listener_votes": dict(outcomes), "buffer_preferences": n_buffer, "collect_s": round(collected_s, 1),
-        "reward_model": {k: rm.get(k) for k in ("published", "n_train_pairs", "n_heldout_pairs", "n_heldout_decided", "heldout_accuracy",
-                                                 "heldout_accuracy_before", "heldout_accuracy_text_adherence_only",
-                                                 "heldout_accuracy_quality_only", "train_accuracy")},
+        "listener_votes": dict(outcomes),
+        "buffer_preferences": n_buffer,
+        "collect_s": round(collected_s, 1),
+        "reward_model": {
+            k: rm.get(k)
+            for k in (
+                "published",
+                "n_train_pairs",
+                "n_heldout_pairs",
+                "n_heldout_decided",
+                "heldout_accuracy",
+                "heldout_accuracy_before",
+                "heldout_accuracy_text_adherence_only",
+                "heldout_accuracy_quality_only",
+                "train_accuracy",
+            )
+        },
         "reward_model_fresh_heldout": _fresh_heldout_accuracies(world["reward"]),
-        "cycle": {"status": record["status"], "reason": record.get("reason"), "candidate_version": record.get("candidate_version"),
-                  "timings_s": record["timings_s"], "stage": record["stage"], "trainer": record["trainer"]},
+        "cycle": {
+            "status": record["status"],
+            "reason": record.get("reason"),
+            "candidate_version": record.get("candidate_version"),
+            "timings_s": record["timings_s"],
+            "stage": record["stage"],
+            "trainer": record["trainer"],
+        },
         "train_last_step": record["train_history_last"],
-        "gate": {"passed": record["gate"].get("passed"), "candidate": record["gate"].get("candidate"),
-                 "baseline": record["gate"].get("baseline"), "checks": record["gate"].get("checks")},
-        "hot_swap": {"requests": len(requests), "failed": len(failed),
-                     "versions_seen": sorted({v for r in requests for v in r[2]}),
-                     "version_after": [c["policy_version"] for c in after["clips"]],
-                     "deploy_s": record.get("deploy", {}).get("deploy_s")},
-        "settings": {k: v for k, v in world["settings"].model_dump(mode="json").items() if k.startswith("finetune_") and "token" not in k},
+        "gate": {
+            "passed": record["gate"].get("passed"),
+            "candidate": record["gate"].get("candidate"),
+            "baseline": record["gate"].get("baseline"),
+            "checks": record["gate"].get("checks"),
+        },
+        "hot_swap": {
+            "requests": len(requests),
+            "failed": len(failed),
+            "versions_seen": sorted({v for r in requests for v in r[2]}),
+            "version_after": [c["policy_version"] for c in after["clips"]],
+            "deploy_s": record.get("deploy", {}).get("deploy_s"),
+        },
+        "settings": {
+            k: v
+            for k, v in world["settings"].model_dump(mode="json").items()
+            if k.startswith("finetune_") and "token" not in k
+        },
     }
     out = ROOT / "results"
     out.mkdir(exist_ok=True)

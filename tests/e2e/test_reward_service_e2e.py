@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from servers import serve_in_thread
@@ -251,3 +252,52 @@ def test_polling_follows_the_registry_current_pointer(http, registry, checkpoint
     metrics = http.get("/metrics").text
     assert 'musicrl_reward_model_reloads_total{result="changed",trigger="poll"}' in metrics
     assert f'musicrl_reward_model_version{{component="preference",version="{new}"}} 1.0' in metrics
+
+
+def test_clap_scores_text_adherence_in_the_served_service_with_weights_from_the_object_store(
+    stack, registry, object_store, stored_clip, tmp_path
+):
+    """Issue 15: `MUSICRL_REWARD_TEXT_ADHERENCE_IMPL=clap` with a tiny random CLAP whose `save_pretrained` directory
+    sits under an `s3://` prefix of the real object store; the service downloads it, serves it over real HTTP and
+    scores a 48 kHz upload and a stored clip with it, reporting the weights' digest as the component's version."""
+    from pretrained_helpers import tiny_clap
+
+    from musicrl.rewards.clap import ClapTextAdherence
+    from musicrl.weights import directory_digest
+
+    torch.set_num_threads(1)
+    clap_dir = tiny_clap(tmp_path / "clap")
+    bucket = registry.bucket
+    for path in clap_dir.iterdir():
+        object_store.put_bytes(bucket, f"weights/clap-tiny/{path.name}", path.read_bytes())
+    settings = stack.settings_for(
+        RewardSettings,
+        bucket_models=bucket,
+        reward_text_encoder="hashing",
+        reward_text_adherence_impl="clap",
+        reward_clap_path=f"s3://{bucket}/weights/clap-tiny",
+        reward_poll_interval_s=0,
+        reward_model_cache_dir=tmp_path / "cache",
+    )
+    wave48 = (0.1 * np.random.default_rng(0).standard_normal(3 * 48_000)).astype(np.float32)
+    body = {
+        "items": [
+            {
+                "prompt": "calm piano",
+                "audio_b64": base64.b64encode(formats.encode_audio(wave48, 48_000, "wav")).decode(),
+            },
+            {"prompt": stored_clip["prompt"], "clip_id": stored_clip["clip_id"]},
+        ],
+        "components": ["text_adherence"],
+    }
+    with serve_in_thread(create_app(settings), ready_path="/readyz") as url:
+        response = httpx.post(f"{url}/v1/scores", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["model_versions"]["text_adherence"] == f"clap-{directory_digest(clap_dir)}"
+    scores = [item["text_adherence"] for item in out["scores"]]
+    # The same cosine in process: the 48 kHz upload reached CLAP unresampled (3 s: one window).
+    clap = ClapTextAdherence.load(clap_dir, version="local")
+    expected = float((clap.embed_waves(wave48[None, :]) @ clap.embed_text(["calm piano"])[0])[0])
+    assert scores[0] == pytest.approx(expected, abs=1e-4)
+    assert -1.0 <= scores[1] <= 1.0

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as httpclient
-
 from finetune_helpers import servable_generator
+
 from finetune_worker.deploy import CheckpointRejected, Deployer
-from serving.model_repository import installed_versions
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
 from musicrl.registry import Registry
+from serving.model_repository import installed_versions
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,9 @@ def deployer(stack, object_store, tmp_path):
     object_store.client.make_bucket(bucket)
     registry = Registry(object_store, bucket=bucket)
     name = f"ft_gen_{uuid.uuid4().hex[:8]}"
-    deployer = Deployer(registry, stack.triton_repo, stack.triton_http_url, tmp_path / "work", model_name=name, timeout_s=120)
+    deployer = Deployer(
+        registry, stack.triton_repo, stack.triton_http_url, tmp_path / "work", model_name=name, timeout_s=120
+    )
     yield deployer
     client = httpclient.InferenceServerClient(stack.triton_http_url)
     try:
@@ -84,7 +86,12 @@ def test_deploy_then_rollback_moves_triton_and_the_pointer(stack, deployer, tmp_
 
 def _damaged_version(registry: Registry, object_store, tmp_path, damage: str) -> str:
     if damage == "incompatible_text_dim":
-        return _publish(registry, tmp_path, 2, Generator(GeneratorConfig(text_dim=8, max_frames=16, n_layers=1, n_heads=2, d_model=32)))
+        return _publish(
+            registry,
+            tmp_path,
+            2,
+            Generator(GeneratorConfig(text_dim=8, max_frames=16, n_layers=1, n_heads=2, d_model=32)),
+        )
     if damage == "nan_weights":
         model = servable_generator(3)
         with torch.no_grad():
@@ -118,13 +125,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _deploy_in_subprocess(stack, deployer: Deployer, version: str, marker: Path, pause_s: float) -> subprocess.Popen:
     """`musicrl finetune rollback VERSION` in a process of its own, on this test's registry, model and work dir."""
-    env = {**os.environ, **stack.env(), "MUSICRL_BUCKET_MODELS": deployer.registry.bucket,
-           "MUSICRL_TRITON_MODEL_NAME": deployer.model_name, "MUSICRL_TRITON_HTTP_URL": stack.triton_http_url,
-           "MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo), "MUSICRL_FINETUNE_WORK_DIR": str(deployer.work_dir),
-           "MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S": "120", "MUSICRL_ENV": "development",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(HELPER), version, str(marker), str(pause_s)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        **stack.env(),
+        "MUSICRL_BUCKET_MODELS": deployer.registry.bucket,
+        "MUSICRL_TRITON_MODEL_NAME": deployer.model_name,
+        "MUSICRL_TRITON_HTTP_URL": stack.triton_http_url,
+        "MUSICRL_FINETUNE_TRITON_REPO": str(stack.triton_repo),
+        "MUSICRL_FINETUNE_WORK_DIR": str(deployer.work_dir),
+        "MUSICRL_FINETUNE_DEPLOY_TIMEOUT_S": "120",
+        "MUSICRL_ENV": "development",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(HELPER), version, str(marker), str(pause_s)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(marker: Path, process: subprocess.Popen, timeout_s: float = 240.0) -> None:
@@ -138,7 +157,9 @@ def _wait_for(marker: Path, process: subprocess.Popen, timeout_s: float = 240.0)
         time.sleep(0.1)
 
 
-def test_sigterm_during_a_deploy_lets_it_finish_and_triton_serves_the_old_version_until_the_load(stack, deployer, tmp_path):
+def test_sigterm_during_a_deploy_lets_it_finish_and_triton_serves_the_old_version_until_the_load(
+    stack, deployer, tmp_path
+):
     registry = deployer.registry
     first, second = _publish(registry, tmp_path, 0), _publish(registry, tmp_path, 1)
     deployer.deploy(first)
@@ -156,7 +177,9 @@ def test_sigterm_during_a_deploy_lets_it_finish_and_triton_serves_the_old_versio
     assert deployer.read_journal() is None
 
 
-def test_a_deploy_killed_half_way_leaves_the_old_version_serving_and_the_next_start_cleans_up(stack, deployer, tmp_path):
+def test_a_deploy_killed_half_way_leaves_the_old_version_serving_and_the_next_start_cleans_up(
+    stack, deployer, tmp_path
+):
     registry = deployer.registry
     first, second = _publish(registry, tmp_path, 0), _publish(registry, tmp_path, 1)
     deployer.deploy(first)
@@ -171,8 +194,14 @@ def test_a_deploy_killed_half_way_leaves_the_old_version_serving_and_the_next_st
     assert _served_version(stack, deployer.model_name) == first and registry.current("generator") == first
 
     # The next start: the half-done deploy is undone; Triton still serves version 1, which the registry names.
-    restarted = Deployer(registry, stack.triton_repo, stack.triton_http_url, deployer.work_dir,
-                         model_name=deployer.model_name, timeout_s=120)
+    restarted = Deployer(
+        registry,
+        stack.triton_repo,
+        stack.triton_http_url,
+        deployer.work_dir,
+        model_name=deployer.model_name,
+        timeout_s=120,
+    )
     result = restarted.recover()
     assert result["action"] == "undone" and result["staging"] == [f".{second}.staging"]
     assert not (model_dir / f".{second}.staging").exists() and restarted.read_journal() is None

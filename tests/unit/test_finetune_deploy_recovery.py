@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from feedback_helpers import InMemoryStore
+
 from finetune_worker import deploy as deploy_module
 from finetune_worker.deploy import Deployer, DeployInFlight
 from musicrl.registry import Registry
@@ -222,8 +222,16 @@ def test_a_live_deploy_is_left_alone(setup):
     try:
         import socket
 
-        deployer._write_journal({"version": "2", "previous": first, "retired": [], "phase": "installing",
-                                 "pid": sleeper.pid, "host": socket.gethostname()})
+        deployer._write_journal(
+            {
+                "version": "2",
+                "previous": first,
+                "retired": [],
+                "phase": "installing",
+                "pid": sleeper.pid,
+                "host": socket.gethostname(),
+            }
+        )
         with pytest.raises(DeployInFlight, match=str(sleeper.pid)):
             make().recover()
     finally:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from finetune_helpers import TARGET_TOKEN, TokenFractionReward, embed, one_thread, prompts_for, tiny_generator  # noqa: F401 - fixture
 
-from finetune_helpers import TARGET_TOKEN, TokenFractionReward, embed, prompts_for, tiny_generator, one_thread  # noqa: F401 - fixture
 from finetune_worker.configs import dpo_config
 from finetune_worker.settings import FinetuneSettings
 from finetune_worker.trainers.dpo import DPOPair, OnlineDPOTrainer, pairs_from_buffer
@@ -30,7 +29,9 @@ def _sampled_pairs(model, n_pairs=48, n_frames=12, temperature=0.99):
         first = score_a >= score_b
         win, lose = (a, b) if first else (b, a)
         lwin, llose = (la, lb) if first else (lb, la)
-        pairs.append(DPOPair(prompts[i], win[i].numpy(), lose[i].numpy(), lwin[i].numpy(), llose[i].numpy(), temperature))
+        pairs.append(
+            DPOPair(prompts[i], win[i].numpy(), lose[i].numpy(), lwin[i].numpy(), llose[i].numpy(), temperature)
+        )
     return pairs
 
 
@@ -41,8 +42,14 @@ def _fraction_of_target(model, n=64):
 
 
 def _trainer(pairs, model, steps=30, **overrides):
-    settings = FinetuneSettings(finetune_trainer="dpo", finetune_steps=steps, finetune_batch_size=16, finetune_dpo_beta=0.5,
-                                finetune_policy_lr=3e-3, finetune_optimizer="adamw")
+    settings = FinetuneSettings(
+        finetune_trainer="dpo",
+        finetune_steps=steps,
+        finetune_batch_size=16,
+        finetune_dpo_beta=0.5,
+        finetune_policy_lr=3e-3,
+        finetune_optimizer="adamw",
+    )
     config = replace(dpo_config(settings), **overrides)
     return OnlineDPOTrainer(config, model, copy.deepcopy(model), pairs, embed)
 
@@ -78,8 +85,16 @@ def test_pairs_from_buffer_orders_by_choice_and_skips_ties():
     import pyarrow as pa
 
     rows = [
-        {"prompt": "p", "choice": c, "tokens_a": [1, 2], "tokens_b": [3, 4], "logprobs_a": [-1.0, -1.0],
-         "logprobs_b": [-2.0, -2.0], "temperature": 0.99, "top_k": 0}
+        {
+            "prompt": "p",
+            "choice": c,
+            "tokens_a": [1, 2],
+            "tokens_b": [3, 4],
+            "logprobs_a": [-1.0, -1.0],
+            "logprobs_b": [-2.0, -2.0],
+            "temperature": 0.99,
+            "top_k": 0,
+        }
         for c in ("a", "b", "tie")
     ]
     pairs = pairs_from_buffer(pa.Table.from_pylist(rows))

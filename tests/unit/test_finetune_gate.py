@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from finetune_helpers import tiny_generator
+
 from finetune_worker.gate import GateConfig, choose, evaluate_gate, refusal_reason, weights_finite
 from finetune_worker.plots import plot_training
 from finetune_worker.prompts import PromptMixer, split_prompts
@@ -18,13 +18,22 @@ BASE = {"reward": 0.50, "kl": 0.0, "reward/text_adherence": 0.30, "reward/qualit
 
 
 def _gate(**candidate):
-    return evaluate_gate({**BASE, **candidate}, BASE, ["preference"], GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05))
+    return evaluate_gate(
+        {**BASE, **candidate}, BASE, ["preference"], GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05)
+    )
 
 
 def test_the_sum_of_the_rewards_is_not_a_second_quality_check():
     """combined = weighted sum incl. quality: a quality drop within bounds must not fail the gate through it."""
     base = {**BASE, "reward/combined": 1.4, "reward/quality_mos": 3.4}
-    candidate = {**base, "reward": 0.6, "reward/preference": 0.6, "reward/quality": 0.56, "reward/combined": 1.3, "reward/quality_mos": 3.2}
+    candidate = {
+        **base,
+        "reward": 0.6,
+        "reward/preference": 0.6,
+        "reward/quality": 0.56,
+        "reward/combined": 1.3,
+        "reward/quality_mos": 3.2,
+    }
     config = GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05)
     assert evaluate_gate(candidate, base, ["preference"], config).passed
     report = evaluate_gate({**candidate, "reward/quality": 0.5}, base, ["preference"], config)
@@ -58,7 +67,9 @@ def test_target_component_may_move_and_nan_weights_fail():
     with torch.no_grad():
         model.bos[0] = math.inf
     assert not weights_finite(model)
-    report = evaluate_gate({**BASE, "reward": 0.9}, BASE, ["preference"], GateConfig(0.0, 50.0, 0.05), candidate_weights_finite=False)
+    report = evaluate_gate(
+        {**BASE, "reward": 0.9}, BASE, ["preference"], GateConfig(0.0, 50.0, 0.05), candidate_weights_finite=False
+    )
     assert not report.passed and "finite" in report.reason
 
 
@@ -87,10 +98,21 @@ def test_the_gate_chooses_the_best_passing_checkpoint_and_refuses_only_when_none
     config = GateConfig(min_reward_gain=0.0, max_kl=10.0, max_other_drop=0.05)
 
     def report(reward: float, kl: float, text_adherence: float = 0.30):
-        scored = {**BASE, "reward": reward, "kl": kl, "reward/preference": reward, "reward/text_adherence": text_adherence}
+        scored = {
+            **BASE,
+            "reward": reward,
+            "kl": kl,
+            "reward/preference": reward,
+            "reward/text_adherence": text_adherence,
+        }
         return evaluate_gate(scored, BASE, ["preference"], config)
 
-    early, best_but_too_far, good, collapsed = report(0.55, 2.0), report(0.95, 12.0), report(0.70, 6.0), report(0.9, 5.0, 0.2)
+    early, best_but_too_far, good, collapsed = (
+        report(0.55, 2.0),
+        report(0.95, 12.0),
+        report(0.70, 6.0),
+        report(0.9, 5.0, 0.2),
+    )
     assert choose([early, best_but_too_far, good, collapsed]) == 2  # the highest reward among those that pass
     assert choose([early, early]) == 0  # a tie goes to the earlier (closer) snapshot
     refused = [best_but_too_far, collapsed]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import TokenFractionReward, embed, one_thread, prompts_for, tiny_generator  # noqa: F401 - fixture
+
 from finetune_worker.configs import reinforce_config
 from finetune_worker.settings import FinetuneSettings
 from finetune_worker.trainers.base import NonFiniteError
@@ -24,15 +24,29 @@ pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 def _config(**settings) -> ReinforceConfig:
-    values = {"finetune_steps": 30, "finetune_duration_s": 1.5, "finetune_stage": "R", "finetune_policy_lr": 3e-3,
-              "finetune_optimizer": "adamw", "finetune_checkpoint_every": 5, "finetune_kl_target": 20.0,
-              "finetune_kl_budget": 40.0} | {f"finetune_{k}": v for k, v in settings.items()}
+    values = {
+        "finetune_steps": 30,
+        "finetune_duration_s": 1.5,
+        "finetune_stage": "R",
+        "finetune_policy_lr": 3e-3,
+        "finetune_optimizer": "adamw",
+        "finetune_checkpoint_every": 5,
+        "finetune_kl_target": 20.0,
+        "finetune_kl_budget": 40.0,
+    } | {f"finetune_{k}": v for k, v in settings.items()}
     return reinforce_config(FinetuneSettings(**values))
 
 
 def _trainer(tmp_path=None, reward=None, candidates=None, **settings) -> ReinforceTrainer:
-    return ReinforceTrainer(_config(**settings), tiny_generator(), reward or TokenFractionReward(), prompts_for, embed,
-                            checkpoint_dir=tmp_path, candidates_dir=candidates)
+    return ReinforceTrainer(
+        _config(**settings),
+        tiny_generator(),
+        reward or TokenFractionReward(),
+        prompts_for,
+        embed,
+        checkpoint_dir=tmp_path,
+        candidates_dir=candidates,
+    )
 
 
 class TargetVersusOther(TokenFractionReward):
@@ -40,8 +54,11 @@ class TargetVersusOther(TokenFractionReward):
 
     def __call__(self, prompts, tokens):
         tokens = np.asarray(tokens)
-        return {"preference": (tokens == 3).mean(axis=1), "text_adherence": (tokens == 5).mean(axis=1) + 0.2,
-                "quality": np.full(len(tokens), 0.5)}
+        return {
+            "preference": (tokens == 3).mean(axis=1),
+            "text_adherence": (tokens == 5).mean(axis=1) + 0.2,
+            "quality": np.full(len(tokens), 0.5),
+        }
 
 
 def test_reward_goes_up_and_the_history_names_the_paper_quantities():
@@ -82,8 +99,15 @@ def test_the_controller_holds_the_cycle_near_its_kl_target():
 
 
 def test_early_stop_when_the_kl_passes_the_budget(tmp_path):
-    trainer = _trainer(steps=60, kl_target=0.5, kl_budget=1.0, alpha=1e-4, kl_gain=1e-6, policy_lr=1e-2,
-                       candidates=tmp_path / "candidates")
+    trainer = _trainer(
+        steps=60,
+        kl_target=0.5,
+        kl_budget=1.0,
+        alpha=1e-4,
+        kl_gain=1e-6,
+        policy_lr=1e-2,
+        candidates=tmp_path / "candidates",
+    )
     out = trainer.train()
     assert out.step < 60 and out.last["stopped_early"] == 1.0 and out.last["kl"] > 1.0
     assert all(m["kl"] <= 1.0 for m in out.history[:-1])
@@ -95,7 +119,9 @@ def test_constraint_multiplier_rises_while_violated_and_protects_the_other_rewar
     constraints = Constraints(("text_adherence",), slack=0.0, lr=1.0, warmup=2, smoothing=0.5)
     constraints.update({"text_adherence": 0.4}, {"text_adherence": 0.1})  # warm-up: the starting level
     constraints.update({"text_adherence": 0.6}, {"text_adherence": 0.1})
-    assert constraints.start["text_adherence"] == pytest.approx(0.5) and constraints.multipliers["text_adherence"] == 0.0
+    assert (
+        constraints.start["text_adherence"] == pytest.approx(0.5) and constraints.multipliers["text_adherence"] == 0.0
+    )
     constraints.update({"text_adherence": 0.3}, {"text_adherence": 0.1})
     assert constraints.multipliers["text_adherence"] == pytest.approx(1.0)  # (0.5 - 0.4) / 0.1
     for _ in range(10):
@@ -103,10 +129,15 @@ def test_constraint_multiplier_rises_while_violated_and_protects_the_other_rewar
     assert constraints.multipliers["text_adherence"] == 0.0
 
     def other_reward_drop(lagrange_lr: float) -> tuple[float, float]:
-        out = _trainer(steps=30, stage="U", reward=TargetVersusOther(), lagrange_lr=lagrange_lr, constraint_slack=0.0).train()
+        out = _trainer(
+            steps=30, stage="U", reward=TargetVersusOther(), lagrange_lr=lagrange_lr, constraint_slack=0.0
+        ).train()
         first, last = out.history[:3], out.history[-3:]
         mean = lambda rows, key: float(np.mean([m[key] for m in rows]))  # noqa: E731
-        return (mean(first, "reward/text_adherence") - mean(last, "reward/text_adherence"), out.last["lambda/text_adherence"])
+        return (
+            mean(first, "reward/text_adherence") - mean(last, "reward/text_adherence"),
+            out.last["lambda/text_adherence"],
+        )
 
     unconstrained_drop, _ = other_reward_drop(0.0)
     constrained_drop, multiplier = other_reward_drop(2.0)
@@ -137,7 +168,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 def test_nan_reward_stops_training():
     trainer = _trainer(steps=3)
-    trainer.reward_fn = lambda prompts, tokens: {"text_adherence": np.full(len(tokens), np.nan), "quality": np.zeros(len(tokens))}
+    trainer.reward_fn = lambda prompts, tokens: {
+        "text_adherence": np.full(len(tokens), np.nan),
+        "quality": np.zeros(len(tokens)),
+    }
     with pytest.raises(NonFiniteError):
         trainer.train()
 

@@ -8,15 +8,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from finetune_helpers import PROMPTS, TokenFractionReward, embed, one_thread, prompts_for, tiny_generator  # noqa: F401 - fixture
+from pretrained_helpers import tiny_musicgen
+
 from finetune_worker.configs import reinforce_config
 from finetune_worker.evaluation import evaluate_policy
 from finetune_worker.settings import FinetuneSettings
 from finetune_worker.trainers.reinforce import ReinforceTrainer
 from musicrl.models.musicgen import MusicgenPolicy
 from musicrl.models.policy import load_policy
-from pretrained_helpers import tiny_musicgen
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 TARGET = 3
@@ -40,9 +40,17 @@ def test_two_reinforce_steps_on_musicgen(tmp_path):
     policy = load_policy(tiny_musicgen(tmp_path / "musicgen", guidance_scale=3.0))
     text_encoder = [p.clone() for p in policy.model.text_encoder.parameters()]
     decoder = [p.clone() for p in policy.model.decoder.parameters()]
-    settings = FinetuneSettings(finetune_steps=2, finetune_stage="R", finetune_optimizer="adamw", finetune_policy_lr=1e-2,
-                                finetune_batch_size=8, finetune_group_size=4, finetune_checkpoint_every=0,
-                                finetune_kl_target=20.0, finetune_kl_budget=40.0)
+    settings = FinetuneSettings(
+        finetune_steps=2,
+        finetune_stage="R",
+        finetune_optimizer="adamw",
+        finetune_policy_lr=1e-2,
+        finetune_batch_size=8,
+        finetune_group_size=4,
+        finetune_checkpoint_every=0,
+        finetune_kl_target=20.0,
+        finetune_kl_budget=40.0,
+    )
     config = dataclasses.replace(reinforce_config(settings), n_frames=policy.frames_for(0.2))  # 10 frames at 50/s
     reward = FirstCodebookReward()
     trainer = ReinforceTrainer(config, policy, reward, prompts_for, None, candidates_dir=tmp_path / "candidates")
@@ -58,14 +66,25 @@ def test_two_reinforce_steps_on_musicgen(tmp_path):
     assert isinstance(candidate, MusicgenPolicy) and candidate.guidance_scale == 3.0
     tokens = torch.randint(0, 16, (2, 4, 6))
     cond = policy.condition(["calm piano", "fast drums"])
-    torch.testing.assert_close(candidate(candidate.condition(["calm piano", "fast drums"]), tokens), policy.eval()(cond, tokens))
+    torch.testing.assert_close(
+        candidate(candidate.condition(["calm piano", "fast drums"]), tokens), policy.eval()(cond, tokens)
+    )
 
     start = load_policy(tmp_path / "musicgen")
-    metrics = evaluate_policy(candidate, start, ["calm piano", "sad strings"], None, FirstCodebookReward(),
-                              {"text_adherence": 1.0}, n_frames=10, samples_per_prompt=2)
+    metrics = evaluate_policy(
+        candidate,
+        start,
+        ["calm piano", "sad strings"],
+        None,
+        FirstCodebookReward(),
+        {"text_adherence": 1.0},
+        n_frames=10,
+        samples_per_prompt=2,
+    )
     assert metrics["n_clips"] == 4 and metrics["kl"] > 0 and 0.0 <= metrics["reward"] <= 1.0
-    assert evaluate_policy(start, start, ["calm piano"], None, FirstCodebookReward(), {"text_adherence": 1.0},
-                           n_frames=10)["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert evaluate_policy(
+        start, start, ["calm piano"], None, FirstCodebookReward(), {"text_adherence": 1.0}, n_frames=10
+    )["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_evaluation_still_takes_the_default_generator():
@@ -73,6 +92,8 @@ def test_evaluation_still_takes_the_default_generator():
     policy, reference = tiny_generator(seed=0), tiny_generator(seed=1)
     reward = TokenFractionReward()
     same = evaluate_policy(policy, policy, PROMPTS, embed, reward, {"text_adherence": 1.0}, n_frames=6, temperature=1.0)
-    other = evaluate_policy(policy, reference, PROMPTS, embed, reward, {"text_adherence": 1.0}, n_frames=6, temperature=1.0)
+    other = evaluate_policy(
+        policy, reference, PROMPTS, embed, reward, {"text_adherence": 1.0}, n_frames=6, temperature=1.0
+    )
     assert same["kl"] == pytest.approx(0.0, abs=1e-5) and other["kl"] > 0.01
     assert same["reward"] == other["reward"] and same["n_clips"] == 2 * len(PROMPTS)  # the candidate's rollouts, paired

@@ -26,11 +26,24 @@ def _service(fail_first: list[int] | None = None):
         calls["sizes"].append(len(body["items"]))
         assert body["components"] == ["text_adherence", "quality", "preference"]
         scores = [
-            {"text_adherence": float(sum(item["tokens"])), "quality_mos": 3.0, "quality": 0.5, "preference": -1.0, "combined": 0.0}
+            {
+                "text_adherence": float(sum(item["tokens"])),
+                "quality_mos": 3.0,
+                "quality": 0.5,
+                "preference": -1.0,
+                "combined": 0.0,
+            }
             for item in body["items"]
         ]
-        return httpx.Response(200, json={"scores": scores, "components": body["components"], "weights": {},
-                                         "model_versions": {"text_adherence": "1", "quality": "1", "preference": "7"}})
+        return httpx.Response(
+            200,
+            json={
+                "scores": scores,
+                "components": body["components"],
+                "weights": {},
+                "model_versions": {"text_adherence": "1", "quality": "1", "preference": "7"},
+            },
+        )
 
     return httpx.MockTransport(handler), calls
 

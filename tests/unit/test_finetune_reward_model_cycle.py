@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from feedback_helpers import InMemoryStore
-from finetune_helpers import embed, tiny_generator, one_thread  # noqa: F401 - fixture
+from finetune_helpers import embed, one_thread, tiny_generator  # noqa: F401 - fixture
+
 from finetune_worker.cycle import PREFERENCE, FinetuneCycle, RunState
 from finetune_worker.settings import FinetuneSettings
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
@@ -26,17 +26,33 @@ def _rows(n: int, policies: int) -> list[dict]:
     for i in range(n):
         a, b = rng.integers(0, 16, 12), rng.integers(0, 16, 12)
         choice = "a" if (a == 7).sum() > (b == 7).sum() else "b" if (b == 7).sum() > (a == 7).sum() else "tie"
-        rows.append({"generation_id": f"{i:032d}", "prompt": f"prompt {i % 5}", "choice": choice, "tokens_a": a.tolist(),
-                     "tokens_b": b.tolist(), "listen_a_frac": 1.0, "listen_b_frac": 1.0,
-                     "policy_version": str(1 + i * policies // n), "mixed_policy": False})
+        rows.append(
+            {
+                "generation_id": f"{i:032d}",
+                "prompt": f"prompt {i % 5}",
+                "choice": choice,
+                "tokens_a": a.tolist(),
+                "tokens_b": b.tolist(),
+                "listen_a_frac": 1.0,
+                "listen_b_frac": 1.0,
+                "policy_version": str(1 + i * policies // n),
+                "mixed_policy": False,
+            }
+        )
     return rows
 
 
 @pytest.fixture
 def cycle(tmp_path) -> FinetuneCycle:
     settings = FinetuneSettings(
-        finetune_work_dir=tmp_path, finetune_rm_min_pairs=20, finetune_rm_max_pairs=120, finetune_rm_epochs=3,
-        finetune_rm_lr=3e-3, finetune_rm_heads=3, finetune_rm_disagreement_penalty=0.5, finetune_heldout_fraction=0.2,
+        finetune_work_dir=tmp_path,
+        finetune_rm_min_pairs=20,
+        finetune_rm_max_pairs=120,
+        finetune_rm_epochs=3,
+        finetune_rm_lr=3e-3,
+        finetune_rm_heads=3,
+        finetune_rm_disagreement_penalty=0.5,
+        finetune_heldout_fraction=0.2,
         finetune_rm_fit="finetune",
     )
     cycle = FinetuneCycle.__new__(FinetuneCycle)  # no servers: an in-memory registry, no reward service
@@ -47,14 +63,18 @@ def cycle(tmp_path) -> FinetuneCycle:
 
 
 def _state(parent: str = "3") -> RunState:
-    return RunState(run_id="r", created_at="now", stage="U", trainer="reinforce", parent_version=parent, reference_version="1")
+    return RunState(
+        run_id="r", created_at="now", stage="U", trainer="reinforce", parent_version=parent, reference_version="1"
+    )
 
 
 def test_the_second_cycle_continues_from_the_published_model_on_a_bounded_replay(cycle):
     rows = _rows(900, policies=3)
     first = cycle.update_reward_model(rows, _state())
     assert first["published"] == "1" and first["warm_start_from"] is None
-    assert first["n_train_pairs"] == 120 and first["n_heldout_pairs"] == 30  # capped (the buffer holds ~700 train pairs)
+    assert (
+        first["n_train_pairs"] == 120 and first["n_heldout_pairs"] == 30
+    )  # capped (the buffer holds ~700 train pairs)
     assert first["n_train_current_policy"] + first["n_train_replay"] == 120
     manifest = cycle.registry.manifest(PREFERENCE, "1")
     assert manifest["lineage"]["warm_start_from"] is None and manifest["lineage"]["training_config"]["n_heads"] == 3
@@ -66,7 +86,10 @@ def test_the_second_cycle_continues_from_the_published_model_on_a_bounded_replay
     assert second["heldout_accuracy_before"] == pytest.approx(first["heldout_accuracy"])
     assert cycle.registry.manifest(PREFERENCE, "2")["lineage"]["warm_start_from"] == "1"
     model, meta = load_preference_model(cycle.registry.download(PREFERENCE, "2", cycle.run_dir / "check"))
-    assert (model.n_heads, model.disagreement_penalty) == (3, 0.5) and meta["initialised_from"] == {"kind": PREFERENCE, "version": "1"}
+    assert (model.n_heads, model.disagreement_penalty) == (3, 0.5) and meta["initialised_from"] == {
+        "kind": PREFERENCE,
+        "version": "1",
+    }
 
 
 def test_a_current_model_of_another_architecture_is_not_warm_started(cycle, tmp_path):
@@ -80,7 +103,9 @@ def test_a_current_model_of_another_architecture_is_not_warm_started(cycle, tmp_
 def test_the_committed_bootstrap_model_is_not_warm_started(cycle, tmp_path):
     """A current model no cycle trained on votes (no run in its lineage) is a prior, not these users' taste."""
     generator = tiny_generator()
-    path = save_preference_model(PreferenceRewardModel.from_generator(generator), tmp_path / "bootstrap", export_onnx=False)
+    path = save_preference_model(
+        PreferenceRewardModel.from_generator(generator), tmp_path / "bootstrap", export_onnx=False
+    )
     cycle.registry.set_current(PREFERENCE, cycle.registry.publish(PREFERENCE, path))
     result = cycle.update_reward_model(_rows(300, policies=1), _state("1"))
     assert result["warm_start_from"] is None and result["published"] == "2"
@@ -101,10 +126,16 @@ def test_the_cycle_applies_the_per_user_cap_and_reports_what_it_dropped(cycle):
     rows = _rows(300, policies=1)
     for i, row in enumerate(rows):
         row["user_pseudonym"] = "f" * 64 if i < 200 else f"{i:064x}"  # one listener cast two thirds of the votes
-    cycle.settings = cycle.settings.model_copy(update={"finetune_max_pairs_per_user": 10, "finetune_rm_min_pairs": 1000})
+    cycle.settings = cycle.settings.model_copy(
+        update={"finetune_max_pairs_per_user": 10, "finetune_rm_min_pairs": 1000}
+    )
     report = cycle.update_reward_model(rows, _state("1"))  # too few pairs left to train: skipped, with the counts
     assert "skipped" in report and report["max_pairs_per_user"] == 10
-    assert report["n_train_dropped_user_cap"] + report["n_heldout_dropped_user_cap"] == report["n_dropped_user_cap"] == 200 - 20
+    assert (
+        report["n_train_dropped_user_cap"] + report["n_heldout_dropped_user_cap"]
+        == report["n_dropped_user_cap"]
+        == 200 - 20
+    )
 
 
 def _probe(cycle: FinetuneCycle) -> FinetuneCycle:

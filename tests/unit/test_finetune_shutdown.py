@@ -54,11 +54,22 @@ def test_the_handler_only_sets_a_flag_and_a_second_ctrl_c_interrupts():
 
 
 def _worker(tmp_path: Path, mode: str) -> subprocess.Popen:
-    env = {**os.environ, "MUSICRL_FINETUNE_WORK_DIR": str(tmp_path), "MUSICRL_FINETUNE_POLL_INTERVAL_S": "0.2",
-           "MUSICRL_LOG_JSON": "true", "MUSICRL_FINETUNE_METRICS_PORT": "0",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(HELPER), str(tmp_path), mode], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "MUSICRL_FINETUNE_WORK_DIR": str(tmp_path),
+        "MUSICRL_FINETUNE_POLL_INTERVAL_S": "0.2",
+        "MUSICRL_LOG_JSON": "true",
+        "MUSICRL_FINETUNE_METRICS_PORT": "0",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(HELPER), str(tmp_path), mode],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _events(tmp_path: Path) -> list[dict]:
@@ -117,8 +128,16 @@ class CountingTrainer(OnlineTrainer):
     """A trainer whose step adds 1 to a weight; asks for a stop while running step ``stop_at``."""
 
     def __init__(self, checkpoint_dir, steps: int = 10, stop_at: int | None = None):
-        args = TrainerArgs(steps=steps, batch_size=1, seed=0, device="cpu", mixed_precision=False, max_grad_norm=1.0,
-                           checkpoint_every=5, candidate_every=5)
+        args = TrainerArgs(
+            steps=steps,
+            batch_size=1,
+            seed=0,
+            device="cpu",
+            mixed_precision=False,
+            max_grad_norm=1.0,
+            checkpoint_every=5,
+            candidate_every=5,
+        )
         super().__init__(args, checkpoint_dir, DistributedContext())
         self.weight = torch.zeros(1)
         self.stop_at = stop_at
@@ -172,13 +191,26 @@ def _cycle(tmp_path: Path, status: str) -> tuple[FinetuneCycle, list[str]]:
         def run(state):
             ran.append(name)
             state.status = next_status
+
         return run
 
-    cycle.train, cycle.gate_and_publish, cycle.deploy = (stage("train", "trained"), stage("gate", "published"),
-                                                        stage("deploy", "deployed"))
+    cycle.train, cycle.gate_and_publish, cycle.deploy = (
+        stage("train", "trained"),
+        stage("gate", "published"),
+        stage("deploy", "deployed"),
+    )
     cycle.finish = lambda state: state.model_dump()
-    cycle.save_state(RunState(run_id="r", status=status, created_at="now", stage="U", trainer="reinforce",
-                              parent_version="1", reference_version="1"))
+    cycle.save_state(
+        RunState(
+            run_id="r",
+            status=status,
+            created_at="now",
+            stage="U",
+            trainer="reinforce",
+            parent_version="1",
+            reference_version="1",
+        )
+    )
     return cycle, ran
 
 
