@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     print(
-        f"RL step: {results['tokens_per_step']} tokens in {results['step_s_median']} s = {results['tokens_per_s']} tokens/s "
+        f"RL step: {results['tokens_per_step']} tokens in {results['step_s_median']} s "
+        f"= {results['tokens_per_s']} tokens/s "
         f"(sampling {results['sample_tokens_per_s']} tokens/s, update {results['update_tokens_per_s']} tokens/s, "
         f"decode {results['decode_audio_s_median']} s per batch); wrote {args.output}"
     )

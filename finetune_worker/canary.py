@@ -31,9 +31,9 @@ at most alpha; one whose win rate is at least 50 % is rolled back with probabili
 cap; the caps only make it smaller. Power depends on the true win rate and the cap; with the
 defaults (alpha 0.05, a = ``PRIOR_STRENGTH`` = 10, 400 votes) simulation gives (tests/unit/test_finetune_canary.py,
 docs/canary.md): win rate 0.65 promoted in all of 4,000 simulated canaries after a median of 87 decided votes,
-0.60 in 88.5 % (median 188 votes); at 0.50, 1.1 % promoted and 1.1 % rolled back. The assumption behind it: votes are independent draws
-from the users' population (one user's many votes are not; the gateway's per-user vote rate
-limits that).
+0.60 in 88.5 % (median 188 votes); at 0.50, 1.1 % promoted and 1.1 % rolled back. The assumption
+behind it: votes are independent draws from the users' population (one user's many votes are not;
+the gateway's per-user vote rate limits that).
 
 Why not Wald's SPRT: it is optimal between two point hypotheses (say 0.45 vs 0.55), but its
 error rates are stated only at those two points and it says nothing about a win rate's bounds;

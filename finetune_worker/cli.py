@@ -124,9 +124,15 @@ def rollback(version: Annotated[str, typer.Argument(help="Generator version to s
     console.print(f"serving generator {result['version']} (was {result['previous']}) after {result['deploy_s']:.1f} s")
 
 
-@app.command("history")
+# The help is given here, not as a docstring: a docstring wrapped at 120 columns would wrap the command list too.
+@app.command(
+    "history",
+    help=(
+        "Published versions with their metrics and lineage, canaries (decision and the votes behind it), "
+        "and rejected candidates."
+    ),
+)
 def history(kind: Kind = "generator", json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Published versions with their metrics and lineage, canaries (decision and the votes behind it), and rejected candidates."""
     from finetune_worker.canary import describe  # noqa: PLC0415
     from musicrl.registry import Registry  # noqa: PLC0415
     from musicrl.storage import ObjectStore  # noqa: PLC0415
@@ -198,6 +204,7 @@ def bench_musicgen(
         )
     )
     typer.echo(
-        f"RL step: {results['tokens_per_step']} tokens in {results['step_s_median']} s = {results['tokens_per_s']} tokens/s "
+        f"RL step: {results['tokens_per_step']} tokens in {results['step_s_median']} s "
+        f"= {results['tokens_per_s']} tokens/s "
         f"(sampling {results['sample_tokens_per_s']}, update {results['update_tokens_per_s']} tokens/s); wrote {output}"
     )

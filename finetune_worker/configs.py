@@ -59,7 +59,8 @@ def dpo_config(s: FinetuneSettings) -> DPOConfig:
 
 
 def trainer_config(s: FinetuneSettings, frames_for: Callable[[float], int] | None = None) -> dict[str, Any]:
-    """The job's trainer configuration as plain JSON (``TrainJob.config``); ``frames_for`` as in ``reinforce_config``."""
+    """The job's trainer configuration as plain JSON (``TrainJob.config``); ``frames_for`` as in
+    ``reinforce_config``."""
     return asdict(reinforce_config(s, frames_for) if s.finetune_trainer == "reinforce" else dpo_config(s))
 
 

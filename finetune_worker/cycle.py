@@ -6,8 +6,9 @@
     gate     -> snapshots vs parent on held-out prompts, the best passing one   status "published" | "rejected"
     publish  -> registry version with metrics and lineage
     deploy   -> verify, install into Triton, load, move the pointer             status "deployed"  | "deploy_failed"
-    (canary) -> with finetune_promotion canary|both, instead of deploy: served as the challenger, users' votes on
-                mixed pairs decide (finetune_worker.canary)                  status "canary" -> "deployed" | "rolled_back" | "inconclusive"
+    (canary) -> with finetune_promotion canary|both, instead of deploy:         status "canary" -> "deployed"
+                served as the challenger, users' votes on mixed pairs             | "rolled_back" | "inconclusive"
+                decide (finetune_worker.canary)
 
 The state of the run in progress is ``<work_dir>/run/run.json``, rewritten
 atomically after every stage. A worker killed at any point restarts the same
@@ -210,7 +211,8 @@ class FinetuneCycle:
         parent = self.registry.current(GENERATOR)
         if parent is None:
             raise RuntimeError(
-                "no current generator in the registry: publish one first (`musicrl stack up` publishes checkpoints/generator as version 1)"
+                "no current generator in the registry: publish one first "
+                "(`musicrl stack up` publishes checkpoints/generator as version 1)"
             )
         reference = self.reference_version(parent)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -288,7 +290,8 @@ class FinetuneCycle:
     # ------------------------------------------------------------------ the parent's kind (musicrl.models.policy)
 
     def parent_policy(self) -> Policy:
-        """The run's parent policy (``run/parent``), loaded once per cycle object (the default kind with its text encoder)."""
+        """The run's parent policy (``run/parent``), loaded once per cycle object (the default kind with its
+        text encoder)."""
         directory = self.run_dir / "parent"
         cached = getattr(self, "_parent", None)
         if cached is None or cached[0] != directory.stat().st_mtime_ns:
@@ -456,7 +459,8 @@ class FinetuneCycle:
         return {**metrics, "published": version, "kind": kind}
 
     def _reward_model_warm_start(self, generator) -> tuple[Any, str | None]:
-        """(model, version) of the current preference model to continue training, or (None, None): start from the generator."""
+        """(model, version) of the current preference model to continue training, or (None, None): start from the
+        generator."""
         s = self.settings
         # Only a model trained on these users' votes: the committed bootstrap model encodes priors, and
         # continuing from it scored 0.52 on fresh votes where starting from the generator scored 0.56

@@ -87,7 +87,8 @@ def evaluate_gate(
         Check(
             "reward_improved",
             gain > config.min_reward_gain,
-            f"target reward {baseline['reward']:.4f} -> {candidate['reward']:.4f} (gain {gain:+.4f}, needs > {config.min_reward_gain})",
+            f"target reward {baseline['reward']:.4f} -> {candidate['reward']:.4f} "
+            f"(gain {gain:+.4f}, needs > {config.min_reward_gain})",
         )
     )
     checks.append(

@@ -3,9 +3,10 @@
 Rollouts of the default generator are sent as tokens (the service decodes them with
 the shared codec); a policy with its own codec (MusicGen) sends its decoded audio
 instead (``score_audio``, WAV at the policy's sample rate, through
-``finetune_worker.rewards.PolicyRewardFunction``). Requests hold at most ``max_items`` clips, with the request and response bodies of
-``musicrl.schemas.scores``. Connection errors, 429 (queue full) and 5xx are retried
-with exponential backoff; a 4xx is a bug in what we sent and fails at once.
+``finetune_worker.rewards.PolicyRewardFunction``). Requests hold at most ``max_items`` clips,
+with the request and response bodies of ``musicrl.schemas.scores``. Connection errors, 429
+(queue full) and 5xx are retried with exponential backoff; a 4xx is a bug in what we sent and
+fails at once.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class HttpRewardFunction:
         self.components = list(components or COMPONENTS)
         self.max_items = max_items
         self.admin_token = admin_token
-        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport)
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s, transport=transport)
         self._versions: dict[str, str] = {}
         self._post = retry(
             retry=retry_if_exception(_retryable),
@@ -66,7 +67,7 @@ class HttpRewardFunction:
         return dict(self._versions)
 
     def _post_once(self, path: str, body: dict | None = None, headers: dict | None = None) -> dict:
-        response = self.client.post(path, json=body, headers=headers)
+        response = self.http.post(path, json=body, headers=headers)
         response.raise_for_status()
         return response.json()
 
@@ -76,7 +77,7 @@ class HttpRewardFunction:
         except httpx.HTTPStatusError as err:
             raise RewardServiceError(f"{path} answered {err.response.status_code}: {err.response.text[:500]}") from err
         except httpx.TransportError as err:
-            raise RewardServiceError(f"reward service at {self.client.base_url} unreachable: {err}") from err
+            raise RewardServiceError(f"reward service at {self.http.base_url} unreachable: {err}") from err
 
     def __call__(self, prompts: list[str], tokens: np.ndarray) -> dict[str, np.ndarray]:
         tokens = np.asarray(tokens)
@@ -127,4 +128,4 @@ class HttpRewardFunction:
         return result
 
     def close(self) -> None:
-        self.client.close()
+        self.http.close()

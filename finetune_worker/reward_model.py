@@ -118,10 +118,10 @@ def select_pair_rows(
     Train: every train-split row of ``current_policy`` (if there are more than ``max_pairs``, the newest
     ``max_pairs``), then a seeded uniform sample of the older policies' train-split rows fills up to
     ``max_pairs`` (the replay; seeded by ``seed`` and the policy, so a resumed cycle picks the same rows
-    and the next policy's cycle a different sample). Held-out: the eval-split rows, current policy first, newest first, at
-    most ``max_pairs // 4``. Rows sampled across a hot swap (``mixed_policy``) count under their
-    ``policy_version`` like any other. O(n log n) in the rows; the pairs (and prompt embeddings) are
-    built afterwards for the selected rows only.
+    and the next policy's cycle a different sample). Held-out: the eval-split rows, current policy first,
+    newest first, at most ``max_pairs // 4``. Rows sampled across a hot swap (``mixed_policy``) count
+    under their ``policy_version`` like any other. O(n log n) in the rows; the pairs (and prompt embeddings)
+    are built afterwards for the selected rows only.
     """
     train_items, heldout_items = [], []
     for index, row in enumerate(rows):
@@ -204,7 +204,8 @@ def row_codebooks(row: dict) -> tuple[int, int]:
 
 
 def rows_of_codebooks(rows: Sequence[dict], num_codebooks: int) -> list[dict]:
-    """The rows whose two clips both have ``num_codebooks`` codebooks (a policy's reward model reads its own kind's clips)."""
+    """The rows whose two clips both have ``num_codebooks`` codebooks (a policy's reward model reads its own
+    kind's clips)."""
     return [r for r in rows if row_codebooks(r) == (num_codebooks, num_codebooks)]
 
 
@@ -297,7 +298,8 @@ def train_reward_model(
     if not isinstance(generator, Generator):
         raise ValueError(
             "fine-tuning the reward model (finetune_rm_fit=finetune) is for the default generator; "
-            f"a {getattr(generator, 'kind', type(generator).__name__)} policy's model is fitted as a probe (finetune_rm_fit=probe)"
+            f"a {getattr(generator, 'kind', type(generator).__name__)} policy's model is fitted as a probe "
+            "(finetune_rm_fit=probe)"
         )
     device = next(generator.parameters()).device
     model = (

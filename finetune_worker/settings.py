@@ -22,7 +22,9 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     )
     finetune_reward: str | None = Field(
         None,
-        description="Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr.",
+        description=(
+            "Reward function instead of the service at reward_url: local:onnx|torch|tiny or python:module:attr."
+        ),
     )
 
     # Where the worker keeps its state: the run in progress, checkpoints, downloads.
@@ -30,17 +32,28 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Worker state: the run in progress, checkpoints, downloads, archive of runs."""
     finetune_results_dir: Path = Path("results")
     """Where reports are written."""
-    finetune_triton_repo: str | Path = Path(".stack/triton/models")
-    """Triton model repository the worker deploys to (must be writable): a local directory, or an object-store repository `s3://BUCKET/PREFIX` written through the `MUSICRL_S3_*` endpoint (Triton then reads `s3://http://HOST:PORT/BUCKET/PREFIX`)."""
+    finetune_triton_repo: str | Path = Field(
+        Path(".stack/triton/models"),
+        description=(
+            "Triton model repository the worker deploys to (must be writable): a local directory, or an object-store "
+            "repository `s3://BUCKET/PREFIX` written through the `MUSICRL_S3_*` endpoint (Triton then reads "
+            "`s3://http://HOST:PORT/BUCKET/PREFIX`)."
+        ),
+    )
     finetune_deploy_timeout_s: float = Field(300.0, gt=0)
     """Wait for Triton to load a deployed version, in seconds."""
     finetune_triton_admin_key: SecretStr | None = Field(
         None,
-        description="Sent as the `triton-admin-key` header with load requests, where Triton restricts its model-repository API (--http-restricted-api; the Kubernetes manifests do).",
+        description=(
+            "Sent as the `triton-admin-key` header with load requests, where Triton restricts its model-repository API "
+            "(--http-restricted-api; the Kubernetes manifests do)."
+        ),
     )
     finetune_auto_deploy: bool = Field(
         True,
-        description="Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION).",
+        description=(
+            "Deploy a published candidate at once; false stops at 'published' (deploy later with rollback VERSION)."
+        ),
     )
     finetune_metrics_port: int = Field(0, ge=0, description="Prometheus port of `finetune loop` (0: off).")
     finetune_metrics_host: str = Field(
@@ -60,11 +73,18 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     # RL: which trainer, which reward, how long
     finetune_trainer: Literal["reinforce", "dpo"] = "reinforce"
     """RL trainer: `reinforce` or `dpo` (online DPO on the buffer's pairs)."""
-    finetune_stage: Literal["R", "U", "RU"] = "U"
-    """Reward of the cycle: `R` (text adherence + quality), `U` (preference) or `RU` (preference, KL against the R policy)."""
+    finetune_stage: Literal["R", "U", "RU"] = Field(
+        "U",
+        description=(
+            "Reward of the cycle: `R` (text adherence + quality), `U` (preference) or `RU` (preference, KL against the "
+            "R policy)."
+        ),
+    )
     finetune_reference_version: str | None = Field(
         None,
-        description="Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU).",
+        description=(
+            "Generator version whose policy the KL is taken against; default: see docs (base for R/U, R policy for RU)."
+        ),
     )
     finetune_steps: int = Field(40, ge=1)
     """Most optimizer steps per cycle (the KL budget may stop it earlier)."""
@@ -72,7 +92,10 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_group_size: int = Field(
         4,
         ge=2,
-        description="Rollouts per prompt in a REINFORCE step; each one's baseline is the mean reward of the others (RLOO). Divides batch_size.",
+        description=(
+            "Rollouts per prompt in a REINFORCE step; each one's baseline is the mean reward of the others (RLOO). "
+            "Divides batch_size."
+        ),
     )
     finetune_alpha: float = Field(
         0.01, gt=0, lt=1, description="Initial KL coefficient; the KL controller adapts it every step."
@@ -93,7 +116,10 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_constraint_slack: float = Field(
         0.03,
         ge=0,
-        description="Stage U: text adherence and quality may fall this far below the starting policy's before their Lagrange multipliers rise.",
+        description=(
+            "Stage U: text adherence and quality may fall this far below the starting policy's before their Lagrange "
+            "multipliers rise."
+        ),
     )
     finetune_lagrange_lr: float = Field(
         0.5, ge=0, description="Step of the Lagrange multipliers, per standard deviation of violation."
@@ -139,26 +165,67 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     """Train the preference reward model in U and RU cycles."""
     finetune_rm_min_pairs: int = Field(40, ge=2)
     """Fewest training pairs to train a preference model; fewer keeps the current one."""
-    finetune_rm_fit: Literal["probe", "finetune"] = "probe"
-    """How the preference model is fitted: `probe` (the parent generator frozen as the trunk, L2-regularised Bradley-Terry heads on its pooled states, refitted on the replay every cycle, accepted on a cross-validated accuracy) or `finetune` (the paper's: trunk and heads trained by AdamW, warm-started, accepted on the held-out split); see docs/finetune.md."""
-    finetune_rm_l2: float = Field(250.0, gt=0)
-    """`probe`: L2 penalty on the heads' weights of standardised features, against the sum of the pairs' Bradley-Terry losses."""
+    finetune_rm_fit: Literal["probe", "finetune"] = Field(
+        "probe",
+        description=(
+            "How the preference model is fitted: `probe` (the parent generator frozen as the trunk, L2-regularised "
+            "Bradley-Terry heads on its pooled states, refitted on the replay every cycle, accepted on a "
+            "cross-validated accuracy) or `finetune` (the paper's: trunk and heads trained by AdamW, warm-started, "
+            "accepted on the held-out split); see docs/finetune.md."
+        ),
+    )
+    finetune_rm_l2: float = Field(
+        250.0,
+        gt=0,
+        description=(
+            "`probe`: L2 penalty on the heads' weights of standardised features, against the sum of the pairs' "
+            "Bradley-Terry losses."
+        ),
+    )
     finetune_rm_cv_folds: int = Field(5, ge=2)
     """`probe`: folds of the cross-validated accuracy that decides whether the model is used."""
-    finetune_rm_lr: float = Field(3e-4, gt=0)
-    """`finetune`: learning rate of the preference reward model (paper: 1e-4; 3e-4 generalised best on a few hundred pairs, see docs)."""
+    finetune_rm_lr: float = Field(
+        3e-4,
+        gt=0,
+        description=(
+            "`finetune`: learning rate of the preference reward model (paper: 1e-4; 3e-4 generalised best on a few "
+            "hundred pairs, see docs)."
+        ),
+    )
     finetune_rm_epochs: int = Field(4, ge=1)
     """`finetune`: epochs of preference reward model training."""
     finetune_rm_batch_size: int = Field(32, ge=1)
     """`finetune`: pairs per batch of preference reward model training (the paper's)."""
-    finetune_rm_optimizer: Literal["adafactor", "adamw"] = "adamw"
-    """`finetune`: optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` (the paper's)."""
-    finetune_rm_warm_start: bool = True
-    """`finetune`: continue training the current preference model when its architecture matches the parent generator's (false: start from the generator every cycle)."""
-    finetune_rm_max_pairs: int = Field(500, ge=4)
-    """Most training pairs per cycle: all of the current policy's (newest kept), a seeded sample of older ones fills the rest; held-out pairs at most a quarter of it."""
-    finetune_max_pairs_per_user: int = Field(20, ge=0)
-    """Most reward-model pairs one user (pseudonym) contributes to a cycle, in the train and in the held-out split each; the newest are kept (0: no cap). One listener flooding votes cannot outweigh the others."""
+    finetune_rm_optimizer: Literal["adafactor", "adamw"] = Field(
+        "adamw",
+        description=(
+            "`finetune`: optimizer of the preference reward model: `adamw` (measured best, see docs) or `adafactor` "
+            "(the paper's)."
+        ),
+    )
+    finetune_rm_warm_start: bool = Field(
+        True,
+        description=(
+            "`finetune`: continue training the current preference model when its architecture matches the parent "
+            "generator's (false: start from the generator every cycle)."
+        ),
+    )
+    finetune_rm_max_pairs: int = Field(
+        500,
+        ge=4,
+        description=(
+            "Most training pairs per cycle: all of the current policy's (newest kept), a seeded sample of older ones "
+            "fills the rest; held-out pairs at most a quarter of it."
+        ),
+    )
+    finetune_max_pairs_per_user: int = Field(
+        20,
+        ge=0,
+        description=(
+            "Most reward-model pairs one user (pseudonym) contributes to a cycle, in the train and in the held-out "
+            "split each; the newest are kept (0: no cap). One listener flooding votes cannot outweigh the others."
+        ),
+    )
     finetune_rm_heads: int = Field(4, ge=1)
     """Scalar heads of the preference model's ensemble, each fitted on its own bootstrap resample of the pairs."""
     finetune_rm_disagreement_penalty: float = Field(0.5, ge=0)
@@ -175,7 +242,10 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     finetune_trigger_min_preferences: int = Field(
         150,
         ge=1,
-        description="New preferences on the current policy that start a cycle (320 votes of the simulated listeners land about 200).",
+        description=(
+            "New preferences on the current policy that start a cycle (320 votes of the simulated listeners land about "
+            "200)."
+        ),
     )
     finetune_trigger_interval_s: float = Field(
         0.0, ge=0, description="Also start a cycle this long after the last one (0: data only)."
@@ -187,7 +257,12 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
     # Promotion: the offline gate, a canary judged by users' votes on mixed pairs, or both (docs/canary.md)
     finetune_promotion: Literal["gate", "canary", "both"] = Field(
         "gate",
-        description="What decides a deploy: `gate` (the offline evaluation gate, then a full hot swap), `canary` (the best finite snapshot is served as the challenger in a share of pairs and users' votes on those mixed pairs promote or roll it back; the gate's checks are recorded, not enforced) or `both` (gate, then canary). docs/canary.md.",
+        description=(
+            "What decides a deploy: `gate` (the offline evaluation gate, then a full hot swap), `canary` (the best "
+            "finite snapshot is served as the challenger in a share of pairs and users' votes on those mixed pairs "
+            "promote or roll it back; the gate's checks are recorded, not enforced) or `both` (gate, then canary). "
+            "docs/canary.md."
+        ),
     )
     finetune_canary_share: float = Field(
         0.5, gt=0, le=1, description="Canary: share of generation requests whose pair is current vs candidate."
@@ -196,21 +271,33 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
         0.05,
         gt=0,
         lt=0.5,
-        description="Canary: error rate of the sequential test. Promoting a candidate whose true win rate is at most 50 %, or rolling back one whose win rate is at least 50 %, happens with probability at most this (a time-uniform confidence sequence: valid however often the votes are looked at).",
+        description=(
+            "Canary: error rate of the sequential test. Promoting a candidate whose true win rate is at most 50 %, or "
+            "rolling back one whose win rate is at least 50 %, happens with probability at most this (a time-uniform "
+            "confidence sequence: valid however often the votes are looked at)."
+        ),
     )
     finetune_canary_max_votes: int = Field(
         400,
         ge=1,
-        description="Canary: most decided votes (wins + losses) on mixed pairs; at the cap the current policy stays and the canary is recorded `inconclusive`.",
+        description=(
+            "Canary: most decided votes (wins + losses) on mixed pairs; at the cap the current policy stays and the "
+            "canary is recorded `inconclusive`."
+        ),
     )
     finetune_canary_max_s: float = Field(
         7200.0,
         gt=0,
-        description="Canary: longest canary in seconds; at the cap, as for the vote cap: `inconclusive`, the current policy stays.",
+        description=(
+            "Canary: longest canary in seconds; at the cap, as for the vote cap: `inconclusive`, the current policy "
+            "stays."
+        ),
     )
     finetune_canary_model_name: str = Field(
         "generator_challenger",
-        description="Canary: Triton model the candidate is served as (the gateway reads it from the registry's canary record).",
+        description=(
+            "Canary: Triton model the candidate is served as (the gateway reads it from the registry's canary record)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -226,6 +313,7 @@ class FinetuneSettings(ObjectStoreConfig, TritonConfig):
             raise ValueError("finetune_constraint_slack must be below finetune_gate_max_other_drop (the gate's bound)")
         if self.finetune_trainer == "reinforce" and self.finetune_batch_size % self.finetune_group_size:
             raise ValueError(
-                f"finetune_batch_size ({self.finetune_batch_size}) must be a multiple of finetune_group_size ({self.finetune_group_size})"
+                f"finetune_batch_size ({self.finetune_batch_size}) must be a multiple of "
+                f"finetune_group_size ({self.finetune_group_size})"
             )
         return self

@@ -225,5 +225,9 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
         "batched_vs_unbatched_at_max_concurrency": levels[-1]["batched_vs_unbatched"],
     }
     config.output.parent.mkdir(parents=True, exist_ok=True)
-    config.output.write_text(json.dumps(results, indent=2) + "\n")
+    existing = json.loads(config.output.read_text()) if config.output.is_file() else {}
+    # The RL step's numbers (finetune_worker/bench_musicgen.py, under "rl_step") stay in the file.
+    config.output.write_text(
+        json.dumps({k: v for k, v in existing.items() if k == "rl_step"} | results, indent=2) + "\n"
+    )
     return results

@@ -69,7 +69,8 @@ def servable_generator(seed: int = 0) -> Generator:
 
 
 class HoldFractionReward(TokenFractionReward):
-    """TokenFractionReward under the name the finetune settings point at (python:finetune_helpers:HoldFractionReward)."""
+    """TokenFractionReward under the name the finetune settings point at
+    (python:finetune_helpers:HoldFractionReward)."""
 
 
 class ParityReward:
@@ -117,7 +118,14 @@ class CodebookReward:
 
 # --------------------------------------------------------------- MusicGen buffer rows (issue 15)
 
-PROMPTS = ["calm piano melody", "fast drums", "sad strings", "happy brass", "slow guitar", "loud drums with brass"]
+MUSICGEN_PROMPTS = [
+    "calm piano melody",
+    "fast drums",
+    "sad strings",
+    "happy brass",
+    "slow guitar",
+    "loud drums with brass",
+]
 FRAMES = 10  # 0.2 s at 50 frames/s: the MusicGen rows of musicgen_buffer_rows
 
 
@@ -129,7 +137,7 @@ def musicgen_likes(codes: torch.Tensor) -> torch.Tensor:
 def musicgen_buffer_rows(policy, n: int, version: str = "1") -> list[dict]:
     """Pairs the policy sampled (temperature 1.5 for variety), voted by listeners who like TARGET_TOKEN in codebook 0,
     as the feedback consumer writes them: flat codebook-major tokens and log-probs, ``codebooks_a/b`` = 4."""
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    prompts = [MUSICGEN_PROMPTS[i % len(MUSICGEN_PROMPTS)] for i in range(n)]
     cond = policy.condition(prompts)
     a, la = policy.sample(cond, FRAMES, 1.5, 0, seeds=list(range(n)))
     b, lb = policy.sample(cond, FRAMES, 1.5, 0, seeds=list(range(1000, 1000 + n)))

@@ -78,7 +78,7 @@ def pairs_from_buffer(table) -> list[DPOPair]:
             continue
         win, lose = ("a", "b") if row["choice"] == "a" else ("b", "a")
 
-        def clip(column: str, side: str, dtype) -> np.ndarray:
+        def clip(column: str, side: str, dtype, row: dict = row) -> np.ndarray:  # called within this iteration only
             values = np.asarray(row[f"{column}_{side}"], dtype=dtype)
             codebooks = int(row.get(f"codebooks_{side}") or 1)
             return values if codebooks == 1 else clip_codes(values, codebooks)

@@ -94,7 +94,8 @@ def _hz(pitch: np.ndarray) -> np.ndarray:
 
 
 def partial_features(track: PitchTrack) -> np.ndarray:
-    """Mean and spread of the partial levels (dB re the fundamental) at harmonic and bell-like ratios: pitch-free timbre."""
+    """Mean and spread of the partial levels (dB re the fundamental) at harmonic and bell-like ratios: pitch-free
+    timbre."""
     ratios = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 2.756, 5.404, 1.5, 2.5])
     if not track.sounding.any():
         return np.zeros(2 * (len(ratios) - 1) + 4)

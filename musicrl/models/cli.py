@@ -6,7 +6,14 @@ app = typer.Typer(no_args_is_help=True)
 # ---------------------------------------------------------------- generator and preference model
 
 
-@app.command("train-generator")
+# The help is given here, not as a docstring: a docstring wrapped at 120 columns would wrap the command list too.
+@app.command(
+    "train-generator",
+    help=(
+        "Pretrain the generator on the procedural corpus "
+        "(next-token cross-entropy, plus counterfactual captions if asked)."
+    ),
+)
 def train_generator_command(
     steps: int = typer.Option(500, help="Optimiser steps (batch of 16 clips of 30 s each)."),
     n_train: int = typer.Option(3000, help="Training corpus clips (each with 2 caption phrasings)."),
@@ -24,7 +31,10 @@ def train_generator_command(
     counterfactual_weight: float = typer.Option(1.0, help="Weight of the counterfactual loss."),
     attribute_head: str = typer.Option(
         "",
-        help="Comma-separated caption attributes for the attribute head (of key, mode, tempo, tonic, bpm; bpm adds the beat clock); empty: none.",
+        help=(
+            "Comma-separated caption attributes for the attribute head "
+            "(of key, mode, tempo, tonic, bpm; bpm adds the beat clock); empty: none."
+        ),
     ),
     attribute_weight: float = typer.Option(1.0, help="Weight of the attribute head's auxiliary loss."),
     min_learning_rate: float = typer.Option(1e-4, help="End of the cosine decay."),
@@ -37,7 +47,6 @@ def train_generator_command(
     threads: int = typer.Option(1, help="Torch intra-op threads."),
     resume: bool = typer.Option(True, help="Continue from the state in --work-dir when there is one."),
 ) -> None:
-    """Pretrain the generator on the procedural corpus (next-token cross-entropy, plus counterfactual captions if asked)."""
     import json
     import shlex
     import sys

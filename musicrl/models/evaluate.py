@@ -85,7 +85,8 @@ def _shuffled_accuracy(predicted: np.ndarray, requested: list[str], seed: int, r
 
 
 def _generated_scores(predicted: np.ndarray, requested: list[str], seed: int) -> dict:
-    """Accuracy of generated clips against what their prompts asked for, its interval, and the shuffled-prompt baseline."""
+    """Accuracy of generated clips against what their prompts asked for, its interval, and the shuffled-prompt
+    baseline."""
     return {
         "generated_accuracy": _accuracy(predicted, requested),
         "generated_accuracy_ci95": _interval(predicted, requested),
@@ -173,7 +174,8 @@ def attribute_recovery(model: Generator, text_encoder, config: GeneratorEvaluati
             "chance": _chance(requested[target], probe.classes(target)),
         }
     return {
-        "description": "accuracy of an audio-only attribute probe (logistic regression on timbre/rhythm/tonality features, "
+        "description": "accuracy of an audio-only attribute probe "
+        "(logistic regression on timbre/rhythm/tonality features, "
         "fitted on corpus renders) on clips generated from held-out single-instrument captions",
         "n_probe_train": len(probe_train),
         "n_probe_heldout": len(probe_test),
@@ -290,7 +292,8 @@ def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(
         f"Attributes recovered from generated audio ({recovery['n_prompts']} held-out prompts, 95 % intervals)\n"
-        f"generation RTF {rtf['rtf_generation_batch1']:.0f}x, decoding RTF {rtf['rtf_decoding']:.0f}x (1 thread, batch 1)"
+        f"generation RTF {rtf['rtf_generation_batch1']:.0f}x, decoding RTF {rtf['rtf_decoding']:.0f}x "
+        "(1 thread, batch 1)"
     )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     fig.tight_layout()

@@ -84,13 +84,15 @@ class GeneratorConfig:
         )  # JSON gives lists
         if len(self.attribute_names) != len(self.attribute_sizes) or any(n < 2 for n in self.attribute_sizes):
             raise ValueError(
-                f"attribute_names {self.attribute_names} and attribute_sizes {self.attribute_sizes} must pair up, 2+ values each"
+                f"attribute_names {self.attribute_names} and attribute_sizes {self.attribute_sizes} "
+                "must pair up, 2+ values each"
             )
         self.bpm_bins = tuple(float(b) for b in self.bpm_bins)
         sizes = dict(zip(self.attribute_names, self.attribute_sizes, strict=True))
         if self.bpm_bins and sizes.get("bpm") != len(self.bpm_bins):
             raise ValueError(
-                f"the beat clock needs a 'bpm' attribute with {len(self.bpm_bins)} classes (one per bpm_bins), got {sizes}"
+                f"the beat clock needs a 'bpm' attribute with {len(self.bpm_bins)} classes (one per bpm_bins), "
+                f"got {sizes}"
             )
 
 
@@ -204,7 +206,8 @@ class Generator(nn.Module):
         return list(self.attribute_logits(cond).split(self.config.attribute_sizes, dim=-1))
 
     def condition(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What is added to every position's input [B, d_model], and to every position's logits [B, V] (None without a head)."""
+        """What is added to every position's input [B, d_model], and to every position's logits [B, V] (None
+        without a head)."""
         emb = self.cond_proj(cond)
         if not self.config.attribute_sizes:
             return emb, None

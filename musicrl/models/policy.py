@@ -184,7 +184,8 @@ def load_policy(
 
 def as_policy(model: Generator | Policy, embed: Callable[[list[str]], np.ndarray] | None = None) -> Policy:
     """A policy for a model handed over either way: a ``Policy`` as it is, the default ``Generator`` wrapped
-    (with ``embed`` as its prompt encoder); the wrapper shares the generator's parameters, so training one trains both."""
+    (with ``embed`` as its prompt encoder); the wrapper shares the generator's parameters, so training one trains
+    both."""
     return model if isinstance(model, Policy) else GeneratorPolicy(model, embed)
 
 

@@ -118,7 +118,8 @@ class PreferenceRewardModel(nn.Module):
     def head_scores(
         self, cond: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Every head's score [B, n_heads]; ``lengths`` [B] marks right padding (the trunk is causal, so padding never leaks back)."""
+        """Every head's score [B, n_heads]; ``lengths`` [B] marks right padding (the trunk is causal, so padding
+        never leaks back)."""
         states = self.trunk.hidden(cond, tokens)
         if lengths is None:
             pooled = states.mean(dim=1)
@@ -283,7 +284,8 @@ def _pair_tensors(
 def pair_scores(
     model: PreferenceRewardModel, pairs: Sequence[PreferencePair], window_frames: int, per_head: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r(preferred), r(other)) for each pair, both clips scored in one batch (differentiable); ``per_head``: [B, n_heads] each."""
+    """(r(preferred), r(other)) for each pair, both clips scored in one batch (differentiable); ``per_head``:
+    [B, n_heads] each."""
     cond, preferred, other, _ = _pair_tensors(pairs)
     scores = score_clips(model, torch.cat([cond, cond]), preferred + other, window_frames, per_head=per_head)
     return scores[: len(pairs)], scores[len(pairs) :]

@@ -146,7 +146,8 @@ def _embed(config: GeneratorTrainingConfig, captions: list[str], name: str) -> n
 def load_split(
     config: GeneratorTrainingConfig, split: str, n: int, captions_per_clip: int, counterfactuals: bool = False
 ) -> CaptionedClips:
-    """Corpus clips of ``split`` with their caption embeddings (and those of their counterfactual captions), and labels."""
+    """Corpus clips of ``split`` with their caption embeddings (and those of their counterfactual captions), and
+    labels."""
     from musicrl.corpus import COUNTERFACTUAL_ATTRIBUTES, attribute_labels, counterfactual_captions, make_corpus  # noqa: PLC0415
 
     names = config.model.attribute_names
@@ -191,7 +192,8 @@ def learning_rate_at(step: int, config: GeneratorTrainingConfig) -> float:
 
 
 def fit_attribute_head(model: Generator, data: CaptionedClips) -> dict:
-    """Set the attribute head to logistic regressions fitted on the training captions; returns their training accuracy."""
+    """Set the attribute head to logistic regressions fitted on the training captions; returns their training
+    accuracy."""
     from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
 
     x = data.embeddings.flatten(0, 1)
@@ -310,7 +312,8 @@ def batches_at(data: CaptionedClips, step: int, config: GeneratorTrainingConfig)
 
 
 def counterfactual_scores(model: Generator, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-likelihood of each clip under its caption [B, 1 + A] (counterfactuals after the first column) and the logits."""
+    """Log-likelihood of each clip under its caption [B, 1 + A] (counterfactuals after the first column) and the
+    logits."""
     B, A, D = batch.counterfactual_cond.shape
     cond = torch.cat([batch.cond.unsqueeze(1), batch.counterfactual_cond], dim=1).reshape(B * (A + 1), D)
     tokens = batch.tokens.repeat_interleave(A + 1, dim=0)
@@ -535,7 +538,8 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
 
 
 def checkpoint_meta(parent: dict, metrics: dict, config: GeneratorTrainingConfig) -> dict:
-    """meta.json of a run's checkpoint: its metrics and settings, and the stages of its lineage (the parent's, then this one).
+    """meta.json of a run's checkpoint: its metrics and settings, and the stages of its lineage (the parent's,
+    then this one).
 
     A run from ``init_from`` gets the parent's version + 1, one from scratch version 1.
     """

@@ -403,8 +403,9 @@ def test_closed_loop_cycle_trains_gates_and_hot_swaps_under_load(world):
             shutil.copy(archive / "plots" / name, out / f"finetune_{name}")
 
     assert record["status"] == "deployed", record.get("reason")
-    # The reward model is fitted (above chance out of sample: cross-validated with the default probe fit), published, hot-loaded by the
-    # reward service, and beats each single reward on 1,500+ fresh held-out pairs (the paper's ablation).
+    # The reward model is fitted (above chance out of sample: cross-validated with the default probe fit), published,
+    # hot-loaded by the reward service, and beats each single reward on 1,500+ fresh held-out pairs
+    # (the paper's ablation).
     assert rm["n_heldout_decided"] >= 100 and rm["heldout_accuracy"] > 0.5
     fresh = results["reward_model_fresh_heldout"]
     assert fresh["preference_version"] == "2" and fresh["n_decided_pairs"] >= 1500

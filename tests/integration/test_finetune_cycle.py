@@ -202,7 +202,8 @@ def test_ru_without_an_r_policy_is_a_clear_error(env):
 
 
 def _write_buffer_pairs(object_store, bucket: str, n: int = 32, policy: str = "1") -> None:
-    """Pairs sampled by the policy, voted by a fake listener who likes even tokens, written as the consumer writes them."""
+    """Pairs sampled by the policy, voted by a fake listener who likes even tokens, written as the consumer writes
+    them."""
     import torch
 
     from musicrl.buffer import rows_to_parquet, segment_key

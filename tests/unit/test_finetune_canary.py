@@ -521,7 +521,7 @@ def test_the_cycle_stage_runs_the_canary_and_resumes_it_after_a_stop(tmp_path):
     from finetune_worker.canary import run_canary_stage
     from finetune_worker.cycle import RunState
 
-    store, clock = InMemoryStore(), Clock()
+    store = InMemoryStore()  # run_canary_stage builds its runner on the real clock: no Clock to inject
     registry = _registry_with_versions(tmp_path, store)
     deployer = FakeDeployer(registry)
     saved = []
@@ -551,8 +551,10 @@ def test_the_cycle_stage_runs_the_canary_and_resumes_it_after_a_stop(tmp_path):
         shutdown.reset()
     assert state.status == "canary" and state.canary["state"] == "running" and "event_ids" not in state.canary
     assert arm_of_canary(registry.canary("generator")) is not None  # the gateway keeps the experiment on meanwhile
+    started = {k: state.canary[k] for k in ("canary_id", "experiment", "started_epoch")}
     _put_segment(store, [_row(i, "a", "5", "4", state.canary["experiment"]) for i in range(60)])
     run_canary_stage(cycle, state)  # resumed: same canary, no second challenger deploy, decided on the votes
+    assert {k: state.canary[k] for k in started} == started  # same start time: the time cap counts from it
     assert state.status == "deployed" and state.canary["state"] == "promoted" and registry.current("generator") == "5"
     assert [c[0] for c in deployer.calls] == ["challenger", "deploy", "retire"]
     assert len(registry.canaries("generator")) == 1

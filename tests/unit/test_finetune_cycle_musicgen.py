@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from feedback_helpers import InMemoryStore
-from finetune_helpers import FRAMES, PROMPTS, one_thread  # noqa: F401 - fixture
+from finetune_helpers import FRAMES, one_thread  # noqa: F401 - fixture
+from finetune_helpers import MUSICGEN_PROMPTS as PROMPTS
 from finetune_helpers import musicgen_buffer_rows as _buffer_rows
 from pretrained_helpers import tiny_musicgen
 
@@ -168,7 +169,8 @@ def test_dpo_reads_multi_codebook_rows_and_trains_a_musicgen_policy(parent_dir, 
     )
     trainer = OnlineDPOTrainer(dpo_config(settings), policy, load_policy(parent_dir), pairs, None)
     history = trainer.train().history
-    # the stored log-probs are the sampling policy's own: the first step's margin is exactly the policy's (0 up to float)
+    # the stored log-probs are the sampling policy's own: the first step's margin is exactly the policy's
+    # (0 up to float)
     assert history[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-3)
     assert history[-1]["rewards/margin"] > 0 and history[-1]["kl"] > 0
 

@@ -219,7 +219,8 @@ def test_the_reward_models_pairs_stay_capped_as_the_buffer_grows():
 
 
 def test_no_user_contributes_more_than_the_per_user_cap_newest_kept():
-    """One listener floods the buffer (issue 16): at most max_pairs_per_user of their votes, the newest, in each split."""
+    """One listener floods the buffer (issue 16): at most max_pairs_per_user of their votes, the newest, in each
+    split."""
     rows = _buffer(1200, policies=3)
     for i, row in enumerate(rows):
         row["user_pseudonym"] = "f" * 64 if i % 2 == 0 else f"{i % 40:064x}"  # half the votes are one user's
