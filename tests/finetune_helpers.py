@@ -176,3 +176,28 @@ def musicgen_buffer_rows(policy, n: int, version: str = "1") -> list[dict]:
             }
         )
     return rows
+
+
+# A MusicGen cycle small enough for a test (tiny model, 4 steps of 0.2 s clips), rewards on its codes.
+MUSICGEN_CYCLE = {
+    "finetune_reward": "python:finetune_helpers:CodebookReward",
+    "finetune_stage": "U",
+    "finetune_steps": 4,
+    "finetune_batch_size": 8,
+    "finetune_group_size": 4,
+    "finetune_duration_s": FRAMES / 50,
+    "finetune_optimizer": "adamw",
+    "finetune_policy_lr": 3e-2,
+    "finetune_candidate_every": 2,
+    "finetune_checkpoint_every": 2,
+    "finetune_eval_prompts": 4,
+    "finetune_eval_samples_per_prompt": 2,
+    "finetune_corpus_captions": 8,
+    "finetune_kl_target": 20.0,
+    "finetune_kl_budget": 40.0,
+    "finetune_gate_max_kl": 100.0,
+    "finetune_gate_max_other_drop": 0.5,
+    "finetune_rm_min_pairs": 20,
+    "finetune_rm_l2": 1.0,
+    "finetune_rm_heads": 2,
+}

@@ -23,6 +23,8 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from buffer_helpers import vote_row
+
 from musicrl.buffer import rows_to_parquet, segment_key
 from musicrl.registry import MANIFEST, Registry
 from musicrl.storage import ObjectStore
@@ -42,38 +44,17 @@ def _rows(policy: str, times: list[datetime], partition: int, first_offset: int,
         # Mixed pairs: the new version (clip b) wins two of three.
         choice = ("b" if i % 3 else "a") if mixed else ("a", "b", "tie")[i % 3]
         rows.append(
-            {
-                "event_id": f"{policy}-{partition}-{first_offset + i}",
-                "generation_id": f"{policy}{partition}{first_offset + i:030d}",
-                "clip_a_id": "a" * 32,
-                "clip_b_id": "b" * 32,
-                "choice": choice,
-                "is_tie": choice == "tie",
-                "listen_a_s": 5.0,
-                "listen_b_s": 5.0,
-                "listen_a_frac": 1.0,
-                "listen_b_frac": 1.0,
-                "user_pseudonym": "ab" * 32,
-                "app_id": "web",
-                "client_ts": received,
-                "received_at": received,
-                "prompt": "calm piano",
-                "temperature": 0.99,
-                "policy_version": policy,
-                "mixed_policy": mixed,
-                "policy_version_a": version_a,
-                "policy_version_b": policy,
-                "seed_a": 1,
-                "seed_b": 2,
-                "duration_a_s": 5.0,
-                "duration_b_s": 5.0,
-                "tokens_a": [1, 2],
-                "tokens_b": [3, 4],
-                "logprobs_a": [-0.5, -0.5],
-                "logprobs_b": [-0.5, -0.5],
-                "kafka_partition": partition,
-                "kafka_offset": first_offset + i,
-            }
+            vote_row(
+                event_id=f"{policy}-{partition}-{first_offset + i}",
+                generation_id=f"{policy}{partition}{first_offset + i:030d}",
+                choice=choice,
+                received=received,
+                version_a=version_a,
+                version_b=policy,
+                offset=first_offset + i,
+                partition=partition,
+                policy_version=policy,
+            )
         )
     return rows
 

@@ -192,6 +192,15 @@ class OnlineDPOTrainer(OnlineTrainer):
                 entropies.append(-(all_logp.exp() * all_logp).sum(-1).sum().cpu())
                 positions += tokens.numel()
         ratios = torch.stack([logp[i] for i in range(2 * n)]) - ref_logp.to(self.device)
+        return self._update(ratios, n) | {
+            "kl": float(kls.mean()),
+            "entropy": float(torch.stack(entropies).sum() / positions),
+        }
+
+    def _update(self, ratios: torch.Tensor, n: int) -> dict[str, float]:
+        """The DPO loss on the log-ratios (pi_theta / pi_ref) of n chosen then n rejected clips, one optimizer
+        step on it, and its metrics as TRL names them."""
+        cfg = self.config
         chosen_rewards, rejected_rewards = cfg.beta * ratios[:n], cfg.beta * ratios[n:]
         loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -206,8 +215,6 @@ class OnlineDPOTrainer(OnlineTrainer):
             "rewards/rejected": float(rejected_rewards.detach().mean()),
             "rewards/margin": float(margin.mean()),
             "rewards/accuracy": float((margin > 0).float().mean()),
-            "kl": float(kls.mean()),
-            "entropy": float(torch.stack(entropies).sum() / positions),
             "grad_norm": float(grad_norm),
         }
 
@@ -237,31 +244,12 @@ class OnlineDPOTrainer(OnlineTrainer):
             ref_logp = (stored.to(self.device) * mask).sum(1)
         else:
             ref_logp = self._sequence_logprobs(ref_logits, tokens, mask, temperatures, top_ks)
-        ratios = policy_logp - ref_logp
-        chosen_rewards, rejected_rewards = cfg.beta * ratios[:n], cfg.beta * ratios[n:]
-        loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        mark_step(self.device)
-
-        with torch.no_grad():
+        metrics = self._update(policy_logp - ref_logp, n)
+        with torch.no_grad():  # the logits before the step, as before
             kl = (token_kl(logits, ref_logits) * mask).sum(1)
             logp_all = F.log_softmax(logits, dim=-1)
             entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum()
-            margin = (chosen_rewards - rejected_rewards).detach()
-        return {
-            "loss": float(loss.detach()),
-            "rewards/chosen": float(chosen_rewards.detach().mean()),
-            "rewards/rejected": float(rejected_rewards.detach().mean()),
-            "rewards/margin": float(margin.mean()),
-            "rewards/accuracy": float((margin > 0).float().mean()),
-            "kl": float(kl.mean()),
-            "entropy": float(entropy),
-            "grad_norm": float(grad_norm),
-        }
+        return metrics | {"kl": float(kl.mean()), "entropy": float(entropy)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"policy": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -15,7 +15,7 @@ import uuid
 import httpx
 import pytest
 import tritonclient.http as httpclient
-from finetune_helpers import FRAMES, musicgen_buffer_rows
+from finetune_helpers import FRAMES, MUSICGEN_CYCLE, musicgen_buffer_rows
 from pretrained_helpers import one_thread_per_module, tiny_musicgen  # noqa: F401 - the fixture is autouse here
 from servers import serve_in_thread
 
@@ -45,28 +45,9 @@ def musicgen_stack(stack, object_store, tmp_path):
         triton_model_name=f"mg_finetune_{suffix}",
         finetune_triton_repo=stack.triton_repo,
         finetune_work_dir=tmp_path / "work",
-        finetune_reward="python:finetune_helpers:CodebookReward",
-        finetune_stage="U",
-        finetune_steps=4,
-        finetune_batch_size=8,
-        finetune_group_size=4,
-        finetune_duration_s=FRAMES / 50,
-        finetune_optimizer="adamw",
-        finetune_policy_lr=3e-2,
-        finetune_candidate_every=2,
-        finetune_checkpoint_every=2,
-        finetune_eval_prompts=4,
-        finetune_eval_samples_per_prompt=2,
-        finetune_corpus_captions=8,
-        finetune_kl_target=20.0,
-        finetune_kl_budget=40.0,
-        finetune_gate_max_kl=100.0,
-        finetune_gate_max_other_drop=0.5,
-        finetune_rm_min_pairs=20,
-        finetune_rm_l2=1.0,
-        finetune_rm_heads=2,
         finetune_deploy_timeout_s=120.0,
         finetune_torch_threads=1,
+        **MUSICGEN_CYCLE,
     )
     base = tiny_musicgen(tmp_path / "base", guidance_scale=3.0)
     registry = Registry(object_store, bucket=models)

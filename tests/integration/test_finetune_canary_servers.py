@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import tritonclient.http as httpclient
+from buffer_helpers import vote_row
 from test_finetune_deploy import _publish, _served_version, deployer  # noqa: F401 - the fixture
 
 from finetune_worker.canary import CanaryRunner
@@ -32,39 +33,17 @@ def _votes(
         choice = "tie" if outcome == "tie" else ("a" if (outcome == "win") == first_is_candidate else "b")
         received = now + timedelta(milliseconds=i)
         rows.append(
-            {
-                "event_id": uuid.uuid4().hex,
-                "generation_id": uuid.uuid4().hex,
-                "clip_a_id": "a" * 32,
-                "clip_b_id": "b" * 32,
-                "choice": choice,
-                "is_tie": choice == "tie",
-                "listen_a_s": 5.0,
-                "listen_b_s": 5.0,
-                "listen_a_frac": 1.0,
-                "listen_b_frac": 1.0,
-                "user_pseudonym": "ab" * 32,
-                "app_id": "web",
-                "client_ts": received,
-                "received_at": received,
-                "prompt": "calm piano",
-                "experiment": experiment,
-                "temperature": 0.99,
-                "policy_version": candidate,
-                "mixed_policy": True,
-                "policy_version_a": version_a,
-                "policy_version_b": version_b,
-                "seed_a": 1,
-                "seed_b": 2,
-                "duration_a_s": 5.0,
-                "duration_b_s": 5.0,
-                "tokens_a": [1, 2],
-                "tokens_b": [3, 4],
-                "logprobs_a": [-0.5, -0.5],
-                "logprobs_b": [-0.5, -0.5],
-                "kafka_partition": 0,
-                "kafka_offset": offset + i,
-            }
+            vote_row(
+                event_id=uuid.uuid4().hex,
+                generation_id=uuid.uuid4().hex,
+                choice=choice,
+                received=received,
+                version_a=version_a,
+                version_b=version_b,
+                offset=offset + i,
+                experiment=experiment,
+                policy_version=candidate,
+            )
         )
     key = segment_key(candidate, 0, offset, offset + len(rows) - 1)
     buffer.store.put_bytes(buffer.bucket, key, rows_to_parquet(rows))

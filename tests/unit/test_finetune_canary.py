@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from buffer_helpers import vote_row
 from feedback_helpers import InMemoryStore
 from prometheus_client import REGISTRY
 
@@ -152,39 +153,16 @@ def _row(
     i: int, choice: str, version_a: str, version_b: str, experiment: str | None, event_id: str | None = None
 ) -> dict:
     received = T0 + timedelta(seconds=i)
-    return {
-        "event_id": event_id or f"e{i:04d}",
-        "generation_id": f"{i:032d}",
-        "clip_a_id": "a" * 32,
-        "clip_b_id": "b" * 32,
-        "choice": choice,
-        "is_tie": choice == "tie",
-        "listen_a_s": 5.0,
-        "listen_b_s": 5.0,
-        "listen_a_frac": 1.0,
-        "listen_b_frac": 1.0,
-        "user_pseudonym": "ab" * 32,
-        "app_id": "web",
-        "client_ts": received,
-        "received_at": received,
-        "prompt": "calm piano",
-        "experiment": experiment,
-        "temperature": 0.99,
-        "policy_version": max(version_a, version_b, key=int),
-        "mixed_policy": version_a != version_b,
-        "policy_version_a": version_a,
-        "policy_version_b": version_b,
-        "seed_a": 1,
-        "seed_b": 2,
-        "duration_a_s": 5.0,
-        "duration_b_s": 5.0,
-        "tokens_a": [1, 2],
-        "tokens_b": [3, 4],
-        "logprobs_a": [-0.5, -0.5],
-        "logprobs_b": [-0.5, -0.5],
-        "kafka_partition": 0,
-        "kafka_offset": i,
-    }
+    return vote_row(
+        event_id=event_id or f"e{i:04d}",
+        generation_id=f"{i:032d}",
+        choice=choice,
+        received=received,
+        version_a=version_a,
+        version_b=version_b,
+        offset=i,
+        experiment=experiment,
+    )
 
 
 def _put_segment(store: InMemoryStore, rows: list[dict], partition: int = 0) -> None:

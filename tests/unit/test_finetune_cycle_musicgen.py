@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from feedback_helpers import InMemoryStore
-from finetune_helpers import FRAMES, one_thread  # noqa: F401 - fixture
+from finetune_helpers import FRAMES, MUSICGEN_CYCLE, one_thread  # noqa: F401 - fixture
 from finetune_helpers import MUSICGEN_PROMPTS as PROMPTS
 from finetune_helpers import musicgen_buffer_rows as _buffer_rows
 from pretrained_helpers import tiny_musicgen
@@ -35,30 +35,7 @@ def parent_dir(tmp_path_factory):
 
 @pytest.fixture
 def cycle(tmp_path, parent_dir) -> FinetuneCycle:
-    settings = FinetuneSettings(
-        finetune_work_dir=tmp_path / "work",
-        finetune_reward="python:finetune_helpers:CodebookReward",
-        finetune_stage="U",
-        finetune_steps=4,
-        finetune_batch_size=8,
-        finetune_group_size=4,
-        finetune_duration_s=FRAMES / 50,
-        finetune_optimizer="adamw",
-        finetune_policy_lr=3e-2,
-        finetune_candidate_every=2,
-        finetune_checkpoint_every=2,
-        finetune_eval_prompts=4,
-        finetune_eval_samples_per_prompt=2,
-        finetune_corpus_captions=8,
-        finetune_kl_target=20.0,
-        finetune_kl_budget=40.0,
-        finetune_gate_max_kl=100.0,
-        finetune_gate_max_other_drop=0.5,
-        finetune_rm_min_pairs=20,
-        finetune_rm_l2=1.0,
-        finetune_rm_heads=2,
-        finetune_auto_deploy=False,
-    )
+    settings = FinetuneSettings(finetune_work_dir=tmp_path / "work", finetune_auto_deploy=False, **MUSICGEN_CYCLE)
     store = InMemoryStore()
     registry = Registry(store, bucket=settings.bucket_models)
     registry.set_current(GENERATOR, registry.publish(GENERATOR, parent_dir))
