@@ -34,7 +34,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
-from musicrl.buffer import PreferenceBuffer
+from musicrl.buffer import PreferenceBuffer, rows_to_parquet
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
 from musicrl.models.policy import GeneratorPolicy, Policy, load_policy, policy_kind
@@ -350,20 +349,19 @@ class FinetuneCycle:
         return [r.caption for r in make_corpus(n, seed=self.settings.finetune_seed, split=split, duration_s=1.0)]
 
     def write_dpo_pairs(self, rows: list[dict], parent: str) -> Path:
+        """The buffer rows DPO trains on (sampled by ``parent`` alone, decided), as Parquet with the buffer's own
+        schema (``musicrl.buffer.rows_to_parquet``): the job reads them with ``pairs_from_buffer``, nothing pickled."""
         import pyarrow as pa  # noqa: PLC0415
 
         from finetune_worker.trainers.dpo import pairs_from_buffer  # noqa: PLC0415
 
         on_policy = [r for r in rows if r["policy_version"] == parent and not r.get("mixed_policy")]
-        pairs = pairs_from_buffer(pa.Table.from_pylist(on_policy)) if on_policy else []
-        if not pairs:
+        if not on_policy or not pairs_from_buffer(pa.Table.from_pylist(on_policy)):
             raise RuntimeError(
                 f"DPO needs non-tie preference pairs sampled by the current policy {parent}; the buffer has none"
             )
-        path = self.run_dir / "dpo_pairs.pt"
-        torch.save(
-            [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(p).items()} for p in pairs], path
-        )
+        path = self.run_dir / "dpo_rows.parquet"
+        path.write_bytes(rows_to_parquet(on_policy))
         return path
 
     def update_reward_model(self, rows: list[dict], state: RunState) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
@@ -26,8 +25,9 @@ from finetune_worker import shutdown
 from finetune_worker.prompts import PromptMixer
 from finetune_worker.rewards import for_policy, load_object, make_reward_fn
 from finetune_worker.trainers.base import DistributedContext
-from finetune_worker.trainers.dpo import DPOConfig, DPOPair, OnlineDPOTrainer
+from finetune_worker.trainers.dpo import DPOConfig, OnlineDPOTrainer, pairs_from_buffer
 from finetune_worker.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+from musicrl.buffer import parquet_to_table
 from musicrl.logging import get_logger
 from musicrl.models.policy import GeneratorPolicy, load_policy, save_policy_atomic
 
@@ -49,7 +49,7 @@ class TrainJob(BaseModel):
     user_prompts: list[str] = Field(default_factory=list)
     captions: list[str] = Field(default_factory=list)
     user_fraction: float = 0.5
-    pairs_file: Path | None = None  # DPO: torch.save'd list of DPOPair fields
+    pairs_file: Path | None = None  # DPO: the buffer rows it trains on, Parquet (FinetuneCycle.write_dpo_pairs)
     reward: str = "http://127.0.0.1:8090"  # reward service URL, or "python:module:attr" (a RewardFunction factory)
     text_encoder: str = (
         "minilm"  # musicrl.text name, or "python:module:attr" (the default generator's; MusicGen runs its T5)
@@ -134,8 +134,7 @@ def run_job(job: TrainJob, dist_ctx: DistributedContext | None = None) -> list[d
         )
     else:
         config = DPOConfig(**job.config)
-        rows = torch.load(job.pairs_file, weights_only=False)
-        pairs = [DPOPair(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in row.items()}) for row in rows]
+        pairs = pairs_from_buffer(parquet_to_table(Path(job.pairs_file).read_bytes()))
         reference = load_trainable(job.policy_dir)  # the served policy that sampled the pairs
         trainer = OnlineDPOTrainer(
             config, policy, reference, pairs, embed, job.checkpoint_dir, dist_ctx, job.candidates_dir
