@@ -64,6 +64,7 @@ from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
 from musicrl.buffer import PreferenceBuffer, rows_to_parquet
+from musicrl.checkpoint import write_atomic
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
 from musicrl.models.policy import GeneratorPolicy, Policy, load_policy, policy_kind
@@ -155,9 +156,7 @@ class FinetuneCycle:
         return RunState.model_validate_json(self.state_path.read_text())
 
     def save_state(self, state: RunState) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(state.model_dump_json(indent=2))
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, state.model_dump_json(indent=2))
 
     @property
     def embed(self):

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from musicrl.audio import codec
+from musicrl.checkpoint import write_json_atomic
 from musicrl.logging import get_logger
 from musicrl.models.policy import GeneratorPolicy, load_policy
 from musicrl.registry import IntegrityError, Registry, RegistryError, verify_dir
@@ -187,10 +188,7 @@ class Deployer:
             return None
 
     def _write_journal(self, journal: dict[str, Any]) -> None:
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.journal_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(journal, indent=2))
-        os.replace(tmp, self.journal_path)
+        write_json_atomic(self.journal_path, journal)
 
     def _clear_journal(self) -> None:
         self.journal_path.unlink(missing_ok=True)

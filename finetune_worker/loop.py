@@ -24,7 +24,6 @@ and ``loop`` returns, so ``finetune loop`` exits 0.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from prometheus_client import Counter, Gauge
 from finetune_worker import shutdown
 from finetune_worker.cycle import TERMINAL, FinetuneCycle
 from finetune_worker.lease import Lease, LeaseLost
+from musicrl.checkpoint import write_json_atomic
 from musicrl.logging import get_logger
 
 log = get_logger(__name__)
@@ -57,10 +57,7 @@ class Trigger:
         state = self._load()
         state["used"][policy_version] = n_preferences
         state["last_cycle_at"] = time.time()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, state, indent=None)
 
     def due(self) -> tuple[bool, str, int]:
         """(start a cycle?, why, preferences on the current policy)."""

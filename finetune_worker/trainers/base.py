@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from musicrl.checkpoint import load_torch, save_torch_atomic
 from musicrl.logging import get_logger
 
 log = get_logger(__name__)
@@ -140,21 +141,14 @@ def rollout_seed(base_seed: int, step: int, rank: int, index: int) -> int:
 
 def save_state_atomic(state: dict[str, Any], directory: Path) -> Path:
     """Write ``trainer_state.pt`` via a temporary file and ``os.replace``: a kill mid-write leaves the old one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CHECKPOINT_FILE
-    tmp = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    return target
+    return save_torch_atomic(state, directory / CHECKPOINT_FILE)
 
 
 def load_state(directory: Path) -> dict[str, Any] | None:
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch(path)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -6,7 +6,6 @@ Writes (merging, other keys untouched) the keys "codec", "text_adherence" and
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -18,20 +17,9 @@ from musicrl.audio import codec
 from musicrl.audio.degrade import DEGRADATIONS, render_degraded
 from musicrl.audio.features import log_mel
 from musicrl.audio.formats import decode_audio, encode_audio
+from musicrl.checkpoint import merge_json
 from musicrl.corpus import make_corpus
 from musicrl.models.train_audio import retrieval_metrics
-
-
-def merge_results(path: Path, updates: dict) -> dict:
-    """Merge top-level keys into a JSON results file written by several components."""
-    path = Path(path)
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current.update(updates)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return current
 
 
 def evaluate_codec(n: int, seed: int) -> dict:
@@ -216,5 +204,5 @@ def evaluate(
         "text_adherence": evaluate_text_adherence(n_retrieval, seed, Path(checkpoints), results_dir),
         "quality": evaluate_quality(n_quality, seed, Path(checkpoints), results_dir),
     }
-    merge_results(Path(results), updates)
+    merge_json(Path(results), updates)
     return updates

@@ -18,10 +18,7 @@ at batch 1 (> 1 is faster than real time), for sampling and for decoding.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from musicrl.audio import codec
+from musicrl.checkpoint import merge_json
 from musicrl.models.attribute_probe import TARGETS, AttributeProbe, labels_of, probe_features, stack_features
 from musicrl.models.generator import Generator, load_generator
 
@@ -223,29 +221,6 @@ def real_time_factors(model: Generator, text_encoder, config: GeneratorEvaluatio
     }
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def merge_results(path: Path, updates: dict) -> dict:
-    """Read-modify-write ``path`` under an exclusive lock; keys not in ``updates`` are kept."""
-    path = Path(path)
-    with _locked(path):
-        current = json.loads(path.read_text()) if path.is_file() and path.stat().st_size else {}
-        current.update(updates)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    return current
-
-
 def plot_recovery(recovery: dict, rtf: dict, path: Path) -> None:
     import matplotlib  # noqa: PLC0415
 
@@ -321,6 +296,6 @@ def evaluate_generator(config: GeneratorEvaluationConfig) -> dict:
         "training": meta.get("metrics", {}),
         "real_time_factor": rtf,
     }
-    merge_results(config.results, {"generator": generator, "attribute_recovery": recovery})
+    merge_json(config.results, {"generator": generator, "attribute_recovery": recovery})
     plot_recovery(recovery, rtf, config.plot)
     return {"generator": generator, "attribute_recovery": recovery}

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from musicrl.audio import codec
 from musicrl.audio.degrade import DEGRADATIONS, DEGRADATIONS_VERSION, mos_of, render_degraded
 from musicrl.audio.features import log_mel
+from musicrl.checkpoint import load_torch, save_torch_atomic
 from musicrl.corpus import make_corpus
 from musicrl.models.audio_encoder import AudioEncoderConfig, AudioTextEncoder
 from musicrl.models.audio_export import write_checkpoint
@@ -190,14 +191,12 @@ class _ResumableTrainer:
             "history": self.history,
             "config": asdict(self.config),
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.state_path)
+        save_torch_atomic(state, self.state_path)
 
     def _resume(self) -> None:
         if not self.state_path.is_file():
             return
-        state = torch.load(self.state_path, weights_only=False)
+        state = load_torch(self.state_path)
         if state["config"] != asdict(self.config):
             raise ValueError(f"{self.state_path} was written with another configuration; delete it to start over")
         self.model.load_state_dict(state["model"])

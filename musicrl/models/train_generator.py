@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from musicrl.audio import codec
+from musicrl.checkpoint import load_torch, save_torch_atomic
 from musicrl.models.generator import Generator, GeneratorConfig, load_generator, save_generator
 
 STATE_FILE = "train_state.pt"
@@ -460,7 +461,7 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
     start_step, fingerprint, head_fit = 0, config.fingerprint(), {}
     state_path = work_dir / STATE_FILE
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_torch(state_path)
         if state["fingerprint"] != fingerprint:
             raise ValueError(f"{state_path} belongs to a run with other settings; pass --no-resume or another work dir")
         model.load_state_dict(state["model"])
@@ -470,8 +471,7 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
         head_fit = fit_attribute_head(model, train)
 
     def checkpoint(step: int) -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(
+        save_torch_atomic(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -479,9 +479,8 @@ def train_generator(config: GeneratorTrainingConfig, resume: bool = True) -> dic
                 "fingerprint": fingerprint,
                 "head_fit": head_fit,
             },
-            tmp,
-        )
-        tmp.replace(state_path)  # atomic: a crash mid-write never leaves a broken state
+            state_path,
+        )  # atomic: a crash mid-write never leaves a broken state
 
     log = (work_dir / LOG_FILE).open("a")
     model.train()

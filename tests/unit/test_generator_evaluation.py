@@ -7,21 +7,10 @@ import pytest
 import torch
 
 from musicrl.models.attribute_probe import TARGETS, probe_features
-from musicrl.models.evaluate import GeneratorEvaluationConfig, evaluate_generator, merge_results
+from musicrl.models.evaluate import GeneratorEvaluationConfig, evaluate_generator
 from musicrl.models.generator import Generator, GeneratorConfig, save_generator
 
 pytestmark = pytest.mark.unit
-
-
-def test_merge_results_keeps_other_components_keys(tmp_path):
-    path = tmp_path / "models.json"
-    path.write_text(json.dumps({"quality": {"spearman": 0.9}, "generator": {"old": True}}))
-    merge_results(path, {"generator": {"parameters": 3}, "attribute_recovery": {}})
-    assert json.loads(path.read_text()) == {
-        "quality": {"spearman": 0.9},
-        "generator": {"parameters": 3},
-        "attribute_recovery": {},
-    }
 
 
 def test_probe_features_of_silence_are_finite():
