@@ -321,7 +321,7 @@ class FeedbackConsumer:
         s, p = self.settings, state.partition
         outcome = self._retry(
             "generation_lookup",
-            lambda: process_chunk(chunk, state.seen_event_ids, self.lookup, s.consumer_min_listen_fraction),
+            lambda: process_chunk(chunk, state.seen_event_ids, self.lookup, s.min_listen_fraction),
         )
         groups = outcome.rows_by_policy()
         keys = {policy: segment_key(policy, p, first, last) for policy in groups}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from musicrl.buffer import is_valid_policy_version, newest_policy
+from musicrl.buffer import is_valid_policy_version, newest_policy, usable_pair
 from musicrl.schemas.generation import GenerationRecord
 from musicrl.schemas.preference import SCHEMA_ID, PreferenceEvent
 
@@ -216,8 +216,7 @@ def process_chunk(
 
 
 def _filter_reason(row: dict, min_listen_fraction: float) -> str | None:
-    if row["choice"] == "none":
-        return "no_choice"
-    if min(row["listen_a_frac"], row["listen_b_frac"]) < min_listen_fraction:
-        return "not_listened"
-    return None
+    """Why a joined vote is not written (``musicrl.buffer.usable_pair``, the rule the trainers read with)."""
+    if usable_pair(row, min_listen_fraction):
+        return None
+    return "no_choice" if row["choice"] == "none" else "not_listened"

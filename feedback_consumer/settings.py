@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from musicrl.config import KafkaConfig, ObjectStoreConfig
+from musicrl.config import KafkaConfig, ObjectStoreConfig, PreferenceRulesConfig
 
 
-class ConsumerSettings(ObjectStoreConfig, KafkaConfig):
+class ConsumerSettings(ObjectStoreConfig, KafkaConfig, PreferenceRulesConfig):
     consumer_group_id: str = "musicrl-feedback-consumer"
     """Kafka consumer group."""
     consumer_client_id: str = "musicrl-feedback-consumer"
@@ -38,10 +38,6 @@ class ConsumerSettings(ObjectStoreConfig, KafkaConfig):
     """A chunk (and its buffer segments) is cut at this many pending messages of a partition."""
     consumer_segment_max_age_s: float = Field(10.0, gt=0)
     """... or when its oldest pending message is this old, in seconds."""
-
-    # Filters: the paper kept only users who listened to both clips.
-    consumer_min_listen_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    """Fraction of each clip's duration the user must have listened to; otherwise the event is filtered out."""
 
     # Event ids of the last this-many offsets of a partition are kept for de-duplication.
     consumer_dedup_window_offsets: int = Field(50_000_000, ge=1)

@@ -63,7 +63,7 @@ from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
-from musicrl.buffer import PreferenceBuffer, rows_to_parquet
+from musicrl.buffer import PreferenceBuffer, rows_to_parquet, usable_pair
 from musicrl.checkpoint import write_atomic
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
@@ -348,13 +348,20 @@ class FinetuneCycle:
         return [r.caption for r in make_corpus(n, seed=self.settings.finetune_seed, split=split, duration_s=1.0)]
 
     def write_dpo_pairs(self, rows: list[dict], parent: str) -> Path:
-        """The buffer rows DPO trains on (sampled by ``parent`` alone, decided), as Parquet with the buffer's own
-        schema (``musicrl.buffer.rows_to_parquet``): the job reads them with ``pairs_from_buffer``, nothing pickled."""
+        """The buffer rows DPO trains on (sampled by ``parent`` alone, decided by a user who heard both clips), as
+        Parquet with the buffer's own schema (``musicrl.buffer.rows_to_parquet``): the job reads them with
+        ``pairs_from_buffer``, nothing pickled."""
         import pyarrow as pa  # noqa: PLC0415
 
         from finetune_worker.trainers.dpo import pairs_from_buffer  # noqa: PLC0415
 
-        on_policy = [r for r in rows if r["policy_version"] == parent and not r.get("mixed_policy")]
+        on_policy = [
+            r
+            for r in rows
+            if r["policy_version"] == parent
+            and not r.get("mixed_policy")
+            and usable_pair(r, self.settings.min_listen_fraction, ties=False)
+        ]
         if not on_policy or not pairs_from_buffer(pa.Table.from_pylist(on_policy)):
             raise RuntimeError(
                 f"DPO needs non-tie preference pairs sampled by the current policy {parent}; the buffer has none"
@@ -383,10 +390,14 @@ class FinetuneCycle:
             heldout_fraction=s.finetune_heldout_fraction,
             seed=s.finetune_seed,
             max_pairs_per_user=s.finetune_max_pairs_per_user or None,
+            min_listen_fraction=s.min_listen_fraction,
         )
         embed = self.embed if default_kind else None  # MusicGen's trunk conditions on the prompt with its own T5
-        train = pairs_from_rows(selected.train, embed, num_codebooks=policy.num_codebooks)
-        heldout = pairs_from_rows(selected.heldout, embed, num_codebooks=policy.num_codebooks)
+        rule = {"num_codebooks": policy.num_codebooks, "min_listen_fraction": s.min_listen_fraction}
+        train, heldout = (
+            pairs_from_rows(selected.train, embed, **rule),
+            pairs_from_rows(selected.heldout, embed, **rule),
+        )
         if len(train.pairs) < s.finetune_rm_min_pairs:
             log.info("reward_model.skipped", pairs=len(train.pairs), needed=s.finetune_rm_min_pairs)
             return {"skipped": f"{len(train.pairs)} training pairs < {s.finetune_rm_min_pairs}", **selected.stats}

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune_worker.trainers.base import RewardFunction
-from musicrl.buffer import clip_codes, split_of
+from musicrl.buffer import DEFAULT_MIN_LISTEN_FRACTION, clip_codes, split_of, usable_pair
 from musicrl.logging import get_logger
 from musicrl.models.generator import Generator
 from musicrl.models.preference import (
@@ -48,16 +48,6 @@ class BufferPairs:
     pairs: list[PreferencePair]
     prompts: list[str]
     generation_ids: list[str]
-
-
-def listened_to_both(row: dict, min_listen_frac: float) -> bool:
-    fractions = (row.get("listen_a_frac"), row.get("listen_b_frac"))
-    return all(f is not None and f >= min_listen_frac for f in fractions)
-
-
-def usable_row(row: dict, min_listen_frac: float = 0.5) -> bool:
-    """A row that makes a Bradley-Terry pair: a choice (or a tie) by a listener who heard both clips."""
-    return row.get("choice") in ("a", "b", "tie") and listened_to_both(row, min_listen_frac)
 
 
 @dataclass
@@ -105,12 +95,12 @@ def select_pair_rows(
     max_pairs: int,
     heldout_fraction: float,
     seed: int = 0,
-    min_listen_frac: float = 0.5,
+    min_listen_fraction: float = DEFAULT_MIN_LISTEN_FRACTION,
     max_pairs_per_user: int | None = None,
 ) -> PairRows:
     """The reward model's rows for one cycle, bounded whatever the size of the buffer window.
 
-    Only usable rows (:func:`usable_row`) count, split by generation id (``split_of``) as always.
+    Only usable rows (``musicrl.buffer.usable_pair``) count, split by generation id (``split_of``) as always.
     Per user: with ``max_pairs_per_user``, each ``user_pseudonym`` keeps at most that many rows in the
     train split and as many in the held-out split, its newest (``finetune_max_pairs_per_user``): one
     listener who floods votes weighs no more than that in the model or its held-out check. The dropped
@@ -125,7 +115,7 @@ def select_pair_rows(
     """
     train_items, heldout_items = [], []
     for index, row in enumerate(rows):
-        if not usable_row(row, min_listen_frac):
+        if not usable_pair(row, min_listen_fraction):
             continue
         split = heldout_items if split_of(row["generation_id"], heldout_fraction) == "eval" else train_items
         split.append((_recency(row, index), row))
@@ -212,7 +202,7 @@ def rows_of_codebooks(rows: Sequence[dict], num_codebooks: int) -> list[dict]:
 def pairs_from_rows(
     rows: list[dict],
     embed: Callable[[list[str]], np.ndarray] | None,
-    min_listen_frac: float = 0.5,
+    min_listen_fraction: float = DEFAULT_MIN_LISTEN_FRACTION,
     num_codebooks: int = 1,
 ) -> BufferPairs:
     """Bradley-Terry pairs (preferred first; ties kept as ties) from buffer rows.
@@ -222,7 +212,9 @@ def pairs_from_rows(
     rows whose clips have another number of codebooks (another kind of policy) are left out. ``embed``: the
     prompts' embeddings of the default model; None for MusicGen (its trunk conditions on the prompt itself).
     """
-    kept = [r for r in rows if usable_row(r, min_listen_frac) and row_codebooks(r) == (num_codebooks, num_codebooks)]
+    kept = [
+        r for r in rows if usable_pair(r, min_listen_fraction) and row_codebooks(r) == (num_codebooks, num_codebooks)
+    ]
     if not kept:
         return BufferPairs([], [], [])
     prompts = sorted({r["prompt"] for r in kept})

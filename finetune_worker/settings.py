@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from musicrl.config import ObjectStoreConfig, TritonConfig
+from musicrl.config import ObjectStoreConfig, PreferenceRulesConfig, TritonConfig
 
 
-class FinetuneSettings(ObjectStoreConfig, TritonConfig):
+class FinetuneSettings(ObjectStoreConfig, TritonConfig, PreferenceRulesConfig):
     reward_url: str = "http://127.0.0.1:8090"
     """Base URL of the reward service that scores rollouts."""
     finetune_reward_admin_token: SecretStr | None = Field(

@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from musicrl.config import PreferenceRulesConfig
 from musicrl.storage import ObjectStore
 
 SEGMENT_PREFIX = "preferences/"
@@ -113,6 +114,25 @@ class SegmentRef:
     @property
     def key(self) -> str:
         return segment_key(self.policy_version, self.partition, self.first_offset, self.last_offset)
+
+
+# The default of the one setting (MUSICRL_MIN_LISTEN_FRACTION); services pass their settings' value.
+DEFAULT_MIN_LISTEN_FRACTION = PreferenceRulesConfig.model_fields["min_listen_fraction"].default
+
+
+def listened_to_both(row: dict, min_listen_fraction: float) -> bool:
+    """Did the user hear at least ``min_listen_fraction`` of each clip (``listen_a_frac`` / ``listen_b_frac``)?"""
+    fractions = (row.get("listen_a_frac"), row.get("listen_b_frac"))
+    return all(f is not None and f >= min_listen_fraction for f in fractions)
+
+
+def usable_pair(row: dict, min_listen_fraction: float, *, ties: bool = True) -> bool:
+    """The one rule for which votes count (``MUSICRL_MIN_LISTEN_FRACTION``, ``musicrl.config.PreferenceRulesConfig``):
+    a choice of a clip (or a tie, when ``ties``) by a user who heard both clips. The consumer writes only such
+    rows to the buffer; the reward model (ties kept) and DPO (ties dropped) read with it too."""
+    return row.get("choice") in (("a", "b", "tie") if ties else ("a", "b")) and listened_to_both(
+        row, min_listen_fraction
+    )
 
 
 _POLICY_VERSION_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

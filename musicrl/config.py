@@ -130,6 +130,15 @@ class TritonConfig(BaseServiceSettings):
     """Name of the generator model in Triton."""
 
 
+class PreferenceRulesConfig(BaseServiceSettings):
+    """Which votes count, for every service that reads them: the consumer writes only such votes to the buffer,
+    and the finetune worker's readers (reward model, DPO) apply the same rule (``musicrl.buffer.usable_pair``)."""
+
+    min_listen_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """Fraction of each clip's duration the user must have listened to for the vote to count (the paper kept only
+    users who listened to both clips)."""
+
+
 def refuse_development_secrets(settings: BaseServiceSettings, service: str) -> list[str]:
     """Raise ``InsecureSettings`` when ``settings.env`` is production and a secret is a development default.
 

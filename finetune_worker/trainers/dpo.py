@@ -68,7 +68,8 @@ class DPOPair:
 
 
 def pairs_from_buffer(table) -> list[DPOPair]:
-    """DPO pairs from buffer rows (a pyarrow table with the ``musicrl.buffer.ROW_SCHEMA`` columns); ties dropped.
+    """DPO pairs from buffer rows (a pyarrow table with the ``musicrl.buffer.ROW_SCHEMA`` columns, already chosen by
+    ``musicrl.buffer.usable_pair``: ``FinetuneCycle.write_dpo_pairs``); ties dropped.
 
     Tokens and log-probs are ``[T]`` for one codebook (as always) and ``[K, T]`` for a clip of K > 1 codebooks
     (the flat, codebook-major columns reshaped with ``codebooks_a/b``, ``musicrl.buffer.clip_codes``)."""

@@ -190,8 +190,9 @@ def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
     import torch
 
     from finetune_worker.reward_client import HttpRewardFunction
-    from finetune_worker.reward_model import BufferPairs, listened_to_both, single_reward_accuracy
+    from finetune_worker.reward_model import BufferPairs, single_reward_accuracy
     from musicrl.audio import codec
+    from musicrl.buffer import listened_to_both
     from musicrl.models.preference import PreferencePair
     from musicrl.text import load_text_encoder
 
@@ -210,7 +211,7 @@ def _fresh_heldout_accuracies(reward_url: str, n_pairs: int = 2000) -> dict:
     for i in range(n_pairs):
         vote = population.sample(rng).judge(codec.decode(a[i]), codec.decode(b[i]), rng)
         heard = {"listen_a_frac": vote.listen_a_s / CLIP_S, "listen_b_frac": vote.listen_b_s / CLIP_S}
-        if vote.choice in ("a", "b") and listened_to_both(heard, min_listen_frac=0.5):
+        if vote.choice in ("a", "b") and listened_to_both(heard, min_listen_fraction=0.5):
             preferred, other = (a[i], b[i]) if vote.choice == "a" else (b[i], a[i])
             pairs.append(PreferencePair(cond=cond[i], preferred=preferred, other=other))
             pair_prompts.append(chosen[i])

@@ -56,7 +56,7 @@ def test_pairs_keep_listened_votes_put_the_preferred_first_and_keep_ties():
     rows = _rows(6, 0)
     rows[0]["listen_b_frac"] = 0.1  # did not listen to both: the paper drops these
     rows[1]["choice"] = "none"
-    pairs = pairs_from_rows(rows, embed, min_listen_frac=0.5)
+    pairs = pairs_from_rows(rows, embed, min_listen_fraction=0.5)
     assert len(pairs.pairs) == 4 and pairs.generation_ids == [r["generation_id"] for r in rows[2:]]
     for pair, row in zip(pairs.pairs, rows[2:]):
         winner = row["tokens_b"] if row["choice"] == "b" else row["tokens_a"]
