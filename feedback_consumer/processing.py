@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from musicrl.buffer import is_valid_policy_version, newest_policy, usable_pair
+from musicrl.buffer import PreferenceRow, is_valid_policy_version, newest_policy, usable_pair
 from musicrl.schemas.generation import GenerationRecord
 from musicrl.schemas.preference import SCHEMA_ID, PreferenceEvent
 
@@ -58,7 +58,7 @@ class DeadLetter:
 
 @dataclass
 class ChunkOutcome:
-    rows: list[dict] = field(default_factory=list)
+    rows: list[PreferenceRow] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     # Ids of every valid, first-seen event (accepted or filtered): the de-duplication state.
     new_event_ids: list[str] = field(default_factory=list)
@@ -215,7 +215,7 @@ def process_chunk(
     return outcome
 
 
-def _filter_reason(row: dict, min_listen_fraction: float) -> str | None:
+def _filter_reason(row: PreferenceRow, min_listen_fraction: float) -> str | None:
     """Why a joined vote is not written (``musicrl.buffer.usable_pair``, the rule the trainers read with)."""
     if usable_pair(row, min_listen_fraction):
         return None

@@ -63,7 +63,7 @@ from finetune_worker.settings import FinetuneSettings
 from finetune_worker.train import HISTORY_FILE, TrainJob, make_embed, run_job
 from finetune_worker.trainers.reinforce import STAGE_WEIGHTS
 from musicrl.audio import codec
-from musicrl.buffer import PreferenceBuffer, rows_to_parquet, usable_pair
+from musicrl.buffer import PreferenceBuffer, PreferenceRow, rows_to_parquet, usable_pair
 from musicrl.checkpoint import write_atomic
 from musicrl.device import resolve_device
 from musicrl.logging import get_logger
@@ -347,7 +347,7 @@ class FinetuneCycle:
 
         return [r.caption for r in make_corpus(n, seed=self.settings.finetune_seed, split=split, duration_s=1.0)]
 
-    def write_dpo_pairs(self, rows: list[dict], parent: str) -> Path:
+    def write_dpo_pairs(self, rows: list[PreferenceRow], parent: str) -> Path:
         """The buffer rows DPO trains on (sampled by ``parent`` alone, decided by a user who heard both clips), as
         Parquet with the buffer's own schema (``musicrl.buffer.rows_to_parquet``): the job reads them with
         ``pairs_from_buffer``, nothing pickled."""
@@ -370,7 +370,7 @@ class FinetuneCycle:
         path.write_bytes(rows_to_parquet(on_policy))
         return path
 
-    def update_reward_model(self, rows: list[dict], state: RunState) -> dict[str, Any]:
+    def update_reward_model(self, rows: list[PreferenceRow], state: RunState) -> dict[str, Any]:
         """Train, publish and hot-load the preference reward model when the buffer holds enough pairs.
 
         Warm-started from the current preference model when its architecture is the parent generator's,

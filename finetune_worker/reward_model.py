@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune_worker.trainers.base import RewardFunction
-from musicrl.buffer import DEFAULT_MIN_LISTEN_FRACTION, clip_codes, split_of, usable_pair
+from musicrl.buffer import DEFAULT_MIN_LISTEN_FRACTION, PreferenceRow, clip_codes, split_of, usable_pair
 from musicrl.logging import get_logger
 from musicrl.models.generator import Generator
 from musicrl.models.preference import (
@@ -59,7 +59,7 @@ class PairRows:
     stats: dict = field(default_factory=dict)
 
 
-def _recency(row: dict, index: int) -> tuple[float, int]:
+def _recency(row: PreferenceRow, index: int) -> tuple[float, int]:
     """Sort key, larger is newer: the time the consumer received the vote, then the position in the buffer."""
     received = row.get("received_at")
     return (received.timestamp() if isinstance(received, datetime) else float("-inf"), index)
@@ -89,7 +89,7 @@ def _cap_per_user(
 
 
 def select_pair_rows(
-    rows: Sequence[dict],
+    rows: Sequence[PreferenceRow],
     current_policy: str,
     *,
     max_pairs: int,
@@ -188,19 +188,19 @@ def load_warm_start(
     return model, "ok"
 
 
-def row_codebooks(row: dict) -> tuple[int, int]:
+def row_codebooks(row: PreferenceRow) -> tuple[int, int]:
     """(K of clip a, K of clip b) of a buffer row: its ``codebooks_a/b`` columns, 1 where absent or null."""
     return int(row.get("codebooks_a") or 1), int(row.get("codebooks_b") or 1)
 
 
-def rows_of_codebooks(rows: Sequence[dict], num_codebooks: int) -> list[dict]:
+def rows_of_codebooks(rows: Sequence[PreferenceRow], num_codebooks: int) -> list[PreferenceRow]:
     """The rows whose two clips both have ``num_codebooks`` codebooks (a policy's reward model reads its own
     kind's clips)."""
     return [r for r in rows if row_codebooks(r) == (num_codebooks, num_codebooks)]
 
 
 def pairs_from_rows(
-    rows: list[dict],
+    rows: Sequence[PreferenceRow],
     embed: Callable[[list[str]], np.ndarray] | None,
     min_listen_fraction: float = DEFAULT_MIN_LISTEN_FRACTION,
     num_codebooks: int = 1,

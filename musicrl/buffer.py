@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypedDict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -88,6 +89,53 @@ ROW_SCHEMA = pa.schema(
     metadata={"schema": "buffer.preference.v1"},
 )
 
+
+class _Columns(TypedDict):
+    """The columns of ``ROW_SCHEMA``, in its order."""
+
+    event_id: str
+    generation_id: str
+    clip_a_id: str
+    clip_b_id: str
+    choice: str  # "a", "b" or "tie" (the consumer drops "none": usable_pair)
+    is_tie: bool
+    listen_a_s: float
+    listen_b_s: float
+    listen_a_frac: float
+    listen_b_frac: float
+    user_pseudonym: str
+    app_id: str
+    client_ts: datetime | None
+    received_at: datetime
+    prompt: str
+    experiment: str | None
+    temperature: float
+    top_k: int
+    policy_version: str
+    mixed_policy: bool
+    policy_version_a: str
+    policy_version_b: str
+    seed_a: int
+    seed_b: int
+    duration_a_s: float
+    duration_b_s: float
+    tokens_a: list[int]  # flat, codebook-major (clip_codes)
+    tokens_b: list[int]
+    logprobs_a: list[float]
+    logprobs_b: list[float]
+    kafka_partition: int
+    kafka_offset: int
+
+
+class PreferenceRow(_Columns, total=False):
+    """One buffer row as Python sees it (``PreferenceBuffer.read(...).to_pylist()``, ``rows_to_parquet``): the
+    columns of ``ROW_SCHEMA`` (``tests/unit/test_feedback_buffer.py`` checks that the two agree), plus the
+    codebook columns, present in multi-codebook segments only."""
+
+    codebooks_a: int
+    codebooks_b: int
+
+
 # Codebooks per clip (K), only in segments holding a clip with K > 1 (see the module docstring).
 CODEBOOK_COLUMNS = ("codebooks_a", "codebooks_b")
 CODEBOOK_SCHEMA = pa.schema(
@@ -120,13 +168,13 @@ class SegmentRef:
 DEFAULT_MIN_LISTEN_FRACTION = PreferenceRulesConfig.model_fields["min_listen_fraction"].default
 
 
-def listened_to_both(row: dict, min_listen_fraction: float) -> bool:
+def listened_to_both(row: PreferenceRow | dict, min_listen_fraction: float) -> bool:
     """Did the user hear at least ``min_listen_fraction`` of each clip (``listen_a_frac`` / ``listen_b_frac``)?"""
     fractions = (row.get("listen_a_frac"), row.get("listen_b_frac"))
     return all(f is not None and f >= min_listen_fraction for f in fractions)
 
 
-def usable_pair(row: dict, min_listen_fraction: float, *, ties: bool = True) -> bool:
+def usable_pair(row: PreferenceRow, min_listen_fraction: float, *, ties: bool = True) -> bool:
     """The one rule for which votes count (``MUSICRL_MIN_LISTEN_FRACTION``, ``musicrl.config.PreferenceRulesConfig``):
     a choice of a clip (or a tie, when ``ties``) by a user who heard both clips. The consumer writes only such
     rows to the buffer; the reward model (ties kept) and DPO (ties dropped) read with it too."""
@@ -163,7 +211,7 @@ def parse_segment_key(key: str) -> SegmentRef | None:
     )
 
 
-def rows_to_parquet(rows: Sequence[dict]) -> bytes:
+def rows_to_parquet(rows: Sequence[PreferenceRow]) -> bytes:
     """Serialise buffer rows (dicts with the ``ROW_SCHEMA`` columns) to Parquet bytes.
 
     Rows may carry ``codebooks_a`` / ``codebooks_b``; the segment gets those columns

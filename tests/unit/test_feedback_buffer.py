@@ -120,3 +120,29 @@ def test_split_is_deterministic_by_generation_and_close_to_the_fraction(filled_s
 def test_empty_buffer_reads_as_an_empty_table():
     buffer = PreferenceBuffer(InMemoryStore())
     assert buffer.read().num_rows == 0 and buffer.counts_by_policy() == {} and buffer.event_ids() == set()
+
+
+def test_the_typed_row_has_the_columns_and_types_of_the_arrow_schema():
+    import typing
+    from datetime import datetime
+
+    import pyarrow as pa
+
+    from musicrl.buffer import CODEBOOK_SCHEMA, PreferenceRow
+
+    python_of = {
+        pa.string(): str,
+        pa.bool_(): bool,
+        pa.float64(): float,
+        pa.int32(): int,
+        pa.int64(): int,
+        pa.list_(pa.int32()): list[int],
+        pa.list_(pa.float32()): list[float],
+    }
+    hints = typing.get_type_hints(PreferenceRow)
+    assert list(hints) == CODEBOOK_SCHEMA.names
+    for field in CODEBOOK_SCHEMA:
+        expected = datetime if pa.types.is_timestamp(field.type) else python_of[field.type]
+        hint = hints[field.name]
+        assert hint == expected or hint == (expected | None), (field.name, hint, field.type)
+    assert PreferenceRow.__optional_keys__ == {"codebooks_a", "codebooks_b"}
