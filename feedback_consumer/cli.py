@@ -50,7 +50,7 @@ def bench(
     output: Path = typer.Option(Path("results/feedback.json"), help="Results file (merged into if present)."),
 ) -> None:
     """Benchmark on a private stack: gateway->buffer events/s and consumer vs bare kafka-python events/s."""
-    from feedback_consumer.bench import run_benchmark
+    from benchmarks.feedback import run_benchmark
 
     run_benchmark(events=events, gateway_events=gateway_events, concurrency=concurrency, output=output)
 

@@ -193,10 +193,10 @@ def bench_musicgen(
         str, typer.Option(help="Results file; the numbers are merged in under rl_step.")
     ] = "results/musicgen.json",
 ) -> None:
-    """Tokens per second of one REINFORCE step on a MusicGen policy (finetune_worker/bench_musicgen.py)."""
+    """Tokens per second of one REINFORCE step on a MusicGen policy (benchmarks/rl_step_musicgen.py)."""
     from pathlib import Path  # noqa: PLC0415
 
-    from finetune_worker.bench_musicgen import RLBenchConfig, run_rl_step_bench  # noqa: PLC0415
+    from benchmarks.rl_step_musicgen import RLBenchConfig, run_rl_step_bench  # noqa: PLC0415
 
     results = run_rl_step_bench(
         RLBenchConfig(

@@ -52,8 +52,8 @@ def bench(
     checkpoints: Path = typer.Option(Path("checkpoints"), help="Reward checkpoints published with --private-store."),
 ) -> None:
     """Clips per second with micro-batching versus one-by-one scoring, at several client counts."""
+    from benchmarks.reward_service import BenchConfig, run_bench
     from musicrl.device import set_inference_threads
-    from reward_service.bench import BenchConfig, run_bench
 
     set_inference_threads(1)
     config = BenchConfig(

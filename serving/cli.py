@@ -132,7 +132,7 @@ def bench(
     Starts its own stack (SeaweedFS, Tansu, Triton) in a temporary directory,
     installs the checkpoint and runs the gateway in this process on a free port.
     """
-    from serving.bench import BenchConfig, run_bench
+    from benchmarks.gateway import BenchConfig, run_bench
 
     config = BenchConfig(checkpoint, concurrency, requests_per_level, duration_s, candidates, output)
     results = run_bench(config)
@@ -153,8 +153,8 @@ def bench_musicgen(
     output: Path = typer.Option(Path("results/musicgen.json"), help="Where to write the results."),
 ) -> None:
     """A MusicGen policy through Triton with dynamic batching against the same model without, in one run,
-    with the policy in this process as the baseline (serving/bench_musicgen.py)."""
-    from serving.bench_musicgen import MusicgenBenchConfig, run_musicgen_bench
+    with the policy in this process as the baseline (benchmarks/gateway_musicgen.py)."""
+    from benchmarks.gateway_musicgen import MusicgenBenchConfig, run_musicgen_bench
 
     results = run_musicgen_bench(MusicgenBenchConfig(checkpoint, concurrency, clips_per_level, duration_s, output))
     for level in results["levels"]:

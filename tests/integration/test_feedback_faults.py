@@ -27,7 +27,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from feedback_consumer.bench import update_results
+from benchmarks.feedback import update_results
 from feedback_consumer.settings import ConsumerSettings
 from feedback_consumer.workload import make_records, make_workload, produce, read_topic, store_records
 from musicrl.buffer import PreferenceBuffer

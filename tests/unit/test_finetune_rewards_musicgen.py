@@ -83,7 +83,7 @@ def test_the_in_process_suite_scores_the_decoded_audio_at_the_policy_rate(musicg
 
 
 def test_the_rl_step_benchmark_merges_its_numbers_into_the_results_file(tmp_path):
-    from finetune_worker.bench_musicgen import RLBenchConfig, run_rl_step_bench
+    from benchmarks.rl_step_musicgen import RLBenchConfig, run_rl_step_bench
 
     output = tmp_path / "musicgen.json"
     output.write_text(json.dumps({"benchmark": "serving_musicgen", "levels": [1, 2]}))

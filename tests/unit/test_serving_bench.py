@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.bench import _delta, bench_prompts, latency_summary
+from benchmarks.gateway import _delta, bench_prompts, latency_summary
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from serving.bench_musicgen import summary
+from benchmarks.gateway_musicgen import summary
 
 pytestmark = pytest.mark.unit
 

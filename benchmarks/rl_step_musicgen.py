@@ -1,6 +1,6 @@
 """The RL step's throughput on a MusicGen policy: tokens per second of one REINFORCE step.
 
-``musicrl finetune bench-musicgen`` (or ``python -m finetune_worker.bench_musicgen``) trains a MusicGen policy (by
+``musicrl finetune bench-musicgen`` (or ``python -m benchmarks.rl_step_musicgen``) trains a MusicGen policy (by
 default the tiny random one of ``musicrl.models.tiny_pretrained``; any MusicGen directory with ``--checkpoint``)
 with the worker's own ``ReinforceTrainer`` and configuration (``finetune_worker.configs``, the shipped defaults
 except the sizes) for a few steps and times each step in its phases: sampling the rollouts (KV-cached,

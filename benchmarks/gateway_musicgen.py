@@ -1,6 +1,6 @@
 """``musicrl gateway bench-musicgen``: a MusicGen policy through Triton, batched against unbatched, in one run.
 
-The sibling of ``musicrl gateway bench`` (serving/bench.py) for the MusicGen implementation
+The sibling of ``musicrl gateway bench`` (benchmarks/gateway.py) for the MusicGen implementation
 (issue 15). One run, on the same machine and checkpoint (by default a tiny random MusicGen,
 ``musicrl.models.tiny_pretrained.tiny_musicgen``, with musicgen-small's 32 kHz / 50 frames/s /
 4-codebook geometry):
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.gateway import _delta, bench_prompts, triton_batch_counts
 from musicrl.logging import get_logger
-from serving.bench import _delta, bench_prompts, triton_batch_counts
 
 log = get_logger(__name__)
 
@@ -226,7 +226,7 @@ def run_musicgen_bench(config: MusicgenBenchConfig) -> dict:
     }
     config.output.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(config.output.read_text()) if config.output.is_file() else {}
-    # The RL step's numbers (finetune_worker/bench_musicgen.py, under "rl_step") stay in the file.
+    # The RL step's numbers (benchmarks/rl_step_musicgen.py, under "rl_step") stay in the file.
     config.output.write_text(
         json.dumps({k: v for k, v in existing.items() if k == "rl_step"} | results, indent=2) + "\n"
     )
