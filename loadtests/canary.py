@@ -232,7 +232,9 @@ def vote_until(
                     draw = rng.random()
                     choice = "tie" if draw < p["tie"] else "a" if draw < p["tie"] + p["a"] else "b"
                     a, b = body["clips"][:2]
-                    send_vote(http, body, choice, a["duration_s"], b["duration_s"], listener.id, "canary")
+                    send_vote(
+                        http, body, choice, a["duration_s"], b["duration_s"], listener.id, "canary"
+                    ).raise_for_status()
                     with lock:
                         voting.pairs += 1
                         voting.mixed_pairs += body.get("experiment") is not None

@@ -314,10 +314,11 @@ def hear_pair(http: httpx.Client, prompt: str, clip_s: float, seed: int, app_id:
 
 def send_vote(
     http: httpx.Client, body: dict, choice: str, listen_a_s: float, listen_b_s: float, user_id: str, app_id: str
-) -> None:
-    """``POST /v1/feedback`` for the first two clips of the answer ``body``, with its vote token."""
+) -> httpx.Response:
+    """``POST /v1/feedback`` for the first two clips of the answer ``body``, with its vote token; the caller
+    judges the answer (the harnesses raise on an error, the e2e test counts statuses)."""
     a, b = body["clips"][:2]
-    feedback = http.post(
+    return http.post(
         "/v1/feedback",
         json={
             "event_id": uuid.uuid4().hex,
@@ -332,7 +333,6 @@ def send_vote(
             "vote_token": body["vote_token"],
         },
     )
-    feedback.raise_for_status()
 
 
 def collect_votes(
@@ -372,7 +372,9 @@ def collect_votes(
             with httpx.Client(base_url=gateway_url, timeout=180, headers=api_key_headers(api_key)) as http:
                 body, waves = hear_pair(http, prompt, config.clip_s, int(rng.integers(1 << 40)), "closed-loop")
                 vote = listener.judge(waves[0], waves[1], rng)
-                send_vote(http, body, vote.choice, vote.listen_a_s, vote.listen_b_s, listener.id, "closed-loop")
+                send_vote(
+                    http, body, vote.choice, vote.listen_a_s, vote.listen_b_s, listener.id, "closed-loop"
+                ).raise_for_status()
             with lock:
                 votes[vote.choice] += 1
                 last_vote[0] = time.time()

@@ -36,7 +36,7 @@ from finetune_worker.cycle import FinetuneCycle
 from finetune_worker.deploy import Deployer
 from finetune_worker.loop import run_cycle_with_lease
 from finetune_worker.settings import FinetuneSettings
-from musicrl.audio.formats import decode_audio
+from loadtests.closed_loop import hear_pair, send_vote
 from musicrl.buffer import PreferenceBuffer
 from musicrl.corpus.dataset import make_corpus
 from musicrl.kafka import ensure_topics
@@ -238,27 +238,9 @@ def _collect_votes(gateway: str, n: int, auth: dict[str, str]) -> Counter:
     def one(i: int) -> None:
         rng = np.random.default_rng(i)
         with httpx.Client(base_url=gateway, timeout=120, headers=auth) as http:
-            body = http.post(
-                "/v1/generations", json={"prompt": prompts[i % len(prompts)], "duration_s": CLIP_S, "seed": i}
-            ).json()
-            a, b = body["clips"]
-            wave_a, _ = decode_audio(http.get(a["download_url"]).content)
-            wave_b, _ = decode_audio(http.get(b["download_url"]).content)
+            body, (wave_a, wave_b) = hear_pair(http, prompts[i % len(prompts)], CLIP_S, i, "web")
             vote = population.sample(rng).judge(wave_a, wave_b, rng)
-            response = http.post(
-                "/v1/feedback",
-                json={
-                    "event_id": uuid.uuid4().hex,
-                    "generation_id": body["generation_id"],
-                    "clip_a_id": a["clip_id"],
-                    "clip_b_id": b["clip_id"],
-                    "choice": vote.choice,
-                    "listen_a_s": vote.listen_a_s,
-                    "listen_b_s": vote.listen_b_s,
-                    "user_id": f"listener-{i % 50}",
-                    "vote_token": body["vote_token"],
-                },
-            )
+            response = send_vote(http, body, vote.choice, vote.listen_a_s, vote.listen_b_s, f"listener-{i % 50}", "web")
         with lock:
             outcomes[vote.choice if response.status_code == 202 else f"http_{response.status_code}"] += 1
 
